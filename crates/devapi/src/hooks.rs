@@ -1,0 +1,104 @@
+//! The one hook interface: named points (for race injection) and observations (for the escape
+//! oracle and the timeline).
+//!
+//! Models call [`Hooks::point`] at every place a race window can be widened (register writes,
+//! doorbells, request completions). An implementation may block the calling thread there: that
+//! is how a *stall* is injected, so models must never hold a lock that other vCPUs need while
+//! calling it. Point names are stable strings (`virtio.blk0.notify`, `smmuv3.cmd.CMD_SYNC`, ...).
+
+use crate::endpoint::Endpoint;
+
+/// Context of one arrival at a named point.
+#[derive(Debug, Clone, Copy)]
+pub struct PointCtx<'a> {
+    /// Stable point name, e.g. `virtio-iommu.req.attach`.
+    pub point: &'a str,
+    /// The endpoint the event concerns, if any (for endpoint filters).
+    pub endpoint: Option<Endpoint>,
+    /// Domain / context / ASID the event concerns, if any.
+    pub domain: Option<u32>,
+    /// A point-specific value (the register value written, the request status, ...).
+    pub value: u64,
+}
+
+impl<'a> PointCtx<'a> {
+    /// A context with only a point name and a value.
+    pub fn new(point: &'a str, value: u64) -> Self {
+        PointCtx { point, endpoint: None, domain: None, value }
+    }
+}
+
+/// Direction of a DMA, from the device's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DmaDirection {
+    /// Device reads guest memory.
+    Read,
+    /// Device writes guest memory.
+    Write,
+}
+
+/// What the IOMMU did with one DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaOutcome {
+    /// Translated in `domain` to guest-physical `gpa` (first byte).
+    Translated {
+        /// Guest-physical address of the first byte.
+        gpa: u64,
+        /// Domain / context identifier that held the mapping.
+        domain: u32,
+    },
+    /// Passed untranslated (IOVA used as guest-physical address).
+    Bypassed,
+    /// Refused; nothing reached memory.
+    Faulted {
+        /// Model-specific reason code (virtio-iommu fault reason, SMMU event id, zPCI status).
+        reason: u32,
+    },
+    /// No IOMMU is in front of this endpoint.
+    Direct,
+}
+
+/// One DMA observation.
+#[derive(Debug, Clone, Copy)]
+pub struct DmaRecord {
+    /// Issuer.
+    pub endpoint: Endpoint,
+    /// Address the device used.
+    pub iova: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Read or write.
+    pub direction: DmaDirection,
+    /// Translation outcome.
+    pub outcome: DmaOutcome,
+}
+
+/// A change of IOMMU or device state worth a line on the timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct StateEvent<'a> {
+    /// Who changed, e.g. `virtio-iommu`, `smmuv3`, `pci 0000:00:02.0`.
+    pub source: &'a str,
+    /// What happened, e.g. `attach`, `driver-ok`, `bus-master-enable`.
+    pub what: &'a str,
+    /// Endpoint concerned, if any.
+    pub endpoint: Option<Endpoint>,
+    /// A value (domain, register value, new status, ...).
+    pub value: u64,
+}
+
+/// Injection and observation, as one trait object handed to every model at construction.
+/// Every method has a no-op default so an implementation overrides only what it needs.
+pub trait Hooks: Send + Sync {
+    /// Execution reached a named point. May block (stall injection).
+    fn point(&self, _ctx: &PointCtx<'_>) {}
+    /// A DMA was attempted.
+    fn dma(&self, _rec: &DmaRecord) {}
+    /// Device or IOMMU state changed.
+    fn state(&self, _ev: &StateEvent<'_>) {}
+}
+
+/// Hooks that do nothing; production default and fuzzing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {}

@@ -1,0 +1,23 @@
+//! The narrow interface every Sluice device model is written against.
+//!
+//! Device models (PCI functions, virtio devices, IOMMU models) never see the VMM, the CPU
+//! backend or KVM. They see guest memory through `vm-memory`, and the three things defined
+//! here:
+//!
+//! - [`InterruptSink`]: how a device raises wired (INTx-style) and message-signalled
+//!   interrupts. The backend decides what that means (an eventfd to QEMU's proxy, a KVM irqfd,
+//!   `KVM_SIGNAL_MSI`, a test recorder).
+//! - [`Endpoint`]: the identity of a DMA master as an IOMMU sees it (PCI requester ID,
+//!   SMMU StreamID + SubstreamID, zPCI function handle).
+//! - [`Hooks`]: one trait object through which models announce named points (where race
+//!   injection may stall or defer) and report DMA outcomes and state changes (what the escape
+//!   oracle and the timeline consume). [`NoHooks`] is the zero-cost default.
+#![forbid(unsafe_code)]
+
+mod endpoint;
+mod hooks;
+mod irq;
+
+pub use endpoint::{Bdf, Endpoint};
+pub use hooks::{DmaDirection, DmaOutcome, DmaRecord, Hooks, NoHooks, PointCtx, StateEvent};
+pub use irq::{InterruptSink, NullInterrupts, RecordingInterrupts, RecordedInterrupt};
