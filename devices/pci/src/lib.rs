@@ -1,0 +1,64 @@
+//! A conventional PCI function as a device model sees it.
+//!
+//! - [`config::ConfigSpace`]: the 256-byte type-0 header with per-bit write masks, BAR sizing,
+//!   the capability list and Bus Master Enable tracking.
+//! - [`msix::MsixTable`]: MSI-X table and PBA emulation (masking, pending bits).
+//! - [`irq::PciInterrupt`]: the one place a function's interrupts are routed, to MSI-X when the
+//!   guest enabled it and to INTx otherwise.
+//! - [`PciFunction`]: the trait the device host dispatches config and BAR accesses to.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
+pub mod config;
+pub mod irq;
+pub mod msix;
+
+pub use config::{BarKind, BarSpec, ConfigSpace, ConfigError, PciIds};
+pub use irq::PciInterrupt;
+pub use msix::MsixTable;
+
+/// A PCI function the host can dispatch accesses to. Accesses are little-endian, 1/2/4/8 bytes.
+pub trait PciFunction: Send + Sync {
+    /// Reads `data.len()` bytes of configuration space at `offset`.
+    fn config_read(&self, offset: u16, data: &mut [u8]);
+    /// Writes configuration space.
+    fn config_write(&self, offset: u16, data: &[u8]);
+    /// Reads from BAR `bar` at `offset` within it.
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]);
+    /// Writes to BAR `bar` at `offset` within it.
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]);
+    /// Locates the BAR holding guest address `addr` (`memory` selects memory or I/O space):
+    /// returns (bar index, offset in the BAR).
+    fn decode_bar(&self, addr: u64, memory: bool) -> Option<(u8, u64)>;
+    /// Function-level reset (QEMU's device reset, or a host-driven reset).
+    fn reset(&self);
+}
+
+/// Little-endian value of up to 8 bytes.
+pub fn le_value(data: &[u8]) -> u64 {
+    data.iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+/// Stores `value` little-endian into `data` (truncating to its length).
+pub fn put_le(data: &mut [u8], value: u64) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (value >> (8 * i)) as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn le_helpers_round_trip() {
+        let mut b = [0u8; 4];
+        put_le(&mut b, 0x1234_5678);
+        assert_eq!(b, [0x78, 0x56, 0x34, 0x12]);
+        assert_eq!(le_value(&b), 0x1234_5678);
+        assert_eq!(le_value(&b[..2]), 0x5678);
+    }
+}

@@ -1,0 +1,87 @@
+//! The virtio 1.x modern PCI transport and the trait virtio devices implement.
+//!
+//! A device ([`VirtioDevice`]) knows its type, features, configuration and how to process its
+//! queues; the transport ([`VirtioPciFunction`]) owns everything the PCI side of the spec
+//! defines: the vendor capabilities, the common configuration structure, feature negotiation,
+//! the status state machine, notifications, the ISR and reset. Queues are rust-vmm
+//! `virtio_queue::Queue`s built at DRIVER_OK and moved into the device with
+//! [`ActivationContext`].
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
+mod caps;
+mod common;
+pub mod interrupt;
+pub mod mem;
+mod status;
+mod transport;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+
+pub use interrupt::VirtioInterrupt;
+pub use mem::SharedMemory;
+pub use status::DeviceStatus;
+pub use transport::{TransportOptions, VirtioPciFunction, BAR_SIZE};
+
+/// VIRTIO_F_VERSION_1: the modern interface. A modern-only device requires it.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// VIRTIO_F_ACCESS_PLATFORM: the device's DMA goes through the platform IOMMU.
+pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
+
+/// What a device receives when the driver sets DRIVER_OK.
+pub struct ActivationContext {
+    /// Guest memory as the device may access it.
+    pub mem: SharedMemory,
+    /// The enabled queues, by queue index.
+    pub queues: Vec<(u16, Queue)>,
+    /// Interrupt delivery (used-buffer and configuration-change notifications).
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Activation failed; the transport sets DEVICE_NEEDS_RESET.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// A queue the device needs is not enabled or not valid.
+    #[error("queue {0} is missing or invalid")]
+    BadQueue(u16),
+    /// Could not start the device's worker.
+    #[error("cannot start the device worker: {0}")]
+    Worker(#[source] std::io::Error),
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 23 = IOMMU, ...).
+    fn device_type(&self) -> u16;
+    /// Short name used in point names and logs (`blk0`).
+    fn name(&self) -> &str;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device feature bits (the transport adds VERSION_1 and, when configured, ACCESS_PLATFORM).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration structure.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration structure.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device.
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError>;
+    /// The driver notified queue `queue`. Must not block.
+    fn queue_notify(&self, queue: u16);
+    /// Stops the device and drops its queues; on return no DMA is in flight.
+    fn reset(&mut self);
+    /// Per-device counters for reports, as (name, value) pairs.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,422 @@
+//! The PCI function that carries a virtio device.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sluice_devapi::{Bdf, Endpoint, Hooks, InterruptSink, PointCtx, StateEvent};
+use sluice_pci::config::ConfigWriteEffect;
+use sluice_pci::{BarKind, BarSpec, ConfigSpace, MsixTable, PciFunction, PciIds, PciInterrupt};
+use virtio_queue::{Queue, QueueT};
+
+use crate::caps::{self, pci_cfg};
+use crate::common::{CommonConfig, CommonWrite};
+use crate::interrupt::VirtioInterrupt;
+use crate::mem::SharedMemory;
+use crate::status::{DeviceStatus, StatusWrite, DEVICE_NEEDS_RESET};
+use crate::{
+    ActivateError, ActivationContext, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+
+/// Size of the BAR holding the virtio structures (32-bit memory BAR 0).
+pub const BAR_SIZE: u64 = 0x4000;
+const VIRTIO_BAR: u8 = 0;
+const MSIX_BAR: u8 = 1;
+const MSIX_BAR_SIZE: u64 = 0x1000;
+const MSIX_PBA_OFFSET: u32 = 0x800;
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const MODERN_DEVICE_BASE: u16 = 0x1040;
+
+/// How a transport instance is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportOptions {
+    /// Where the function sits; used as its DMA endpoint identity in hooks.
+    pub bdf: Bdf,
+    /// Offer VIRTIO_F_ACCESS_PLATFORM (the device sits behind an IOMMU); the driver must
+    /// accept it.
+    pub access_platform: bool,
+    /// MSI-X vectors (0: INTx only, as QEMU's proxy requires).
+    pub msix_vectors: u16,
+    /// PCI class code.
+    pub class_code: u32,
+}
+
+struct Inner {
+    cfg: ConfigSpace,
+    common: CommonConfig,
+    status: DeviceStatus,
+    needs_reset: bool,
+    device: Box<dyn VirtioDevice>,
+    mem: SharedMemory,
+    offered: u64,
+    pci_cfg_cap: u8,
+    msix_cap: Option<u8>,
+}
+
+/// A virtio device on the modern PCI transport.
+pub struct VirtioPciFunction {
+    inner: Mutex<Inner>,
+    interrupt: Arc<VirtioInterrupt>,
+    msix: Option<Arc<Mutex<MsixTable>>>,
+    hooks: Arc<dyn Hooks>,
+    endpoint: Endpoint,
+    notify_point: String,
+    status_point: String,
+}
+
+impl VirtioPciFunction {
+    /// Wraps `device`. `sink` receives INTx (line 0) and MSI-X messages.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        opts: TransportOptions,
+        mem: SharedMemory,
+        sink: Arc<dyn InterruptSink>,
+        hooks: Arc<dyn Hooks>,
+    ) -> Result<Self, sluice_pci::ConfigError> {
+        let ids = PciIds {
+            vendor: VIRTIO_VENDOR,
+            device: MODERN_DEVICE_BASE + device.device_type(),
+            subsystem_vendor: VIRTIO_VENDOR,
+            subsystem_id: 0x40,
+            class_code: opts.class_code,
+            revision: 1,
+        };
+        let mut cfg = ConfigSpace::new(ids, 1);
+        cfg.add_bar(BarSpec {
+            index: VIRTIO_BAR,
+            size: BAR_SIZE,
+            kind: BarKind::Mem32 { prefetchable: false },
+        })?;
+        let pci_cfg_cap = caps::add_virtio_caps(&mut cfg, VIRTIO_BAR)?;
+        let (msix, msix_cap) = if opts.msix_vectors > 0 {
+            let table = MsixTable::new(opts.msix_vectors, MSIX_BAR, 0, MSIX_PBA_OFFSET);
+            cfg.add_bar(BarSpec {
+                index: MSIX_BAR,
+                size: MSIX_BAR_SIZE,
+                kind: BarKind::Mem32 { prefetchable: false },
+            })?;
+            let (body, mask) = table.capability();
+            let off = cfg.add_capability(sluice_pci::msix::CAP_ID_MSIX, &body, &mask)?;
+            (Some(Arc::new(Mutex::new(table))), Some(off))
+        } else {
+            (None, None)
+        };
+        let queues = device.queue_max_sizes().len();
+        let interrupt =
+            Arc::new(VirtioInterrupt::new(PciInterrupt::new(sink, msix.clone()), queues));
+        let mut offered = device.features() | (1u64 << VIRTIO_F_VERSION_1);
+        if opts.access_platform {
+            offered |= 1u64 << VIRTIO_F_ACCESS_PLATFORM;
+        }
+        let name = device.name().to_string();
+        let common = CommonConfig::new(device.queue_max_sizes(), msix.is_some());
+        Ok(VirtioPciFunction {
+            inner: Mutex::new(Inner {
+                cfg,
+                common,
+                status: DeviceStatus::Reset,
+                needs_reset: false,
+                device,
+                mem,
+                offered,
+                pci_cfg_cap,
+                msix_cap,
+            }),
+            interrupt,
+            msix,
+            hooks,
+            endpoint: Endpoint::Pci(opts.bdf),
+            notify_point: format!("virtio.{name}.notify"),
+            status_point: format!("virtio.{name}.status"),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The interrupt object (backends poll `intx_pending` on INTx resample).
+    pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
+        &self.interrupt
+    }
+
+    /// Current device status byte.
+    pub fn status(&self) -> u8 {
+        let inner = self.lock();
+        inner.status.bits() | if inner.needs_reset { DEVICE_NEEDS_RESET } else { 0 }
+    }
+
+    /// Bus Master Enable as last written by the guest.
+    pub fn bus_master_enabled(&self) -> bool {
+        self.lock().cfg.bus_master_enabled()
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.lock().device.counters()
+    }
+
+    /// Device name (`blk0`).
+    pub fn name(&self) -> String {
+        self.lock().device.name().to_string()
+    }
+
+    fn point(&self, name: &str, value: u64) {
+        self.hooks.point(&PointCtx { point: name, endpoint: Some(self.endpoint), domain: None, value });
+    }
+
+    fn state(&self, what: &str, value: u64) {
+        self.hooks.state(&StateEvent { source: "virtio-pci", what, endpoint: Some(self.endpoint), value });
+    }
+
+    fn reset_locked(&self, inner: &mut Inner) {
+        inner.device.reset();
+        inner.common.reset();
+        inner.status = DeviceStatus::Reset;
+        inner.needs_reset = false;
+        self.interrupt.reset();
+    }
+
+    fn features_acceptable(inner: &Inner) -> bool {
+        let acked = inner.common.driver_features;
+        let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+        let platform = 1u64 << VIRTIO_F_ACCESS_PLATFORM;
+        let unknown = acked & !inner.offered;
+        let missing_platform = inner.offered & platform != 0 && acked & platform == 0;
+        if unknown != 0 || acked & version_1 == 0 || missing_platform {
+            log::warn!(
+                "virtio {}: refusing FEATURES_OK (acked {acked:#x}, offered {:#x})",
+                inner.device.name(),
+                inner.offered
+            );
+            return false;
+        }
+        true
+    }
+
+    fn activate_locked(&self, inner: &mut Inner) -> Result<(), ActivateError> {
+        let mem = inner.mem.snapshot();
+        let mut queues = Vec::new();
+        for (i, regs) in inner.common.queues.iter().enumerate() {
+            if !regs.enabled {
+                continue;
+            }
+            let index = i as u16;
+            let mut q = Queue::new(regs.max).map_err(|_| ActivateError::BadQueue(index))?;
+            q.set_size(regs.size);
+            q.set_desc_table_address(Some(regs.desc as u32), Some((regs.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(regs.driver as u32), Some((regs.driver >> 32) as u32));
+            q.set_used_ring_address(Some(regs.device as u32), Some((regs.device >> 32) as u32));
+            q.set_ready(true);
+            if !q.is_valid(mem.as_ref()) {
+                return Err(ActivateError::BadQueue(index));
+            }
+            queues.push((index, q));
+        }
+        let ctx = ActivationContext {
+            mem: inner.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            acked_features: inner.common.driver_features,
+        };
+        inner.device.activate(ctx)
+    }
+
+    fn write_status(&self, inner: &mut Inner, value: u8) {
+        match inner.status.on_write(value) {
+            StatusWrite::Reset => {
+                self.reset_locked(inner);
+                self.state("reset", 0);
+            }
+            StatusWrite::Step(s) => inner.status = s,
+            StatusWrite::RequestFeaturesOk => {
+                if Self::features_acceptable(inner) {
+                    inner.status = DeviceStatus::FeaturesOk;
+                    self.state("features-ok", inner.common.driver_features);
+                }
+            }
+            StatusWrite::Activate => {
+                inner.status = DeviceStatus::Running;
+                if let Err(e) = self.activate_locked(inner) {
+                    log::warn!("virtio {}: activation failed: {e}", inner.device.name());
+                    inner.needs_reset = true;
+                    self.interrupt.signal_config();
+                }
+                self.state("driver-ok", u64::from(!inner.needs_reset));
+            }
+            StatusWrite::Illegal => log::warn!(
+                "virtio {}: ignoring illegal status write {value:#x} in {:?}",
+                inner.device.name(),
+                inner.status
+            ),
+        }
+    }
+
+    fn virtio_bar_read(&self, inner: &mut Inner, offset: u64, data: &mut [u8]) {
+        let value = match offset {
+            o if o < caps::COMMON_OFFSET + caps::COMMON_SIZE => {
+                let status =
+                    inner.status.bits() | if inner.needs_reset { DEVICE_NEEDS_RESET } else { 0 };
+                inner.common.read(o, data.len(), inner.offered, status)
+            }
+            o if o < caps::ISR_OFFSET + caps::ISR_SIZE => {
+                if o == caps::ISR_OFFSET { u64::from(self.interrupt.read_isr()) } else { 0 }
+            }
+            o if o < caps::DEVICE_OFFSET + caps::DEVICE_SIZE => {
+                inner.device.read_config(o - caps::DEVICE_OFFSET, data);
+                return;
+            }
+            _ => 0,
+        };
+        sluice_pci::put_le(data, value);
+    }
+
+    /// Returns the queue to notify, if the write was a doorbell.
+    fn virtio_bar_write(&self, inner: &mut Inner, offset: u64, data: &[u8]) -> Option<u16> {
+        let value = sluice_pci::le_value(data);
+        match offset {
+            o if o < caps::COMMON_OFFSET + caps::COMMON_SIZE => {
+                match inner.common.write(o, data.len(), value) {
+                    CommonWrite::Status(v) => self.write_status(inner, v),
+                    CommonWrite::QueueVector(q, v) => self.interrupt.set_queue_vector(q, v),
+                    CommonWrite::ConfigVector(v) => self.interrupt.set_config_vector(v),
+                    CommonWrite::None => {}
+                }
+            }
+            o if (caps::DEVICE_OFFSET..caps::DEVICE_OFFSET + caps::DEVICE_SIZE).contains(&o) => {
+                inner.device.write_config(o - caps::DEVICE_OFFSET, data);
+            }
+            o if (caps::NOTIFY_OFFSET..caps::NOTIFY_OFFSET + caps::NOTIFY_SIZE).contains(&o) => {
+                let q = ((o - caps::NOTIFY_OFFSET) / u64::from(caps::NOTIFY_MULTIPLIER)) as u16;
+                return Some(q);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn bar_access(&self, inner: &mut Inner, bar: u8, offset: u64, data: &mut [u8], write: bool) -> Option<u16> {
+        match bar {
+            VIRTIO_BAR if write => return self.virtio_bar_write(inner, offset, data),
+            VIRTIO_BAR => self.virtio_bar_read(inner, offset, data),
+            MSIX_BAR => {
+                if let Some(m) = &self.msix {
+                    let mut t = m.lock().unwrap_or_else(|p| p.into_inner());
+                    if write {
+                        t.write(offset, data, self.interrupt.pci().sink());
+                    } else {
+                        t.read(offset, data);
+                    }
+                }
+            }
+            _ => data.iter_mut().for_each(|b| *b = 0xff),
+        }
+        None
+    }
+
+    /// The guest accessed `pci_cfg_data` of the configuration-access capability: perform the
+    /// BAR access it describes (only naturally sized 1/2/4-byte accesses to our BAR).
+    fn pci_cfg_window(&self, inner: &mut Inner, data: &mut [u8], write: bool) -> Option<u16> {
+        let cap = u16::from(inner.pci_cfg_cap);
+        let mut bar = [0u8];
+        inner.cfg.read(cap + u16::from(pci_cfg::BAR), &mut bar);
+        let offset = u64::from(inner.cfg.read_u32(cap + u16::from(pci_cfg::OFFSET)));
+        let length = inner.cfg.read_u32(cap + u16::from(pci_cfg::LENGTH)) as usize;
+        if !matches!(length, 1 | 2 | 4) || length > data.len() {
+            return None;
+        }
+        let (head, _) = data.split_at_mut(length);
+        self.bar_access(inner, bar[0], offset, head, write)
+    }
+
+    fn after_config_write(&self, inner: &mut Inner, offset: u16, len: usize, effect: ConfigWriteEffect) {
+        if let Some((_, new)) = effect.command {
+            self.interrupt.pci().set_intx_disabled(new & sluice_pci::config::CMD_INTX_DISABLE != 0);
+        }
+        if let Some(bme) = effect.bus_master_change() {
+            self.state("bus-master-enable", u64::from(bme));
+        }
+        if let (Some(cap), Some(m)) = (inner.msix_cap, &self.msix) {
+            let ctrl = u16::from(cap) + 2;
+            if offset < ctrl + 2 && offset + len as u16 > ctrl {
+                let v = inner.cfg.read_u16(ctrl);
+                m.lock().unwrap_or_else(|p| p.into_inner()).set_control(v, self.interrupt.pci().sink());
+            }
+        }
+    }
+}
+
+impl PciFunction for VirtioPciFunction {
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
+        let mut inner = self.lock();
+        let window = u16::from(inner.pci_cfg_cap) + u16::from(pci_cfg::DATA);
+        if offset == window {
+            self.pci_cfg_window(&mut inner, data, false);
+            return;
+        }
+        inner.cfg.read(offset, data);
+    }
+
+    fn config_write(&self, offset: u16, data: &[u8]) {
+        if offset <= 0x04 && offset as usize + data.len() > 0x04 {
+            self.point("pci.cfg.write.command", sluice_pci::le_value(data));
+        }
+        let notify = {
+            let mut inner = self.lock();
+            let window = u16::from(inner.pci_cfg_cap) + u16::from(pci_cfg::DATA);
+            if offset == window {
+                let mut buf = data.to_vec();
+                self.pci_cfg_window(&mut inner, &mut buf, true)
+            } else {
+                let effect = inner.cfg.write(offset, data);
+                self.after_config_write(&mut inner, offset, data.len(), effect);
+                None
+            }
+        };
+        if let Some(q) = notify {
+            self.notify(q);
+        }
+    }
+
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
+        let mut inner = self.lock();
+        self.bar_access(&mut inner, bar, offset, data, false);
+    }
+
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
+        let is_status = bar == VIRTIO_BAR && offset == crate::common::reg::DEVICE_STATUS;
+        if is_status {
+            self.point(&self.status_point, sluice_pci::le_value(data));
+        }
+        let mut buf = data.to_vec();
+        let notify = {
+            let mut inner = self.lock();
+            self.bar_access(&mut inner, bar, offset, &mut buf, true)
+        };
+        if let Some(q) = notify {
+            self.notify(q);
+        }
+    }
+
+    fn decode_bar(&self, addr: u64, memory: bool) -> Option<(u8, u64)> {
+        self.lock().cfg.decode(addr, memory)
+    }
+
+    fn reset(&self) {
+        let mut inner = self.lock();
+        self.reset_locked(&mut inner);
+        inner.cfg.reset();
+        if let Some(m) = &self.msix {
+            m.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
+    }
+}
+
+impl VirtioPciFunction {
+    fn notify(&self, queue: u16) {
+        // The hook runs without the transport lock so a stall holds only this vCPU.
+        self.point(&self.notify_point, u64::from(queue));
+        let inner = self.lock();
+        if inner.status == DeviceStatus::Running && !inner.needs_reset {
+            inner.device.queue_notify(queue);
+        }
+    }
+}
