@@ -1,0 +1,271 @@
+//! The virtio-blk device: configuration, activation and the queue worker.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use sluice_virtio_pci::{ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt};
+use virtio_queue::{Queue, QueueT};
+
+use crate::disk::Disk;
+use crate::request::{self, RequestEnv, ID_LEN};
+use crate::{features, SECTOR_SIZE, VIRTIO_ID_BLOCK};
+
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// Segments per request we advertise (queue size minus header and status descriptors).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+
+/// Per-device counters, shared with the worker.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// Requests completed (any status).
+    pub requests: AtomicU64,
+    /// Bytes read from the disk into the guest.
+    pub read_bytes: AtomicU64,
+    /// Bytes written from the guest to the disk.
+    pub write_bytes: AtomicU64,
+    /// Flushes.
+    pub flushes: AtomicU64,
+    /// Requests that ended in an error status or could not be completed.
+    pub errors: AtomicU64,
+    /// Used-buffer interrupts raised.
+    pub interrupts: AtomicU64,
+    /// Doorbells received.
+    pub notifies: AtomicU64,
+}
+
+enum WorkerMsg {
+    Notify,
+    Stop,
+}
+
+struct Running {
+    tx: Sender<WorkerMsg>,
+    handle: JoinHandle<()>,
+}
+
+/// A virtio-blk device.
+pub struct BlockDevice {
+    name: String,
+    disk: Arc<dyn Disk>,
+    read_only: bool,
+    id: [u8; ID_LEN],
+    counters: Arc<BlockCounters>,
+    running: Option<Running>,
+}
+
+impl BlockDevice {
+    /// A device named `name` (also its GET_ID serial, truncated to 20 bytes) on `disk`.
+    pub fn new(name: &str, disk: Arc<dyn Disk>, read_only: bool) -> Self {
+        let mut id = [0u8; ID_LEN];
+        let n = name.len().min(ID_LEN);
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        BlockDevice {
+            name: name.to_string(),
+            disk,
+            read_only,
+            id,
+            counters: Arc::new(BlockCounters::default()),
+            running: None,
+        }
+    }
+
+    /// Shared counters.
+    pub fn counters_handle(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    fn config_bytes(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        c[0..8].copy_from_slice(&(self.disk.size() / SECTOR_SIZE).to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            // The worker finishes the request in hand and exits; after join no DMA is in flight.
+            let _ = r.tx.send(WorkerMsg::Stop);
+            if r.handle.join().is_err() {
+                log::error!("virtio-blk {}: worker panicked", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << features::SEG_MAX) | (1 << features::BLK_SIZE) | (1 << features::FLUSH);
+        if self.read_only {
+            f |= 1 << features::RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| c.get(o + i)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Only `writeback` (offset 32, with CONFIG_WCE) is writable and we do not offer it.
+        log::debug!("virtio-blk {}: ignored config write at {offset:#x}", self.name);
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        self.stop();
+        let (index, queue) = ctx.queues.into_iter().find(|(i, _)| *i == 0).ok_or(ActivateError::BadQueue(0))?;
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            index,
+            queue,
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            disk: self.disk.clone(),
+            read_only: self.read_only,
+            id: self.id,
+            counters: self.counters.clone(),
+            name: self.name.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("{}-q0", self.name))
+            .spawn(move || worker.run(rx))
+            .map_err(ActivateError::Worker)?;
+        self.running = Some(Running { tx, handle });
+        Ok(())
+    }
+
+    fn queue_notify(&self, queue: u16) {
+        self.counters.notifies.fetch_add(1, Ordering::Relaxed);
+        if queue != 0 {
+            return;
+        }
+        if let Some(r) = &self.running {
+            let _ = r.tx.send(WorkerMsg::Notify);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop();
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            ("requests", c.requests.load(Ordering::Relaxed)),
+            ("read_bytes", c.read_bytes.load(Ordering::Relaxed)),
+            ("write_bytes", c.write_bytes.load(Ordering::Relaxed)),
+            ("flushes", c.flushes.load(Ordering::Relaxed)),
+            ("errors", c.errors.load(Ordering::Relaxed)),
+            ("interrupts", c.interrupts.load(Ordering::Relaxed)),
+            ("notifies", c.notifies.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+struct Worker {
+    index: u16,
+    queue: Queue,
+    mem: SharedMemory,
+    interrupt: Arc<VirtioInterrupt>,
+    disk: Arc<dyn Disk>,
+    read_only: bool,
+    id: [u8; ID_LEN],
+    counters: Arc<BlockCounters>,
+    name: String,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<WorkerMsg>) {
+        while let Ok(msg) = rx.recv() {
+            if matches!(msg, WorkerMsg::Stop) {
+                return;
+            }
+            // Coalesce doorbells that arrived meanwhile; one pass drains the ring anyway.
+            loop {
+                match rx.try_recv() {
+                    Ok(WorkerMsg::Notify) => {}
+                    Ok(WorkerMsg::Stop) => return,
+                    Err(_) => break,
+                }
+            }
+            if !self.process_queue() {
+                log::error!("virtio-blk {}: queue is broken; waiting for reset", self.name);
+                while let Ok(m) = rx.recv() {
+                    if matches!(m, WorkerMsg::Stop) {
+                        return;
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    /// Drains the available ring. Returns false if the used ring could not be written.
+    pub(crate) fn process_queue(&mut self) -> bool {
+        let mem = self.mem.snapshot();
+        let env = RequestEnv { disk: self.disk.as_ref(), id: &self.id, read_only: self.read_only };
+        process_available(&mut self.queue, mem.as_ref(), &env, &self.counters, || {
+            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.interrupt.signal_queue(self.index);
+        })
+    }
+}
+
+/// Completes every available request on `queue`, then notifies if the driver wants it.
+/// Returns false when the used ring could not be updated (the queue is unusable).
+pub fn process_available<M: vm_memory::GuestMemory<Bitmap = ()>>(
+    queue: &mut Queue,
+    mem: &M,
+    env: &RequestEnv<'_>,
+    counters: &BlockCounters,
+    mut notify: impl FnMut(),
+) -> bool {
+    let mut completed = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let (done, err) = request::execute(mem, chain, env);
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        match done.kind {
+            Some(request::T_IN) => counters.read_bytes.fetch_add(done.bytes, Ordering::Relaxed),
+            Some(request::T_OUT) => counters.write_bytes.fetch_add(done.bytes, Ordering::Relaxed),
+            Some(request::T_FLUSH) => counters.flushes.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        if let Some(e) = err {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            log::warn!("virtio-blk: request {head} failed: {e}");
+        }
+        if queue.add_used(mem, head, done.used_len).is_err() {
+            return false;
+        }
+        completed = true;
+    }
+    if completed && queue.needs_notification(mem).unwrap_or(true) {
+        notify();
+    }
+    true
+}

@@ -1,0 +1,33 @@
+//! virtio-blk (virtio 1.x §5.2) backed by a raw disk image.
+//!
+//! [`request`] turns one descriptor chain into a completed request against a [`disk::Disk`];
+//! [`device::BlockDevice`] is the `VirtioDevice` with a worker thread per activation.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
+pub mod device;
+pub mod disk;
+pub mod request;
+
+pub use device::{BlockCounters, BlockDevice};
+pub use disk::{Disk, RawDisk};
+
+/// Sector size the protocol counts in.
+pub const SECTOR_SIZE: u64 = 512;
+/// Virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u16 = 2;
+
+/// Feature bits (virtio 1.x §5.2.3).
+pub mod features {
+    /// Maximum number of segments in a request is in `seg_max`.
+    pub const SEG_MAX: u32 = 2;
+    /// Device is read-only.
+    pub const RO: u32 = 5;
+    /// Block size of disk is in `blk_size`.
+    pub const BLK_SIZE: u32 = 6;
+    /// Cache flush command support.
+    pub const FLUSH: u32 = 9;
+}
