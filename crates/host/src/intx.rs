@@ -1,0 +1,103 @@
+//! A level-triggered INTx line carried over an eventfd pair, the way both QEMU's proxy
+//! (`SET_IRQFD`) and KVM's irqfd with resamplefd deliver it: a write to `intr` asserts the
+//! line; after the guest's EOI the other side deasserts it and signals `resample`, and we
+//! re-assert if the device still holds the level high.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use sluice_devapi::InterruptSink;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The INTx line of one function.
+#[derive(Default)]
+pub struct IntxRelay {
+    level: AtomicBool,
+    intr: Mutex<Option<EventFd>>,
+    raised: AtomicU64,
+    dropped_msi: AtomicU64,
+}
+
+impl IntxRelay {
+    /// Connects the raise eventfd (replacing an earlier one). If the line is already high the
+    /// new eventfd is signalled at once so no interrupt is lost across a reconnect.
+    pub fn connect(&self, intr: EventFd) {
+        let mut slot = self.intr.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(intr);
+        if self.level.load(Ordering::Acquire) {
+            Self::kick(slot.as_ref());
+        }
+    }
+
+    /// The guest acknowledged the interrupt: re-assert while the device still wants it.
+    pub fn resample(&self) {
+        if self.level.load(Ordering::Acquire) {
+            let slot = self.intr.lock().unwrap_or_else(|p| p.into_inner());
+            Self::kick(slot.as_ref());
+        }
+    }
+
+    fn kick(fd: Option<&EventFd>) {
+        if let Some(fd) = fd {
+            if let Err(e) = fd.write(1) {
+                log::error!("INTx eventfd write failed: {e}");
+            }
+        }
+    }
+
+    /// Times the line was raised.
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
+    }
+
+    /// Current level.
+    pub fn level(&self) -> bool {
+        self.level.load(Ordering::Acquire)
+    }
+
+    /// MSI messages this INTx-only path could not deliver.
+    pub fn dropped_msi(&self) -> u64 {
+        self.dropped_msi.load(Ordering::Relaxed)
+    }
+}
+
+impl InterruptSink for IntxRelay {
+    fn set_level(&self, _line: u32, asserted: bool) {
+        self.level.store(asserted, Ordering::Release);
+        if asserted {
+            self.raised.fetch_add(1, Ordering::Relaxed);
+            let slot = self.intr.lock().unwrap_or_else(|p| p.into_inner());
+            Self::kick(slot.as_ref());
+        }
+    }
+
+    fn msi(&self, address: u64, data: u32) {
+        self.dropped_msi.fetch_add(1, Ordering::Relaxed);
+        log::warn!("INTx-only function asked for MSI {address:#x}={data:#x}; dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn raise_resample_and_reconnect() {
+        let relay = IntxRelay::default();
+        relay.set_level(0, true);
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        relay.connect(fd.try_clone().unwrap());
+        assert_eq!(fd.read().unwrap(), 1, "level was high before connect");
+        relay.resample();
+        assert_eq!(fd.read().unwrap(), 1, "still high: re-asserted");
+        relay.set_level(0, false);
+        relay.resample();
+        assert!(fd.read().is_err(), "low: nothing to re-assert");
+        relay.set_level(0, true);
+        assert_eq!(fd.read().unwrap(), 1);
+        assert_eq!(relay.raised(), 2);
+        relay.msi(0xfee0_0000, 1);
+        assert_eq!(relay.dropped_msi(), 1);
+    }
+}

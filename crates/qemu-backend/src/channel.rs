@@ -1,0 +1,184 @@
+//! Reading protocol messages (with their file descriptors) from the proxy's socket, and
+//! writing replies.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use thiserror::Error;
+
+use crate::protocol::{self, Header, ProtocolError, Request, HEADER_LEN, MAX_FDS};
+
+/// Receiving a message failed.
+#[derive(Debug, Error)]
+pub enum ChannelError {
+    /// The socket failed.
+    #[error("socket I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The message breaks the protocol.
+    #[error("malformed protocol message: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The peer closed the connection in the middle of a message.
+    #[error("connection closed inside a message ({got} of {want} bytes)")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// The kernel dropped descriptors because our control buffer was too small.
+    #[error("file descriptors were truncated in transit")]
+    FdsTruncated,
+}
+
+/// One end of a proxy connection.
+pub struct Channel {
+    sock: UnixStream,
+}
+
+/// Room for MAX_FDS descriptors plus headers, 8-byte aligned as cmsg requires.
+const CMSG_WORDS: usize = 16;
+
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, ChannelError> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut control = [0u64; CMSG_WORDS];
+    // SAFETY: an all-zero msghdr is a valid empty header; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at a live iovec over `buf` and a live control buffer of the stated
+    // size; recvmsg writes only within them.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: `msg` was filled by a successful recvmsg, so its control fields are consistent.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/NXTHDR return null or a pointer to a complete header inside
+        // `control`.
+        let hdr = unsafe { &*cmsg };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is a pure size computation.
+            let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = (hdr.cmsg_len as usize).saturating_sub(header_len) / std::mem::size_of::<RawFd>();
+            // SAFETY: the data of an SCM_RIGHTS message holds `count` descriptors.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `i < count` stays inside the message's data; unaligned read because
+                // CMSG_DATA only guarantees byte alignment in general.
+                let raw = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: the kernel just installed `raw` in our table; we are its only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: `cmsg` is a valid header of `msg`.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(ChannelError::FdsTruncated);
+    }
+    Ok(n as usize)
+}
+
+impl Channel {
+    /// Wraps a connected socket.
+    pub fn new(sock: UnixStream) -> Self {
+        Channel { sock }
+    }
+
+    /// Receives one request. `Ok(None)` means the peer closed the connection between messages.
+    pub fn recv(&mut self) -> Result<Option<Request>, ChannelError> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut fds = Vec::new();
+        let mut got = 0;
+        while got < HEADER_LEN {
+            let rest = header.get_mut(got..).unwrap_or(&mut []);
+            let n = recv_with_fds(self.sock.as_raw_fd(), rest, &mut fds)?;
+            if n == 0 {
+                return if got == 0 {
+                    Ok(None)
+                } else {
+                    Err(ChannelError::Truncated { got, want: HEADER_LEN })
+                };
+            }
+            got += n;
+            if fds.len() > MAX_FDS {
+                return Err(ProtocolError::TooManyFds(fds.len()).into());
+            }
+        }
+        let h: Header = protocol::parse_header(&header)?;
+        let mut payload = vec![0u8; h.payload_len];
+        let mut have = 0;
+        while have < payload.len() {
+            let n = self.sock.read(payload.get_mut(have..).unwrap_or(&mut []))?;
+            if n == 0 {
+                return Err(ChannelError::Truncated { got: HEADER_LEN + have, want: HEADER_LEN + h.payload_len });
+            }
+            have += n;
+        }
+        Ok(Some(protocol::parse_request(h, &payload, fds)?))
+    }
+
+    /// Sends a reply.
+    pub fn reply(&mut self, value: u64) -> io::Result<()> {
+        self.sock.write_all(&protocol::encode_reply(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode_message, Command};
+
+    #[test]
+    fn clean_close_between_messages_is_none() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        assert!(Channel::new(a).recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn truncated_message_is_an_error_not_a_hang() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let msg = encode_message(Command::BarRead, &[0u8; 24]);
+        b.write_all(&msg[..20]).unwrap();
+        drop(b);
+        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Truncated { got: 20, want: 40 })));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&msg[..5]).unwrap();
+        drop(b);
+        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Truncated { got: 5, want: 16 })));
+    }
+
+    #[test]
+    fn oversized_and_garbage_are_protocol_errors() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut msg = encode_message(Command::BarRead, &[]);
+        msg[8..16].copy_from_slice(&4096u64.to_ne_bytes());
+        b.write_all(&msg).unwrap();
+        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Protocol(ProtocolError::Oversized(4096)))));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&[0xff; 40]).unwrap();
+        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Protocol(_))));
+    }
+
+    #[test]
+    fn message_split_across_writes_is_reassembled_and_reply_is_sent() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let msg = encode_message(Command::DeviceReset, &[]);
+        b.write_all(&msg[..3]).unwrap();
+        let t = std::thread::spawn(move || {
+            b.write_all(&msg[3..]).unwrap();
+            let mut r = [0u8; 24];
+            b.read_exact(&mut r).unwrap();
+            r
+        });
+        let mut ch = Channel::new(a);
+        assert!(matches!(ch.recv().unwrap(), Some(Request::DeviceReset)));
+        ch.reply(7).unwrap();
+        assert_eq!(t.join().unwrap(), protocol::encode_reply(7));
+    }
+}

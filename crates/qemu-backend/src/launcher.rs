@@ -1,0 +1,384 @@
+//! Starting QEMU with one `x-pci-proxy-dev` per Sluice device, supervising it, and reading the
+//! guest's serial console.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_host::DeviceSet;
+use thiserror::Error;
+
+use crate::server::{DeviceServer, ServeError};
+
+/// How QEMU runs the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Multi-threaded TCG (software emulation).
+    Tcg,
+    /// Hardware KVM.
+    Kvm,
+}
+
+impl Accel {
+    /// KVM when `/dev/kvm` is real hardware virtualization, TCG otherwise (kvm_pvm, absent).
+    pub fn detect() -> Self {
+        let kvm = Path::new("/dev/kvm").exists();
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        if kvm && !pvm { Accel::Kvm } else { Accel::Tcg }
+    }
+}
+
+/// Everything needed to start the guest.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+    /// vCPUs.
+    pub cpus: u32,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Where the serial console goes (host-timestamped).
+    pub serial_log: PathBuf,
+    /// Kill the guest after this long.
+    pub timeout: Duration,
+    /// Extra ACPI tables (`-acpitable file=`).
+    pub acpi_tables: Vec<PathBuf>,
+    /// Extra raw QEMU arguments (in-process devices for comparisons).
+    pub extra_args: Vec<String>,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off.
+    PoweredOff,
+    /// The guest kernel panicked.
+    Panicked,
+    /// The guest did not power off in time; QEMU was killed.
+    Timeout,
+    /// QEMU exited with an error.
+    QemuFailed {
+        /// Exit code (None if killed by a signal).
+        code: Option<i32>,
+        /// The end of QEMU's stderr.
+        stderr: String,
+    },
+    /// A device connection failed (malformed message, unmappable memory); QEMU was stopped.
+    DeviceError(String),
+}
+
+impl GuestExit {
+    /// Short stable name for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuestExit::PoweredOff => "powered-off",
+            GuestExit::Panicked => "guest-panic",
+            GuestExit::Timeout => "timeout",
+            GuestExit::QemuFailed { .. } => "qemu-failed",
+            GuestExit::DeviceError(_) => "device-error",
+        }
+    }
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub exit: GuestExit,
+    /// Host wall time from QEMU start to exit.
+    pub wall: Duration,
+    /// Host time from QEMU start to the first `SLUICE: init started` line.
+    pub boot_to_init: Option<Duration>,
+    /// Every console line, in order.
+    pub console: Vec<String>,
+}
+
+/// QEMU could not be started.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// A file the guest needs is missing or unreadable.
+    #[error("{what} {path}: {source}")]
+    Input {
+        /// "kernel", "initrd", "QEMU binary".
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// socketpair or spawn failed.
+    #[error("cannot start QEMU: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The serial log cannot be written.
+    #[error("cannot write the serial log {path}: {source}")]
+    SerialLog {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn check_readable(what: &'static str, path: &Path) -> Result<(), LaunchError> {
+    File::open(path).and_then(|mut f| f.read(&mut [0u8; 1]).map(|_| ())).map_err(|source| LaunchError::Input {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A socketpair whose second end survives exec (it is handed to QEMU by number).
+fn proxy_socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: setting FD_CLOEXEC on our own end, a valid descriptor.
+    if unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((UnixStream::from(ours), theirs))
+}
+
+/// The QEMU argument list for `cfg` with proxy devices on the given descriptors.
+pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
+    match cfg.accel {
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    let mem = format!("{}M", cfg.mem_mib);
+    push(&["-M", "q35,memory-backend=mem", "-smp", &cfg.cpus.to_string(), "-m", &mem]);
+    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]);
+    push(&["-kernel", &cfg.kernel.to_string_lossy(), "-initrd", &cfg.initrd.to_string_lossy()]);
+    push(&["-append", &cfg.cmdline]);
+    for (id, slot, fd) in proxies {
+        push(&["-device", &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x}")]);
+    }
+    for t in &cfg.acpi_tables {
+        push(&["-acpitable", &format!("file={}", t.display())]);
+    }
+    a.extend(cfg.extra_args.iter().cloned());
+    a
+}
+
+enum Console {
+    Line(String, Duration),
+    End,
+}
+
+/// Boots the guest with `devices` served by this process, and waits for it to finish.
+pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchError> {
+    check_readable("kernel", &cfg.kernel)?;
+    check_readable("initrd", &cfg.initrd)?;
+    check_readable("QEMU binary", &cfg.qemu)?;
+    let mut serial = File::create(&cfg.serial_log)
+        .map_err(|source| LaunchError::SerialLog { path: cfg.serial_log.clone(), source })?;
+
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut proxies = Vec::new();
+    for d in &devices.devices {
+        let (a, b) = proxy_socketpair().map_err(LaunchError::Spawn)?;
+        proxies.push((d.name.clone(), d.bdf.dev(), b.as_raw_fd()));
+        ours.push((a, d.clone()));
+        theirs.push(b);
+    }
+    let args = qemu_args(cfg, &proxies);
+    log::info!("starting {} {}", cfg.qemu.display(), args.join(" "));
+    let start = Instant::now();
+    let mut child: Child = Command::new(&cfg.qemu)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(LaunchError::Spawn)?;
+    drop(theirs);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (dev_tx, dev_rx) = mpsc::channel::<Result<(), ServeError>>();
+    for (sock, dev) in ours {
+        let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone());
+        let tx = dev_tx.clone();
+        let _ = std::thread::Builder::new().name(format!("{}-proxy", dev.name)).spawn(move || {
+            let _ = tx.send(server.run());
+        });
+    }
+    drop(dev_tx);
+
+    let (con_tx, con_rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = con_tx.send(Console::Line(line, start.elapsed()));
+            }
+            let _ = con_tx.send(Console::End);
+        });
+    }
+    let stderr_buf = Arc::new(std::sync::Mutex::new(String::new()));
+    if let Some(mut err) = child.stderr.take() {
+        let buf = stderr_buf.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            if let Ok(mut b) = buf.lock() {
+                *b = s;
+            }
+        });
+    }
+
+    let mut console = Vec::new();
+    let mut boot_to_init = None;
+    let mut device_error = None;
+    let mut timed_out = false;
+    let mut console_done = false;
+    let status = loop {
+        while let Ok(msg) = con_rx.try_recv() {
+            match msg {
+                Console::Line(line, at) => {
+                    let _ = writeln!(serial, "[{:9.3}] {line}", at.as_secs_f64());
+                    if boot_to_init.is_none() && line.contains("SLUICE: init started") {
+                        boot_to_init = Some(at);
+                    }
+                    console.push(line);
+                }
+                Console::End => console_done = true,
+            }
+        }
+        while let Ok(r) = dev_rx.try_recv() {
+            if let Err(e) = r {
+                log::error!("{e}");
+                device_error.get_or_insert(e.to_string());
+            }
+        }
+        if device_error.is_some() || start.elapsed() > cfg.timeout {
+            timed_out = device_error.is_none();
+            let _ = child.kill();
+        }
+        match child.try_wait() {
+            Ok(Some(status)) if console_done => break Some(status),
+            Ok(Some(status)) if start.elapsed() > cfg.timeout + Duration::from_secs(2) => break Some(status),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+        if let Ok(msg) = con_rx.recv_timeout(Duration::from_millis(20)) {
+            match msg {
+                Console::Line(line, at) => {
+                    let _ = writeln!(serial, "[{:9.3}] {line}", at.as_secs_f64());
+                    if boot_to_init.is_none() && line.contains("SLUICE: init started") {
+                        boot_to_init = Some(at);
+                    }
+                    console.push(line);
+                }
+                Console::End => console_done = true,
+            }
+        }
+    };
+    let wall = start.elapsed();
+    stop.store(true, Ordering::Release);
+    // Collect errors from servers that ended after QEMU did (a message cut short at exit is not
+    // a device error, but a malformed one seen earlier still is).
+    while let Ok(r) = dev_rx.recv_timeout(Duration::from_millis(200)) {
+        if let Err(e) = r {
+            if device_error.is_none() && !matches!(e, ServeError::Channel { source: crate::channel::ChannelError::Truncated { .. }, .. }) {
+                device_error = Some(e.to_string());
+            }
+        }
+    }
+    let stderr = stderr_buf.lock().map(|s| s.clone()).unwrap_or_default();
+    let panicked = console.iter().any(|l| l.contains("Kernel panic"));
+    let exit = if let Some(e) = device_error {
+        GuestExit::DeviceError(e)
+    } else if timed_out {
+        GuestExit::Timeout
+    } else if panicked {
+        GuestExit::Panicked
+    } else {
+        match status {
+            Some(s) if s.success() => GuestExit::PoweredOff,
+            Some(s) => GuestExit::QemuFailed { code: s.code(), stderr: tail(&stderr, 2000) },
+            None => GuestExit::QemuFailed { code: None, stderr: tail(&stderr, 2000) },
+        }
+    };
+    Ok(RunOutcome { exit, wall, boot_to_init, console })
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let start = s.len().saturating_sub(n);
+    let mut i = start;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    s.get(i..).unwrap_or("").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> QemuConfig {
+        QemuConfig {
+            qemu: "/bin/false".into(),
+            accel: Accel::Tcg,
+            cpus: 2,
+            mem_mib: 512,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "console=ttyS0".into(),
+            serial_log: "/tmp/x".into(),
+            timeout: Duration::from_secs(1),
+            acpi_tables: vec!["/t/viot.aml".into()],
+            extra_args: vec![],
+        }
+    }
+
+    #[test]
+    fn args_carry_memfd_ram_and_one_proxy_per_device() {
+        let a = qemu_args(&cfg(), &[("blk0".into(), 3, 7), ("blk1".into(), 4, 9)]).join(" ");
+        assert!(a.contains("-M q35,memory-backend=mem"));
+        assert!(a.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert!(a.contains("-device x-pci-proxy-dev,id=blk0,fd=7,addr=0x3"));
+        assert!(a.contains("-device x-pci-proxy-dev,id=blk1,fd=9,addr=0x4"));
+        assert!(a.contains("-accel tcg,thread=multi"));
+        assert!(a.contains("-acpitable file=/t/viot.aml"));
+    }
+
+    #[test]
+    fn missing_kernel_is_a_clear_error() {
+        let set = DeviceSet { mem: Default::default(), devices: vec![] };
+        let err = run(&cfg(), &set).unwrap_err();
+        assert!(err.to_string().starts_with("kernel /k"), "{err}");
+    }
+
+    #[test]
+    fn tail_respects_char_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("ab", 10), "ab");
+    }
+}

@@ -1,0 +1,16 @@
+//! The qemu CPU backend.
+//!
+//! QEMU runs the vCPUs, RAM, chipset and firmware (TCG here, KVM on hosts with VT-x/SVM);
+//! Sluice's devices live in this process and QEMU reaches them through `x-pci-proxy-dev`:
+//! [`protocol`] parses the multi-process messages, [`channel`] moves them (with file
+//! descriptors) over the socket, [`memory`] maps the guest RAM QEMU shares as memfds,
+//! [`server`] answers one device's config/BAR accesses and relays its INTx, and [`launcher`]
+//! starts and supervises QEMU.
+
+pub mod channel;
+pub mod launcher;
+pub mod memory;
+pub mod protocol;
+pub mod server;
+
+pub use launcher::{run, Accel, GuestExit, QemuConfig, RunOutcome};

@@ -1,0 +1,407 @@
+//! The messages of QEMU's multi-process protocol (`hw/remote/mpqemu-link.h`, QEMU 7.2), parsed
+//! from raw bytes. Pure functions: the socket code lives in `channel`.
+//!
+//! Wire format (x86_64 host, native endianness): a 16-byte header `{ int32 cmd; pad; uint64
+//! size }`, then `size` bytes of payload (at most the 192-byte union), with file descriptors
+//! attached to the header as SCM_RIGHTS. Replies are `cmd = RET` with an 8-byte value.
+
+use std::os::fd::OwnedFd;
+
+use thiserror::Error;
+
+/// Header size (`offsetof(MPQemuMsg, data)`).
+pub const HEADER_LEN: usize = 16;
+/// Largest payload: `SyncSysmemMsg` (three arrays of 8 u64).
+pub const MAX_PAYLOAD: usize = 192;
+/// File descriptors one message may carry.
+pub const MAX_FDS: usize = 8;
+/// Size of a PCI config message payload.
+pub const CONFIG_PAYLOAD: usize = 12;
+/// Size of a BAR access payload.
+pub const BAR_PAYLOAD: usize = 24;
+/// The value QEMU treats as a failed read.
+pub const FAILED: u64 = u64::MAX;
+
+/// Command numbers, in the order of QEMU 7.2's `MPQemuCmd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Command {
+    /// Guest RAM layout with memfds.
+    SyncSysmem = 0,
+    /// A reply.
+    Ret = 1,
+    /// Config space write.
+    PciConfigWrite = 2,
+    /// Config space read.
+    PciConfigRead = 3,
+    /// BAR write.
+    BarWrite = 4,
+    /// BAR read.
+    BarRead = 5,
+    /// The INTx eventfd pair.
+    SetIrqfd = 6,
+    /// Device reset.
+    DeviceReset = 7,
+}
+
+impl Command {
+    fn from_raw(v: i32) -> Option<Self> {
+        Some(match v {
+            0 => Command::SyncSysmem,
+            1 => Command::Ret,
+            2 => Command::PciConfigWrite,
+            3 => Command::PciConfigRead,
+            4 => Command::BarWrite,
+            5 => Command::BarRead,
+            6 => Command::SetIrqfd,
+            7 => Command::DeviceReset,
+            _ => return None,
+        })
+    }
+
+    /// Whether QEMU waits for a reply to this command.
+    pub fn expects_reply(self) -> bool {
+        matches!(
+            self,
+            Command::PciConfigWrite
+                | Command::PciConfigRead
+                | Command::BarWrite
+                | Command::BarRead
+                | Command::DeviceReset
+        )
+    }
+}
+
+/// A parsed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Command.
+    pub command: Command,
+    /// Payload length that follows.
+    pub payload_len: usize,
+}
+
+/// One RAM region of a memory-sync message.
+#[derive(Debug)]
+pub struct RamRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length.
+    pub size: u64,
+    /// Offset into the memfd.
+    pub offset: u64,
+    /// The memfd.
+    pub fd: OwnedFd,
+}
+
+/// A request from QEMU's proxy.
+#[derive(Debug)]
+pub enum Request {
+    /// Replace the guest memory map.
+    SyncSysmem(Vec<RamRegion>),
+    /// Config write of `len` bytes at `addr`.
+    ConfigWrite {
+        /// Offset.
+        addr: u32,
+        /// Value.
+        value: u32,
+        /// 1, 2 or 4.
+        len: u32,
+    },
+    /// Config read.
+    ConfigRead {
+        /// Offset.
+        addr: u32,
+        /// 1, 2 or 4.
+        len: u32,
+    },
+    /// BAR write at absolute guest address `addr`.
+    BarWrite {
+        /// Guest-physical (or I/O port) address.
+        addr: u64,
+        /// Value.
+        value: u64,
+        /// Access size, a power of two up to 8.
+        size: u32,
+        /// Memory (true) or I/O space.
+        memory: bool,
+    },
+    /// BAR read.
+    BarRead {
+        /// Address.
+        addr: u64,
+        /// Access size.
+        size: u32,
+        /// Memory or I/O.
+        memory: bool,
+    },
+    /// INTx eventfds: `intr` raises, `resample` tells us the guest acknowledged.
+    SetIrqfd {
+        /// Raise eventfd.
+        intr: OwnedFd,
+        /// Resample eventfd.
+        resample: OwnedFd,
+    },
+    /// Reset the device.
+    DeviceReset,
+}
+
+/// A message that breaks the protocol. The connection cannot continue after it.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Unknown command number.
+    #[error("unknown command {0}")]
+    UnknownCommand(i32),
+    /// Payload larger than any message has.
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte maximum")]
+    Oversized(u64),
+    /// Too many descriptors.
+    #[error("{0} file descriptors exceed the maximum of {MAX_FDS}")]
+    TooManyFds(usize),
+    /// Payload size does not match the command.
+    #[error("{command:?} with a {got}-byte payload (expected {expected})")]
+    BadPayload {
+        /// Command.
+        command: Command,
+        /// Received.
+        got: usize,
+        /// Expected.
+        expected: usize,
+    },
+    /// Wrong number of descriptors for the command.
+    #[error("{command:?} with {got} file descriptors")]
+    BadFds {
+        /// Command.
+        command: Command,
+        /// Received.
+        got: usize,
+    },
+    /// QEMU sent us a reply; the proxy never does that unprompted.
+    #[error("unexpected RET message")]
+    UnexpectedReply,
+    /// The header was cut short.
+    #[error("truncated header ({0} of {HEADER_LEN} bytes)")]
+    TruncatedHeader(usize),
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(s) = b.get(off..off + 8) {
+        a.copy_from_slice(s);
+    }
+    u64::from_ne_bytes(a)
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    if let Some(s) = b.get(off..off + 4) {
+        a.copy_from_slice(s);
+    }
+    u32::from_ne_bytes(a)
+}
+
+/// Parses a header.
+pub fn parse_header(bytes: &[u8]) -> Result<Header, ProtocolError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(ProtocolError::TruncatedHeader(bytes.len()));
+    }
+    let raw_cmd = u32_at(bytes, 0) as i32;
+    let command = Command::from_raw(raw_cmd).ok_or(ProtocolError::UnknownCommand(raw_cmd))?;
+    let size = u64_at(bytes, 8);
+    if size > MAX_PAYLOAD as u64 {
+        return Err(ProtocolError::Oversized(size));
+    }
+    Ok(Header { command, payload_len: size as usize })
+}
+
+fn expect_len(command: Command, payload: &[u8], expected: usize) -> Result<(), ProtocolError> {
+    if payload.len() == expected {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadPayload { command, got: payload.len(), expected })
+    }
+}
+
+fn expect_fds(command: Command, fds: &[OwnedFd], ok: impl Fn(usize) -> bool) -> Result<(), ProtocolError> {
+    if ok(fds.len()) { Ok(()) } else { Err(ProtocolError::BadFds { command, got: fds.len() }) }
+}
+
+/// Parses a complete message.
+pub fn parse_request(header: Header, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Request, ProtocolError> {
+    let command = header.command;
+    if fds.len() > MAX_FDS {
+        return Err(ProtocolError::TooManyFds(fds.len()));
+    }
+    match command {
+        Command::SyncSysmem => {
+            expect_len(command, payload, MAX_PAYLOAD)?;
+            expect_fds(command, &fds, |n| n >= 1)?;
+            let regions = fds
+                .into_iter()
+                .enumerate()
+                .map(|(i, fd)| RamRegion {
+                    gpa: u64_at(payload, 8 * i),
+                    size: u64_at(payload, 64 + 8 * i),
+                    offset: u64_at(payload, 128 + 8 * i),
+                    fd,
+                })
+                .collect();
+            Ok(Request::SyncSysmem(regions))
+        }
+        Command::PciConfigWrite | Command::PciConfigRead => {
+            expect_len(command, payload, CONFIG_PAYLOAD)?;
+            expect_fds(command, &fds, |n| n == 0)?;
+            let addr = u32_at(payload, 0);
+            let len = u32_at(payload, 8);
+            Ok(if command == Command::PciConfigWrite {
+                Request::ConfigWrite { addr, value: u32_at(payload, 4), len }
+            } else {
+                Request::ConfigRead { addr, len }
+            })
+        }
+        Command::BarWrite | Command::BarRead => {
+            expect_len(command, payload, BAR_PAYLOAD)?;
+            expect_fds(command, &fds, |n| n == 0)?;
+            let addr = u64_at(payload, 0);
+            let size = u32_at(payload, 16);
+            let memory = payload.get(20).copied().unwrap_or(0) != 0;
+            Ok(if command == Command::BarWrite {
+                Request::BarWrite { addr, value: u64_at(payload, 8), size, memory }
+            } else {
+                Request::BarRead { addr, size, memory }
+            })
+        }
+        Command::SetIrqfd => {
+            expect_len(command, payload, 0)?;
+            expect_fds(command, &fds, |n| n == 2)?;
+            let mut it = fds.into_iter();
+            match (it.next(), it.next()) {
+                (Some(intr), Some(resample)) => Ok(Request::SetIrqfd { intr, resample }),
+                _ => Err(ProtocolError::BadFds { command, got: 0 }),
+            }
+        }
+        Command::DeviceReset => {
+            expect_len(command, payload, 0)?;
+            Ok(Request::DeviceReset)
+        }
+        Command::Ret => Err(ProtocolError::UnexpectedReply),
+    }
+}
+
+/// A reply carrying `value`.
+pub fn encode_reply(value: u64) -> [u8; HEADER_LEN + 8] {
+    let mut b = [0u8; HEADER_LEN + 8];
+    b[0..4].copy_from_slice(&(Command::Ret as i32).to_ne_bytes());
+    b[8..16].copy_from_slice(&8u64.to_ne_bytes());
+    b[16..24].copy_from_slice(&value.to_ne_bytes());
+    b
+}
+
+/// Encodes a request header + payload as QEMU would send it (for tests and tools).
+pub fn encode_message(command: Command, payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; HEADER_LEN];
+    b[0..4].copy_from_slice(&(command as i32).to_ne_bytes());
+    b[8..16].copy_from_slice(&(payload.len() as u64).to_ne_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bar_payload(addr: u64, val: u64, size: u32, memory: bool) -> Vec<u8> {
+        let mut p = vec![0u8; BAR_PAYLOAD];
+        p[0..8].copy_from_slice(&addr.to_ne_bytes());
+        p[8..16].copy_from_slice(&val.to_ne_bytes());
+        p[16..20].copy_from_slice(&size.to_ne_bytes());
+        p[20] = u8::from(memory);
+        p
+    }
+
+    #[test]
+    fn parses_bar_and_config_messages() {
+        let msg = encode_message(Command::BarWrite, &bar_payload(0xfebf_3000, 0, 2, true));
+        let h = parse_header(&msg).unwrap();
+        assert_eq!(h, Header { command: Command::BarWrite, payload_len: 24 });
+        match parse_request(h, &msg[16..], vec![]).unwrap() {
+            Request::BarWrite { addr, value, size, memory } => {
+                assert_eq!((addr, value, size, memory), (0xfebf_3000, 0, 2, true))
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut c = vec![0u8; 12];
+        c[0..4].copy_from_slice(&0x10u32.to_ne_bytes());
+        c[4..8].copy_from_slice(&0xffff_ffffu32.to_ne_bytes());
+        c[8..12].copy_from_slice(&4u32.to_ne_bytes());
+        let msg = encode_message(Command::PciConfigWrite, &c);
+        let h = parse_header(&msg).unwrap();
+        assert!(matches!(
+            parse_request(h, &msg[16..], vec![]).unwrap(),
+            Request::ConfigWrite { addr: 0x10, value: 0xffff_ffff, len: 4 }
+        ));
+        assert!(Command::PciConfigRead.expects_reply());
+        assert!(!Command::SetIrqfd.expects_reply());
+        assert!(!Command::SyncSysmem.expects_reply());
+    }
+
+    #[test]
+    fn rejects_truncated_oversized_and_unknown() {
+        assert_eq!(parse_header(&[0u8; 7]), Err(ProtocolError::TruncatedHeader(7)));
+        let mut h = encode_message(Command::BarRead, &[]);
+        h[8..16].copy_from_slice(&193u64.to_ne_bytes());
+        assert_eq!(parse_header(&h), Err(ProtocolError::Oversized(193)));
+        h[8..16].copy_from_slice(&u64::MAX.to_ne_bytes());
+        assert_eq!(parse_header(&h), Err(ProtocolError::Oversized(u64::MAX)));
+        let mut h = encode_message(Command::BarRead, &[]);
+        h[0..4].copy_from_slice(&99i32.to_ne_bytes());
+        assert_eq!(parse_header(&h), Err(ProtocolError::UnknownCommand(99)));
+        h[0..4].copy_from_slice(&(-1i32).to_ne_bytes());
+        assert_eq!(parse_header(&h), Err(ProtocolError::UnknownCommand(-1)));
+    }
+
+    #[test]
+    fn rejects_payload_and_fd_mismatches() {
+        let h = Header { command: Command::BarRead, payload_len: 23 };
+        assert_eq!(
+            parse_request(h, &[0u8; 23], vec![]).unwrap_err(),
+            ProtocolError::BadPayload { command: Command::BarRead, got: 23, expected: 24 }
+        );
+        let h = Header { command: Command::SetIrqfd, payload_len: 0 };
+        assert_eq!(parse_request(h, &[], vec![]).unwrap_err(), ProtocolError::BadFds { command: Command::SetIrqfd, got: 0 });
+        let h = Header { command: Command::SyncSysmem, payload_len: 192 };
+        assert_eq!(parse_request(h, &[0u8; 192], vec![]).unwrap_err(), ProtocolError::BadFds { command: Command::SyncSysmem, got: 0 });
+        let h = Header { command: Command::Ret, payload_len: 8 };
+        assert_eq!(parse_request(h, &[0u8; 8], vec![]).unwrap_err(), ProtocolError::UnexpectedReply);
+        let h = Header { command: Command::DeviceReset, payload_len: 4 };
+        assert!(parse_request(h, &[0u8; 4], vec![]).is_err());
+    }
+
+    #[test]
+    fn sync_sysmem_takes_one_region_per_fd() {
+        let mut p = vec![0u8; 192];
+        p[0..8].copy_from_slice(&0u64.to_ne_bytes());
+        p[8..16].copy_from_slice(&0x10_0000u64.to_ne_bytes());
+        p[64..72].copy_from_slice(&0xa_0000u64.to_ne_bytes());
+        p[72..80].copy_from_slice(&0x1ff0_0000u64.to_ne_bytes());
+        p[128..136].copy_from_slice(&0u64.to_ne_bytes());
+        p[136..144].copy_from_slice(&0x10_0000u64.to_ne_bytes());
+        let fds: Vec<OwnedFd> = (0..2).map(|_| std::fs::File::open("/dev/null").unwrap().into()).collect();
+        let h = Header { command: Command::SyncSysmem, payload_len: 192 };
+        match parse_request(h, &p, fds).unwrap() {
+            Request::SyncSysmem(r) => {
+                assert_eq!(r.len(), 2);
+                assert_eq!((r[1].gpa, r[1].size, r[1].offset), (0x10_0000, 0x1ff0_0000, 0x10_0000));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reply_layout() {
+        let r = encode_reply(0x1234);
+        assert_eq!(i32::from_ne_bytes(r[0..4].try_into().unwrap()), 1);
+        assert_eq!(u64::from_ne_bytes(r[8..16].try_into().unwrap()), 8);
+        assert_eq!(u64::from_ne_bytes(r[16..24].try_into().unwrap()), 0x1234);
+    }
+}
