@@ -35,15 +35,29 @@ pub enum DeviceStatus {
 pub enum StatusWrite {
     /// Write 0: reset the device.
     Reset,
-    /// A legal step to a new state.
-    Step(DeviceStatus),
-    /// The driver wants FEATURES_OK; the transport must check the features first.
-    RequestFeaturesOk,
-    /// The driver set DRIVER_OK: activate.
-    Activate,
+    /// Move forward to `to`. `features_ok` asks the transport to validate the acked features
+    /// first (the step stops at DriverLoaded if they are refused); `activate` asks it to start
+    /// the device.
+    Advance {
+        /// Target state.
+        to: DeviceStatus,
+        /// FEATURES_OK is being set by this write.
+        features_ok: bool,
+        /// DRIVER_OK is being set by this write.
+        activate: bool,
+    },
     /// Not a legal transition; ignored.
     Illegal,
 }
+
+/// The states a driver walks through, in order (virtio 1.x §3.1.1).
+const SEQUENCE: [DeviceStatus; 5] = [
+    DeviceStatus::Reset,
+    DeviceStatus::Acknowledged,
+    DeviceStatus::DriverLoaded,
+    DeviceStatus::FeaturesOk,
+    DeviceStatus::Running,
+];
 
 impl DeviceStatus {
     /// The status byte for this state (without DEVICE_NEEDS_RESET, which the transport ORs in).
@@ -58,27 +72,31 @@ impl DeviceStatus {
         }
     }
 
+    fn rank(self) -> Option<usize> {
+        SEQUENCE.iter().position(|s| *s == self)
+    }
+
     /// Classifies a driver write of `value` in this state. Setting FAILED is always allowed.
+    /// A write may set several of the next bits at once (SeaBIOS writes ACKNOWLEDGE|DRIVER
+    /// right after reset), but only in the spec's order and never clearing one: the status is
+    /// a record of progress, so anything else is refused.
     pub fn on_write(self, value: u8) -> StatusWrite {
         if value == 0 {
             return StatusWrite::Reset;
         }
         if value & FAILED != 0 {
-            return StatusWrite::Step(DeviceStatus::Failed);
+            return StatusWrite::Advance { to: DeviceStatus::Failed, features_ok: false, activate: false };
         }
-        // The driver writes the cumulative status; a write equal to the current bits is a no-op.
         let value = value & !DEVICE_NEEDS_RESET;
-        match (self, value) {
-            (s, v) if v == s.bits() => StatusWrite::Step(s),
-            (DeviceStatus::Reset, ACKNOWLEDGE) => StatusWrite::Step(DeviceStatus::Acknowledged),
-            (DeviceStatus::Acknowledged, v) if v == ACKNOWLEDGE | DRIVER => {
-                StatusWrite::Step(DeviceStatus::DriverLoaded)
-            }
-            (DeviceStatus::DriverLoaded, v) if v == ACKNOWLEDGE | DRIVER | FEATURES_OK => {
-                StatusWrite::RequestFeaturesOk
-            }
-            (DeviceStatus::FeaturesOk, v) if v == DeviceStatus::Running.bits() => {
-                StatusWrite::Activate
+        let target = SEQUENCE.iter().copied().find(|s| s.bits() == value);
+        match (self.rank(), target.and_then(|t| t.rank().map(|r| (t, r)))) {
+            (Some(from), Some((to, to_rank))) if to_rank >= from => {
+                let crosses = |s: DeviceStatus| from < s.rank().unwrap_or(0) && to_rank >= s.rank().unwrap_or(0);
+                StatusWrite::Advance {
+                    to,
+                    features_ok: crosses(DeviceStatus::FeaturesOk),
+                    activate: crosses(DeviceStatus::Running),
+                }
             }
             _ => StatusWrite::Illegal,
         }
@@ -99,22 +117,20 @@ mod tests {
     ];
 
     #[test]
-    fn every_state_pair_follows_the_table() {
+    fn every_state_pair_follows_the_rules() {
         for from in ALL {
             for to in ALL {
                 let got = from.on_write(to.bits());
-                let expected = match (from, to) {
-                    (_, DeviceStatus::Reset) => StatusWrite::Reset,
-                    (_, DeviceStatus::Failed) => StatusWrite::Step(DeviceStatus::Failed),
-                    (f, t) if f == t => StatusWrite::Step(f),
-                    (DeviceStatus::Reset, DeviceStatus::Acknowledged)
-                    | (DeviceStatus::Acknowledged, DeviceStatus::DriverLoaded) => {
-                        StatusWrite::Step(to)
+                let expected = match (from.rank(), to.rank()) {
+                    _ if to == DeviceStatus::Reset => StatusWrite::Reset,
+                    _ if to == DeviceStatus::Failed => {
+                        StatusWrite::Advance { to, features_ok: false, activate: false }
                     }
-                    (DeviceStatus::DriverLoaded, DeviceStatus::FeaturesOk) => {
-                        StatusWrite::RequestFeaturesOk
-                    }
-                    (DeviceStatus::FeaturesOk, DeviceStatus::Running) => StatusWrite::Activate,
+                    (Some(f), Some(t)) if t >= f => StatusWrite::Advance {
+                        to,
+                        features_ok: f < 3 && t >= 3,
+                        activate: f < 4 && t >= 4,
+                    },
                     _ => StatusWrite::Illegal,
                 };
                 assert_eq!(got, expected, "{from:?} -> {to:?}");
@@ -123,8 +139,23 @@ mod tests {
     }
 
     #[test]
-    fn skipping_steps_is_illegal() {
-        assert_eq!(DeviceStatus::Reset.on_write(DeviceStatus::Running.bits()), StatusWrite::Illegal);
-        assert_eq!(DeviceStatus::Acknowledged.on_write(DRIVER_OK), StatusWrite::Illegal);
+    fn compound_and_backward_writes() {
+        assert_eq!(
+            DeviceStatus::Reset.on_write(ACKNOWLEDGE | DRIVER),
+            StatusWrite::Advance { to: DeviceStatus::DriverLoaded, features_ok: false, activate: false }
+        );
+        assert_eq!(
+            DeviceStatus::DriverLoaded.on_write(DeviceStatus::Running.bits()),
+            StatusWrite::Advance { to: DeviceStatus::Running, features_ok: true, activate: true }
+        );
+        // Bits out of order (DRIVER_OK without FEATURES_OK) or cleared are refused.
+        assert_eq!(DeviceStatus::Acknowledged.on_write(ACKNOWLEDGE | DRIVER | DRIVER_OK), StatusWrite::Illegal);
+        assert_eq!(DeviceStatus::FeaturesOk.on_write(ACKNOWLEDGE | DRIVER), StatusWrite::Illegal);
+        assert_eq!(DeviceStatus::Failed.on_write(ACKNOWLEDGE), StatusWrite::Illegal);
+        // DEVICE_NEEDS_RESET echoed back by the driver is ignored.
+        assert_eq!(
+            DeviceStatus::Running.on_write(DeviceStatus::Running.bits() | DEVICE_NEEDS_RESET),
+            StatusWrite::Advance { to: DeviceStatus::Running, features_ok: false, activate: false }
+        );
     }
 }

@@ -221,26 +221,30 @@ impl VirtioPciFunction {
     }
 
     fn write_status(&self, inner: &mut Inner, value: u8) {
+        log::debug!("virtio {}: status write {value:#x} in {:?}", inner.device.name(), inner.status);
         match inner.status.on_write(value) {
             StatusWrite::Reset => {
                 self.reset_locked(inner);
                 self.state("reset", 0);
             }
-            StatusWrite::Step(s) => inner.status = s,
-            StatusWrite::RequestFeaturesOk => {
-                if Self::features_acceptable(inner) {
-                    inner.status = DeviceStatus::FeaturesOk;
+            StatusWrite::Advance { to, features_ok, activate } => {
+                if features_ok {
+                    if !Self::features_acceptable(inner) {
+                        // The driver reads FEATURES_OK back and sees it missing.
+                        inner.status = DeviceStatus::DriverLoaded;
+                        return;
+                    }
                     self.state("features-ok", inner.common.driver_features);
                 }
-            }
-            StatusWrite::Activate => {
-                inner.status = DeviceStatus::Running;
-                if let Err(e) = self.activate_locked(inner) {
-                    log::warn!("virtio {}: activation failed: {e}", inner.device.name());
-                    inner.needs_reset = true;
-                    self.interrupt.signal_config();
+                inner.status = to;
+                if activate {
+                    if let Err(e) = self.activate_locked(inner) {
+                        log::warn!("virtio {}: activation failed: {e}", inner.device.name());
+                        inner.needs_reset = true;
+                        self.interrupt.signal_config();
+                    }
+                    self.state("driver-ok", u64::from(!inner.needs_reset));
                 }
-                self.state("driver-ok", u64::from(!inner.needs_reset));
             }
             StatusWrite::Illegal => log::warn!(
                 "virtio {}: ignoring illegal status write {value:#x} in {:?}",

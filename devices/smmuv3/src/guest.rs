@@ -1,0 +1,55 @@
+//! Little-endian structure access to guest memory. Every access can fail; callers turn a
+//! failure into the event or GERROR bit the architecture names.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// A guest-memory access that did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest memory access of {len} bytes at {addr:#x} failed")]
+pub struct GuestAccessError {
+    /// Address of the access.
+    pub addr: u64,
+    /// Length of the access.
+    pub len: usize,
+}
+
+/// Reads `N` little-endian 64-bit words at `addr`.
+pub fn read_dwords<M: GuestMemoryBackend, const N: usize>(
+    mem: &M,
+    addr: u64,
+) -> Result<[u64; N], GuestAccessError> {
+    let err = GuestAccessError { addr, len: N * 8 };
+    let mut out = [0u64; N];
+    let mut buf = [0u8; 8];
+    for (i, w) in out.iter_mut().enumerate() {
+        let a = addr.checked_add((i as u64) * 8).ok_or(err)?;
+        mem.read_slice(&mut buf, GuestAddress(a)).map_err(|_| err)?;
+        *w = u64::from_le_bytes(buf);
+    }
+    Ok(out)
+}
+
+/// Reads one little-endian 64-bit word.
+pub fn read_u64<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Result<u64, GuestAccessError> {
+    read_dwords::<M, 1>(mem, addr).map(|[w]| w)
+}
+
+/// Writes little-endian 64-bit words at `addr`.
+pub fn write_dwords<M: GuestMemoryBackend>(
+    mem: &M,
+    addr: u64,
+    words: &[u64],
+) -> Result<(), GuestAccessError> {
+    let mut buf = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        buf.extend_from_slice(&w.to_le_bytes());
+    }
+    mem.write_slice(&buf, GuestAddress(addr))
+        .map_err(|_| GuestAccessError { addr, len: buf.len() })
+}
+
+/// Writes one little-endian 32-bit word (an MSI landing in RAM).
+pub fn write_u32<M: GuestMemoryBackend>(mem: &M, addr: u64, v: u32) -> Result<(), GuestAccessError> {
+    mem.write_slice(&v.to_le_bytes(), GuestAddress(addr))
+        .map_err(|_| GuestAccessError { addr, len: 4 })
+}

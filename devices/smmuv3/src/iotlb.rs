@@ -1,0 +1,431 @@
+//! The IOTLB: entries tagged by VMID/ASID, block-aligned IOVA, granule and level; bounded with
+//! second-chance (clock) eviction; range invalidation visits only the entries it removes.
+//!
+//! Layout: shards chosen by hash of (VMID, ASID). In each shard one ordered map per block size
+//! present, keyed by (tag, block base). A lookup probes each size class present in the shard
+//! (one or two in practice; QEMU probes every level). A range invalidation walks, per size
+//! class, the keys from `start` aligned down to that size up to `end`: every key it visits
+//! overlaps the range, so the work is O(classes × log n + entries removed).
+
+use crate::walk::Granule;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// ASID tag of stage-2-only entries (IPA → PA).
+pub const ASID_NONE: u32 = 0x1_0000;
+
+/// Address-space tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tag {
+    /// VMID (0 when stage 2 is bypassed).
+    pub vmid: u16,
+    /// ASID, or [`ASID_NONE`] for stage-2-only entries.
+    pub asid: u32,
+}
+
+/// One cached translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlbEntry {
+    /// Input address of the first byte (aligned to the entry size).
+    pub iova: u64,
+    /// log2 of the entry size.
+    pub size_log2: u32,
+    /// Output address of the first byte.
+    pub oa: u64,
+    /// Stage-1 permissions (`perm::ALL` when stage 1 is bypassed).
+    pub s1perm: u8,
+    /// Stage-2 permissions (`perm::ALL` when stage 2 is bypassed).
+    pub s2perm: u8,
+    /// Intermediate address of the first byte (nested entries; equals `oa` otherwise).
+    pub ipa: u64,
+    /// Granule of the tables that produced it.
+    pub granule: Granule,
+    /// Level of the leaf.
+    pub level: u32,
+}
+
+/// Which tags an invalidation concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagSel {
+    /// Everything.
+    All,
+    /// Every entry of a VMID (stage 1, stage 2 and combined).
+    Vmid(u16),
+    /// Every stage-1 or combined entry of a VMID (all ASIDs, not stage-2-only).
+    VmidS1(u16),
+    /// One tag.
+    One(Tag),
+}
+
+impl TagSel {
+    fn matches(self, t: Tag) -> bool {
+        match self {
+            TagSel::All => true,
+            TagSel::Vmid(v) => t.vmid == v,
+            TagSel::VmidS1(v) => t.vmid == v && t.asid != ASID_NONE,
+            TagSel::One(x) => x == t,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    e: TlbEntry,
+    referenced: bool,
+    stamp: u64,
+}
+
+type Key = (Tag, u64);
+
+#[derive(Debug, Default)]
+struct Shard {
+    /// One map per entry size (log2) present.
+    classes: BTreeMap<u32, BTreeMap<Key, Slot>>,
+    /// Clock order; stale items (removed or replaced entries) are skipped lazily.
+    fifo: VecDeque<(u32, Key, u64)>,
+    /// Entries per tag.
+    tags: BTreeMap<Tag, usize>,
+    len: usize,
+}
+
+impl Shard {
+    fn class_mut(&mut self, size: u32) -> &mut BTreeMap<Key, Slot> {
+        self.classes.entry(size).or_default()
+    }
+
+    fn lookup(&mut self, tag: Tag, iova: u64) -> Option<TlbEntry> {
+        for (size, map) in self.classes.iter_mut() {
+            let base = iova & !low_mask(*size);
+            if let Some(slot) = map.get_mut(&(tag, base)) {
+                slot.referenced = true;
+                return Some(slot.e);
+            }
+        }
+        None
+    }
+
+    /// Inserts or replaces; returns true if the entry is new.
+    fn insert(&mut self, tag: Tag, e: TlbEntry, stamp: u64) -> bool {
+        let key = (tag, e.iova);
+        let size = e.size_log2;
+        let old = self.class_mut(size).insert(key, Slot { e, referenced: false, stamp });
+        self.fifo.push_back((size, key, stamp));
+        if old.is_none() {
+            self.len += 1;
+            *self.tags.entry(tag).or_insert(0) += 1;
+        }
+        self.compact();
+        old.is_none()
+    }
+
+    fn compact(&mut self) {
+        if self.fifo.len() <= 2 * self.len + 64 {
+            return;
+        }
+        let classes = &self.classes;
+        self.fifo.retain(|(size, key, stamp)| {
+            classes
+                .get(size)
+                .and_then(|m| m.get(key))
+                .is_some_and(|slot| slot.stamp == *stamp)
+        });
+    }
+
+    fn remove(&mut self, size: u32, key: &Key) -> bool {
+        let Some(map) = self.classes.get_mut(&size) else {
+            return false;
+        };
+        if map.remove(key).is_none() {
+            return false;
+        }
+        if map.is_empty() {
+            self.classes.remove(&size);
+        }
+        self.len -= 1;
+        if let Some(n) = self.tags.get_mut(&key.0) {
+            *n -= 1;
+            if *n == 0 {
+                self.tags.remove(&key.0);
+            }
+        }
+        true
+    }
+
+    /// Second chance: evicts the oldest entry not referenced since it was last passed over.
+    fn evict_one(&mut self) -> bool {
+        let mut budget = self.fifo.len() * 2 + 1;
+        while budget > 0 {
+            budget -= 1;
+            let Some((size, key, stamp)) = self.fifo.pop_front() else {
+                return false;
+            };
+            let Some(slot) = self.classes.get_mut(&size).and_then(|m| m.get_mut(&key)) else {
+                continue;
+            };
+            if slot.stamp != stamp {
+                continue;
+            }
+            if slot.referenced {
+                slot.referenced = false;
+                self.fifo.push_back((size, key, stamp));
+                continue;
+            }
+            return self.remove(size, &key);
+        }
+        false
+    }
+
+    /// Removes the entries of `tag` overlapping `[start, end)`; returns how many.
+    fn remove_range(&mut self, tag: Tag, start: u64, end: u64) -> usize {
+        let mut victims = Vec::new();
+        for (size, map) in &self.classes {
+            let lo = start & !low_mask(*size);
+            victims.extend(map.range((tag, lo)..(tag, end)).map(|(k, _)| (*size, *k)));
+        }
+        victims.iter().filter(|(s, k)| self.remove(*s, k)).count()
+    }
+
+    fn remove_tag(&mut self, tag: Tag) -> usize {
+        self.remove_range(tag, 0, u64::MAX) + self.remove_last_page(tag)
+    }
+
+    /// `remove_range` is half-open; the entry at the very top of the address space needs this.
+    fn remove_last_page(&mut self, tag: Tag) -> usize {
+        let mut victims = Vec::new();
+        for (size, map) in &self.classes {
+            let base = !low_mask(*size);
+            if map.contains_key(&(tag, base)) {
+                victims.push((*size, (tag, base)));
+            }
+        }
+        victims.iter().filter(|(s, k)| self.remove(*s, k)).count()
+    }
+
+    fn tags_matching(&self, sel: TagSel) -> Vec<Tag> {
+        let range = match sel {
+            TagSel::All => return self.tags.keys().copied().collect(),
+            TagSel::One(t) => return if self.tags.contains_key(&t) { vec![t] } else { vec![] },
+            TagSel::Vmid(v) | TagSel::VmidS1(v) => {
+                self.tags.range(Tag { vmid: v, asid: 0 }..=Tag { vmid: v, asid: ASID_NONE })
+            }
+        };
+        range.map(|(t, _)| *t).filter(|t| sel.matches(*t)).collect()
+    }
+}
+
+fn low_mask(bits: u32) -> u64 {
+    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+}
+
+/// The IOTLB.
+#[derive(Debug)]
+pub struct Iotlb {
+    shards: [Mutex<Shard>; SHARDS],
+    count: AtomicUsize,
+    capacity: usize,
+    epoch: AtomicU64,
+    stamp: AtomicU64,
+}
+
+const SHARDS: usize = 16;
+
+impl Iotlb {
+    /// An empty IOTLB holding at most about `capacity` entries (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Iotlb {
+            shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
+            count: AtomicUsize::new(0),
+            capacity: capacity.max(1),
+            epoch: AtomicU64::new(0),
+            stamp: AtomicU64::new(0),
+        }
+    }
+
+    fn shard_of(&self, tag: Tag) -> &Mutex<Shard> {
+        let h = (u64::from(tag.vmid) << 17 | u64::from(tag.asid)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let i = (h >> 60) as usize % SHARDS;
+        let [first, ..] = &self.shards;
+        self.shards.get(i).unwrap_or(first)
+    }
+
+    fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The invalidation epoch. Read it before a walk and pass it to [`Iotlb::insert`]: an
+    /// entry computed before an invalidation that ran during the walk is then not inserted.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether the IOTLB is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Finds the entry of `tag` containing `iova`.
+    pub fn lookup(&self, tag: Tag, iova: u64) -> Option<TlbEntry> {
+        Self::lock(self.shard_of(tag)).lookup(tag, iova)
+    }
+
+    /// Inserts unless an invalidation happened since `epoch`; evicts when full.
+    pub fn insert(&self, tag: Tag, e: TlbEntry, epoch: u64) -> bool {
+        let full = {
+            let mut sh = Self::lock(self.shard_of(tag));
+            if self.epoch.load(Ordering::Acquire) != epoch {
+                return false;
+            }
+            let stamp = self.stamp.fetch_add(1, Ordering::Relaxed);
+            let mut full = self.count.load(Ordering::Relaxed) >= self.capacity;
+            if full && sh.evict_one() {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+                full = false;
+            }
+            if sh.insert(tag, e, stamp) {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            full
+        };
+        if full {
+            // This shard had nothing to give; take one from another, one lock at a time.
+            for s in &self.shards {
+                if Self::lock(s).evict_one() {
+                    self.count.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        true
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes every entry selected by `sel` that overlaps `[start, start+len)`.
+    pub fn invalidate_range(&self, sel: TagSel, start: u64, len: u64) -> usize {
+        self.bump();
+        let end = start.saturating_add(len.max(1));
+        let mut removed = 0;
+        let mut each = |sh: &mut Shard| {
+            for t in sh.tags_matching(sel) {
+                removed += sh.remove_range(t, start, end);
+                if end == u64::MAX {
+                    removed += sh.remove_last_page(t);
+                }
+            }
+        };
+        match sel {
+            TagSel::One(t) => each(&mut Self::lock(self.shard_of(t))),
+            _ => self.shards.iter().for_each(|s| each(&mut Self::lock(s))),
+        }
+        self.count.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    /// Removes every entry selected by `sel`.
+    pub fn invalidate(&self, sel: TagSel) -> usize {
+        self.bump();
+        let mut removed = 0;
+        let mut each = |sh: &mut Shard| {
+            if sel == TagSel::All {
+                removed += sh.len;
+                *sh = Shard::default();
+                return;
+            }
+            for t in sh.tags_matching(sel) {
+                removed += sh.remove_tag(t);
+            }
+        };
+        match sel {
+            TagSel::One(t) => each(&mut Self::lock(self.shard_of(t))),
+            _ => self.shards.iter().for_each(|s| each(&mut Self::lock(s))),
+        }
+        self.count.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(iova: u64, size_log2: u32) -> TlbEntry {
+        TlbEntry {
+            iova,
+            size_log2,
+            oa: iova + 0x1_0000_0000,
+            s1perm: 0x3f,
+            s2perm: 0x3f,
+            ipa: iova,
+            granule: Granule::G4K,
+            level: 3,
+        }
+    }
+    const T: Tag = Tag { vmid: 1, asid: 2 };
+
+    #[test]
+    fn lookup_finds_blocks_and_pages() {
+        let tlb = Iotlb::new(100);
+        let ep = tlb.epoch();
+        assert!(tlb.insert(T, entry(0x20_0000, 21), ep));
+        assert!(tlb.insert(T, entry(0x40_1000, 12), ep));
+        assert_eq!(tlb.lookup(T, 0x3f_ffff).map(|e| e.iova), Some(0x20_0000));
+        assert_eq!(tlb.lookup(T, 0x40_1fff).map(|e| e.iova), Some(0x40_1000));
+        assert!(tlb.lookup(T, 0x40_2000).is_none());
+        assert!(tlb.lookup(Tag { vmid: 1, asid: 3 }, 0x40_1000).is_none());
+    }
+
+    #[test]
+    fn range_invalidation_hits_overlapping_blocks_only() {
+        let tlb = Iotlb::new(100);
+        let ep = tlb.epoch();
+        tlb.insert(T, entry(0x20_0000, 21), ep);
+        for i in 0..8 {
+            tlb.insert(T, entry(0x100_0000 + i * 0x1000, 12), tlb.epoch());
+        }
+        assert_eq!(tlb.invalidate_range(TagSel::One(T), 0x3f_f000, 0x1000), 1);
+        assert_eq!(tlb.invalidate_range(TagSel::VmidS1(1), 0x100_2000, 0x3000), 3);
+        assert_eq!(tlb.len(), 5);
+        assert_eq!(tlb.invalidate(TagSel::Vmid(1)), 5);
+        assert!(tlb.is_empty());
+    }
+
+    #[test]
+    fn stale_walk_result_is_not_inserted_after_an_invalidation() {
+        let tlb = Iotlb::new(10);
+        let ep = tlb.epoch();
+        tlb.invalidate(TagSel::All);
+        assert!(!tlb.insert(T, entry(0, 12), ep));
+        assert!(tlb.is_empty());
+    }
+
+    #[test]
+    fn bounded_with_second_chance() {
+        let tlb = Iotlb::new(4);
+        for i in 0..4 {
+            tlb.insert(T, entry(i << 12, 12), tlb.epoch());
+        }
+        // Touch page 0 so it survives the next eviction.
+        assert!(tlb.lookup(T, 0).is_some());
+        tlb.insert(T, entry(10 << 12, 12), tlb.epoch());
+        assert_eq!(tlb.len(), 4);
+        assert!(tlb.lookup(T, 0).is_some());
+        assert!(tlb.lookup(T, 1 << 12).is_none(), "oldest unreferenced entry evicted");
+        for i in 0..1000u64 {
+            tlb.insert(Tag { vmid: 0, asid: (i % 7) as u32 }, entry(i << 12, 12), tlb.epoch());
+        }
+        assert!(tlb.len() <= 5, "{}", tlb.len());
+    }
+}
