@@ -18,7 +18,13 @@ fn missing_kernel() {
     let dir = scratch("missing-kernel");
     let initrd = dir.join("initrd");
     std::fs::write(&initrd, b"x").unwrap();
-    let (out, _) = run_guest(&dir.join("nope"), &initrd, std::path::Path::new("/bin/true"), &dir, &[]);
+    let (out, _) = run_guest(
+        &dir.join("nope"),
+        &initrd,
+        std::path::Path::new("/bin/true"),
+        &dir,
+        &[],
+    );
     assert_clean_failure(&out, "kernel");
     assert_eq!(out.status.code(), Some(2));
 }
@@ -39,7 +45,13 @@ fn unreadable_disk() {
     let (kernel, initrd) = guest("6.12");
     let dir = scratch("bad-disk");
     let missing = dir.join("absent.img");
-    let (out, _) = run_guest(&kernel, &initrd, &qemu(), &dir, &["--disk", missing.to_str().unwrap()]);
+    let (out, _) = run_guest(
+        &kernel,
+        &initrd,
+        &qemu(),
+        &dir,
+        &["--disk", missing.to_str().unwrap()],
+    );
     assert_clean_failure(&out, "cannot open disk");
 }
 
@@ -58,7 +70,14 @@ fn qemu_dying_mid_run() {
     let (kernel, initrd) = guest("6.12");
     let dir = scratch("qemu-dies");
     let wrapper = dir.join("qemu-killed.sh");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec timeout -s KILL 1.5 {} \"$@\"\n", qemu().display())).unwrap();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec timeout -s KILL 1.5 {} \"$@\"\n",
+            qemu().display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (out, report) = run_guest(&kernel, &initrd, &wrapper, &dir, &["--timeout", "60"]);
     assert_clean_failure(&out, "qemu-failed");
@@ -84,5 +103,11 @@ fn malformed_protocol_message_from_the_proxy() {
     assert_clean_failure(&out, "malformed protocol message");
     let r = report.unwrap();
     assert_eq!(r["exit_reason"], "device-error");
-    assert!(r["exit_detail"]["error"].as_str().unwrap().contains("exceeds"), "{r}");
+    assert!(
+        r["exit_detail"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds"),
+        "{r}"
+    );
 }

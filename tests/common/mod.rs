@@ -17,14 +17,26 @@ fn kv(out: &Output, key: &str) -> PathBuf {
         .lines()
         .rev()
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in output:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no {key}= in output:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     PathBuf::from(line)
 }
 
 /// (kernel, initrd) of a guest variant.
 pub fn guest(variant: &str) -> (PathBuf, PathBuf) {
-    let out = sluice().args(["image", "build", variant]).output().expect("run sluice image build");
-    assert!(out.status.success(), "image build {variant} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = sluice()
+        .args(["image", "build", variant])
+        .output()
+        .expect("run sluice image build");
+    assert!(
+        out.status.success(),
+        "image build {variant} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (kv(&out, "KERNEL"), kv(&out, "INITRD"))
 }
 
@@ -33,7 +45,8 @@ pub fn qemu() -> PathBuf {
     static QEMU: OnceLock<PathBuf> = OnceLock::new();
     QEMU.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let cache = std::env::var("SLUICE_CACHE").unwrap_or_else(|_| format!("{}/.cache/sluice", std::env::var("HOME").unwrap()));
+        let cache = std::env::var("SLUICE_CACHE")
+            .unwrap_or_else(|_| format!("{}/.cache/sluice", std::env::var("HOME").unwrap()));
         std::fs::create_dir_all(&cache).unwrap();
         let out = Command::new("flock")
             .arg(format!("{cache}/.build.lock"))
@@ -41,7 +54,11 @@ pub fn qemu() -> PathBuf {
             .arg(root.join("guest-images/qemu/build-qemu.sh"))
             .output()
             .expect("run build-qemu.sh");
-        assert!(out.status.success(), "QEMU build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "QEMU build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         kv(&out, "QEMU")
     })
     .clone()
@@ -56,7 +73,13 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// Runs `sluice run` with the given guest, QEMU and extra arguments.
-pub fn run_guest(kernel: &Path, initrd: &Path, qemu: &Path, dir: &Path, extra: &[&str]) -> (Output, Option<serde_json::Value>) {
+pub fn run_guest(
+    kernel: &Path,
+    initrd: &Path,
+    qemu: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> (Output, Option<serde_json::Value>) {
     let report = dir.join("report.json");
     let out = sluice()
         .arg("run")
@@ -73,10 +96,16 @@ pub fn run_guest(kernel: &Path, initrd: &Path, qemu: &Path, dir: &Path, extra: &
         .args(extra)
         .output()
         .expect("spawn sluice");
-    let json = std::fs::read_to_string(&report).ok().map(|s| serde_json::from_str(&s).expect("report is JSON"));
+    let json = std::fs::read_to_string(&report)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("report is JSON"));
     (out, json)
 }
 
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

@@ -27,7 +27,13 @@ impl Bdf {
 
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0000:{:02x}:{:02x}.{}", self.bus(), self.dev(), self.func())
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{}",
+            self.bus(),
+            self.dev(),
+            self.func()
+        )
     }
 }
 
@@ -55,7 +61,10 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Pci(bdf) => write!(f, "pci:{bdf}"),
             Endpoint::Stream { sid, ssid: None } => write!(f, "sid:{sid:#x}"),
-            Endpoint::Stream { sid, ssid: Some(ssid) } => write!(f, "sid:{sid:#x}/ssid:{ssid:#x}"),
+            Endpoint::Stream {
+                sid,
+                ssid: Some(ssid),
+            } => write!(f, "sid:{sid:#x}/ssid:{ssid:#x}"),
             Endpoint::Zpci { fh } => write!(f, "fh:{fh:#010x}"),
         }
     }

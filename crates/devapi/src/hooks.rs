@@ -24,7 +24,12 @@ pub struct PointCtx<'a> {
 impl<'a> PointCtx<'a> {
     /// A context with only a point name and a value.
     pub fn new(point: &'a str, value: u64) -> Self {
-        PointCtx { point, endpoint: None, domain: None, value }
+        PointCtx {
+            point,
+            endpoint: None,
+            domain: None,
+            value,
+        }
     }
 }
 

@@ -85,9 +85,18 @@ mod tests {
         assert_eq!(
             r.take(),
             vec![
-                RecordedInterrupt::Level { line: 0, asserted: true },
-                RecordedInterrupt::Msi { address: 0xfee0_0000, data: 0x41 },
-                RecordedInterrupt::Level { line: 0, asserted: false },
+                RecordedInterrupt::Level {
+                    line: 0,
+                    asserted: true
+                },
+                RecordedInterrupt::Msi {
+                    address: 0xfee0_0000,
+                    data: 0x41
+                },
+                RecordedInterrupt::Level {
+                    line: 0,
+                    asserted: false
+                },
             ]
         );
         assert!(r.take().is_empty());

@@ -20,4 +20,4 @@ mod irq;
 
 pub use endpoint::{Bdf, Endpoint};
 pub use hooks::{DmaDirection, DmaOutcome, DmaRecord, Hooks, NoHooks, PointCtx, StateEvent};
-pub use irq::{InterruptSink, NullInterrupts, RecordingInterrupts, RecordedInterrupt};
+pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};

@@ -3,8 +3,8 @@
 //! line; after the guest's EOI the other side deasserts it and signals `resample`, and we
 //! re-assert if the device still holds the level high.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sluice_devapi::InterruptSink;
 use vmm_sys_util::eventfd::EventFd;
@@ -38,10 +38,10 @@ impl IntxRelay {
     }
 
     fn kick(fd: Option<&EventFd>) {
-        if let Some(fd) = fd {
-            if let Err(e) = fd.write(1) {
-                log::error!("INTx eventfd write failed: {e}");
-            }
+        if let Some(fd) = fd
+            && let Err(e) = fd.write(1)
+        {
+            log::error!("INTx eventfd write failed: {e}");
         }
     }
 

@@ -88,8 +88,11 @@ impl DeviceSet {
             if slot >= 0x1f {
                 return Err(HostError::OutOfSlots(slot));
             }
-            let raw = RawDisk::open(&spec.path, spec.read_only)
-                .map_err(|source| HostError::Disk { path: spec.path.clone(), source })?;
+            let raw =
+                RawDisk::open(&spec.path, spec.read_only).map_err(|source| HostError::Disk {
+                    path: spec.path.clone(),
+                    source,
+                })?;
             if sluice_virtio_blk::Disk::size(&raw) < sluice_virtio_blk::SECTOR_SIZE {
                 return Err(HostError::DiskTooSmall(spec.path.clone()));
             }
@@ -97,9 +100,26 @@ impl DeviceSet {
             let bdf = Bdf::new(0, slot, 0);
             let intx = Arc::new(IntxRelay::default());
             let device = BlockDevice::new(&name, Arc::new(raw), spec.read_only);
-            let opts = TransportOptions { bdf, access_platform: false, msix_vectors: 0, class_code: CLASS_STORAGE_SCSI };
-            let function = Arc::new(VirtioPciFunction::new(Box::new(device), opts, mem.clone(), intx.clone(), hooks.clone())?);
-            devices.push(HostedDevice { bdf, name, function, intx, disk: Some(spec.path.clone()) });
+            let opts = TransportOptions {
+                bdf,
+                access_platform: false,
+                msix_vectors: 0,
+                class_code: CLASS_STORAGE_SCSI,
+            };
+            let function = Arc::new(VirtioPciFunction::new(
+                Box::new(device),
+                opts,
+                mem.clone(),
+                intx.clone(),
+                hooks.clone(),
+            )?);
+            devices.push(HostedDevice {
+                bdf,
+                name,
+                function,
+                intx,
+                disk: Some(spec.path.clone()),
+            });
         }
         Ok(DeviceSet { mem, devices })
     }
@@ -118,16 +138,37 @@ mod tests {
         let b = dir.join("b.img");
         std::fs::File::create(&a).unwrap().set_len(1 << 20).unwrap();
         std::fs::File::create(&b).unwrap().set_len(1 << 20).unwrap();
-        let specs = [DiskSpec { path: a, read_only: false }, DiskSpec { path: b.clone(), read_only: true }];
+        let specs = [
+            DiskSpec {
+                path: a,
+                read_only: false,
+            },
+            DiskSpec {
+                path: b.clone(),
+                read_only: true,
+            },
+        ];
         let set = DeviceSet::new(&specs, Arc::new(NoHooks)).unwrap();
         let bdfs: Vec<String> = set.devices.iter().map(|d| d.bdf.to_string()).collect();
         assert_eq!(bdfs, ["0000:00:03.0", "0000:00:04.0"]);
-        let missing = [DiskSpec { path: dir.join("nope.img"), read_only: false }];
-        assert!(matches!(DeviceSet::new(&missing, Arc::new(NoHooks)), Err(HostError::Disk { .. })));
+        let missing = [DiskSpec {
+            path: dir.join("nope.img"),
+            read_only: false,
+        }];
+        assert!(matches!(
+            DeviceSet::new(&missing, Arc::new(NoHooks)),
+            Err(HostError::Disk { .. })
+        ));
         let empty = dir.join("empty.img");
         std::fs::File::create(&empty).unwrap();
         assert!(matches!(
-            DeviceSet::new(&[DiskSpec { path: empty, read_only: false }], Arc::new(NoHooks)),
+            DeviceSet::new(
+                &[DiskSpec {
+                    path: empty,
+                    read_only: false
+                }],
+                Arc::new(NoHooks)
+            ),
             Err(HostError::DiskTooSmall(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();

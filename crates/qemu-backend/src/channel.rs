@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 
 use thiserror::Error;
 
-use crate::protocol::{self, Header, ProtocolError, Request, HEADER_LEN, MAX_FDS};
+use crate::protocol::{self, HEADER_LEN, Header, MAX_FDS, ProtocolError, Request};
 
 /// Receiving a message failed.
 #[derive(Debug, Error)]
@@ -40,7 +40,10 @@ pub struct Channel {
 const CMSG_WORDS: usize = 16;
 
 fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, ChannelError> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     let mut control = [0u64; CMSG_WORDS];
     // SAFETY: an all-zero msghdr is a valid empty header; the pointers set below outlive the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -63,7 +66,8 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<us
         if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
             // SAFETY: CMSG_LEN(0) is a pure size computation.
             let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
-            let count = (hdr.cmsg_len as usize).saturating_sub(header_len) / std::mem::size_of::<RawFd>();
+            let count =
+                (hdr.cmsg_len as usize).saturating_sub(header_len) / std::mem::size_of::<RawFd>();
             // SAFETY: the data of an SCM_RIGHTS message holds `count` descriptors.
             let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
             for i in 0..count {
@@ -101,7 +105,10 @@ impl Channel {
                 return if got == 0 {
                     Ok(None)
                 } else {
-                    Err(ChannelError::Truncated { got, want: HEADER_LEN })
+                    Err(ChannelError::Truncated {
+                        got,
+                        want: HEADER_LEN,
+                    })
                 };
             }
             got += n;
@@ -115,7 +122,10 @@ impl Channel {
         while have < payload.len() {
             let n = self.sock.read(payload.get_mut(have..).unwrap_or(&mut []))?;
             if n == 0 {
-                return Err(ChannelError::Truncated { got: HEADER_LEN + have, want: HEADER_LEN + h.payload_len });
+                return Err(ChannelError::Truncated {
+                    got: HEADER_LEN + have,
+                    want: HEADER_LEN + h.payload_len,
+                });
             }
             have += n;
         }
@@ -131,7 +141,7 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{encode_message, Command};
+    use crate::protocol::{Command, encode_message};
 
     #[test]
     fn clean_close_between_messages_is_none() {
@@ -146,11 +156,17 @@ mod tests {
         let msg = encode_message(Command::BarRead, &[0u8; 24]);
         b.write_all(&msg[..20]).unwrap();
         drop(b);
-        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Truncated { got: 20, want: 40 })));
+        assert!(matches!(
+            Channel::new(a).recv(),
+            Err(ChannelError::Truncated { got: 20, want: 40 })
+        ));
         let (a, mut b) = UnixStream::pair().unwrap();
         b.write_all(&msg[..5]).unwrap();
         drop(b);
-        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Truncated { got: 5, want: 16 })));
+        assert!(matches!(
+            Channel::new(a).recv(),
+            Err(ChannelError::Truncated { got: 5, want: 16 })
+        ));
     }
 
     #[test]
@@ -159,10 +175,16 @@ mod tests {
         let mut msg = encode_message(Command::BarRead, &[]);
         msg[8..16].copy_from_slice(&4096u64.to_ne_bytes());
         b.write_all(&msg).unwrap();
-        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Protocol(ProtocolError::Oversized(4096)))));
+        assert!(matches!(
+            Channel::new(a).recv(),
+            Err(ChannelError::Protocol(ProtocolError::Oversized(4096)))
+        ));
         let (a, mut b) = UnixStream::pair().unwrap();
         b.write_all(&[0xff; 40]).unwrap();
-        assert!(matches!(Channel::new(a).recv(), Err(ChannelError::Protocol(_))));
+        assert!(matches!(
+            Channel::new(a).recv(),
+            Err(ChannelError::Protocol(_))
+        ));
     }
 
     #[test]

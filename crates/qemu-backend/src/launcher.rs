@@ -7,14 +7,15 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_host::DeviceSet;
 use thiserror::Error;
 
+use crate::channel::ChannelError;
 use crate::server::{DeviceServer, ServeError};
 
 /// How QEMU runs the vCPUs.
@@ -137,11 +138,13 @@ pub enum LaunchError {
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), LaunchError> {
-    File::open(path).and_then(|mut f| f.read(&mut [0u8; 1]).map(|_| ())).map_err(|source| LaunchError::Input {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    File::open(path)
+        .and_then(|mut f| f.read(&mut [0u8; 1]).map(|_| ()))
+        .map_err(|source| LaunchError::Input {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A socketpair whose second end survives exec (it is handed to QEMU by number).
@@ -171,13 +174,39 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
     let mem = format!("{}M", cfg.mem_mib);
-    push(&["-M", "q35,memory-backend=mem", "-smp", &cfg.cpus.to_string(), "-m", &mem]);
-    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]);
-    push(&["-kernel", &cfg.kernel.to_string_lossy(), "-initrd", &cfg.initrd.to_string_lossy()]);
+    push(&[
+        "-M",
+        "q35,memory-backend=mem",
+        "-smp",
+        &cfg.cpus.to_string(),
+        "-m",
+        &mem,
+    ]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-kernel",
+        &cfg.kernel.to_string_lossy(),
+        "-initrd",
+        &cfg.initrd.to_string_lossy(),
+    ]);
     push(&["-append", &cfg.cmdline]);
     for (id, slot, fd) in proxies {
-        push(&["-device", &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x}")]);
+        push(&[
+            "-device",
+            &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x}"),
+        ]);
     }
     for t in &cfg.acpi_tables {
         push(&["-acpitable", &format!("file={}", t.display())]);
@@ -191,13 +220,38 @@ enum Console {
     End,
 }
 
+/// What the supervisor has read of the console so far.
+#[derive(Default)]
+struct ConsoleState {
+    lines: Vec<String>,
+    init_at: Option<Duration>,
+    ended: bool,
+}
+
+impl ConsoleState {
+    fn take(&mut self, msg: Console, log: &mut File) {
+        match msg {
+            Console::Line(line, at) => {
+                let _ = writeln!(log, "[{:9.3}] {line}", at.as_secs_f64());
+                if self.init_at.is_none() && line.contains("SLUICE: init started") {
+                    self.init_at = Some(at);
+                }
+                self.lines.push(line);
+            }
+            Console::End => self.ended = true,
+        }
+    }
+}
+
 /// Boots the guest with `devices` served by this process, and waits for it to finish.
 pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchError> {
     check_readable("kernel", &cfg.kernel)?;
     check_readable("initrd", &cfg.initrd)?;
     check_readable("QEMU binary", &cfg.qemu)?;
-    let mut serial = File::create(&cfg.serial_log)
-        .map_err(|source| LaunchError::SerialLog { path: cfg.serial_log.clone(), source })?;
+    let mut serial = File::create(&cfg.serial_log).map_err(|source| LaunchError::SerialLog {
+        path: cfg.serial_log.clone(),
+        source,
+    })?;
 
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
@@ -225,9 +279,11 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
     for (sock, dev) in ours {
         let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone());
         let tx = dev_tx.clone();
-        let _ = std::thread::Builder::new().name(format!("{}-proxy", dev.name)).spawn(move || {
-            let _ = tx.send(server.run());
-        });
+        let _ = std::thread::Builder::new()
+            .name(format!("{}-proxy", dev.name))
+            .spawn(move || {
+                let _ = tx.send(server.run());
+            });
     }
     drop(dev_tx);
 
@@ -253,22 +309,15 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
         });
     }
 
-    let mut console = Vec::new();
-    let mut boot_to_init = None;
+    let mut seen = ConsoleState::default();
     let mut device_error = None;
     let mut timed_out = false;
-    let mut console_done = false;
     let status = loop {
-        while let Ok(msg) = con_rx.try_recv() {
-            match msg {
-                Console::Line(line, at) => {
-                    let _ = writeln!(serial, "[{:9.3}] {line}", at.as_secs_f64());
-                    if boot_to_init.is_none() && line.contains("SLUICE: init started") {
-                        boot_to_init = Some(at);
-                    }
-                    console.push(line);
-                }
-                Console::End => console_done = true,
+        // Wait briefly for console output; this is also the supervision tick.
+        if let Ok(msg) = con_rx.recv_timeout(Duration::from_millis(20)) {
+            seen.take(msg, &mut serial);
+            while let Ok(msg) = con_rx.try_recv() {
+                seen.take(msg, &mut serial);
             }
         }
         while let Ok(r) = dev_rx.try_recv() {
@@ -282,37 +331,36 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
             let _ = child.kill();
         }
         match child.try_wait() {
-            Ok(Some(status)) if console_done => break Some(status),
-            Ok(Some(status)) if start.elapsed() > cfg.timeout + Duration::from_secs(2) => break Some(status),
+            // Keep reading until the console pipe closes so no last line is lost.
+            Ok(Some(status))
+                if seen.ended || start.elapsed() > cfg.timeout + Duration::from_secs(2) =>
+            {
+                break Some(status);
+            }
             Ok(_) => {}
             Err(_) => break None,
-        }
-        if let Ok(msg) = con_rx.recv_timeout(Duration::from_millis(20)) {
-            match msg {
-                Console::Line(line, at) => {
-                    let _ = writeln!(serial, "[{:9.3}] {line}", at.as_secs_f64());
-                    if boot_to_init.is_none() && line.contains("SLUICE: init started") {
-                        boot_to_init = Some(at);
-                    }
-                    console.push(line);
-                }
-                Console::End => console_done = true,
-            }
         }
     };
     let wall = start.elapsed();
     stop.store(true, Ordering::Release);
-    // Collect errors from servers that ended after QEMU did (a message cut short at exit is not
-    // a device error, but a malformed one seen earlier still is).
+    // Servers end when QEMU closes their sockets. A message cut short by QEMU's exit is not a
+    // device error; anything else (a malformed message) still is.
     while let Ok(r) = dev_rx.recv_timeout(Duration::from_millis(200)) {
-        if let Err(e) = r {
-            if device_error.is_none() && !matches!(e, ServeError::Channel { source: crate::channel::ChannelError::Truncated { .. }, .. }) {
-                device_error = Some(e.to_string());
-            }
+        if let Err(e) = r
+            && device_error.is_none()
+            && !matches!(
+                e,
+                ServeError::Channel {
+                    source: ChannelError::Truncated { .. },
+                    ..
+                }
+            )
+        {
+            device_error = Some(e.to_string());
         }
     }
     let stderr = stderr_buf.lock().map(|s| s.clone()).unwrap_or_default();
-    let panicked = console.iter().any(|l| l.contains("Kernel panic"));
+    let panicked = seen.lines.iter().any(|l| l.contains("Kernel panic"));
     let exit = if let Some(e) = device_error {
         GuestExit::DeviceError(e)
     } else if timed_out {
@@ -322,11 +370,22 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
     } else {
         match status {
             Some(s) if s.success() => GuestExit::PoweredOff,
-            Some(s) => GuestExit::QemuFailed { code: s.code(), stderr: tail(&stderr, 2000) },
-            None => GuestExit::QemuFailed { code: None, stderr: tail(&stderr, 2000) },
+            Some(s) => GuestExit::QemuFailed {
+                code: s.code(),
+                stderr: tail(&stderr, 2000),
+            },
+            None => GuestExit::QemuFailed {
+                code: None,
+                stderr: tail(&stderr, 2000),
+            },
         }
     };
-    Ok(RunOutcome { exit, wall, boot_to_init, console })
+    Ok(RunOutcome {
+        exit,
+        wall,
+        boot_to_init: seen.init_at,
+        console: seen.lines,
+    })
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -371,7 +430,10 @@ mod tests {
 
     #[test]
     fn missing_kernel_is_a_clear_error() {
-        let set = DeviceSet { mem: Default::default(), devices: vec![] };
+        let set = DeviceSet {
+            mem: Default::default(),
+            devices: vec![],
+        };
         let err = run(&cfg(), &set).unwrap_err();
         assert!(err.to_string().starts_with("kernel /k"), "{err}");
     }

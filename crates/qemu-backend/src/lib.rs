@@ -13,4 +13,4 @@ pub mod memory;
 pub mod protocol;
 pub mod server;
 
-pub use launcher::{run, Accel, GuestExit, QemuConfig, RunOutcome};
+pub use launcher::{Accel, GuestExit, QemuConfig, RunOutcome, run};

@@ -37,8 +37,14 @@ pub fn map_regions(regions: Vec<RamRegion>) -> Result<GuestMemoryMmap, MemoryMap
             return Err(MemoryMapError::Layout(format!("region {gpa:#x}+{size:#x}")));
         }
         let file = File::from(r.fd);
-        let region = MmapRegion::from_file(FileOffset::new(file, offset), size as usize)
-            .map_err(|source| MemoryMapError::Mmap { gpa, size, offset, source })?;
+        let region = MmapRegion::from_file(FileOffset::new(file, offset), size as usize).map_err(
+            |source| MemoryMapError::Mmap {
+                gpa,
+                size,
+                offset,
+                source,
+            },
+        )?;
         let region = GuestRegionMmap::new(region, GuestAddress(gpa))
             .ok_or_else(|| MemoryMapError::Layout(format!("region {gpa:#x}+{size:#x} wraps")))?;
         mapped.push(region);
@@ -58,8 +64,15 @@ mod tests {
     }
 
     fn tempfile_in_dev_shm(len: u64) -> File {
-        let path = std::env::temp_dir().join(format!("sluice-memtest-{}-{len}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("sluice-memtest-{}-{len}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         std::fs::remove_file(&path).unwrap();
         f.set_len(len).unwrap();
         f.write_all(b"hello").unwrap();
@@ -71,29 +84,68 @@ mod tests {
         let fd = memfd(0x20_0000);
         let fd2 = fd.try_clone().unwrap();
         let mem = map_regions(vec![
-            RamRegion { gpa: 0, size: 0xa_0000, offset: 0, fd },
-            RamRegion { gpa: 0x10_0000, size: 0x10_0000, offset: 0x10_0000, fd: fd2 },
+            RamRegion {
+                gpa: 0,
+                size: 0xa_0000,
+                offset: 0,
+                fd,
+            },
+            RamRegion {
+                gpa: 0x10_0000,
+                size: 0x10_0000,
+                offset: 0x10_0000,
+                fd: fd2,
+            },
         ])
         .unwrap();
         let mut b = [0u8; 5];
         mem.read_slice(&mut b, GuestAddress(0)).unwrap();
         assert_eq!(&b, b"hello");
-        mem.write_obj(0xdead_beefu32, GuestAddress(0x10_0000)).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x10_0000))
+            .unwrap();
         assert!(mem.read_obj::<u32>(GuestAddress(0xb_0000)).is_err());
     }
 
     #[test]
     fn rejects_empty_and_overlapping_regions() {
         let fd = memfd(0x1000);
-        assert!(map_regions(vec![RamRegion { gpa: 0, size: 0, offset: 0, fd }]).is_err());
+        assert!(
+            map_regions(vec![RamRegion {
+                gpa: 0,
+                size: 0,
+                offset: 0,
+                fd
+            }])
+            .is_err()
+        );
         let fd = memfd(0x2000);
         let fd2 = fd.try_clone().unwrap();
-        assert!(map_regions(vec![
-            RamRegion { gpa: 0, size: 0x2000, offset: 0, fd },
-            RamRegion { gpa: 0x1000, size: 0x1000, offset: 0, fd: fd2 },
-        ])
-        .is_err());
+        assert!(
+            map_regions(vec![
+                RamRegion {
+                    gpa: 0,
+                    size: 0x2000,
+                    offset: 0,
+                    fd
+                },
+                RamRegion {
+                    gpa: 0x1000,
+                    size: 0x1000,
+                    offset: 0,
+                    fd: fd2
+                },
+            ])
+            .is_err()
+        );
         let fd = memfd(0x1000);
-        assert!(map_regions(vec![RamRegion { gpa: u64::MAX - 10, size: 0x1000, offset: 0, fd }]).is_err());
+        assert!(
+            map_regions(vec![RamRegion {
+                gpa: u64::MAX - 10,
+                size: 0x1000,
+                offset: 0,
+                fd
+            }])
+            .is_err()
+        );
     }
 }

@@ -211,23 +211,45 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ProtocolError> {
     if size > MAX_PAYLOAD as u64 {
         return Err(ProtocolError::Oversized(size));
     }
-    Ok(Header { command, payload_len: size as usize })
+    Ok(Header {
+        command,
+        payload_len: size as usize,
+    })
 }
 
 fn expect_len(command: Command, payload: &[u8], expected: usize) -> Result<(), ProtocolError> {
     if payload.len() == expected {
         Ok(())
     } else {
-        Err(ProtocolError::BadPayload { command, got: payload.len(), expected })
+        Err(ProtocolError::BadPayload {
+            command,
+            got: payload.len(),
+            expected,
+        })
     }
 }
 
-fn expect_fds(command: Command, fds: &[OwnedFd], ok: impl Fn(usize) -> bool) -> Result<(), ProtocolError> {
-    if ok(fds.len()) { Ok(()) } else { Err(ProtocolError::BadFds { command, got: fds.len() }) }
+fn expect_fds(
+    command: Command,
+    fds: &[OwnedFd],
+    ok: impl Fn(usize) -> bool,
+) -> Result<(), ProtocolError> {
+    if ok(fds.len()) {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadFds {
+            command,
+            got: fds.len(),
+        })
+    }
 }
 
 /// Parses a complete message.
-pub fn parse_request(header: Header, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Request, ProtocolError> {
+pub fn parse_request(
+    header: Header,
+    payload: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<Request, ProtocolError> {
     let command = header.command;
     if fds.len() > MAX_FDS {
         return Err(ProtocolError::TooManyFds(fds.len()));
@@ -254,7 +276,11 @@ pub fn parse_request(header: Header, payload: &[u8], fds: Vec<OwnedFd>) -> Resul
             let addr = u32_at(payload, 0);
             let len = u32_at(payload, 8);
             Ok(if command == Command::PciConfigWrite {
-                Request::ConfigWrite { addr, value: u32_at(payload, 4), len }
+                Request::ConfigWrite {
+                    addr,
+                    value: u32_at(payload, 4),
+                    len,
+                }
             } else {
                 Request::ConfigRead { addr, len }
             })
@@ -266,7 +292,12 @@ pub fn parse_request(header: Header, payload: &[u8], fds: Vec<OwnedFd>) -> Resul
             let size = u32_at(payload, 16);
             let memory = payload.get(20).copied().unwrap_or(0) != 0;
             Ok(if command == Command::BarWrite {
-                Request::BarWrite { addr, value: u64_at(payload, 8), size, memory }
+                Request::BarWrite {
+                    addr,
+                    value: u64_at(payload, 8),
+                    size,
+                    memory,
+                }
             } else {
                 Request::BarRead { addr, size, memory }
             })
@@ -323,9 +354,20 @@ mod tests {
     fn parses_bar_and_config_messages() {
         let msg = encode_message(Command::BarWrite, &bar_payload(0xfebf_3000, 0, 2, true));
         let h = parse_header(&msg).unwrap();
-        assert_eq!(h, Header { command: Command::BarWrite, payload_len: 24 });
+        assert_eq!(
+            h,
+            Header {
+                command: Command::BarWrite,
+                payload_len: 24
+            }
+        );
         match parse_request(h, &msg[16..], vec![]).unwrap() {
-            Request::BarWrite { addr, value, size, memory } => {
+            Request::BarWrite {
+                addr,
+                value,
+                size,
+                memory,
+            } => {
                 assert_eq!((addr, value, size, memory), (0xfebf_3000, 0, 2, true))
             }
             other => panic!("{other:?}"),
@@ -338,7 +380,11 @@ mod tests {
         let h = parse_header(&msg).unwrap();
         assert!(matches!(
             parse_request(h, &msg[16..], vec![]).unwrap(),
-            Request::ConfigWrite { addr: 0x10, value: 0xffff_ffff, len: 4 }
+            Request::ConfigWrite {
+                addr: 0x10,
+                value: 0xffff_ffff,
+                len: 4
+            }
         ));
         assert!(Command::PciConfigRead.expects_reply());
         assert!(!Command::SetIrqfd.expects_reply());
@@ -347,7 +393,10 @@ mod tests {
 
     #[test]
     fn rejects_truncated_oversized_and_unknown() {
-        assert_eq!(parse_header(&[0u8; 7]), Err(ProtocolError::TruncatedHeader(7)));
+        assert_eq!(
+            parse_header(&[0u8; 7]),
+            Err(ProtocolError::TruncatedHeader(7))
+        );
         let mut h = encode_message(Command::BarRead, &[]);
         h[8..16].copy_from_slice(&193u64.to_ne_bytes());
         assert_eq!(parse_header(&h), Err(ProtocolError::Oversized(193)));
@@ -362,18 +411,52 @@ mod tests {
 
     #[test]
     fn rejects_payload_and_fd_mismatches() {
-        let h = Header { command: Command::BarRead, payload_len: 23 };
+        let h = Header {
+            command: Command::BarRead,
+            payload_len: 23,
+        };
         assert_eq!(
             parse_request(h, &[0u8; 23], vec![]).unwrap_err(),
-            ProtocolError::BadPayload { command: Command::BarRead, got: 23, expected: 24 }
+            ProtocolError::BadPayload {
+                command: Command::BarRead,
+                got: 23,
+                expected: 24
+            }
         );
-        let h = Header { command: Command::SetIrqfd, payload_len: 0 };
-        assert_eq!(parse_request(h, &[], vec![]).unwrap_err(), ProtocolError::BadFds { command: Command::SetIrqfd, got: 0 });
-        let h = Header { command: Command::SyncSysmem, payload_len: 192 };
-        assert_eq!(parse_request(h, &[0u8; 192], vec![]).unwrap_err(), ProtocolError::BadFds { command: Command::SyncSysmem, got: 0 });
-        let h = Header { command: Command::Ret, payload_len: 8 };
-        assert_eq!(parse_request(h, &[0u8; 8], vec![]).unwrap_err(), ProtocolError::UnexpectedReply);
-        let h = Header { command: Command::DeviceReset, payload_len: 4 };
+        let h = Header {
+            command: Command::SetIrqfd,
+            payload_len: 0,
+        };
+        assert_eq!(
+            parse_request(h, &[], vec![]).unwrap_err(),
+            ProtocolError::BadFds {
+                command: Command::SetIrqfd,
+                got: 0
+            }
+        );
+        let h = Header {
+            command: Command::SyncSysmem,
+            payload_len: 192,
+        };
+        assert_eq!(
+            parse_request(h, &[0u8; 192], vec![]).unwrap_err(),
+            ProtocolError::BadFds {
+                command: Command::SyncSysmem,
+                got: 0
+            }
+        );
+        let h = Header {
+            command: Command::Ret,
+            payload_len: 8,
+        };
+        assert_eq!(
+            parse_request(h, &[0u8; 8], vec![]).unwrap_err(),
+            ProtocolError::UnexpectedReply
+        );
+        let h = Header {
+            command: Command::DeviceReset,
+            payload_len: 4,
+        };
         assert!(parse_request(h, &[0u8; 4], vec![]).is_err());
     }
 
@@ -386,12 +469,20 @@ mod tests {
         p[72..80].copy_from_slice(&0x1ff0_0000u64.to_ne_bytes());
         p[128..136].copy_from_slice(&0u64.to_ne_bytes());
         p[136..144].copy_from_slice(&0x10_0000u64.to_ne_bytes());
-        let fds: Vec<OwnedFd> = (0..2).map(|_| std::fs::File::open("/dev/null").unwrap().into()).collect();
-        let h = Header { command: Command::SyncSysmem, payload_len: 192 };
+        let fds: Vec<OwnedFd> = (0..2)
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect();
+        let h = Header {
+            command: Command::SyncSysmem,
+            payload_len: 192,
+        };
         match parse_request(h, &p, fds).unwrap() {
             Request::SyncSysmem(r) => {
                 assert_eq!(r.len(), 2);
-                assert_eq!((r[1].gpa, r[1].size, r[1].offset), (0x10_0000, 0x1ff0_0000, 0x10_0000));
+                assert_eq!(
+                    (r[1].gpa, r[1].size, r[1].offset),
+                    (0x10_0000, 0x1ff0_0000, 0x10_0000)
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -2,8 +2,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_host::HostedDevice;
@@ -13,8 +13,8 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, ChannelError};
-use crate::memory::{map_regions, MemoryMapError};
-use crate::protocol::{Request, FAILED};
+use crate::memory::{MemoryMapError, map_regions};
+use crate::protocol::{FAILED, Request};
 
 const CONFIG_SPACE: u32 = 256;
 const RESAMPLE_POLL: Duration = Duration::from_millis(100);
@@ -72,8 +72,19 @@ fn valid_access(size: u32) -> bool {
 
 impl DeviceServer {
     /// Serves `device` on `sock`.
-    pub fn new(sock: UnixStream, device: HostedDevice, mem: SharedMemory, stop: Arc<AtomicBool>) -> Self {
-        DeviceServer { channel: Channel::new(sock), device, mem, stats: Arc::new(ServeStats::default()), stop }
+    pub fn new(
+        sock: UnixStream,
+        device: HostedDevice,
+        mem: SharedMemory,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        DeviceServer {
+            channel: Channel::new(sock),
+            device,
+            mem,
+            stats: Arc::new(ServeStats::default()),
+            stop,
+        }
     }
 
     /// Shared counters.
@@ -82,7 +93,10 @@ impl DeviceServer {
     }
 
     fn err(&self, source: ChannelError) -> ServeError {
-        ServeError::Channel { device: self.device.name.clone(), source }
+        ServeError::Channel {
+            device: self.device.name.clone(),
+            source,
+        }
     }
 
     /// Handles messages until QEMU closes the connection.
@@ -94,7 +108,9 @@ impl DeviceServer {
                 Err(e) => return Err(self.err(e)),
             };
             if let Some(value) = self.handle(request)? {
-                self.channel.reply(value).map_err(|e| self.err(ChannelError::Io(e)))?;
+                self.channel
+                    .reply(value)
+                    .map_err(|e| self.err(ChannelError::Io(e)))?;
             }
         }
     }
@@ -104,8 +120,10 @@ impl DeviceServer {
         let f = self.device.function.as_ref();
         Ok(Some(match request {
             Request::SyncSysmem(regions) => {
-                let mem = map_regions(regions)
-                    .map_err(|source| ServeError::Memory { device: self.device.name.clone(), source })?;
+                let mem = map_regions(regions).map_err(|source| ServeError::Memory {
+                    device: self.device.name.clone(),
+                    source,
+                })?;
                 self.mem.replace(mem);
                 self.stats.memory_syncs.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
@@ -145,12 +163,20 @@ impl DeviceServer {
                     }
                     _ => {
                         self.stats.rejected_accesses.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("{}: BAR read {addr:#x}/{size} decodes to nothing", self.device.name);
+                        log::warn!(
+                            "{}: BAR read {addr:#x}/{size} decodes to nothing",
+                            self.device.name
+                        );
                         FAILED
                     }
                 }
             }
-            Request::BarWrite { addr, value, size, memory } => {
+            Request::BarWrite {
+                addr,
+                value,
+                size,
+                memory,
+            } => {
                 self.stats.bar_accesses.fetch_add(1, Ordering::Relaxed);
                 match f.decode_bar(addr, memory) {
                     Some((bar, off)) if valid_access(size) => {
@@ -159,7 +185,10 @@ impl DeviceServer {
                     }
                     _ => {
                         self.stats.rejected_accesses.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("{}: BAR write {addr:#x}/{size} decodes to nothing", self.device.name);
+                        log::warn!(
+                            "{}: BAR write {addr:#x}/{size} decodes to nothing",
+                            self.device.name
+                        );
                         FAILED
                     }
                 }
@@ -190,13 +219,20 @@ impl DeviceServer {
             }
         });
         if let Err(e) = spawned {
-            log::error!("{}: cannot start the INTx resample thread: {e}", self.device.name);
+            log::error!(
+                "{}: cannot start the INTx resample thread: {e}",
+                self.device.name
+            );
         }
     }
 }
 
 fn wait_readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, length 1.
     let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     n > 0 && pfd.revents & libc::POLLIN != 0
@@ -205,7 +241,7 @@ fn wait_readable(fd: i32, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{encode_message, Command};
+    use crate::protocol::{Command, encode_message};
     use sluice_devapi::NoHooks;
     use sluice_host::{DeviceSet, DiskSpec};
     use std::io::{Read, Write};
@@ -239,31 +275,80 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-serve-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("d.img");
-        std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
-        let set = DeviceSet::new(&[DiskSpec { path: img, read_only: false }], Arc::new(NoHooks)).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let set = DeviceSet::new(
+            &[DiskSpec {
+                path: img,
+                read_only: false,
+            }],
+            Arc::new(NoHooks),
+        )
+        .unwrap();
         let (ours, mut qemu) = UnixStream::pair().unwrap();
-        let server = DeviceServer::new(ours, set.devices[0].clone(), set.mem.clone(), Arc::new(AtomicBool::new(false)));
+        let server = DeviceServer::new(
+            ours,
+            set.devices[0].clone(),
+            set.mem.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
         let stats = server.stats();
         let t = std::thread::spawn(move || server.run());
         // probe_pci_info(): IDs, then BAR sizing with 32-bit probes.
-        assert_eq!(ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 0, 0, 2)), 0x1af4);
-        assert_eq!(ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 2, 0, 2)), 0x1042);
-        ask(&mut qemu, &cfg_msg(Command::PciConfigWrite, 0x10, 0xffff_ffff, 4));
-        assert_eq!(ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 0x10, 0, 4)), 0xffff_c000);
-        ask(&mut qemu, &cfg_msg(Command::PciConfigWrite, 0x10, 0xfe00_0000, 4));
+        assert_eq!(
+            ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 0, 0, 2)),
+            0x1af4
+        );
+        assert_eq!(
+            ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 2, 0, 2)),
+            0x1042
+        );
+        ask(
+            &mut qemu,
+            &cfg_msg(Command::PciConfigWrite, 0x10, 0xffff_ffff, 4),
+        );
+        assert_eq!(
+            ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 0x10, 0, 4)),
+            0xffff_c000
+        );
+        ask(
+            &mut qemu,
+            &cfg_msg(Command::PciConfigWrite, 0x10, 0xfe00_0000, 4),
+        );
         ask(&mut qemu, &cfg_msg(Command::PciConfigWrite, 0x04, 0x6, 2));
         // num_queues through the BAR, at its absolute address.
-        assert_eq!(ask(&mut qemu, &bar_msg(Command::BarRead, 0xfe00_0012, 0, 2)), 1);
+        assert_eq!(
+            ask(&mut qemu, &bar_msg(Command::BarRead, 0xfe00_0012, 0, 2)),
+            1
+        );
         // Out-of-range accesses answer all-ones instead of touching anything.
-        assert_eq!(ask(&mut qemu, &bar_msg(Command::BarRead, 0xfd00_0000, 0, 4)), FAILED);
-        assert_eq!(ask(&mut qemu, &bar_msg(Command::BarRead, 0xfe00_0012, 0, 3)), FAILED);
-        assert_eq!(ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 0xfe, 0, 4)), FAILED);
-        assert_eq!(ask(&mut qemu, &encode_message(Command::DeviceReset, &[])), 0);
+        assert_eq!(
+            ask(&mut qemu, &bar_msg(Command::BarRead, 0xfd00_0000, 0, 4)),
+            FAILED
+        );
+        assert_eq!(
+            ask(&mut qemu, &bar_msg(Command::BarRead, 0xfe00_0012, 0, 3)),
+            FAILED
+        );
+        assert_eq!(
+            ask(&mut qemu, &cfg_msg(Command::PciConfigRead, 0xfe, 0, 4)),
+            FAILED
+        );
+        assert_eq!(
+            ask(&mut qemu, &encode_message(Command::DeviceReset, &[])),
+            0
+        );
         assert_eq!(stats.rejected_accesses.load(Ordering::Relaxed), 3);
         // A malformed message ends the connection with a clear error.
-        qemu.write_all(&encode_message(Command::BarRead, &[0u8; 5])).unwrap();
+        qemu.write_all(&encode_message(Command::BarRead, &[0u8; 5]))
+            .unwrap();
         let err = t.join().unwrap().unwrap_err();
-        assert!(err.to_string().contains("malformed protocol message"), "{err}");
+        assert!(
+            err.to_string().contains("malformed protocol message"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// The guest variant used when none is named.
 pub const DEFAULT_VARIANT: &str = "6.12";
@@ -23,7 +23,12 @@ pub struct GuestImage {
 pub fn repo_root() -> PathBuf {
     std::env::var_os("SLUICE_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from(".")))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .canonicalize()
+                .unwrap_or_else(|_| PathBuf::from("."))
+        })
 }
 
 /// Runs a build script, passing its progress through to stderr, and returns its KEY=VALUE lines.
@@ -36,7 +41,8 @@ fn run_script(script: &Path, args: &[&str]) -> Result<Vec<(String, String)>> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/sluice")))
         .unwrap_or_else(|| PathBuf::from("/tmp/sluice-cache"));
-    std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("cannot create {}", cache.display()))?;
     let mut child = Command::new("flock")
         .arg(cache.join(".build.lock"))
         .arg("bash")
@@ -51,7 +57,9 @@ fn run_script(script: &Path, args: &[&str]) -> Result<Vec<(String, String)>> {
         for line in BufReader::new(out).lines() {
             let line = line?;
             match line.split_once('=') {
-                Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_') => {
+                Some((k, v))
+                    if !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_') =>
+                {
                     vars.push((k.to_string(), v.to_string()))
                 }
                 _ => eprintln!("{line}"),

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Boot real Linux guests against Sluice's devices and IOMMUs")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Boot real Linux guests against Sluice's devices and IOMMUs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a guest with Sluice's devices, run its workload, verify the disks, print the verdict.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Guest images.
     Image {
         #[command(subcommand)]
@@ -41,8 +45,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run(args) => run::run(args),
-        Cmd::Image { command: ImageCmd::Build { variant } } => image::build_guest(&variant).map(|img| {
+        Cmd::Run(args) => run::run(*args),
+        Cmd::Image {
+            command: ImageCmd::Build { variant },
+        } => image::build_guest(&variant).map(|img| {
             println!("KERNEL={}", img.kernel.display());
             println!("VMLINUX={}", img.vmlinux.display());
             println!("SYSTEM_MAP={}", img.system_map.display());

@@ -26,30 +26,56 @@ pub struct Verdict {
     pub reasons: Vec<String>,
 }
 
-pub fn verdict(outcome: &RunOutcome, guest: &GuestReport, disks: &[DiskVerdict], workload: &str, cpus: u32) -> Verdict {
+pub fn verdict(
+    outcome: &RunOutcome,
+    guest: &GuestReport,
+    disks: &[DiskVerdict],
+    workload: &str,
+    cpus: u32,
+) -> Verdict {
     let mut reasons = Vec::new();
     if outcome.exit != GuestExit::PoweredOff {
-        reasons.push(format!("guest did not power off cleanly: {}", outcome.exit.name()));
+        reasons.push(format!(
+            "guest did not power off cleanly: {}",
+            outcome.exit.name()
+        ));
     }
     if guest.result.as_deref() != Some("PASS") {
-        reasons.push(format!("guest reported {}", guest.result.as_deref().unwrap_or("no RESULT line")));
+        reasons.push(format!(
+            "guest reported {}",
+            guest.result.as_deref().unwrap_or("no RESULT line")
+        ));
     }
     if guest.nproc != Some(cpus) {
-        reasons.push(format!("guest saw nproc={:?}, expected {cpus}", guest.nproc));
+        reasons.push(format!(
+            "guest saw nproc={:?}, expected {cpus}",
+            guest.nproc
+        ));
     }
     if workload == "disk" {
         for d in disks {
             match (&d.guest_name, &d.host) {
-                (None, _) => reasons.push(format!("{} ({}) never appeared in the guest", d.name, d.bdf)),
+                (None, _) => reasons.push(format!(
+                    "{} ({}) never appeared in the guest",
+                    d.name, d.bdf
+                )),
                 (Some(_), Some(HostCheck::Match)) => {}
                 (Some(v), other) => reasons.push(format!("{} ({v}): host check {other:?}", d.name)),
             }
         }
     }
-    Verdict { pass: reasons.is_empty(), reasons }
+    Verdict {
+        pass: reasons.is_empty(),
+        reasons,
+    }
 }
 
-pub fn print_summary(outcome: &RunOutcome, guest: &GuestReport, disks: &[DiskVerdict], verdict: &Verdict) {
+pub fn print_summary(
+    outcome: &RunOutcome,
+    guest: &GuestReport,
+    disks: &[DiskVerdict],
+    verdict: &Verdict,
+) {
     println!("guest exit:     {}", outcome.exit.name());
     if let GuestExit::QemuFailed { code, stderr } = &outcome.exit {
         println!("qemu exit code: {code:?}\nqemu stderr:    {stderr}");
@@ -62,7 +88,11 @@ pub fn print_summary(outcome: &RunOutcome, guest: &GuestReport, disks: &[DiskVer
         None => println!("boot to /init:  never reached"),
     }
     println!("wall time:      {:.2} s", outcome.wall.as_secs_f64());
-    println!("guest:          kernel {} nproc {:?}", guest.kernel.as_deref().unwrap_or("?"), guest.nproc);
+    println!(
+        "guest:          kernel {} nproc {:?}",
+        guest.kernel.as_deref().unwrap_or("?"),
+        guest.nproc
+    );
     for d in disks {
         println!(
             "disk {} {} -> {}: guest [{}] host [{}]",
@@ -70,7 +100,9 @@ pub fn print_summary(outcome: &RunOutcome, guest: &GuestReport, disks: &[DiskVer
             d.bdf,
             d.guest_name.as_deref().unwrap_or("absent"),
             d.guest_result.as_deref().unwrap_or("-"),
-            d.host.as_ref().map_or("-".to_string(), |h| format!("{h:?}"))
+            d.host
+                .as_ref()
+                .map_or("-".to_string(), |h| format!("{h:?}"))
         );
     }
     for l in &guest.virtio_interrupts {
@@ -105,8 +137,12 @@ pub fn write_json(
         .devices
         .iter()
         .map(|d| {
-            let counters: serde_json::Map<String, serde_json::Value> =
-                d.function.counters().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+            let counters: serde_json::Map<String, serde_json::Value> = d
+                .function
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
             json!({
                 "name": d.name,
                 "bdf": d.bdf.to_string(),
@@ -143,5 +179,6 @@ pub fn write_json(
         "devices": devs,
         "serial_log": cfg.serial_log,
     });
-    std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write report {}", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("cannot write report {}", path.display()))
 }

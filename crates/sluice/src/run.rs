@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use sluice_devapi::NoHooks;
 use sluice_host::{DeviceSet, DiskSpec};
@@ -79,7 +79,9 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         Some('M' | 'm') => (&s[..s.len() - 1], 1),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?} (use e.g. 512M or 1G)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?} (use e.g. 512M or 1G)"))?;
     match n.checked_mul(mul) {
         Some(v) if (64..=65536).contains(&v) => Ok(v),
         _ => Err(format!("size {s:?} out of range (64M..64G)")),
@@ -114,24 +116,40 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         bail!("the kvm backend is not available yet; use --backend qemu");
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        image::repo_root().join("target/sluice-runs").join(format!("run-{stamp}-{}", std::process::id()))
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        image::repo_root()
+            .join("target/sluice-runs")
+            .join(format!("run-{stamp}-{}", std::process::id()))
     });
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
 
-    let mut disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
+    let mut disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<Result<Vec<_>>>()?;
     if disks.is_empty() {
         let path = run_dir.join("disk0.img");
         std::fs::File::create(&path)
             .and_then(|f| f.set_len(64 << 20))
             .with_context(|| format!("cannot create scratch disk {}", path.display()))?;
-        disks.push(DiskSpec { path, read_only: false });
+        disks.push(DiskSpec {
+            path,
+            read_only: false,
+        });
     }
 
     let (kernel, initrd) = match (&args.kernel, &args.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
         _ => {
-            eprintln!("sluice: guest image {} (built once, then cached)", args.guest);
+            eprintln!(
+                "sluice: guest image {} (built once, then cached)",
+                args.guest
+            );
             let img = image::build_guest(&args.guest)?;
             (img.kernel, img.initrd)
         }
@@ -151,7 +169,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         "console=ttyS0 panic=-1 nokaslr sluice.workload={} sluice.seed={} {}",
         args.workload, args.seed, args.cmdline
     );
-    let serial_log = args.serial_log.clone().unwrap_or_else(|| run_dir.join("serial.log"));
+    let serial_log = args
+        .serial_log
+        .clone()
+        .unwrap_or_else(|| run_dir.join("serial.log"));
     let cfg = QemuConfig {
         qemu,
         accel,
@@ -165,25 +186,52 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         acpi_tables: vec![],
         extra_args: vec![],
     };
-    eprintln!("sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}", cfg.cpus, accel, disks.len(), serial_log.display());
+    eprintln!(
+        "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
+        cfg.cpus,
+        accel,
+        disks.len(),
+        serial_log.display()
+    );
     let outcome = sluice_qemu::run(&cfg, &devices)?;
     let guest = verify::parse_console(&outcome.console);
 
     let mut disk_verdicts = Vec::new();
     for d in &devices.devices {
         let bdf = d.bdf.to_string();
-        let vd = guest.disks.iter().find(|(_, b, _)| *b == bdf).map(|(v, _, _)| v.clone());
-        let guest_result = vd.as_ref().and_then(|v| guest.disk_results.iter().find(|(n, _)| n == v)).map(|(_, r)| r.clone());
+        let vd = guest
+            .disks
+            .iter()
+            .find(|(_, b, _)| *b == bdf)
+            .map(|(v, _, _)| v.clone());
+        let guest_result = vd
+            .as_ref()
+            .and_then(|v| guest.disk_results.iter().find(|(n, _)| n == v))
+            .map(|(_, r)| r.clone());
         let host = match (&vd, &d.disk, args.workload.as_str()) {
             (Some(v), Some(path), "disk") => Some(verify::check_disk(path, args.seed, v)),
             _ => None,
         };
-        disk_verdicts.push(DiskVerdict { name: d.name.clone(), bdf, guest_name: vd, guest_result, host });
+        disk_verdicts.push(DiskVerdict {
+            name: d.name.clone(),
+            bdf,
+            guest_name: vd,
+            guest_result,
+            host,
+        });
     }
     let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &args.workload, args.cpus);
     report::print_summary(&outcome, &guest, &disk_verdicts, &verdict);
     if let Some(path) = &args.report {
-        report::write_json(path, &outcome, &guest, &disk_verdicts, &devices, &verdict, &cfg)?;
+        report::write_json(
+            path,
+            &outcome,
+            &guest,
+            &disk_verdicts,
+            &devices,
+            &verdict,
+            &cfg,
+        )?;
     }
     Ok(if verdict.pass {
         ExitCode::SUCCESS

@@ -12,7 +12,12 @@ pub const PATTERN_LEN: usize = 4 << 20;
 /// The bytes /init writes to disk `vd` with `seed`: one line repeated, cut at 4 MiB.
 pub fn pattern(seed: u64, vd: &str) -> Vec<u8> {
     let line = format!("sluice pattern seed={seed} disk={vd}\n");
-    line.as_bytes().iter().copied().cycle().take(PATTERN_LEN).collect()
+    line.as_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(PATTERN_LEN)
+        .collect()
 }
 
 /// Result of checking one disk image.
@@ -56,10 +61,15 @@ pub struct GuestReport {
 }
 
 fn find_bdf(s: &str) -> Option<String> {
-    s.split(|c: char| c == '/' || c == ' ' || c == '=').find(|w| {
-        let b = w.as_bytes();
-        b.len() == 12 && b.get(4) == Some(&b':') && b.get(7) == Some(&b':') && b.get(10) == Some(&b'.')
-    }).map(str::to_string)
+    s.split(['/', ' ', '='])
+        .find(|w| {
+            let b = w.as_bytes();
+            b.len() == 12
+                && b.get(4) == Some(&b':')
+                && b.get(7) == Some(&b':')
+                && b.get(10) == Some(&b'.')
+        })
+        .map(str::to_string)
 }
 
 /// Parses the console.
@@ -82,10 +92,18 @@ pub fn parse_console(lines: &[String]) -> GuestReport {
             let mut words = d.split_whitespace();
             let vd = words.next().unwrap_or("").to_string();
             if d.contains(" pci=") {
-                let group = d.split("iommu_group=").nth(1).unwrap_or("").split_whitespace().next().unwrap_or("").to_string();
+                let group = d
+                    .split("iommu_group=")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
                 r.disks.push((vd, find_bdf(d).unwrap_or_default(), group));
             } else if d.contains("write=") {
-                r.disk_results.push((vd, words.collect::<Vec<_>>().join(" ")));
+                r.disk_results
+                    .push((vd, words.collect::<Vec<_>>().join(" ")));
             }
         } else if let Some(res) = rest.strip_prefix("RESULT ") {
             r.result = Some(res.trim().to_string());
@@ -121,12 +139,21 @@ mod tests {
         .collect();
         let r = parse_console(&lines);
         assert_eq!(r.nproc, Some(2));
-        assert_eq!(r.disks, vec![("vda".into(), "0000:00:03.0".into(), "none".into())]);
-        assert_eq!(r.disk_results, vec![("vda".into(), "write=ok read=ok verify=ok".into())]);
+        assert_eq!(
+            r.disks,
+            vec![("vda".into(), "0000:00:03.0".into(), "none".into())]
+        );
+        assert_eq!(
+            r.disk_results,
+            vec![("vda".into(), "write=ok read=ok verify=ok".into())]
+        );
         assert_eq!(r.virtio_interrupts.len(), 1);
         assert_eq!(r.result.as_deref(), Some("PASS"));
         assert!(r.done);
-        assert_eq!(find_bdf("/sys/devices/pci0000:00/0000:00:04.0"), Some("0000:00:04.0".into()));
+        assert_eq!(
+            find_bdf("/sys/devices/pci0000:00/0000:00:04.0"),
+            Some("0000:00:04.0".into())
+        );
     }
 
     #[test]
@@ -137,11 +164,20 @@ mod tests {
         let path = std::env::temp_dir().join(format!("sluice-verify-{}.img", std::process::id()));
         let f = File::create(&path).unwrap();
         f.set_len(8 << 20).unwrap();
-        assert_eq!(check_disk(&path, 7, "vda"), HostCheck::Mismatch(PATTERN_OFFSET));
+        assert_eq!(
+            check_disk(&path, 7, "vda"),
+            HostCheck::Mismatch(PATTERN_OFFSET)
+        );
         f.write_all_at(&p, PATTERN_OFFSET).unwrap();
         assert_eq!(check_disk(&path, 7, "vda"), HostCheck::Match);
-        assert_eq!(check_disk(&path, 8, "vda"), HostCheck::Mismatch(PATTERN_OFFSET + 20));
+        assert_eq!(
+            check_disk(&path, 8, "vda"),
+            HostCheck::Mismatch(PATTERN_OFFSET + 20)
+        );
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(check_disk(&path, 7, "vda"), HostCheck::Unreadable(_)));
+        assert!(matches!(
+            check_disk(&path, 7, "vda"),
+            HostCheck::Unreadable(_)
+        ));
     }
 }

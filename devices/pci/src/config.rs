@@ -173,8 +173,18 @@ impl ConfigSpace {
     /// Declares a BAR.
     pub fn add_bar(&mut self, spec: BarSpec) -> Result<(), ConfigError> {
         let idx = usize::from(spec.index);
-        let slots = if matches!(spec.kind, BarKind::Mem64 { .. }) { 2 } else { 1 };
-        if idx + slots > 6 || self.bars.iter().flatten().any(|b| Self::overlaps(b, idx, slots)) {
+        let slots = if matches!(spec.kind, BarKind::Mem64 { .. }) {
+            2
+        } else {
+            1
+        };
+        if idx + slots > 6
+            || self
+                .bars
+                .iter()
+                .flatten()
+                .any(|b| Self::overlaps(b, idx, slots))
+        {
             return Err(ConfigError::BarSlot(spec.index));
         }
         let min = if spec.kind == BarKind::Io { 4 } else { 16 };
@@ -185,12 +195,14 @@ impl ConfigSpace {
         let size_mask = !(spec.size - 1);
         let (type_bits, low_mask) = match spec.kind {
             BarKind::Io => (0x1u32, (size_mask as u32) & 0xffff_fffc),
-            BarKind::Mem32 { prefetchable } => {
-                (if prefetchable { 0x8 } else { 0 }, (size_mask as u32) & 0xffff_fff0)
-            }
-            BarKind::Mem64 { prefetchable } => {
-                (0x4 | if prefetchable { 0x8 } else { 0 }, (size_mask as u32) & 0xffff_fff0)
-            }
+            BarKind::Mem32 { prefetchable } => (
+                if prefetchable { 0x8 } else { 0 },
+                (size_mask as u32) & 0xffff_fff0,
+            ),
+            BarKind::Mem64 { prefetchable } => (
+                0x4 | if prefetchable { 0x8 } else { 0 },
+                (size_mask as u32) & 0xffff_fff0,
+            ),
         };
         self.put(off, &type_bits.to_le_bytes());
         self.mask(off, &low_mask.to_le_bytes());
@@ -206,7 +218,11 @@ impl ConfigSpace {
 
     fn overlaps(b: &BarSpec, idx: usize, slots: usize) -> bool {
         let b_idx = usize::from(b.index);
-        let b_slots = if matches!(b.kind, BarKind::Mem64 { .. }) { 2 } else { 1 };
+        let b_slots = if matches!(b.kind, BarKind::Mem64 { .. }) {
+            2
+        } else {
+            1
+        };
         b_idx < idx + slots && idx < b_idx + b_slots
     }
 
@@ -247,7 +263,11 @@ impl ConfigSpace {
     /// Guest read. Bytes past the 256-byte space read as zero.
     pub fn read(&self, offset: u16, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = self.bytes.get(usize::from(offset) + i).copied().unwrap_or(0);
+            *b = self
+                .bytes
+                .get(usize::from(offset) + i)
+                .copied()
+                .unwrap_or(0);
         }
     }
 
@@ -270,9 +290,11 @@ impl ConfigSpace {
         let old_cmd = self.command();
         for (i, v) in data.iter().enumerate() {
             let at = usize::from(offset) + i;
-            let (Some(cur), Some(m), Some(w1c)) =
-                (self.bytes.get(at).copied(), self.write_mask.get(at), self.w1c_mask.get(at))
-            else {
+            let (Some(cur), Some(m), Some(w1c)) = (
+                self.bytes.get(at).copied(),
+                self.write_mask.get(at),
+                self.w1c_mask.get(at),
+            ) else {
                 continue;
             };
             let next = ((cur & !m) | (v & m)) & !(v & w1c);
@@ -283,7 +305,9 @@ impl ConfigSpace {
         let new_cmd = self.command();
         let touches_cmd =
             usize::from(offset) < OFF_COMMAND + 2 && usize::from(offset) + data.len() > OFF_COMMAND;
-        ConfigWriteEffect { command: touches_cmd.then_some((old_cmd, new_cmd)) }
+        ConfigWriteEffect {
+            command: touches_cmd.then_some((old_cmd, new_cmd)),
+        }
     }
 
     /// Command register.
@@ -374,8 +398,14 @@ mod tests {
     #[test]
     fn bar32_sizing_like_a_bios() {
         let mut c = ConfigSpace::new(ids(), 1);
-        c.add_bar(BarSpec { index: 0, size: 0x4000, kind: BarKind::Mem32 { prefetchable: false } })
-            .unwrap();
+        c.add_bar(BarSpec {
+            index: 0,
+            size: 0x4000,
+            kind: BarKind::Mem32 {
+                prefetchable: false,
+            },
+        })
+        .unwrap();
         c.write(0x10, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(c.read_u32(0x10), 0xffff_c000);
         let size = !(c.read_u32(0x10) & 0xffff_fff0) + 1;
@@ -390,9 +420,18 @@ mod tests {
     #[test]
     fn bar64_and_io_sizing() {
         let mut c = ConfigSpace::new(ids(), 1);
-        c.add_bar(BarSpec { index: 2, size: 0x10_0000, kind: BarKind::Mem64 { prefetchable: true } })
-            .unwrap();
-        c.add_bar(BarSpec { index: 4, size: 0x20, kind: BarKind::Io }).unwrap();
+        c.add_bar(BarSpec {
+            index: 2,
+            size: 0x10_0000,
+            kind: BarKind::Mem64 { prefetchable: true },
+        })
+        .unwrap();
+        c.add_bar(BarSpec {
+            index: 4,
+            size: 0x20,
+            kind: BarKind::Io,
+        })
+        .unwrap();
         c.write(0x18, &0xffff_ffffu32.to_le_bytes());
         c.write(0x1c, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(c.read_u32(0x18), 0xfff0_000c);
@@ -403,11 +442,23 @@ mod tests {
         c.write(0x20, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(c.read_u32(0x20), 0xffff_ffe1);
         assert_eq!(
-            c.add_bar(BarSpec { index: 3, size: 0x1000, kind: BarKind::Mem32 { prefetchable: false } }),
+            c.add_bar(BarSpec {
+                index: 3,
+                size: 0x1000,
+                kind: BarKind::Mem32 {
+                    prefetchable: false
+                }
+            }),
             Err(ConfigError::BarSlot(3))
         );
         assert_eq!(
-            c.add_bar(BarSpec { index: 5, size: 0x1001, kind: BarKind::Mem32 { prefetchable: false } }),
+            c.add_bar(BarSpec {
+                index: 5,
+                size: 0x1001,
+                kind: BarKind::Mem32 {
+                    prefetchable: false
+                }
+            }),
             Err(ConfigError::BarSize(0x1001))
         );
     }
@@ -415,8 +466,14 @@ mod tests {
     #[test]
     fn decode_honours_enable_bits() {
         let mut c = ConfigSpace::new(ids(), 1);
-        c.add_bar(BarSpec { index: 0, size: 0x1000, kind: BarKind::Mem32 { prefetchable: false } })
-            .unwrap();
+        c.add_bar(BarSpec {
+            index: 0,
+            size: 0x1000,
+            kind: BarKind::Mem32 {
+                prefetchable: false,
+            },
+        })
+        .unwrap();
         c.write(0x10, &0xfe00_0000u32.to_le_bytes());
         assert_eq!(c.decode(0xfe00_0010, true), None);
         c.write(0x04, &CMD_MEMORY.to_le_bytes());
@@ -428,7 +485,9 @@ mod tests {
     #[test]
     fn capability_list_links() {
         let mut c = ConfigSpace::new(ids(), 1);
-        let a = c.add_capability(0x09, &[14, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).unwrap();
+        let a = c
+            .add_capability(0x09, &[14, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[])
+            .unwrap();
         let b = c.add_capability(0x11, &[0; 10], &[0, 0xc0]).unwrap();
         assert_eq!(a, 0x40);
         assert_eq!(b, 0x50);

@@ -51,7 +51,9 @@ impl PciInterrupt {
 
     /// True if MSI-X is enabled (devices use it to decide whether ISR-style status applies).
     pub fn msix_enabled(&self) -> bool {
-        self.msix.as_ref().is_some_and(|m| m.lock().map(|t| t.enabled()).unwrap_or(false))
+        self.msix
+            .as_ref()
+            .is_some_and(|m| m.lock().map(|t| t.enabled()).unwrap_or(false))
     }
 
     /// Drives the INTx level (virtio clears it when the guest reads ISR).
@@ -86,7 +88,13 @@ mod tests {
         let table = Arc::new(Mutex::new(MsixTable::new(2, 1, 0, 0x800)));
         let irq = PciInterrupt::new(rec.clone(), Some(table.clone()));
         irq.signal(0);
-        assert_eq!(rec.take(), vec![RecordedInterrupt::Level { line: 0, asserted: true }]);
+        assert_eq!(
+            rec.take(),
+            vec![RecordedInterrupt::Level {
+                line: 0,
+                asserted: true
+            }]
+        );
         irq.set_intx(false);
         rec.take();
         {
@@ -98,7 +106,13 @@ mod tests {
         }
         assert!(irq.msix_enabled());
         irq.signal(0);
-        assert_eq!(rec.take(), vec![RecordedInterrupt::Msi { address: 0xfee0_0000, data: 0x22 }]);
+        assert_eq!(
+            rec.take(),
+            vec![RecordedInterrupt::Msi {
+                address: 0xfee0_0000,
+                data: 0x22
+            }]
+        );
     }
 
     #[test]
@@ -107,9 +121,21 @@ mod tests {
         let irq = PciInterrupt::new(rec.clone(), None);
         irq.set_intx_disabled(true);
         irq.signal(3);
-        assert_eq!(rec.take(), vec![RecordedInterrupt::Level { line: 0, asserted: false }]);
+        assert_eq!(
+            rec.take(),
+            vec![RecordedInterrupt::Level {
+                line: 0,
+                asserted: false
+            }]
+        );
         assert!(irq.intx_asserted());
         irq.set_intx_disabled(false);
-        assert_eq!(rec.take(), vec![RecordedInterrupt::Level { line: 0, asserted: true }]);
+        assert_eq!(
+            rec.take(),
+            vec![RecordedInterrupt::Level {
+                line: 0,
+                asserted: true
+            }]
+        );
     }
 }

@@ -9,14 +9,19 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 
 pub mod config;
 pub mod irq;
 pub mod msix;
 
-pub use config::{BarKind, BarSpec, ConfigSpace, ConfigError, PciIds};
+pub use config::{BarKind, BarSpec, ConfigError, ConfigSpace, PciIds};
 pub use irq::PciInterrupt;
 pub use msix::MsixTable;
 
@@ -39,7 +44,9 @@ pub trait PciFunction: Send + Sync {
 
 /// Little-endian value of up to 8 bytes.
 pub fn le_value(data: &[u8]) -> u64 {
-    data.iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+    data.iter()
+        .rev()
+        .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
 
 /// Stores `value` little-endian into `data` (truncating to its length).

@@ -102,7 +102,11 @@ impl MsixTable {
             } else if self.pba_range().contains(&at) {
                 let bit0 = (at - self.pba_range().start) * 8;
                 (0..8).fold(0u8, |acc, b| {
-                    let set = self.pending.get((bit0 + b) as usize).copied().unwrap_or(false);
+                    let set = self
+                        .pending
+                        .get((bit0 + b) as usize)
+                        .copied()
+                        .unwrap_or(false);
                     acc | (u8::from(set) << b)
                 })
             } else {
@@ -135,7 +139,10 @@ impl MsixTable {
 
     fn masked(&self, vector: usize) -> bool {
         self.control & CTRL_FUNCTION_MASK != 0
-            || self.entries.get(vector).is_none_or(|e| e[3] & VECTOR_MASKED != 0)
+            || self
+                .entries
+                .get(vector)
+                .is_none_or(|e| e[3] & VECTOR_MASKED != 0)
     }
 
     /// Signals `vector`. Returns false if MSI-X is disabled (the caller falls back to INTx) or
@@ -174,7 +181,9 @@ impl MsixTable {
     /// Back to reset state: disabled, all vectors masked, nothing pending.
     pub fn reset(&mut self) {
         self.control = 0;
-        self.entries.iter_mut().for_each(|e| *e = [0, 0, 0, VECTOR_MASKED]);
+        self.entries
+            .iter_mut()
+            .for_each(|e| *e = [0, 0, 0, VECTOR_MASKED]);
         self.pending.iter_mut().for_each(|p| *p = false);
     }
 }
@@ -184,7 +193,14 @@ mod tests {
     use super::*;
     use sluice_devapi::{RecordedInterrupt, RecordingInterrupts};
 
-    fn program(t: &mut MsixTable, v: u64, addr: u32, data: u32, masked: bool, s: &RecordingInterrupts) {
+    fn program(
+        t: &mut MsixTable,
+        v: u64,
+        addr: u32,
+        data: u32,
+        masked: bool,
+        s: &RecordingInterrupts,
+    ) {
         t.write(v * 16, &addr.to_le_bytes(), s);
         t.write(v * 16 + 4, &0u32.to_le_bytes(), s);
         t.write(v * 16 + 8, &data.to_le_bytes(), s);
@@ -211,7 +227,13 @@ mod tests {
         t.read(0x800, &mut pba);
         assert_eq!(pba[0], 0b10);
         t.write(16 + 12, &0u32.to_le_bytes(), &s);
-        assert_eq!(s.take(), vec![RecordedInterrupt::Msi { address: 0xfee0_0000, data: 0x31 }]);
+        assert_eq!(
+            s.take(),
+            vec![RecordedInterrupt::Msi {
+                address: 0xfee0_0000,
+                data: 0x31
+            }]
+        );
         t.read(0x800, &mut pba);
         assert_eq!(pba[0], 0);
         assert!(t.notify(1, &s));
@@ -228,7 +250,13 @@ mod tests {
         t.notify(0, &s);
         assert!(s.take().is_empty());
         t.set_control(CTRL_ENABLE, &s);
-        assert_eq!(s.take(), vec![RecordedInterrupt::Msi { address: 0xfee0_1000, data: 7 }]);
+        assert_eq!(
+            s.take(),
+            vec![RecordedInterrupt::Msi {
+                address: 0xfee0_1000,
+                data: 7
+            }]
+        );
         let mut w = [0u8; 4];
         t.read(8, &mut w);
         assert_eq!(u32::from_le_bytes(w), 7);
@@ -241,8 +269,14 @@ mod tests {
         let t = MsixTable::new(3, 2, 0x2000, 0x3000);
         let (body, mask) = t.capability();
         assert_eq!(u16::from_le_bytes([body[0], body[1]]), 2);
-        assert_eq!(u32::from_le_bytes([body[2], body[3], body[4], body[5]]), 0x2002);
-        assert_eq!(u32::from_le_bytes([body[6], body[7], body[8], body[9]]), 0x3002);
+        assert_eq!(
+            u32::from_le_bytes([body[2], body[3], body[4], body[5]]),
+            0x2002
+        );
+        assert_eq!(
+            u32::from_le_bytes([body[6], body[7], body[8], body[9]]),
+            0x3002
+        );
         assert_eq!(mask[1], 0xc0);
         assert!(t.claims(0x2000) && t.claims(0x3000) && !t.claims(0x2030));
     }

@@ -47,7 +47,11 @@ pub fn cd_address<E>(
     read_l1: &mut impl FnMut(u64) -> Result<u64, E>,
 ) -> Result<u64, CdError<E>> {
     if s1.cd_max == 0 {
-        return if ssid == 0 { Ok(s1.ctx_ptr) } else { Err(CdError::BadSubstream { ssid }) };
+        return if ssid == 0 {
+            Ok(s1.ctx_ptr)
+        } else {
+            Err(CdError::BadSubstream { ssid })
+        };
     }
     if u64::from(ssid) >> s1.cd_max != 0 {
         return Err(CdError::BadSubstream { ssid });
@@ -102,7 +106,9 @@ impl Cd {
             return Err(CdError::Illegal("V=0"));
         }
         if d0 & (1 << 41) == 0 {
-            return Err(CdError::Illegal("AA64=0 (VMSAv8-32 LPAE tables not supported)"));
+            return Err(CdError::Illegal(
+                "AA64=0 (VMSAv8-32 LPAE tables not supported)",
+            ));
         }
         if d0 & (1 << 15) != 0 {
             return Err(CdError::Illegal("ENDI=1 on a little-endian-only SMMU"));
@@ -176,7 +182,11 @@ impl Cd {
         let r = if upper { hi } else { lo }.as_ref()?;
         let top = if r.tbi { 56 } else { 64 };
         let n = r.walk.input_bits;
-        let mask = if top >= 64 { u64::MAX << n } else { ((1u64 << top) - 1) & (u64::MAX << n) };
+        let mask = if top >= 64 {
+            u64::MAX << n
+        } else {
+            ((1u64 << top) - 1) & (u64::MAX << n)
+        };
         let expected = if upper { mask } else { 0 };
         if va & mask != expected {
             return None;
@@ -214,7 +224,10 @@ mod tests {
         let va = 0xab00_ffff_8000_1000u64 | (0xff << 48);
         assert!(cd.select(va).is_some());
         let cd0 = Cd::parse(&cd_words(1 << 38), &idr).unwrap_or_else(|e| panic!("{e}"));
-        assert!(cd0.select(va).is_none(), "TBI0 does not make TTB1 ignore the tag");
+        assert!(
+            cd0.select(va).is_none(),
+            "TBI0 does not make TTB1 ignore the tag"
+        );
     }
 
     #[test]

@@ -86,7 +86,11 @@ impl TlbiRange {
             let num = (d0 >> 12) & 0x1f;
             let scale = (d0 >> 20) & 0x1f;
             let pages = (num + 1) << scale;
-            TlbiRange { addr, len: pages << gbits, leaf }
+            TlbiRange {
+                addr,
+                len: pages << gbits,
+                leaf,
+            }
         } else {
             TlbiRange { addr, len: 1, leaf }
         }
@@ -122,11 +126,19 @@ pub enum Command {
     /// TLBI_NH_ASID.
     TlbiNhAsid { vmid: u16, asid: u16 },
     /// TLBI_NH_VA: one ASID, an address range.
-    TlbiNhVa { vmid: u16, asid: u16, range: TlbiRange },
+    TlbiNhVa {
+        vmid: u16,
+        asid: u16,
+        range: TlbiRange,
+    },
     /// TLBI_NH_VAA: every ASID of the VMID, an address range.
     TlbiNhVaa { vmid: u16, range: TlbiRange },
     /// TLBI_EL2_ALL / _ASID / _VA / _VAA (only with IDR0.HYP).
-    TlbiEl2 { opcode: u8, asid: u16, range: TlbiRange },
+    TlbiEl2 {
+        opcode: u8,
+        asid: u16,
+        range: TlbiRange,
+    },
     /// TLBI_S12_VMALL.
     TlbiS12Vmall { vmid: u16 },
     /// TLBI_S2_IPA.
@@ -142,7 +154,11 @@ pub enum Command {
     /// STALL_TERM.
     StallTerm { sid: u32 },
     /// CMD_SYNC.
-    Sync { signal: SyncSignal, msi_addr: u64, msi_data: u32 },
+    Sync {
+        signal: SyncSignal,
+        msi_addr: u64,
+        msi_data: u32,
+    },
 }
 
 /// Why a command is illegal (→ CERROR_ILL).
@@ -183,16 +199,35 @@ impl Command {
         let va_mask = !0xfffu64;
         let ipa_mask = 0x000f_ffff_ffff_f000u64;
         let unsupported = |why| Err(CmdParseError::Unsupported { opcode, why });
-        let needs_s1 = |c| if idr.s1p() { Ok(c) } else { unsupported("stage 1") };
-        let needs_s2 = |c| if idr.s2p() { Ok(c) } else { unsupported("stage 2") };
-        if ssec && matches!(opcode, op::CFGI_STE | op::CFGI_STE_RANGE | op::CFGI_CD | op::CFGI_CD_ALL)
+        let needs_s1 = |c| {
+            if idr.s1p() {
+                Ok(c)
+            } else {
+                unsupported("stage 1")
+            }
+        };
+        let needs_s2 = |c| {
+            if idr.s2p() {
+                Ok(c)
+            } else {
+                unsupported("stage 2")
+            }
+        };
+        if ssec
+            && matches!(
+                opcode,
+                op::CFGI_STE | op::CFGI_STE_RANGE | op::CFGI_CD | op::CFGI_CD_ALL
+            )
         {
             return unsupported("SSEC=1 on the non-secure queue");
         }
         match opcode {
             op::PREFETCH_CONFIG | op::PREFETCH_ADDR => Ok(Command::Prefetch { opcode, sid }),
             op::CFGI_STE => Ok(Command::CfgiSte { sid, leaf }),
-            op::CFGI_STE_RANGE => Ok(Command::CfgiSteRange { sid, range: (d1 & 0x1f) as u32 }),
+            op::CFGI_STE_RANGE => Ok(Command::CfgiSteRange {
+                sid,
+                range: (d1 & 0x1f) as u32,
+            }),
             op::CFGI_CD => needs_s1(Command::CfgiCd { sid, ssid, leaf }),
             op::CFGI_CD_ALL => needs_s1(Command::CfgiCdAll { sid }),
             op::TLBI_NH_ALL => needs_s1(Command::TlbiNhAll { vmid }),
@@ -245,7 +280,12 @@ impl Command {
                     0 => SyncSignal::None,
                     1 => SyncSignal::Irq,
                     2 => SyncSignal::Sev,
-                    _ => return Err(CmdParseError::Reserved { opcode, field: "CS" }),
+                    _ => {
+                        return Err(CmdParseError::Reserved {
+                            opcode,
+                            field: "CS",
+                        });
+                    }
                 };
                 Ok(Command::Sync {
                     signal,
@@ -300,7 +340,11 @@ mod tests {
         let c = Command::parse([0x46 | (1 << 12) | (0xabcd << 32), 0x8000_1004], &idr);
         assert_eq!(
             c,
-            Ok(Command::Sync { signal: SyncSignal::Irq, msi_addr: 0x8000_1004, msi_data: 0xabcd })
+            Ok(Command::Sync {
+                signal: SyncSignal::Irq,
+                msi_addr: 0x8000_1004,
+                msi_data: 0xabcd
+            })
         );
         // NUM=3, SCALE=1, TG=4K: 8 pages.
         let d0 = 0x12 | (3 << 12) | (1 << 20) | (5u64 << 48);
@@ -311,7 +355,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(Command::parse([0x7f, 0], &idr), Err(CmdParseError::UnknownOpcode(0x7f)));
+        assert_eq!(
+            Command::parse([0x7f, 0], &idr),
+            Err(CmdParseError::UnknownOpcode(0x7f))
+        );
         assert!(Command::parse([0x46 | (3 << 12), 0], &idr).is_err());
     }
 

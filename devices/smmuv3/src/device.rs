@@ -88,14 +88,20 @@ pub struct SmmuV3 {
 
 impl std::fmt::Debug for SmmuV3 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmmuV3").field("idr", &self.idr).field("regs", &self.regs).finish()
+        f.debug_struct("SmmuV3")
+            .field("idr", &self.idr)
+            .field("regs", &self.regs)
+            .finish()
     }
 }
 
 impl SmmuV3 {
     /// A new SMMU in its reset state.
     pub fn new(cfg: SmmuConfig, irq: Arc<dyn InterruptSink>, hooks: Arc<dyn Hooks>) -> Self {
-        let regs = RegFile { gbpa: cfg.gbpa_reset & gbpa::FIELDS, ..RegFile::default() };
+        let regs = RegFile {
+            gbpa: cfg.gbpa_reset & gbpa::FIELDS,
+            ..RegFile::default()
+        };
         SmmuV3 {
             idr: cfg.idr,
             regs: Mutex::new(regs),
@@ -116,7 +122,10 @@ impl SmmuV3 {
 
     /// Resets registers and empties every cache.
     pub fn reset(&self) {
-        *self.lock() = RegFile { gbpa: self.gbpa_reset, ..RegFile::default() };
+        *self.lock() = RegFile {
+            gbpa: self.gbpa_reset,
+            ..RegFile::default()
+        };
         self.flush_caches();
     }
 
@@ -206,13 +215,24 @@ impl SmmuV3 {
     /// Maps a window offset to a page-0 offset, or `None` for RAZ/WI space. Page 1 holds only
     /// the queue pointers; page 0 aliases them (as QEMU does, and as some parts need).
     fn page_offset(offset: u64, size: u32) -> Option<u64> {
-        if !(size == 4 || size == 8) || !offset.is_multiple_of(u64::from(size)) || offset >= MMIO_SIZE {
+        if !(size == 4 || size == 8)
+            || !offset.is_multiple_of(u64::from(size))
+            || offset >= MMIO_SIZE
+        {
             return None;
         }
         if offset >= PAGE1 {
             let o = offset - PAGE1;
-            let page1_regs = [off::EVENTQ_PROD, off::EVENTQ_CONS, off::PRIQ_PROD, off::PRIQ_CONS];
-            return page1_regs.iter().any(|r| *r == o || (size == 8 && *r == o + 4)).then_some(o);
+            let page1_regs = [
+                off::EVENTQ_PROD,
+                off::EVENTQ_CONS,
+                off::PRIQ_PROD,
+                off::PRIQ_CONS,
+            ];
+            return page1_regs
+                .iter()
+                .any(|r| *r == o || (size == 8 && *r == o + 4))
+                .then_some(o);
         }
         Some(offset)
     }
@@ -229,10 +249,18 @@ impl SmmuV3 {
             return if size == 8 { v } else { Part::Low.extract(v) };
         }
         if o >= 4 && REG64.contains(&(o - 4)) {
-            return if size == 4 { Part::High.extract(self.read_reg(&r, o - 4)) } else { 0 };
+            return if size == 4 {
+                Part::High.extract(self.read_reg(&r, o - 4))
+            } else {
+                0
+            };
         }
         let lo = self.read_reg(&r, o);
-        if size == 8 { lo | (self.read_reg(&r, o + 4) << 32) } else { lo }
+        if size == 8 {
+            lo | (self.read_reg(&r, o + 4) << 32)
+        } else {
+            lo
+        }
     }
 
     /// A register write of `size` (4 or 8) bytes. Writes to read-only or unknown registers,
@@ -354,7 +382,12 @@ impl SmmuV3 {
     }
 
     pub(crate) fn state(&self, what: &str, endpoint: Option<sluice_devapi::Endpoint>, value: u64) {
-        self.hooks.state(&StateEvent { source: "smmuv3", what, endpoint, value });
+        self.hooks.state(&StateEvent {
+            source: "smmuv3",
+            what,
+            endpoint,
+            value,
+        });
     }
 
     /// Activates a GERROR bit (toggles it if not already active); returns the interrupt to
@@ -372,7 +405,11 @@ impl SmmuV3 {
 
     fn irq_for(&self, cfg0: u64, cfg1: u32, line: u32) -> Irq {
         let addr = cfg0 & MSI_ADDR_MASK;
-        if self.idr.msi() && addr != 0 { Irq::Msi { addr, data: cfg1 } } else { Irq::Wired(line) }
+        if self.idr.msi() && addr != 0 {
+            Irq::Msi { addr, data: cfg1 }
+        } else {
+            Irq::Wired(line)
+        }
     }
 
     /// Delivers one interrupt; returns false if an MSI's memory write failed.
@@ -408,7 +445,9 @@ impl SmmuV3 {
             if r.cr0 & cr0::EVTQEN == 0 {
                 Delivery::QueueDisabled
             } else {
-                let ptrs = QueuePtrs { log2: ((r.eventq_base & 0x1f) as u32).min(self.idr.evtq_max_log2()) };
+                let ptrs = QueuePtrs {
+                    log2: ((r.eventq_base & 0x1f) as u32).min(self.idr.evtq_max_log2()),
+                };
                 let (prod, cons) = (r.eventq_prod, r.eventq_cons);
                 if ptrs.full(prod, cons) {
                     if (prod ^ cons) & q::OVFLG == 0 {
@@ -424,7 +463,11 @@ impl SmmuV3 {
                     } else {
                         r.eventq_prod = (prod & q::OVFLG) | ptrs.next(prod);
                         if r.irq_ctrl & irq_ctrl::EVTQ_IRQEN != 0 {
-                            irqs.push(self.irq_for(r.eventq_irq_cfg0, r.eventq_irq_cfg1, IRQ_EVENTQ));
+                            irqs.push(self.irq_for(
+                                r.eventq_irq_cfg0,
+                                r.eventq_irq_cfg1,
+                                IRQ_EVENTQ,
+                            ));
                         }
                         Delivery::Written
                     }

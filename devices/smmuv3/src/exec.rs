@@ -56,20 +56,27 @@ impl SmmuV3 {
 
     fn cmdq_has_work(&self) -> bool {
         let r = self.lock();
-        let ptrs = QueuePtrs { log2: ((r.cmdq_base & 0x1f) as u32).min(self.idr.cmdq_max_log2()) };
+        let ptrs = QueuePtrs {
+            log2: ((r.cmdq_base & 0x1f) as u32).min(self.idr.cmdq_max_log2()),
+        };
         r.cr0 & cr0::CMDQEN != 0 && !r.cmdq_halted() && !ptrs.empty(r.cmdq_prod, r.cmdq_cons)
     }
 
     fn step<M: GuestMemoryBackend>(&self, mem: &M) -> Step {
         let (addr, ptrs, cons) = {
             let r = self.lock();
-            let ptrs = QueuePtrs { log2: ((r.cmdq_base & 0x1f) as u32).min(self.idr.cmdq_max_log2()) };
-            if r.cr0 & cr0::CMDQEN == 0 || r.cmdq_halted() || ptrs.empty(r.cmdq_prod, r.cmdq_cons)
-            {
+            let ptrs = QueuePtrs {
+                log2: ((r.cmdq_base & 0x1f) as u32).min(self.idr.cmdq_max_log2()),
+            };
+            if r.cr0 & cr0::CMDQEN == 0 || r.cmdq_halted() || ptrs.empty(r.cmdq_prod, r.cmdq_cons) {
                 return Step::Idle;
             }
             let base = r.cmdq_base & q::BASE_ADDR_MASK & !((16u64 << ptrs.log2) - 1);
-            (base + u64::from(ptrs.index(r.cmdq_cons)) * 16, ptrs, r.cmdq_cons)
+            (
+                base + u64::from(ptrs.index(r.cmdq_cons)) * 16,
+                ptrs,
+                r.cmdq_cons,
+            )
         };
         let Ok(words) = read_dwords::<M, 2>(mem, addr) else {
             self.cmd_error(mem, cerror::ABT, 0);
@@ -93,9 +100,17 @@ impl SmmuV3 {
                 r.cmdq_cons = ptrs.next(cons);
             }
         }
-        if let Command::Sync { signal: SyncSignal::Irq, msi_addr, msi_data } = cmd {
+        if let Command::Sync {
+            signal: SyncSignal::Irq,
+            msi_addr,
+            msi_data,
+        } = cmd
+        {
             let irq = if self.idr.msi() && msi_addr != 0 {
-                Irq::Msi { addr: msi_addr, data: msi_data }
+                Irq::Msi {
+                    addr: msi_addr,
+                    data: msi_data,
+                }
             } else {
                 Irq::Wired(IRQ_CMD_SYNC)
             };
@@ -129,16 +144,35 @@ impl SmmuV3 {
             | Command::StallTerm { .. } => {}
             Command::CfgiSte { sid, .. } => {
                 self.cfg_cache.invalidate_sids(sid, sid);
-                self.state("cfgi_ste", Some(Endpoint::Stream { sid, ssid: None }), self.ste_config_now(mem, sid));
+                self.state(
+                    "cfgi_ste",
+                    Some(Endpoint::Stream { sid, ssid: None }),
+                    self.ste_config_now(mem, sid),
+                );
             }
             Command::CfgiSteRange { sid, range } => {
-                let mask = if range >= 31 { u32::MAX } else { (1u32 << (range + 1)) - 1 };
+                let mask = if range >= 31 {
+                    u32::MAX
+                } else {
+                    (1u32 << (range + 1)) - 1
+                };
                 self.cfg_cache.invalidate_sids(sid & !mask, sid | mask);
-                self.state("cfgi_ste_range", Some(Endpoint::Stream { sid, ssid: None }), u64::from(range));
+                self.state(
+                    "cfgi_ste_range",
+                    Some(Endpoint::Stream { sid, ssid: None }),
+                    u64::from(range),
+                );
             }
             Command::CfgiCd { sid, ssid, .. } => {
                 self.cfg_cache.invalidate_cd(sid, Some(ssid));
-                self.state("cfgi_cd", Some(Endpoint::Stream { sid, ssid: Some(ssid) }), 0);
+                self.state(
+                    "cfgi_cd",
+                    Some(Endpoint::Stream {
+                        sid,
+                        ssid: Some(ssid),
+                    }),
+                    0,
+                );
             }
             Command::CfgiCdAll { sid } => {
                 self.cfg_cache.invalidate_cd(sid, None);
@@ -148,16 +182,24 @@ impl SmmuV3 {
                 self.iotlb.invalidate(TagSel::VmidS1(self.vmid(vmid)));
             }
             Command::TlbiNhAsid { vmid, asid } => {
-                let tag = Tag { vmid: self.vmid(vmid), asid: u32::from(asid) };
+                let tag = Tag {
+                    vmid: self.vmid(vmid),
+                    asid: u32::from(asid),
+                };
                 self.iotlb.invalidate(TagSel::One(tag));
             }
             Command::TlbiNhVa { vmid, asid, range } => {
-                let tag = Tag { vmid: self.vmid(vmid), asid: u32::from(asid) };
-                self.iotlb.invalidate_range(TagSel::One(tag), canonical(range.addr), range.len);
+                let tag = Tag {
+                    vmid: self.vmid(vmid),
+                    asid: u32::from(asid),
+                };
+                self.iotlb
+                    .invalidate_range(TagSel::One(tag), canonical(range.addr), range.len);
             }
             Command::TlbiNhVaa { vmid, range } => {
                 let sel = TagSel::VmidS1(self.vmid(vmid));
-                self.iotlb.invalidate_range(sel, canonical(range.addr), range.len);
+                self.iotlb
+                    .invalidate_range(sel, canonical(range.addr), range.len);
             }
             // EL2 streams are not distinguished from EL1 ones: over-invalidate.
             Command::TlbiEl2 { .. } => {
@@ -167,8 +209,12 @@ impl SmmuV3 {
                 self.iotlb.invalidate(TagSel::Vmid(self.vmid(vmid)));
             }
             Command::TlbiS2Ipa { vmid, range } => {
-                let tag = Tag { vmid: self.vmid(vmid), asid: ASID_NONE };
-                self.iotlb.invalidate_range(TagSel::One(tag), range.addr, range.len);
+                let tag = Tag {
+                    vmid: self.vmid(vmid),
+                    asid: ASID_NONE,
+                };
+                self.iotlb
+                    .invalidate_range(TagSel::One(tag), range.addr, range.len);
             }
             Command::TlbiNsnhAll => {
                 self.iotlb.invalidate(TagSel::All);
@@ -200,5 +246,9 @@ impl SmmuV3 {
 
 /// Sign-extends bit 55 into the top byte: the form in which the IOTLB keys stage-1 VAs.
 pub(crate) fn canonical(va: u64) -> u64 {
-    if va & (1 << 55) != 0 { va | (0xff << 56) } else { va & !(0xff << 56) }
+    if va & (1 << 55) != 0 {
+        va | (0xff << 56)
+    } else {
+        va & !(0xff << 56)
+    }
 }

@@ -32,7 +32,11 @@ pub fn run(data: &[u8]) {
     if mem.write_slice(image, GuestAddress(0)).is_err() {
         return;
     }
-    let smmu = SmmuV3::new(SmmuConfig::default(), Arc::new(NullInterrupts), Arc::new(NoHooks));
+    let smmu = SmmuV3::new(
+        SmmuConfig::default(),
+        Arc::new(NullInterrupts),
+        Arc::new(NoHooks),
+    );
     // A plausible starting point so short inputs reach translation: queues and a linear
     // stream table inside the image, everything enabled.
     let setup = [
@@ -57,9 +61,18 @@ pub fn run(data: &[u8]) {
                     return;
                 };
                 let o = u64::from(u16::from_le_bytes(o));
-                let offset = if kind & 0x80 != 0 { 0x1_0000 | (o & 0xfc) } else { o & 0x1fc };
+                let offset = if kind & 0x80 != 0 {
+                    0x1_0000 | (o & 0xfc)
+                } else {
+                    o & 0x1fc
+                };
                 let size = if kind & 0x40 != 0 { 8 } else { 4 };
-                smmu.mmio_write(&mem, offset & !(u64::from(size) - 1), size, u64::from_le_bytes(v));
+                smmu.mmio_write(
+                    &mem,
+                    offset & !(u64::from(size) - 1),
+                    size,
+                    u64::from_le_bytes(v),
+                );
             }
             2 => {
                 let Some(o) = take::<4>(&mut ops) else {
@@ -68,9 +81,11 @@ pub fn run(data: &[u8]) {
                 let _ = smmu.mmio_read(u64::from(u32::from_le_bytes(o)) % 0x2_0000, 4);
             }
             _ => {
-                let (Some(sid), Some(iova), Some(len)) =
-                    (take::<2>(&mut ops), take::<8>(&mut ops), take::<2>(&mut ops))
-                else {
+                let (Some(sid), Some(iova), Some(len)) = (
+                    take::<2>(&mut ops),
+                    take::<8>(&mut ops),
+                    take::<2>(&mut ops),
+                ) else {
                     return;
                 };
                 let ssid = (kind & 0x10 != 0).then_some(u32::from(kind >> 5));
@@ -81,7 +96,14 @@ pub fn run(data: &[u8]) {
                 };
                 let len = u64::from(u16::from_le_bytes(len));
                 let iova = u64::from_le_bytes(iova);
-                if let Ok(t) = smmu.translate(&mem, u32::from(u16::from_le_bytes(sid)), ssid, iova, len, access) {
+                if let Ok(t) = smmu.translate(
+                    &mem,
+                    u32::from(u16::from_le_bytes(sid)),
+                    ssid,
+                    iova,
+                    len,
+                    access,
+                ) {
                     // Invariant: the pieces cover exactly the requested range, in order.
                     let mut next = iova;
                     let mut total = 0u64;
@@ -90,7 +112,10 @@ pub fn run(data: &[u8]) {
                         next = s.iova.wrapping_add(s.len);
                         total += s.len;
                     }
-                    assert!(len == 0 || total == len || iova.checked_add(len).is_none(), "coverage");
+                    assert!(
+                        len == 0 || total == len || iova.checked_add(len).is_none(),
+                        "coverage"
+                    );
                 }
             }
         }

@@ -45,11 +45,18 @@ pub fn write_dwords<M: GuestMemoryBackend>(
         buf.extend_from_slice(&w.to_le_bytes());
     }
     mem.write_slice(&buf, GuestAddress(addr))
-        .map_err(|_| GuestAccessError { addr, len: buf.len() })
+        .map_err(|_| GuestAccessError {
+            addr,
+            len: buf.len(),
+        })
 }
 
 /// Writes one little-endian 32-bit word (an MSI landing in RAM).
-pub fn write_u32<M: GuestMemoryBackend>(mem: &M, addr: u64, v: u32) -> Result<(), GuestAccessError> {
+pub fn write_u32<M: GuestMemoryBackend>(
+    mem: &M,
+    addr: u64,
+    v: u32,
+) -> Result<(), GuestAccessError> {
     mem.write_slice(&v.to_le_bytes(), GuestAddress(addr))
         .map_err(|_| GuestAccessError { addr, len: 4 })
 }

@@ -109,7 +109,14 @@ impl Shard {
     fn insert(&mut self, tag: Tag, e: TlbEntry, stamp: u64) -> bool {
         let key = (tag, e.iova);
         let size = e.size_log2;
-        let old = self.class_mut(size).insert(key, Slot { e, referenced: false, stamp });
+        let old = self.class_mut(size).insert(
+            key,
+            Slot {
+                e,
+                referenced: false,
+                stamp,
+            },
+        );
         self.fifo.push_back((size, key, stamp));
         if old.is_none() {
             self.len += 1;
@@ -205,17 +212,30 @@ impl Shard {
     fn tags_matching(&self, sel: TagSel) -> Vec<Tag> {
         let range = match sel {
             TagSel::All => return self.tags.keys().copied().collect(),
-            TagSel::One(t) => return if self.tags.contains_key(&t) { vec![t] } else { vec![] },
-            TagSel::Vmid(v) | TagSel::VmidS1(v) => {
-                self.tags.range(Tag { vmid: v, asid: 0 }..=Tag { vmid: v, asid: ASID_NONE })
+            TagSel::One(t) => {
+                return if self.tags.contains_key(&t) {
+                    vec![t]
+                } else {
+                    vec![]
+                };
             }
+            TagSel::Vmid(v) | TagSel::VmidS1(v) => self.tags.range(
+                Tag { vmid: v, asid: 0 }..=Tag {
+                    vmid: v,
+                    asid: ASID_NONE,
+                },
+            ),
         };
         range.map(|(t, _)| *t).filter(|t| sel.matches(*t)).collect()
     }
 }
 
 fn low_mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
 }
 
 /// The IOTLB.
@@ -243,7 +263,8 @@ impl Iotlb {
     }
 
     fn shard_of(&self, tag: Tag) -> &Mutex<Shard> {
-        let h = (u64::from(tag.vmid) << 17 | u64::from(tag.asid)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let h =
+            (u64::from(tag.vmid) << 17 | u64::from(tag.asid)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let i = (h >> 60) as usize % SHARDS;
         let [first, ..] = &self.shards;
         self.shards.get(i).unwrap_or(first)
@@ -396,7 +417,10 @@ mod tests {
             tlb.insert(T, entry(0x100_0000 + i * 0x1000, 12), tlb.epoch());
         }
         assert_eq!(tlb.invalidate_range(TagSel::One(T), 0x3f_f000, 0x1000), 1);
-        assert_eq!(tlb.invalidate_range(TagSel::VmidS1(1), 0x100_2000, 0x3000), 3);
+        assert_eq!(
+            tlb.invalidate_range(TagSel::VmidS1(1), 0x100_2000, 0x3000),
+            3
+        );
         assert_eq!(tlb.len(), 5);
         assert_eq!(tlb.invalidate(TagSel::Vmid(1)), 5);
         assert!(tlb.is_empty());
@@ -422,9 +446,19 @@ mod tests {
         tlb.insert(T, entry(10 << 12, 12), tlb.epoch());
         assert_eq!(tlb.len(), 4);
         assert!(tlb.lookup(T, 0).is_some());
-        assert!(tlb.lookup(T, 1 << 12).is_none(), "oldest unreferenced entry evicted");
+        assert!(
+            tlb.lookup(T, 1 << 12).is_none(),
+            "oldest unreferenced entry evicted"
+        );
         for i in 0..1000u64 {
-            tlb.insert(Tag { vmid: 0, asid: (i % 7) as u32 }, entry(i << 12, 12), tlb.epoch());
+            tlb.insert(
+                Tag {
+                    vmid: 0,
+                    asid: (i % 7) as u32,
+                },
+                entry(i << 12, 12),
+                tlb.epoch(),
+            );
         }
         assert!(tlb.len() <= 5, "{}", tlb.len());
     }

@@ -11,7 +11,12 @@
 //! Entry points: [`SmmuV3::mmio_read`], [`SmmuV3::mmio_write`] and [`SmmuV3::translate`].
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 #![forbid(unsafe_code)]
 
@@ -29,9 +34,7 @@ pub mod ste;
 mod translate;
 pub mod walk;
 
-pub use device::{
-    CacheMode, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig, SmmuV3,
-};
+pub use device::{CacheMode, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig, SmmuV3};
 pub use evtq::{Delivery, Event, EventType, FaultClass};
 pub use exec::ILLEGAL_POINT;
 pub use regs::IdRegs;

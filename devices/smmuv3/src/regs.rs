@@ -176,7 +176,11 @@ impl Default for IdRegs {
         let idr1 = 16 | (20 << 6) | (19 << 16) | (19 << 21);
         let idr3 = (1 << 2) | (1 << 10);
         let idr5 = 5 | (1 << 4) | (1 << 5) | (1 << 6);
-        IdRegs { idr: [idr0, idr1, 0, idr3, 0, idr5], iidr: 0, aidr: 0x2 }
+        IdRegs {
+            idr: [idr0, idr1, 0, idr3, 0, idr5],
+            iidr: 0,
+            aidr: 0x2,
+        }
     }
 }
 
@@ -495,7 +499,10 @@ mod tests {
         assert!(id.s1p() && id.s2p() && id.msi() && id.cd2l() && id.st_2lvl() && id.ril());
         assert_eq!(id.sid_bits(), 16);
         assert_eq!(id.oas_bits(), 48);
-        assert!(id.cmdq_max_log2() > 6, "Linux needs more than 64 command-queue entries");
+        assert!(
+            id.cmdq_max_log2() > 6,
+            "Linux needs more than 64 command-queue entries"
+        );
         for g in [12, 14, 16] {
             assert!(id.granule_supported(g));
         }
@@ -508,18 +515,29 @@ mod tests {
             let name = p.strip_prefix("smmuv3.mmio.write.").unwrap_or("");
             assert!(reg_name_lookup(name).is_some(), "{p}");
         }
-        assert_eq!(write_point(off::CMDQ_PROD), Some("smmuv3.mmio.write.CMDQ_PROD"));
+        assert_eq!(
+            write_point(off::CMDQ_PROD),
+            Some("smmuv3.mmio.write.CMDQ_PROD")
+        );
         assert_eq!(write_point(off::IDR0), None);
     }
 
     fn reg_name_lookup(name: &str) -> Option<u64> {
-        (0..0x100u64).step_by(4).find(|o| reg_name(*o) == Some(name))
+        (0..0x100u64)
+            .step_by(4)
+            .find(|o| reg_name(*o) == Some(name))
     }
 
     #[test]
     fn part_merge_and_extract() {
-        assert_eq!(Part::Low.merge(0x1111_2222_3333_4444, 0xaaaa_bbbb), 0x1111_2222_aaaa_bbbb);
-        assert_eq!(Part::High.merge(0x1111_2222_3333_4444, 0xaaaa_bbbb), 0xaaaa_bbbb_3333_4444);
+        assert_eq!(
+            Part::Low.merge(0x1111_2222_3333_4444, 0xaaaa_bbbb),
+            0x1111_2222_aaaa_bbbb
+        );
+        assert_eq!(
+            Part::High.merge(0x1111_2222_3333_4444, 0xaaaa_bbbb),
+            0xaaaa_bbbb_3333_4444
+        );
         assert_eq!(Part::High.extract(0x1111_2222_3333_4444), 0x1111_2222);
     }
 }

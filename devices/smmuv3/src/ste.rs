@@ -146,8 +146,16 @@ impl Ste {
         if !idr.vmid16() {
             vmid &= 0xff;
         }
-        let s2 = if s2_en { Some(Self::parse_s2(d2, d3, vmid, idr)?) } else { None };
-        let s1 = if s1_en { Some(Self::parse_s1(d0, d1, s2_en, idr)?) } else { None };
+        let s2 = if s2_en {
+            Some(Self::parse_s2(d2, d3, vmid, idr)?)
+        } else {
+            None
+        };
+        let s1 = if s1_en {
+            Some(Self::parse_s1(d0, d1, s2_en, idr)?)
+        } else {
+            None
+        };
         Ok(Ste::Translate { s1, s2, vmid })
     }
 
@@ -184,13 +192,20 @@ impl Ste {
                 _ => return Err(SteError::Illegal("STRW reserved or EL2 without IDR0.HYP")),
             }
         }
-        Ok(S1Ste { ctx_ptr, fmt, cd_max, dss })
+        Ok(S1Ste {
+            ctx_ptr,
+            fmt,
+            cd_max,
+            dss,
+        })
     }
 
     fn parse_s2(d2: u64, d3: u64, vmid: u16, idr: &IdRegs) -> Result<S2Ste, SteError> {
         // QEMU reaches g_assert_not_reached() here: a guest could abort it.
         if d2 & (1 << 51) == 0 {
-            return Err(SteError::Illegal("S2AA64=0 (AArch32 stage 2 not supported)"));
+            return Err(SteError::Illegal(
+                "S2AA64=0 (AArch32 stage 2 not supported)",
+            ));
         }
         if d2 & (1 << 52) != 0 {
             return Err(SteError::Illegal("S2ENDI=1 on a little-endian-only SMMU"));
@@ -207,8 +222,8 @@ impl Ste {
         if !(25..=48).contains(&input_bits) || input_bits > ps {
             return Err(SteError::Illegal("S2T0SZ out of range"));
         }
-        let start_level = s2_start_level(granule, bits(d2, 38, 2))
-            .ok_or(SteError::Illegal("S2SL0 reserved"))?;
+        let start_level =
+            s2_start_level(granule, bits(d2, 38, 2)).ok_or(SteError::Illegal("S2SL0 reserved"))?;
         let concat = s2_concat(granule, start_level, input_bits)
             .ok_or(SteError::Illegal("S2SL0 inconsistent with S2T0SZ"))?;
         let ttb = d3 & 0x000f_ffff_ffff_fff0;
@@ -247,7 +262,11 @@ mod tests {
     fn s2_ste_decodes() {
         let idr = IdRegs::default();
         match Ste::parse(&s2_dwords(24, 1, 0), &idr) {
-            Ok(Ste::Translate { s1: None, s2: Some(s2), vmid: 7 }) => {
+            Ok(Ste::Translate {
+                s1: None,
+                s2: Some(s2),
+                vmid: 7,
+            }) => {
                 assert_eq!(s2.walk.start_level, 1);
                 assert_eq!(s2.walk.input_bits, 40);
                 assert!(s2.record);
@@ -260,15 +279,24 @@ mod tests {
     fn s2aa64_zero_is_a_bad_ste_not_a_crash() {
         let mut d = s2_dwords(24, 1, 0);
         d[2] &= !(1 << 51);
-        assert!(matches!(Ste::parse(&d, &IdRegs::default()), Err(SteError::Illegal(_))));
+        assert!(matches!(
+            Ste::parse(&d, &IdRegs::default()),
+            Err(SteError::Illegal(_))
+        ));
     }
 
     #[test]
     fn reserved_config_behaves_as_abort() {
         let idr = IdRegs::default();
         for cfg in 0..4u64 {
-            assert_eq!(Ste::parse(&[1 | (cfg << 1), 0, 0, 0, 0, 0, 0, 0], &idr), Ok(Ste::Abort));
+            assert_eq!(
+                Ste::parse(&[1 | (cfg << 1), 0, 0, 0, 0, 0, 0, 0], &idr),
+                Ok(Ste::Abort)
+            );
         }
-        assert_eq!(Ste::parse(&[1 | (4 << 1), 0, 0, 0, 0, 0, 0, 0], &idr), Ok(Ste::Bypass));
+        assert_eq!(
+            Ste::parse(&[1 | (4 << 1), 0, 0, 0, 0, 0, 0, 0], &idr),
+            Ok(Ste::Bypass)
+        );
     }
 }

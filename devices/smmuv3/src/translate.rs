@@ -29,9 +29,17 @@ pub struct Access {
 
 impl Access {
     /// A privileged data read.
-    pub const READ: Access = Access { write: false, privileged: true, instruction: false };
+    pub const READ: Access = Access {
+        write: false,
+        privileged: true,
+        instruction: false,
+    };
     /// A privileged data write.
-    pub const WRITE: Access = Access { write: true, privileged: true, instruction: false };
+    pub const WRITE: Access = Access {
+        write: true,
+        privileged: true,
+        instruction: false,
+    };
 
     fn needed(self) -> u8 {
         match (self.instruction, self.write, self.privileged) {
@@ -126,11 +134,19 @@ impl ConfigCache {
     }
 
     fn ste(&self, sid: u32) -> Option<Ste> {
-        self.stes.read().unwrap_or_else(|p| p.into_inner()).get(&sid).copied()
+        self.stes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sid)
+            .copied()
     }
 
     fn cd(&self, sid: u32, ssid: u32) -> Option<Cd> {
-        self.cds.read().unwrap_or_else(|p| p.into_inner()).get(&(sid, ssid)).copied()
+        self.cds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(sid, ssid))
+            .copied()
     }
 
     fn epoch(&self) -> u64 {
@@ -212,7 +228,11 @@ struct S2Out {
 }
 
 fn low_mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
 }
 
 impl SmmuV3 {
@@ -234,20 +254,39 @@ impl SmmuV3 {
             Ok((t, d)) => (Ok(t), d),
             Err(Stop::Abort(c)) => (Err(Fault::Abort(c)), 0),
             Err(Stop::Event { ev, record }) => {
-                let delivery = if record { self.post_event(mem, &ev) } else { Delivery::Suppressed };
-                (Err(Fault::Event { event: ev, delivery }), 0)
+                let delivery = if record {
+                    self.post_event(mem, &ev)
+                } else {
+                    Delivery::Suppressed
+                };
+                (
+                    Err(Fault::Event {
+                        event: ev,
+                        delivery,
+                    }),
+                    0,
+                )
             }
         };
         let outcome = match &res {
             Ok(t) if t.bypassed => DmaOutcome::Bypassed,
-            Ok(t) => DmaOutcome::Translated { gpa: t.segments.first().map_or(0, |s| s.pa), domain },
-            Err(f) => DmaOutcome::Faulted { reason: f.event_type().map_or(0, |k| u32::from(k.code())) },
+            Ok(t) => DmaOutcome::Translated {
+                gpa: t.segments.first().map_or(0, |s| s.pa),
+                domain,
+            },
+            Err(f) => DmaOutcome::Faulted {
+                reason: f.event_type().map_or(0, |k| u32::from(k.code())),
+            },
         };
         self.hooks.dma(&DmaRecord {
             endpoint: Endpoint::Stream { sid, ssid },
             iova,
             len,
-            direction: if access.write { DmaDirection::Write } else { DmaDirection::Read },
+            direction: if access.write {
+                DmaDirection::Write
+            } else {
+                DmaDirection::Read
+            },
             outcome,
         });
         res
@@ -268,12 +307,27 @@ impl SmmuV3 {
             let segments = if len == 0 {
                 Vec::new()
             } else {
-                vec![Segment { iova, pa: iova, len, perms: perm::ALL }]
+                vec![Segment {
+                    iova,
+                    pa: iova,
+                    len,
+                    perms: perm::ALL,
+                }]
             };
-            Ok((Translation { segments, bypassed: true }, 0))
+            Ok((
+                Translation {
+                    segments,
+                    bypassed: true,
+                },
+                0,
+            ))
         };
         if !snap.smmuen {
-            return if snap.gbpa_abort { Err(Stop::Abort(AbortCause::Gbpa)) } else { bypass() };
+            return if snap.gbpa_abort {
+                Err(Stop::Abort(AbortCause::Gbpa))
+            } else {
+                bypass()
+            };
         }
         let ev = |kind| Event::new(kind, sid, ssid);
         let ste = self.stream(mem, snap, sid).map_err(|e| {
@@ -288,16 +342,28 @@ impl SmmuV3 {
         let (s1, s2, vmid) = match ste {
             Ste::Abort => return Err(Stop::Abort(AbortCause::SteAbort)),
             Ste::Bypass if ssid.is_some() => {
-                return Err(Stop::Event { ev: ev(EventType::CBadSubstreamid), record: true });
+                return Err(Stop::Event {
+                    ev: ev(EventType::CBadSubstreamid),
+                    record: true,
+                });
             }
             Ste::Bypass => return bypass(),
             Ste::Translate { s1, s2, vmid } => (s1, s2, vmid),
         };
-        let mut ctx = Ctx { sid, ssid, vmid, cd: None, s2 };
+        let mut ctx = Ctx {
+            sid,
+            ssid,
+            vmid,
+            cd: None,
+            s2,
+        };
         if let Some(s1) = s1 {
             ctx.cd = self.context(mem, &ctx, &s1, iova)?;
         } else if ssid.is_some() {
-            return Err(Stop::Event { ev: ev(EventType::CBadSubstreamid), record: true });
+            return Err(Stop::Event {
+                ev: ev(EventType::CBadSubstreamid),
+                record: true,
+            });
         }
         if ctx.cd.is_none() && ctx.s2.is_none() {
             return bypass();
@@ -314,9 +380,16 @@ impl SmmuV3 {
             let e = self.entry(mem, &ctx, cur, access)?;
             self.check_perms(&ctx, &e, cur, access)?;
             let off = canonical_if(&ctx, cur).wrapping_sub(e.iova);
-            let chunk = (end - cur).min((1u64 << e.size_log2.min(63)).saturating_sub(off)).max(1);
+            let chunk = (end - cur)
+                .min((1u64 << e.size_log2.min(63)).saturating_sub(off))
+                .max(1);
             if len != 0 {
-                let seg = Segment { iova: cur, pa: e.oa + off, len: chunk, perms: e.s1perm & e.s2perm };
+                let seg = Segment {
+                    iova: cur,
+                    pa: e.oa + off,
+                    len: chunk,
+                    perms: e.s1perm & e.s2perm,
+                };
                 match segments.last_mut() {
                     Some(l) if l.pa.wrapping_add(l.len) == seg.pa && l.perms == seg.perms => {
                         l.len += chunk;
@@ -326,10 +399,21 @@ impl SmmuV3 {
             }
             cur = cur.saturating_add(chunk);
         }
-        Ok((Translation { segments, bypassed: false }, domain))
+        Ok((
+            Translation {
+                segments,
+                bypassed: false,
+            },
+            domain,
+        ))
     }
 
-    fn stream<M: GuestMemoryBackend>(&self, mem: &M, snap: &Snapshot, sid: u32) -> Result<Ste, SteError> {
+    fn stream<M: GuestMemoryBackend>(
+        &self,
+        mem: &M,
+        snap: &Snapshot,
+        sid: u32,
+    ) -> Result<Ste, SteError> {
         let caching = self.caching();
         if let Some(s) = self.cfg_cache.ste(sid).filter(|_| caching) {
             return Ok(s);
@@ -355,12 +439,20 @@ impl SmmuV3 {
         let ev = |kind| Event::new(kind, ctx.sid, ctx.ssid);
         let ssid = match ctx.ssid {
             Some(_) if s1.cd_max == 0 => {
-                return Err(Stop::Event { ev: ev(EventType::CBadSubstreamid), record: true });
+                return Err(Stop::Event {
+                    ev: ev(EventType::CBadSubstreamid),
+                    record: true,
+                });
             }
             Some(x) => x,
             None if s1.cd_max == 0 => 0,
             None => match s1.dss {
-                0 => return Err(Stop::Event { ev: ev(EventType::FStreamDisabled), record: true }),
+                0 => {
+                    return Err(Stop::Event {
+                        ev: ev(EventType::FStreamDisabled),
+                        record: true,
+                    });
+                }
                 1 => return Ok(None),
                 _ => 0,
             },
@@ -379,19 +471,27 @@ impl SmmuV3 {
             read_u64(mem, pa).map_err(|_| {
                 let mut e = ev(EventType::FCdFetch);
                 e.addr2 = addr;
-                Stop::Event { ev: e, record: true }
+                Stop::Event {
+                    ev: e,
+                    record: true,
+                }
             })
         };
         let cd_addr = cd_address(s1, ssid, &mut read).map_err(|e| match e {
             CdError::Fetch { err, .. } => err,
-            other => Stop::Event { ev: ev(other.event_type()), record: true },
+            other => Stop::Event {
+                ev: ev(other.event_type()),
+                record: true,
+            },
         })?;
         let mut words = [0u64; 8];
         for (i, w) in words.iter_mut().enumerate().take(3) {
             *w = read(cd_addr + 8 * i as u64)?;
         }
-        let cd = Cd::parse(&words, &self.idr)
-            .map_err(|e| Stop::Event { ev: ev(e.event_type()), record: true })?;
+        let cd = Cd::parse(&words, &self.idr).map_err(|e| Stop::Event {
+            ev: ev(e.event_type()),
+            record: true,
+        })?;
         if caching {
             self.cfg_cache.put_cd(ctx.sid, ssid, cd, epoch);
         }
@@ -411,7 +511,15 @@ impl SmmuV3 {
     ) -> Result<u64, Stop> {
         let out = self.s2_translate(mem, ctx, s2, ipa, iova, class)?;
         if out.perm & perm::R_PRIV == 0 {
-            return Err(self.s2_fault(ctx, s2, EventType::FPermission, ipa, iova, class, Access::READ));
+            return Err(self.s2_fault(
+                ctx,
+                s2,
+                EventType::FPermission,
+                ipa,
+                iova,
+                class,
+                Access::READ,
+            ));
         }
         Ok(out.pa)
     }
@@ -450,10 +558,17 @@ impl SmmuV3 {
         iova: u64,
         class: FaultClass,
     ) -> Result<S2Out, Stop> {
-        let tag = Tag { vmid: s2.vmid, asid: ASID_NONE };
+        let tag = Tag {
+            vmid: s2.vmid,
+            asid: ASID_NONE,
+        };
         let caching = self.caching();
         if let Some(e) = caching.then(|| self.iotlb.lookup(tag, ipa)).flatten() {
-            return Ok(S2Out { pa: e.oa + (ipa - e.iova), size_log2: e.size_log2, perm: e.s2perm });
+            return Ok(S2Out {
+                pa: e.oa + (ipa - e.iova),
+                size_log2: e.size_log2,
+                perm: e.s2perm,
+            });
         }
         let fault = |kind| self.s2_fault(ctx, s2, kind, ipa, iova, class, Access::READ);
         if ipa >> s2.walk.input_bits != 0 {
@@ -490,11 +605,21 @@ impl SmmuV3 {
             };
             self.iotlb.insert(tag, e, epoch);
         }
-        Ok(S2Out { pa: leaf.oa + (ipa - base), size_log2, perm: p })
+        Ok(S2Out {
+            pa: leaf.oa + (ipa - base),
+            size_log2,
+            perm: p,
+        })
     }
 
     /// The IOTLB entry covering `va` for this context: a hit, or a walk and a fill.
-    fn entry<M: GuestMemoryBackend>(&self, mem: &M, ctx: &Ctx, va: u64, access: Access) -> Result<TlbEntry, Stop> {
+    fn entry<M: GuestMemoryBackend>(
+        &self,
+        mem: &M,
+        ctx: &Ctx,
+        va: u64,
+        access: Access,
+    ) -> Result<TlbEntry, Stop> {
         let Some(cd) = ctx.cd else {
             // Stage 2 only.
             let Some(s2) = ctx.s2 else {
@@ -514,7 +639,10 @@ impl SmmuV3 {
             });
         };
         let key = canonical(va);
-        let tag = Tag { vmid: ctx.vmid, asid: u32::from(cd.asid) };
+        let tag = Tag {
+            vmid: ctx.vmid,
+            asid: u32::from(cd.asid),
+        };
         let caching = self.caching();
         if let Some(e) = caching.then(|| self.iotlb.lookup(tag, key)).flatten() {
             return Ok(e);
@@ -526,7 +654,10 @@ impl SmmuV3 {
             ev.rnw = !access.write;
             ev.pnu = !access.privileged;
             ev.ind = access.instruction;
-            Stop::Event { ev, record: cd.record || kind == EventType::FWalkEabt }
+            Stop::Event {
+                ev,
+                record: cd.record || kind == EventType::FWalkEabt,
+            }
         };
         let Some((region, walk_addr)) = cd.select(va) else {
             return Err(s1_fault(EventType::FTranslation));
@@ -540,7 +671,11 @@ impl SmmuV3 {
             let n = region.walk.granule.contig_count(leaf.level);
             let big = leaf.size_log2 + n.trailing_zeros();
             let within = key & low_mask(big) & !low_mask(leaf.size_log2);
-            if let Some(base_oa) = leaf.oa.checked_sub(within).filter(|b| b & low_mask(big) == 0) {
+            if let Some(base_oa) = leaf
+                .oa
+                .checked_sub(within)
+                .filter(|b| b & low_mask(big) == 0)
+            {
                 size_log2 = big;
                 oa = base_oa;
             }
@@ -615,7 +750,15 @@ impl SmmuV3 {
         }
         if let Some(s2) = ctx.s2.as_ref().filter(|_| e.s2perm & need == 0) {
             let ipa = e.ipa + (canonical_if(ctx, va) - e.iova);
-            return Err(self.s2_fault(ctx, s2, EventType::FPermission, ipa, va, FaultClass::In, access));
+            return Err(self.s2_fault(
+                ctx,
+                s2,
+                EventType::FPermission,
+                ipa,
+                va,
+                FaultClass::In,
+                access,
+            ));
         }
         Ok(())
     }

@@ -143,7 +143,11 @@ pub enum WalkFault<E> {
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_ffff;
 
 fn low_mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
 }
 
 /// Walks the tables for `addr`. `fetch(desc_addr, level)` reads one 64-bit descriptor. At most
@@ -164,13 +168,20 @@ pub fn walk<E>(
     let mut first = true;
     loop {
         let shift = g.level_shift(level);
-        let idx_bits = if first { cfg.input_bits.saturating_sub(shift) } else { g.stride() };
+        let idx_bits = if first {
+            cfg.input_bits.saturating_sub(shift)
+        } else {
+            g.stride()
+        };
         first = false;
         let idx = (addr >> shift.min(63)) & low_mask(idx_bits);
         // The start-level index may span concatenated tables; `table` was aligned by the
         // caller, lower levels are granule-aligned by construction.
         let desc_addr = table.wrapping_add(idx.wrapping_mul(8));
-        let desc = fetch(desc_addr, level).map_err(|err| WalkFault::Fetch { addr: desc_addr, err })?;
+        let desc = fetch(desc_addr, level).map_err(|err| WalkFault::Fetch {
+            addr: desc_addr,
+            err,
+        })?;
         if desc & 1 == 0 {
             return Err(WalkFault::Translation { level });
         }
@@ -345,7 +356,10 @@ mod tests {
             uxn_table: false,
             desc_addr: 0,
         };
-        assert_eq!(s1_perms(&leaf(0, 0)), perm::R_PRIV | perm::W_PRIV | perm::X_PRIV);
+        assert_eq!(
+            s1_perms(&leaf(0, 0)),
+            perm::R_PRIV | perm::W_PRIV | perm::X_PRIV
+        );
         assert_eq!(s1_perms(&leaf(2 << 6, 0)), perm::R_PRIV | perm::X_PRIV);
         let rw_user = s1_perms(&leaf(1 << 6, 0));
         assert_eq!(rw_user & perm::X_PRIV, 0);

@@ -83,19 +83,48 @@ fn reset_sequence_register_and_memory_effects() {
     // 32-bit halves of a 64-bit register.
     assert_eq!(rig.r32(off::STRTAB_BASE + 4), 1 << 30);
     // Hooks: every register write was announced, and the commands at completion.
-    let points: Vec<String> = rig.hooks.points.lock().unwrap().iter().map(|p| p.0.clone()).collect();
-    for p in ["smmuv3.mmio.write.CR0", "smmuv3.mmio.write.STRTAB_BASE", "smmuv3.mmio.write.CMDQ_PROD"] {
+    let points: Vec<String> = rig
+        .hooks
+        .points
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.0.clone())
+        .collect();
+    for p in [
+        "smmuv3.mmio.write.CR0",
+        "smmuv3.mmio.write.STRTAB_BASE",
+        "smmuv3.mmio.write.CMDQ_PROD",
+    ] {
         assert!(points.iter().any(|x| x == p), "{p}");
     }
-    assert_eq!(points.iter().filter(|p| *p == "smmuv3.cmd.CMD_SYNC").count(), 2);
+    assert_eq!(
+        points
+            .iter()
+            .filter(|p| *p == "smmuv3.cmd.CMD_SYNC")
+            .count(),
+        2
+    );
     assert!(points.iter().any(|p| p == "smmuv3.cmd.CFGI_STE_RANGE"));
     assert!(points.iter().any(|p| p == "smmuv3.cmd.TLBI_NSNH_ALL"));
-    assert!(rig.hooks.states.lock().unwrap().iter().any(|(w, v)| w == "smmuen" && *v == 1));
+    assert!(
+        rig.hooks
+            .states
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(w, v)| w == "smmuen" && *v == 1)
+    );
     // Nothing in the stream table yet: C_BAD_STREAMID, recorded (RECINVSID), MSI sent.
-    let f = rig.smmu.translate(&rig.mem, 0x10, None, 0x1000, 4, Access::READ);
+    let f = rig
+        .smmu
+        .translate(&rig.mem, 0x10, None, 0x1000, 4, Access::READ);
     assert!(matches!(f, Err(Fault::Event { event, .. }) if event.kind == EventType::CBadStreamid));
     assert_eq!(rig.events().len(), 1);
-    assert!(rig.irq.take().contains(&RecordedInterrupt::Msi { address: 0xfee0_1000, data: 0x42 }));
+    assert!(rig.irq.take().contains(&RecordedInterrupt::Msi {
+        address: 0xfee0_1000,
+        data: 0x42
+    }));
 }
 
 #[test]
@@ -117,36 +146,66 @@ fn attach_map_unmap_like_linux() {
     rig.cfgi_ste(sid);
     rig.sync();
     let st = rig.hooks.states.lock().unwrap().clone();
-    assert!(st.iter().any(|(w, v)| w == "cfgi_ste" && *v == 0xb), "{st:?}");
+    assert!(
+        st.iter().any(|(w, v)| w == "cfgi_ste" && *v == 0xb),
+        "{st:?}"
+    );
 
     // Map 8 pages at IOVA 0x1_0000_0000.
     let iova = 0x1_0000_0000u64;
     for i in 0..8 {
         pt.map(iova + i * 0x1000, 0x8000_0000 + i * 0x1000, 3, AF);
     }
-    let t = rig.smmu.translate(&rig.mem, sid, None, iova + 0x10, 0x2000, Access::WRITE).unwrap();
+    let t = rig
+        .smmu
+        .translate(&rig.mem, sid, None, iova + 0x10, 0x2000, Access::WRITE)
+        .unwrap();
     assert_eq!(t.segments.len(), 1, "contiguous pages merge");
     assert_eq!(t.segments[0].pa, 0x8000_0010);
     assert_eq!(t.segments[0].len, 0x2000);
     let dma = *rig.hooks.dmas.lock().unwrap().last().unwrap();
-    assert!(matches!(dma.outcome, DmaOutcome::Translated { gpa: 0x8000_0010, .. }));
+    assert!(matches!(
+        dma.outcome,
+        DmaOutcome::Translated {
+            gpa: 0x8000_0010,
+            ..
+        }
+    ));
     assert!(rig.smmu.iotlb_len() >= 3);
 
     // Unmap: clear the PTEs. Without TLBI the old translation is still visible (cached).
     for i in 0..8 {
         rig.write_u64(pt.desc_addr(iova + i * 0x1000, 3), 0);
     }
-    assert!(rig.smmu.translate(&rig.mem, sid, None, iova, 8, Access::READ).is_ok());
+    assert!(
+        rig.smmu
+            .translate(&rig.mem, sid, None, iova, 8, Access::READ)
+            .is_ok()
+    );
     // TLBI_NH_VA range (8 pages: NUM=7, SCALE=0) + CMD_SYNC with MSI completion into the
     // sync entry itself, the way Linux polls.
     let prod = rig.r32(off::CMDQ_PROD);
     let sync_slot = CMDQ + ((prod + 1) & 0xff) * 16;
-    rig.cmds(&[tlbi_va_range(3, iova, Granule::G4K, 7, 0), [0x46 | (1 << 12), sync_slot]]);
-    assert_eq!(rig.read_u32(sync_slot), 0, "MSI completion wrote MSIDATA=0 over the opcode");
-    assert!(rig.irq.take().contains(&RecordedInterrupt::Msi { address: sync_slot, data: 0 }));
+    rig.cmds(&[
+        tlbi_va_range(3, iova, Granule::G4K, 7, 0),
+        [0x46 | (1 << 12), sync_slot],
+    ]);
+    assert_eq!(
+        rig.read_u32(sync_slot),
+        0,
+        "MSI completion wrote MSIDATA=0 over the opcode"
+    );
+    assert!(rig.irq.take().contains(&RecordedInterrupt::Msi {
+        address: sync_slot,
+        data: 0
+    }));
     for i in 0..8 {
-        let r = rig.smmu.translate(&rig.mem, sid, None, iova + i * 0x1000, 8, Access::READ);
-        assert!(matches!(r, Err(Fault::Event { event, .. }) if event.kind == EventType::FTranslation));
+        let r = rig
+            .smmu
+            .translate(&rig.mem, sid, None, iova + i * 0x1000, 8, Access::READ);
+        assert!(
+            matches!(r, Err(Fault::Event { event, .. }) if event.kind == EventType::FTranslation)
+        );
     }
     let evs = rig.events();
     assert_eq!(evs.len(), 8);
@@ -156,11 +215,17 @@ fn attach_map_unmap_like_linux() {
     // Detach to abort (Config=0): stale STE until CFGI + SYNC.
     rig.write_words(l2 + 8 * 64, &[1, 0, 0, 0, 0, 0, 0, 0]);
     pt.map(iova, 0x8000_0000, 3, AF);
-    assert!(rig.smmu.translate(&rig.mem, sid, None, iova, 8, Access::READ).is_ok(), "stale STE");
+    assert!(
+        rig.smmu
+            .translate(&rig.mem, sid, None, iova, 8, Access::READ)
+            .is_ok(),
+        "stale STE"
+    );
     rig.cfgi_ste(sid);
     rig.sync();
     assert_eq!(
-        rig.smmu.translate(&rig.mem, sid, None, iova, 8, Access::READ),
+        rig.smmu
+            .translate(&rig.mem, sid, None, iova, 8, Access::READ),
         Err(Fault::Abort(sluice_smmuv3::AbortCause::SteAbort))
     );
 }

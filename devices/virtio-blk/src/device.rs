@@ -1,16 +1,18 @@
 //! The virtio-blk device: configuration, activation and the queue worker.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use sluice_virtio_pci::{ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt};
+use sluice_virtio_pci::{
+    ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueT};
 
 use crate::disk::Disk;
-use crate::request::{self, RequestEnv, ID_LEN};
-use crate::{features, SECTOR_SIZE, VIRTIO_ID_BLOCK};
+use crate::request::{self, ID_LEN, RequestEnv};
+use crate::{SECTOR_SIZE, VIRTIO_ID_BLOCK, features};
 
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
@@ -60,8 +62,9 @@ impl BlockDevice {
     /// A device named `name` (also its GET_ID serial, truncated to 20 bytes) on `disk`.
     pub fn new(name: &str, disk: Arc<dyn Disk>, read_only: bool) -> Self {
         let mut id = [0u8; ID_LEN];
-        let n = name.len().min(ID_LEN);
-        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        for (dst, src) in id.iter_mut().zip(name.bytes()) {
+            *dst = src;
+        }
         BlockDevice {
             name: name.to_string(),
             disk,
@@ -116,7 +119,8 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn features(&self) -> u64 {
-        let mut f = (1u64 << features::SEG_MAX) | (1 << features::BLK_SIZE) | (1 << features::FLUSH);
+        let mut f =
+            (1u64 << features::SEG_MAX) | (1 << features::BLK_SIZE) | (1 << features::FLUSH);
         if self.read_only {
             f |= 1 << features::RO;
         }
@@ -126,18 +130,29 @@ impl VirtioDevice for BlockDevice {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let c = self.config_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| c.get(o + i)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| c.get(o + i))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // Only `writeback` (offset 32, with CONFIG_WCE) is writable and we do not offer it.
-        log::debug!("virtio-blk {}: ignored config write at {offset:#x}", self.name);
+        log::debug!(
+            "virtio-blk {}: ignored config write at {offset:#x}",
+            self.name
+        );
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
         self.stop();
-        let (index, queue) = ctx.queues.into_iter().find(|(i, _)| *i == 0).ok_or(ActivateError::BadQueue(0))?;
+        let (index, queue) = ctx
+            .queues
+            .into_iter()
+            .find(|(i, _)| *i == 0)
+            .ok_or(ActivateError::BadQueue(0))?;
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             index,
@@ -213,7 +228,10 @@ impl Worker {
                 }
             }
             if !self.process_queue() {
-                log::error!("virtio-blk {}: queue is broken; waiting for reset", self.name);
+                log::error!(
+                    "virtio-blk {}: queue is broken; waiting for reset",
+                    self.name
+                );
                 while let Ok(m) = rx.recv() {
                     if matches!(m, WorkerMsg::Stop) {
                         return;
@@ -227,7 +245,11 @@ impl Worker {
     /// Drains the available ring. Returns false if the used ring could not be written.
     pub(crate) fn process_queue(&mut self) -> bool {
         let mem = self.mem.snapshot();
-        let env = RequestEnv { disk: self.disk.as_ref(), id: &self.id, read_only: self.read_only };
+        let env = RequestEnv {
+            disk: self.disk.as_ref(),
+            id: &self.id,
+            read_only: self.read_only,
+        };
         process_available(&mut self.queue, mem.as_ref(), &env, &self.counters, || {
             self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             self.interrupt.signal_queue(self.index);
@@ -251,7 +273,9 @@ pub fn process_available<M: vm_memory::GuestMemory<Bitmap = ()>>(
         counters.requests.fetch_add(1, Ordering::Relaxed);
         match done.kind {
             Some(request::T_IN) => counters.read_bytes.fetch_add(done.bytes, Ordering::Relaxed),
-            Some(request::T_OUT) => counters.write_bytes.fetch_add(done.bytes, Ordering::Relaxed),
+            Some(request::T_OUT) => counters
+                .write_bytes
+                .fetch_add(done.bytes, Ordering::Relaxed),
             Some(request::T_FLUSH) => counters.flushes.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };

@@ -87,12 +87,21 @@ pub struct RequestEnv<'a> {
 fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, BlockRequestError> {
     let start = sector.checked_mul(SECTOR_SIZE);
     match start.and_then(|s| s.checked_add(len).map(|e| (s, e))) {
-        Some((s, e)) if e <= capacity && len % SECTOR_SIZE == 0 => Ok(s),
-        _ => Err(BlockRequestError::OutOfRange { sector, len, capacity }),
+        Some((s, e)) if e <= capacity && len.is_multiple_of(SECTOR_SIZE) => Ok(s),
+        _ => Err(BlockRequestError::OutOfRange {
+            sector,
+            len,
+            capacity,
+        }),
     }
 }
 
-fn copy_disk_to_guest(env: &RequestEnv<'_>, w: &mut Writer<'_>, start: u64, len: u64) -> Result<(), BlockRequestError> {
+fn copy_disk_to_guest(
+    env: &RequestEnv<'_>,
+    w: &mut Writer<'_>,
+    start: u64,
+    len: u64,
+) -> Result<(), BlockRequestError> {
     let mut buf = vec![0u8; CHUNK.min(len as usize)];
     let mut done = 0u64;
     while done < len {
@@ -105,7 +114,12 @@ fn copy_disk_to_guest(env: &RequestEnv<'_>, w: &mut Writer<'_>, start: u64, len:
     Ok(())
 }
 
-fn copy_guest_to_disk(env: &RequestEnv<'_>, r: &mut Reader<'_>, start: u64, len: u64) -> Result<(), BlockRequestError> {
+fn copy_guest_to_disk(
+    env: &RequestEnv<'_>,
+    r: &mut Reader<'_>,
+    start: u64,
+    len: u64,
+) -> Result<(), BlockRequestError> {
     let mut buf = vec![0u8; CHUNK.min(len as usize)];
     let mut done = 0u64;
     while done < len {
@@ -120,13 +134,22 @@ fn copy_guest_to_disk(env: &RequestEnv<'_>, r: &mut Reader<'_>, start: u64, len:
 
 /// Executes the request in `chain`. Errors become status bytes; the returned completion says
 /// what to put in the used ring.
-pub fn execute<M, T>(mem: &M, chain: DescriptorChain<T>, env: &RequestEnv<'_>) -> (Completion, Option<BlockRequestError>)
+pub fn execute<M, T>(
+    mem: &M,
+    chain: DescriptorChain<T>,
+    env: &RequestEnv<'_>,
+) -> (Completion, Option<BlockRequestError>)
 where
     M: GuestMemory<Bitmap = ()>,
     T: std::ops::Deref + Clone,
     T::Target: GuestMemory + Sized,
 {
-    let mut done = Completion { used_len: 0, status: None, kind: None, bytes: 0 };
+    let mut done = Completion {
+        used_len: 0,
+        status: None,
+        kind: None,
+        bytes: 0,
+    };
     let (mut reader, writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => return (done, Some(BlockRequestError::MalformedChain(e))),
@@ -148,7 +171,15 @@ where
         s.copy_from_slice(&header[8..16]);
         let sector = u64::from_le_bytes(s);
         done.kind = Some(kind);
-        run(kind, sector, env, &mut reader, &mut data_w, data_len as u64, &mut done)
+        run(
+            kind,
+            sector,
+            env,
+            &mut reader,
+            &mut data_w,
+            data_len as u64,
+            &mut done,
+        )
     };
     let (status, err) = match outcome {
         Ok(status) => (status, None),

@@ -41,21 +41,43 @@ fn cap_body(cfg_type: u8, bar: u8, offset: u64, length: u64, extra: &[u8]) -> Ve
 /// Adds the five virtio capabilities for structures in BAR `bar`. Returns the offset of the
 /// PCI configuration access capability (its bar/offset/length/data fields are writable).
 pub fn add_virtio_caps(cfg: &mut ConfigSpace, bar: u8) -> Result<u8, ConfigError> {
-    cfg.add_capability(CAP_ID_VENDOR, &cap_body(CFG_COMMON, bar, COMMON_OFFSET, COMMON_SIZE, &[]), &[])?;
     cfg.add_capability(
         CAP_ID_VENDOR,
-        &cap_body(CFG_NOTIFY, bar, NOTIFY_OFFSET, NOTIFY_SIZE, &NOTIFY_MULTIPLIER.to_le_bytes()),
+        &cap_body(CFG_COMMON, bar, COMMON_OFFSET, COMMON_SIZE, &[]),
         &[],
     )?;
-    cfg.add_capability(CAP_ID_VENDOR, &cap_body(CFG_ISR, bar, ISR_OFFSET, ISR_SIZE, &[]), &[])?;
-    cfg.add_capability(CAP_ID_VENDOR, &cap_body(CFG_DEVICE, bar, DEVICE_OFFSET, DEVICE_SIZE, &[]), &[])?;
+    cfg.add_capability(
+        CAP_ID_VENDOR,
+        &cap_body(
+            CFG_NOTIFY,
+            bar,
+            NOTIFY_OFFSET,
+            NOTIFY_SIZE,
+            &NOTIFY_MULTIPLIER.to_le_bytes(),
+        ),
+        &[],
+    )?;
+    cfg.add_capability(
+        CAP_ID_VENDOR,
+        &cap_body(CFG_ISR, bar, ISR_OFFSET, ISR_SIZE, &[]),
+        &[],
+    )?;
+    cfg.add_capability(
+        CAP_ID_VENDOR,
+        &cap_body(CFG_DEVICE, bar, DEVICE_OFFSET, DEVICE_SIZE, &[]),
+        &[],
+    )?;
     // VIRTIO_PCI_CAP_PCI_CFG: a window into the BAR through config space. bar (1 byte),
     // offset and length (4 bytes each) and the 4-byte data field are driver-writable.
     let mut writable = vec![0u8; 2];
     writable.extend_from_slice(&[0xff, 0, 0, 0]);
     writable.extend_from_slice(&[0xff; 8]);
     writable.extend_from_slice(&[0xff; 4]);
-    cfg.add_capability(CAP_ID_VENDOR, &cap_body(CFG_PCI, 0, 0, 0, &[0; 4]), &writable)
+    cfg.add_capability(
+        CAP_ID_VENDOR,
+        &cap_body(CFG_PCI, 0, 0, 0, &[0; 4]),
+        &writable,
+    )
 }
 
 /// Field offsets inside the PCI configuration access capability.

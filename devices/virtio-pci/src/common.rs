@@ -38,7 +38,15 @@ pub struct QueueRegs {
 
 impl QueueRegs {
     fn new(max: u16) -> Self {
-        QueueRegs { max, size: max, enabled: false, desc: 0, driver: 0, device: 0, vector: NO_VECTOR }
+        QueueRegs {
+            max,
+            size: max,
+            enabled: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+            vector: NO_VECTOR,
+        }
     }
 }
 
@@ -125,7 +133,12 @@ impl CommonConfig {
             0x15 => (0x15, u64::from(self.config_generation), 1),
             0x16..=0x17 => (0x16, u64::from(self.queue_select), 2),
             0x18..=0x19 => (0x18, self.selected().map_or(0, |q| u64::from(q.size)), 2),
-            0x1a..=0x1b => (0x1a, self.selected().map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)), 2),
+            0x1a..=0x1b => (
+                0x1a,
+                self.selected()
+                    .map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+                2,
+            ),
             0x1c..=0x1d => (0x1c, self.selected().map_or(0, |q| u64::from(q.enabled)), 2),
             0x1e..=0x1f => (0x1e, u64::from(self.queue_select), 2),
             0x20..=0x27 => (0x20, self.selected().map_or(0, |q| q.desc), 8),
@@ -136,7 +149,11 @@ impl CommonConfig {
         let shift = 8 * (offset - base);
         let v = value.checked_shr(shift as u32).unwrap_or(0);
         let keep = (width as u64 - (offset - base)).min(size as u64);
-        if keep >= 8 { v } else { v & ((1u64 << (8 * keep)) - 1) }
+        if keep >= 8 {
+            v
+        } else {
+            v & ((1u64 << (8 * keep)) - 1)
+        }
     }
 
     /// Writes `value` (`size` bytes) at `offset`. Queue registers are frozen once enabled.
@@ -178,8 +195,7 @@ impl CommonConfig {
                     q.enabled = true;
                 }
             }
-            (QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE, 4 | 8)
-            | (0x24 | 0x2c | 0x34, 4)
+            (QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE, 4 | 8) | (0x24 | 0x2c | 0x34, 4)
                 if !queue_frozen =>
             {
                 if let Some(q) = self.selected_mut() {
@@ -254,7 +270,10 @@ mod tests {
     fn status_write_is_reported() {
         let mut c = CommonConfig::new(&[8], true);
         assert_eq!(c.write(DEVICE_STATUS, 1, 1), CommonWrite::Status(1));
-        assert_eq!(c.write(QUEUE_MSIX_VECTOR, 2, 2), CommonWrite::QueueVector(0, 2));
+        assert_eq!(
+            c.write(QUEUE_MSIX_VECTOR, 2, 2),
+            CommonWrite::QueueVector(0, 2)
+        );
         assert_eq!(c.read(DEVICE_STATUS, 1, 0, 0xf), 0xf);
     }
 }

@@ -79,10 +79,10 @@ impl VirtioInterrupt {
     }
 
     pub(crate) fn set_queue_vector(&self, queue: u16, vector: u16) {
-        if let Ok(mut v) = self.vectors.lock() {
-            if let Some(slot) = v.get_mut(usize::from(queue)) {
-                *slot = vector;
-            }
+        if let Ok(mut v) = self.vectors.lock()
+            && let Some(slot) = v.get_mut(usize::from(queue))
+        {
+            *slot = vector;
         }
     }
 

@@ -9,7 +9,12 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 
 mod caps;
@@ -27,7 +32,7 @@ use virtio_queue::Queue;
 pub use interrupt::VirtioInterrupt;
 pub use mem::SharedMemory;
 pub use status::DeviceStatus;
-pub use transport::{TransportOptions, VirtioPciFunction, BAR_SIZE};
+pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
 
 /// VIRTIO_F_VERSION_1: the modern interface. A modern-only device requires it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;

@@ -15,7 +15,9 @@ pub struct SharedMemory {
 impl SharedMemory {
     /// Wraps an initial memory map.
     pub fn new(mem: GuestMemoryMmap) -> Self {
-        SharedMemory { inner: Arc::new(RwLock::new(Arc::new(mem))) }
+        SharedMemory {
+            inner: Arc::new(RwLock::new(Arc::new(mem))),
+        }
     }
 
     /// The current memory map.

@@ -85,13 +85,19 @@ impl DeviceStatus {
             return StatusWrite::Reset;
         }
         if value & FAILED != 0 {
-            return StatusWrite::Advance { to: DeviceStatus::Failed, features_ok: false, activate: false };
+            return StatusWrite::Advance {
+                to: DeviceStatus::Failed,
+                features_ok: false,
+                activate: false,
+            };
         }
         let value = value & !DEVICE_NEEDS_RESET;
         let target = SEQUENCE.iter().copied().find(|s| s.bits() == value);
         match (self.rank(), target.and_then(|t| t.rank().map(|r| (t, r)))) {
             (Some(from), Some((to, to_rank))) if to_rank >= from => {
-                let crosses = |s: DeviceStatus| from < s.rank().unwrap_or(0) && to_rank >= s.rank().unwrap_or(0);
+                let crosses = |s: DeviceStatus| {
+                    from < s.rank().unwrap_or(0) && to_rank >= s.rank().unwrap_or(0)
+                };
                 StatusWrite::Advance {
                     to,
                     features_ok: crosses(DeviceStatus::FeaturesOk),
@@ -123,9 +129,11 @@ mod tests {
                 let got = from.on_write(to.bits());
                 let expected = match (from.rank(), to.rank()) {
                     _ if to == DeviceStatus::Reset => StatusWrite::Reset,
-                    _ if to == DeviceStatus::Failed => {
-                        StatusWrite::Advance { to, features_ok: false, activate: false }
-                    }
+                    _ if to == DeviceStatus::Failed => StatusWrite::Advance {
+                        to,
+                        features_ok: false,
+                        activate: false,
+                    },
                     (Some(f), Some(t)) if t >= f => StatusWrite::Advance {
                         to,
                         features_ok: f < 3 && t >= 3,
@@ -142,20 +150,41 @@ mod tests {
     fn compound_and_backward_writes() {
         assert_eq!(
             DeviceStatus::Reset.on_write(ACKNOWLEDGE | DRIVER),
-            StatusWrite::Advance { to: DeviceStatus::DriverLoaded, features_ok: false, activate: false }
+            StatusWrite::Advance {
+                to: DeviceStatus::DriverLoaded,
+                features_ok: false,
+                activate: false
+            }
         );
         assert_eq!(
             DeviceStatus::DriverLoaded.on_write(DeviceStatus::Running.bits()),
-            StatusWrite::Advance { to: DeviceStatus::Running, features_ok: true, activate: true }
+            StatusWrite::Advance {
+                to: DeviceStatus::Running,
+                features_ok: true,
+                activate: true
+            }
         );
         // Bits out of order (DRIVER_OK without FEATURES_OK) or cleared are refused.
-        assert_eq!(DeviceStatus::Acknowledged.on_write(ACKNOWLEDGE | DRIVER | DRIVER_OK), StatusWrite::Illegal);
-        assert_eq!(DeviceStatus::FeaturesOk.on_write(ACKNOWLEDGE | DRIVER), StatusWrite::Illegal);
-        assert_eq!(DeviceStatus::Failed.on_write(ACKNOWLEDGE), StatusWrite::Illegal);
+        assert_eq!(
+            DeviceStatus::Acknowledged.on_write(ACKNOWLEDGE | DRIVER | DRIVER_OK),
+            StatusWrite::Illegal
+        );
+        assert_eq!(
+            DeviceStatus::FeaturesOk.on_write(ACKNOWLEDGE | DRIVER),
+            StatusWrite::Illegal
+        );
+        assert_eq!(
+            DeviceStatus::Failed.on_write(ACKNOWLEDGE),
+            StatusWrite::Illegal
+        );
         // DEVICE_NEEDS_RESET echoed back by the driver is ignored.
         assert_eq!(
             DeviceStatus::Running.on_write(DeviceStatus::Running.bits() | DEVICE_NEEDS_RESET),
-            StatusWrite::Advance { to: DeviceStatus::Running, features_ok: false, activate: false }
+            StatusWrite::Advance {
+                to: DeviceStatus::Running,
+                features_ok: false,
+                activate: false
+            }
         );
     }
 }

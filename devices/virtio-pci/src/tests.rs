@@ -34,12 +34,16 @@ impl VirtioDevice for Dummy {
         1 << 9
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.iter_mut().enumerate().for_each(|(i, b)| *b = (offset as u8).wrapping_add(i as u8));
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (offset as u8).wrapping_add(i as u8));
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        *self.0.activated.lock().unwrap() =
-            Some((ctx.acked_features, ctx.queues.iter().map(|(i, _)| *i).collect()));
+        *self.0.activated.lock().unwrap() = Some((
+            ctx.acked_features,
+            ctx.queues.iter().map(|(i, _)| *i).collect(),
+        ));
         self.1 = Some(ctx.interrupt);
         Ok(())
     }
@@ -67,7 +71,12 @@ fn rig(access_platform: bool) -> Rig {
     let irq = Arc::new(RecordingInterrupts::default());
     let f = VirtioPciFunction::new(
         Box::new(Dummy(probe.clone(), None)),
-        TransportOptions { bdf: Bdf::new(0, 2, 0), access_platform, msix_vectors: 0, class_code: 0x010000 },
+        TransportOptions {
+            bdf: Bdf::new(0, 2, 0),
+            access_platform,
+            msix_vectors: 0,
+            class_code: 0x010000,
+        },
         SharedMemory::new(mem),
         irq.clone(),
         Arc::new(NoHooks),
@@ -96,7 +105,12 @@ fn negotiate(f: &VirtioPciFunction, features: u64) -> u8 {
     w(f, reg::DRIVER_FEATURE, 4, features & 0xffff_ffff);
     w(f, reg::DRIVER_FEATURE_SELECT, 4, 1);
     w(f, reg::DRIVER_FEATURE, 4, features >> 32);
-    w(f, reg::DEVICE_STATUS, 1, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK));
+    w(
+        f,
+        reg::DEVICE_STATUS,
+        1,
+        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK),
+    );
     r(f, reg::DEVICE_STATUS, 1) as u8
 }
 
@@ -136,21 +150,40 @@ fn ids_and_capabilities_are_modern_virtio() {
 #[test]
 fn feature_negotiation_requires_version_1_and_known_bits() {
     let rig = rig(false);
-    let offered = r(&rig.f, reg::DEVICE_FEATURE, 4) | (({
-        w(&rig.f, reg::DEVICE_FEATURE_SELECT, 4, 1);
-        r(&rig.f, reg::DEVICE_FEATURE, 4)
-    }) << 32);
+    let offered = r(&rig.f, reg::DEVICE_FEATURE, 4)
+        | (({
+            w(&rig.f, reg::DEVICE_FEATURE_SELECT, 4, 1);
+            r(&rig.f, reg::DEVICE_FEATURE, 4)
+        }) << 32);
     assert_eq!(offered, (1 << 32) | (1 << 9));
-    assert_eq!(negotiate(&rig.f, 1 << 9), ACKNOWLEDGE | DRIVER, "no VERSION_1: refused");
-    assert_eq!(negotiate(&rig.f, (1 << 32) | (1 << 9) | (1 << 5)), ACKNOWLEDGE | DRIVER, "unknown bit");
-    assert_eq!(negotiate(&rig.f, 1 << 32), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(
+        negotiate(&rig.f, 1 << 9),
+        ACKNOWLEDGE | DRIVER,
+        "no VERSION_1: refused"
+    );
+    assert_eq!(
+        negotiate(&rig.f, (1 << 32) | (1 << 9) | (1 << 5)),
+        ACKNOWLEDGE | DRIVER,
+        "unknown bit"
+    );
+    assert_eq!(
+        negotiate(&rig.f, 1 << 32),
+        ACKNOWLEDGE | DRIVER | FEATURES_OK
+    );
 }
 
 #[test]
 fn access_platform_must_be_accepted_when_offered() {
     let rig = rig(true);
-    assert_eq!(negotiate(&rig.f, 1 << 32), ACKNOWLEDGE | DRIVER, "ACCESS_PLATFORM dropped");
-    assert_eq!(negotiate(&rig.f, (1 << 32) | (1 << 33)), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(
+        negotiate(&rig.f, 1 << 32),
+        ACKNOWLEDGE | DRIVER,
+        "ACCESS_PLATFORM dropped"
+    );
+    assert_eq!(
+        negotiate(&rig.f, (1 << 32) | (1 << 33)),
+        ACKNOWLEDGE | DRIVER | FEATURES_OK
+    );
 }
 
 #[test]
@@ -166,9 +199,21 @@ fn queue_setup_activation_notify_and_isr() {
     // Doorbell for queue 0 at the notify area.
     w(&rig.f, 0x3000, 2, 0);
     assert_eq!(rig.probe.notified.load(Ordering::SeqCst), 1);
-    assert_eq!(rig.irq.take(), vec![RecordedInterrupt::Level { line: 0, asserted: true }]);
+    assert_eq!(
+        rig.irq.take(),
+        vec![RecordedInterrupt::Level {
+            line: 0,
+            asserted: true
+        }]
+    );
     assert_eq!(r(&rig.f, 0x1000, 1), 1, "ISR reports the queue interrupt");
-    assert_eq!(rig.irq.take(), vec![RecordedInterrupt::Level { line: 0, asserted: false }]);
+    assert_eq!(
+        rig.irq.take(),
+        vec![RecordedInterrupt::Level {
+            line: 0,
+            asserted: false
+        }]
+    );
     assert_eq!(r(&rig.f, 0x1000, 1), 0, "reading ISR cleared it");
     // Device config window goes to the device.
     assert_eq!(r(&rig.f, 0x2004, 1), 4);
@@ -183,7 +228,10 @@ fn invalid_queue_sets_needs_reset_and_reset_recovers() {
     w(&rig.f, reg::QUEUE_DESC, 8, 0x1000_0000);
     w(&rig.f, reg::QUEUE_ENABLE, 2, 1);
     w(&rig.f, reg::DEVICE_STATUS, 1, 0xf);
-    assert_eq!(r(&rig.f, reg::DEVICE_STATUS, 1) as u8 & DEVICE_NEEDS_RESET, DEVICE_NEEDS_RESET);
+    assert_eq!(
+        r(&rig.f, reg::DEVICE_STATUS, 1) as u8 & DEVICE_NEEDS_RESET,
+        DEVICE_NEEDS_RESET
+    );
     assert!(rig.probe.activated.lock().unwrap().is_none());
     // Doorbells on a broken device go nowhere.
     w(&rig.f, 0x3000, 2, 0);
@@ -222,5 +270,9 @@ fn pci_cfg_capability_window_reaches_the_bar() {
     rig.f.config_write(cap + 12, &2u32.to_le_bytes());
     let mut d = [0u8; 4];
     rig.f.config_read(cap + 16, &mut d);
-    assert_eq!(u16::from_le_bytes([d[0], d[1]]), 2, "num_queues through the window");
+    assert_eq!(
+        u16::from_le_bytes([d[0], d[1]]),
+        2,
+        "num_queues through the window"
+    );
 }

@@ -11,9 +11,9 @@ use crate::caps::{self, pci_cfg};
 use crate::common::{CommonConfig, CommonWrite};
 use crate::interrupt::VirtioInterrupt;
 use crate::mem::SharedMemory;
-use crate::status::{DeviceStatus, StatusWrite, DEVICE_NEEDS_RESET};
+use crate::status::{DEVICE_NEEDS_RESET, DeviceStatus, StatusWrite};
 use crate::{
-    ActivateError, ActivationContext, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    ActivateError, ActivationContext, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VirtioDevice,
 };
 
 /// Size of the BAR holding the virtio structures (32-bit memory BAR 0).
@@ -83,7 +83,9 @@ impl VirtioPciFunction {
         cfg.add_bar(BarSpec {
             index: VIRTIO_BAR,
             size: BAR_SIZE,
-            kind: BarKind::Mem32 { prefetchable: false },
+            kind: BarKind::Mem32 {
+                prefetchable: false,
+            },
         })?;
         let pci_cfg_cap = caps::add_virtio_caps(&mut cfg, VIRTIO_BAR)?;
         let (msix, msix_cap) = if opts.msix_vectors > 0 {
@@ -91,7 +93,9 @@ impl VirtioPciFunction {
             cfg.add_bar(BarSpec {
                 index: MSIX_BAR,
                 size: MSIX_BAR_SIZE,
-                kind: BarKind::Mem32 { prefetchable: false },
+                kind: BarKind::Mem32 {
+                    prefetchable: false,
+                },
             })?;
             let (body, mask) = table.capability();
             let off = cfg.add_capability(sluice_pci::msix::CAP_ID_MSIX, &body, &mask)?;
@@ -100,8 +104,10 @@ impl VirtioPciFunction {
             (None, None)
         };
         let queues = device.queue_max_sizes().len();
-        let interrupt =
-            Arc::new(VirtioInterrupt::new(PciInterrupt::new(sink, msix.clone()), queues));
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            PciInterrupt::new(sink, msix.clone()),
+            queues,
+        ));
         let mut offered = device.features() | (1u64 << VIRTIO_F_VERSION_1);
         if opts.access_platform {
             offered |= 1u64 << VIRTIO_F_ACCESS_PLATFORM;
@@ -141,7 +147,12 @@ impl VirtioPciFunction {
     /// Current device status byte.
     pub fn status(&self) -> u8 {
         let inner = self.lock();
-        inner.status.bits() | if inner.needs_reset { DEVICE_NEEDS_RESET } else { 0 }
+        inner.status.bits()
+            | if inner.needs_reset {
+                DEVICE_NEEDS_RESET
+            } else {
+                0
+            }
     }
 
     /// Bus Master Enable as last written by the guest.
@@ -160,11 +171,21 @@ impl VirtioPciFunction {
     }
 
     fn point(&self, name: &str, value: u64) {
-        self.hooks.point(&PointCtx { point: name, endpoint: Some(self.endpoint), domain: None, value });
+        self.hooks.point(&PointCtx {
+            point: name,
+            endpoint: Some(self.endpoint),
+            domain: None,
+            value,
+        });
     }
 
     fn state(&self, what: &str, value: u64) {
-        self.hooks.state(&StateEvent { source: "virtio-pci", what, endpoint: Some(self.endpoint), value });
+        self.hooks.state(&StateEvent {
+            source: "virtio-pci",
+            what,
+            endpoint: Some(self.endpoint),
+            value,
+        });
     }
 
     fn reset_locked(&self, inner: &mut Inner) {
@@ -221,13 +242,21 @@ impl VirtioPciFunction {
     }
 
     fn write_status(&self, inner: &mut Inner, value: u8) {
-        log::debug!("virtio {}: status write {value:#x} in {:?}", inner.device.name(), inner.status);
+        log::debug!(
+            "virtio {}: status write {value:#x} in {:?}",
+            inner.device.name(),
+            inner.status
+        );
         match inner.status.on_write(value) {
             StatusWrite::Reset => {
                 self.reset_locked(inner);
                 self.state("reset", 0);
             }
-            StatusWrite::Advance { to, features_ok, activate } => {
+            StatusWrite::Advance {
+                to,
+                features_ok,
+                activate,
+            } => {
                 if features_ok {
                     if !Self::features_acceptable(inner) {
                         // The driver reads FEATURES_OK back and sees it missing.
@@ -257,13 +286,15 @@ impl VirtioPciFunction {
     fn virtio_bar_read(&self, inner: &mut Inner, offset: u64, data: &mut [u8]) {
         let value = match offset {
             o if o < caps::COMMON_OFFSET + caps::COMMON_SIZE => {
-                let status =
-                    inner.status.bits() | if inner.needs_reset { DEVICE_NEEDS_RESET } else { 0 };
+                let status = inner.status.bits()
+                    | if inner.needs_reset {
+                        DEVICE_NEEDS_RESET
+                    } else {
+                        0
+                    };
                 inner.common.read(o, data.len(), inner.offered, status)
             }
-            o if o < caps::ISR_OFFSET + caps::ISR_SIZE => {
-                if o == caps::ISR_OFFSET { u64::from(self.interrupt.read_isr()) } else { 0 }
-            }
+            caps::ISR_OFFSET => u64::from(self.interrupt.read_isr()),
             o if o < caps::DEVICE_OFFSET + caps::DEVICE_SIZE => {
                 inner.device.read_config(o - caps::DEVICE_OFFSET, data);
                 return;
@@ -297,7 +328,14 @@ impl VirtioPciFunction {
         None
     }
 
-    fn bar_access(&self, inner: &mut Inner, bar: u8, offset: u64, data: &mut [u8], write: bool) -> Option<u16> {
+    fn bar_access(
+        &self,
+        inner: &mut Inner,
+        bar: u8,
+        offset: u64,
+        data: &mut [u8],
+        write: bool,
+    ) -> Option<u16> {
         match bar {
             VIRTIO_BAR if write => return self.virtio_bar_write(inner, offset, data),
             VIRTIO_BAR => self.virtio_bar_read(inner, offset, data),
@@ -331,9 +369,17 @@ impl VirtioPciFunction {
         self.bar_access(inner, bar[0], offset, head, write)
     }
 
-    fn after_config_write(&self, inner: &mut Inner, offset: u16, len: usize, effect: ConfigWriteEffect) {
+    fn after_config_write(
+        &self,
+        inner: &mut Inner,
+        offset: u16,
+        len: usize,
+        effect: ConfigWriteEffect,
+    ) {
         if let Some((_, new)) = effect.command {
-            self.interrupt.pci().set_intx_disabled(new & sluice_pci::config::CMD_INTX_DISABLE != 0);
+            self.interrupt
+                .pci()
+                .set_intx_disabled(new & sluice_pci::config::CMD_INTX_DISABLE != 0);
         }
         if let Some(bme) = effect.bus_master_change() {
             self.state("bus-master-enable", u64::from(bme));
@@ -342,7 +388,9 @@ impl VirtioPciFunction {
             let ctrl = u16::from(cap) + 2;
             if offset < ctrl + 2 && offset + len as u16 > ctrl {
                 let v = inner.cfg.read_u16(ctrl);
-                m.lock().unwrap_or_else(|p| p.into_inner()).set_control(v, self.interrupt.pci().sink());
+                m.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set_control(v, self.interrupt.pci().sink());
             }
         }
     }

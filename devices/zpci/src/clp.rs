@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use crate::function::{fh, FunctionState, Transition};
+use crate::function::{FunctionState, Transition, fh};
 use crate::model::Zpci;
 
 /// CLP response codes.
@@ -117,7 +117,11 @@ impl Zpci {
         }
         let mut bar_size = [0u8; 6];
         for (o, sz) in bar_size.iter_mut().zip(s.cfg.bar_sizes) {
-            *o = if sz == 0 { 0 } else { sz.next_power_of_two().trailing_zeros() as u8 };
+            *o = if sz == 0 {
+                0
+            } else {
+                sz.next_power_of_two().trailing_zeros() as u8
+            };
         }
         Ok(ClpQueryPciFn {
             fid: s.cfg.fid,
@@ -142,7 +146,10 @@ impl Zpci {
             dasm: u64::MAX >> edma.leading_zeros(),
             msia: MSIA,
             maxstbl: 128,
-            refresh: self.slots.iter().any(|s| s.cfg.pfgid == pfgid && s.cfg.refresh_required),
+            refresh: self
+                .slots
+                .iter()
+                .any(|s| s.cfg.pfgid == pfgid && s.cfg.refresh_required),
             dtsm: 0x40,
         })
     }
@@ -165,14 +172,16 @@ impl Zpci {
                     if handle & fh::ENABLE != 0 {
                         return Err(ClpRc(rc::SETPCIFN_FHOP));
                     }
-                    g.transition(Transition::Enable).map_err(|_| ClpRc(rc::SETPCIFN_FHOP))?;
+                    g.transition(Transition::Enable)
+                        .map_err(|_| ClpRc(rc::SETPCIFN_FHOP))?;
                     (g.fh(s.idx), g.epoch, "enable")
                 }
                 SetPciFnOp::Disable => {
                     if handle & fh::ENABLE == 0 {
                         return Err(ClpRc(rc::SETPCIFN_FHOP));
                     }
-                    g.transition(Transition::Disable).map_err(|_| ClpRc(rc::SETPCIFN_FHOP))?;
+                    g.transition(Transition::Disable)
+                        .map_err(|_| ClpRc(rc::SETPCIFN_FHOP))?;
                     let freed = g.drop_translations();
                     self.budget.give(freed);
                     g.irq = None;

@@ -29,13 +29,22 @@ pub struct InsnStatus {
 
 impl InsnStatus {
     /// cc 0.
-    pub const OK: InsnStatus = InsnStatus { cc: Cc::Ok, status: 0 };
+    pub const OK: InsnStatus = InsnStatus {
+        cc: Cc::Ok,
+        status: 0,
+    };
     /// cc 3.
-    pub const INVALID_HANDLE: InsnStatus = InsnStatus { cc: Cc::InvalidHandle, status: 0 };
+    pub const INVALID_HANDLE: InsnStatus = InsnStatus {
+        cc: Cc::InvalidHandle,
+        status: 0,
+    };
 
     /// cc 1 with `status`.
     pub const fn error(status: u8) -> Self {
-        InsnStatus { cc: Cc::Error, status }
+        InsnStatus {
+            cc: Cc::Error,
+            status,
+        }
     }
 
     /// True for cc 0.

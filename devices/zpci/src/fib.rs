@@ -162,6 +162,9 @@ mod tests {
         assert_eq!(&b[24..32], &0x1_ffff_ffffu64.to_be_bytes());
         assert_eq!(&b[32..40], &0xabc0_0804u64.to_be_bytes());
         assert_eq!(Fib::parse(&b), f);
-        assert_eq!((f.isc(), f.noi(), f.aibvo(), f.sum(), f.aisbo()), (3, 4, 1, false, 5));
+        assert_eq!(
+            (f.isc(), f.noi(), f.aibvo(), f.sum(), f.aisbo()),
+            (3, 4, 1, false, 5)
+        );
     }
 }

@@ -50,7 +50,10 @@ impl FunctionState {
 
     /// True when the function handle carries the enable bit.
     pub fn is_enabled_meta(self) -> bool {
-        matches!(self, FunctionState::Enabled | FunctionState::Error | FunctionState::Blocked)
+        matches!(
+            self,
+            FunctionState::Enabled | FunctionState::Error | FunctionState::Blocked
+        )
     }
 
     /// Short name for timelines.
@@ -114,12 +117,18 @@ pub const VALID_TRANSITIONS: &[(FunctionState, FunctionState, Transition)] = &[
 
 /// The cause that legally moves `from` to `to`, if any.
 pub fn transition_cause(from: FunctionState, to: FunctionState) -> Option<Transition> {
-    VALID_TRANSITIONS.iter().find(|(f, t, _)| *f == from && *t == to).map(|(_, _, c)| *c)
+    VALID_TRANSITIONS
+        .iter()
+        .find(|(f, t, _)| *f == from && *t == to)
+        .map(|(_, _, c)| *c)
 }
 
 /// The state `cause` leads to from `from`, if legal.
 pub fn apply_transition(from: FunctionState, cause: Transition) -> Option<FunctionState> {
-    VALID_TRANSITIONS.iter().find(|(f, _, c)| *f == from && *c == cause).map(|(_, t, _)| *t)
+    VALID_TRANSITIONS
+        .iter()
+        .find(|(f, _, c)| *f == from && *c == cause)
+        .map(|(_, t, _)| *t)
 }
 
 /// A host-side lifecycle request the model refused.
@@ -217,7 +226,10 @@ mod tests {
     fn every_pair_is_either_listed_or_illegal_and_unique() {
         for from in FunctionState::ALL {
             for to in FunctionState::ALL {
-                let n = VALID_TRANSITIONS.iter().filter(|(f, t, _)| *f == from && *t == to).count();
+                let n = VALID_TRANSITIONS
+                    .iter()
+                    .filter(|(f, t, _)| *f == from && *t == to)
+                    .count();
                 assert!(n <= 1, "{from:?}->{to:?} listed twice");
                 let cause = transition_cause(from, to);
                 assert_eq!(cause.is_some(), n == 1);

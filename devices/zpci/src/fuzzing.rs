@@ -17,7 +17,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::clp::SetPciFnOp;
 use crate::fib::Fib;
 use crate::function::{FunctionConfig, FunctionState};
-use crate::guest::{write_be, GuestTables};
+use crate::guest::{GuestTables, write_be};
 use crate::model::{TlbMode, Zpci, ZpciOptions};
 use crate::translate::RefusalKind;
 
@@ -56,26 +56,45 @@ impl Input<'_> {
 pub struct InvariantViolation(pub String);
 
 fn check(cond: bool, what: &str) -> Result<(), InvariantViolation> {
-    if cond { Ok(()) } else { Err(InvariantViolation(what.to_string())) }
+    if cond {
+        Ok(())
+    } else {
+        Err(InvariantViolation(what.to_string()))
+    }
 }
 
 /// Runs one input. Returns an error only when an invariant is violated.
 pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
     let mut inp = Input { data, pos: 0 };
-    let Some(flags) = inp.byte() else { return Ok(()) };
+    let Some(flags) = inp.byte() else {
+        return Ok(());
+    };
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
         return Ok(());
     };
     let opts = ZpciOptions {
-        tlb_mode: if flags & 1 != 0 { TlbMode::AlwaysWalk } else { TlbMode::Shadow },
+        tlb_mode: if flags & 1 != 0 {
+            TlbMode::AlwaysWalk
+        } else {
+            TlbMode::Shadow
+        },
         mapping_budget: (flags & 2 != 0).then_some(u64::from(flags >> 2)),
         ..ZpciOptions::default()
     };
     let fns = vec![
-        FunctionConfig { fid: 0x10, ..FunctionConfig::default() },
-        FunctionConfig { fid: 0x11, one_meg_frames: true, ..FunctionConfig::default() },
+        FunctionConfig {
+            fid: 0x10,
+            ..FunctionConfig::default()
+        },
+        FunctionConfig {
+            fid: 0x11,
+            one_meg_frames: true,
+            ..FunctionConfig::default()
+        },
     ];
-    let Ok(z) = Zpci::new(fns, opts, Arc::new(NoHooks)) else { return Ok(()) };
+    let Ok(z) = Zpci::new(fns, opts, Arc::new(NoHooks)) else {
+        return Ok(());
+    };
     let mut tables = Vec::new();
     for (i, fid) in [0x10u32, 0x11].into_iter().enumerate() {
         let base = TABLE_BASE + (i as u64) * (TABLE_LIMIT - TABLE_BASE) / 2;
@@ -87,7 +106,12 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
             let _ = z.clp_set_pci_fn(h, SetPciFnOp::Enable { ndas: 1 });
         }
         if let Some(h) = z.fh_of(fid) {
-            let fib = Fib { pba: WINDOW, pal: WINDOW + (1 << 32) - 1, iota: t.iota(), ..Fib::default() };
+            let fib = Fib {
+                pba: WINDOW,
+                pal: WINDOW + (1 << 32) - 1,
+                iota: t.iota(),
+                ..Fib::default()
+            };
             let _ = z.mpcifc_with_fib(&mem, h, 0, crate::MpcifcOp::RegIoat, &fib);
         }
         tables.push(t);
@@ -104,19 +128,33 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
         let fh = z.fh_of(fid).unwrap_or(0);
         match op & 0xf {
             0 | 1 => {
-                let (Some(p), Some(g)) = (inp.u16(), inp.u16()) else { break };
+                let (Some(p), Some(g)) = (inp.u16(), inp.u16()) else {
+                    break;
+                };
                 let iova = WINDOW + u64::from(p) * 0x1000;
                 let gpa = 0x1000 + u64::from(g % 0x3ff) * 0x1000;
                 if let Some(t) = tables.get_mut(which) {
-                    let _ = if op & 0x10 != 0 { t.unmap(&mem, iova) } else { t.map(&mem, iova, gpa, op & 0x20 == 0) };
+                    let _ = if op & 0x10 != 0 {
+                        t.unmap(&mem, iova)
+                    } else {
+                        t.map(&mem, iova, gpa, op & 0x20 == 0)
+                    };
                 }
             }
             2 => {
-                let (Some(off), Some(v)) = (inp.u16(), inp.u64()) else { break };
-                let _ = write_be(&mem, TABLE_BASE + u64::from(off) * 8 % (TABLE_LIMIT - TABLE_BASE), v);
+                let (Some(off), Some(v)) = (inp.u16(), inp.u64()) else {
+                    break;
+                };
+                let _ = write_be(
+                    &mem,
+                    TABLE_BASE + u64::from(off) * 8 % (TABLE_LIMIT - TABLE_BASE),
+                    v,
+                );
             }
             3 | 4 => {
-                let (Some(p), Some(n)) = (inp.u16(), inp.byte()) else { break };
+                let (Some(p), Some(n)) = (inp.u16(), inp.byte()) else {
+                    break;
+                };
                 let start = WINDOW + u64::from(p) * 0x1000;
                 let _ = z.rpcit(&mem, fh, start, u64::from(n % 65) * 0x1000);
             }
@@ -124,8 +162,12 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
                 let _ = z.rpcit(&mem, fh, WINDOW, 1 << 32);
             }
             6 | 7 => {
-                let (Some(p), Some(l), Some(w)) = (inp.u16(), inp.u16(), inp.byte()) else { break };
-                let iova = WINDOW.wrapping_add(u64::from(p) * 0x100).wrapping_sub(0x800);
+                let (Some(p), Some(l), Some(w)) = (inp.u16(), inp.u16(), inp.byte()) else {
+                    break;
+                };
+                let iova = WINDOW
+                    .wrapping_add(u64::from(p) * 0x100)
+                    .wrapping_sub(0x800);
                 let r = z.translate(&mem, fh, iova, u64::from(l), w & 1 != 0);
                 check_dma(&z, fid, r, released.get(which).copied().unwrap_or(false))?;
             }
@@ -146,12 +188,14 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
                     1 => z.configure(fid).map(|_| ()),
                     2 => z.reserve(fid).map(|_| ()),
                     3 => z.unreserve(fid).map(|_| ()),
-                    4 => z.clp_set_pci_fn(fh, SetPciFnOp::Enable { ndas: 1 }).map(|_| ()).map_err(|_| {
-                        crate::LifecycleError::NoSuchFid(0)
-                    }),
-                    5 => z.clp_set_pci_fn(fh, SetPciFnOp::Disable).map(|_| ()).map_err(|_| {
-                        crate::LifecycleError::NoSuchFid(0)
-                    }),
+                    4 => z
+                        .clp_set_pci_fn(fh, SetPciFnOp::Enable { ndas: 1 })
+                        .map(|_| ())
+                        .map_err(|_| crate::LifecycleError::NoSuchFid(0)),
+                    5 => z
+                        .clp_set_pci_fn(fh, SetPciFnOp::Disable)
+                        .map(|_| ())
+                        .map_err(|_| crate::LifecycleError::NoSuchFid(0)),
                     _ => {
                         let _ = z.clp_query_pci_fn(fh);
                         let _ = z.clp_list();
@@ -167,7 +211,9 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
                 }
             }
             10 => {
-                let (Some(a), Some(o), Some(l)) = (inp.byte(), inp.u16(), inp.byte()) else { break };
+                let (Some(a), Some(o), Some(l)) = (inp.byte(), inp.u16(), inp.byte()) else {
+                    break;
+                };
                 let _ = z.pcilg(fh, a & 0xf, u64::from(o), l & 0xf);
                 let _ = z.pcistg(fh, a >> 4, u64::from(o), l >> 4, u64::from(o) * 0x0101);
             }
@@ -187,15 +233,26 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
             12 => {
                 let Some(g) = inp.u16() else { break };
                 if let Some(t) = tables.get_mut(which) {
-                    let _ = t.map_segment(&mem, WINDOW + u64::from(g & 0xff) * (1 << 20), 0x20_0000, true);
+                    let _ = t.map_segment(
+                        &mem,
+                        WINDOW + u64::from(g & 0xff) * (1 << 20),
+                        0x20_0000,
+                        true,
+                    );
                 }
             }
             _ => {
                 let _ = z.take_error_events();
             }
         }
-        let held: usize = [0x10u32, 0x11].iter().map(|f| z.iotlb_entries(*f).len()).sum();
-        check(z.budget_used() == held as u64, "budget in use differs from shadow entries")?;
+        let held: usize = [0x10u32, 0x11]
+            .iter()
+            .map(|f| z.iotlb_entries(*f).len())
+            .sum();
+        check(
+            z.budget_used() == held as u64,
+            "budget in use differs from shadow entries",
+        )?;
     }
     Ok(())
 }
@@ -209,12 +266,17 @@ fn check_dma(
     match r {
         Ok(t) => {
             check(!released, "DMA translated after release")?;
-            check(z.state_of(fid) == Some(FunctionState::Enabled), "DMA translated while not enabled")?;
+            check(
+                z.state_of(fid) == Some(FunctionState::Enabled),
+                "DMA translated while not enabled",
+            )?;
             if z.options().tlb_mode == TlbMode::Shadow {
                 let tlb = z.iotlb_entries(fid);
                 for p in &t.pieces {
                     let hit = tlb.iter().any(|(iova, gpa, _, f)| {
-                        p.iova >= *iova && p.iova - iova < f.size() && gpa + (p.iova - iova) == p.gpa
+                        p.iova >= *iova
+                            && p.iova - iova < f.size()
+                            && gpa + (p.iova - iova) == p.gpa
                     });
                     check(hit, "piece not backed by the shadow IOTLB")?;
                 }
@@ -223,7 +285,10 @@ fn check_dma(
         }
         Err(e) => {
             if released {
-                check(e.kind == RefusalKind::AfterRelease, "refusal after release not classified")?;
+                check(
+                    e.kind == RefusalKind::AfterRelease,
+                    "refusal after release not classified",
+                )?;
             }
             Ok(())
         }

@@ -50,8 +50,16 @@ pub fn write_be<M: GuestMemoryBackend>(mem: &M, addr: u64, v: u64) -> Result<(),
 
 impl GuestTables {
     /// Creates an empty region-third table at the start of the arena `[base, limit)`.
-    pub fn new<M: GuestMemoryBackend>(mem: &M, base: u64, limit: u64) -> Result<Self, GuestTableError> {
-        let mut t = GuestTables { rt: 0, next: base, limit };
+    pub fn new<M: GuestMemoryBackend>(
+        mem: &M,
+        base: u64,
+        limit: u64,
+    ) -> Result<Self, GuestTableError> {
+        let mut t = GuestTables {
+            rt: 0,
+            next: base,
+            limit,
+        };
         t.rt = t.alloc(mem, 0x4000, 2048, bits::TE_INVALID)?;
         Ok(t)
     }
@@ -63,12 +71,18 @@ impl GuestTables {
         entries: usize,
         fill: u64,
     ) -> Result<u64, GuestTableError> {
-        let at = self.next.checked_add(size - 1).ok_or(GuestTableError::OutOfSpace)? & !(size - 1);
+        let at = self
+            .next
+            .checked_add(size - 1)
+            .ok_or(GuestTableError::OutOfSpace)?
+            & !(size - 1);
         let end = at.checked_add(size).ok_or(GuestTableError::OutOfSpace)?;
         if end > self.limit {
             return Err(GuestTableError::OutOfSpace);
         }
-        let buf: Vec<u8> = std::iter::repeat_n(fill.to_be_bytes(), entries).flatten().collect();
+        let buf: Vec<u8> = std::iter::repeat_n(fill.to_be_bytes(), entries)
+            .flatten()
+            .collect();
         mem.write_slice(&buf, GuestAddress(at))
             .map_err(|source| GuestTableError::Memory { addr: at, source })?;
         self.next = end;
@@ -86,7 +100,11 @@ impl GuestTables {
     }
 
     /// Address of the segment entry for `iova`, allocating the segment table if needed.
-    pub fn ste_addr<M: GuestMemoryBackend>(&mut self, mem: &M, iova: u64) -> Result<u64, GuestTableError> {
+    pub fn ste_addr<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        iova: u64,
+    ) -> Result<u64, GuestTableError> {
         let ra = self.rte_addr(iova);
         let rte = read_be(mem, ra)?;
         let sto = if rte & bits::TE_INVALID != 0 || rte == 0 {
@@ -100,7 +118,11 @@ impl GuestTables {
     }
 
     /// Address of the page entry for `iova`, allocating tables if needed.
-    pub fn pte_addr<M: GuestMemoryBackend>(&mut self, mem: &M, iova: u64) -> Result<u64, GuestTableError> {
+    pub fn pte_addr<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        iova: u64,
+    ) -> Result<u64, GuestTableError> {
         let sa = self.ste_addr(mem, iova)?;
         let ste = read_be(mem, sa)?;
         let pto = if ste & bits::TE_INVALID != 0 || ste & bits::TE_FC != 0 || ste == 0 {
@@ -142,7 +164,11 @@ impl GuestTables {
     }
 
     /// Invalidates the page at `iova` (Linux writes `ZPCI_PTE_INVALID`).
-    pub fn unmap<M: GuestMemoryBackend>(&mut self, mem: &M, iova: u64) -> Result<(), GuestTableError> {
+    pub fn unmap<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        iova: u64,
+    ) -> Result<(), GuestTableError> {
         let pa = self.pte_addr(mem, iova)?;
         write_be(mem, pa, bits::PTE_INVALID)
     }
@@ -157,6 +183,10 @@ impl GuestTables {
     ) -> Result<(), GuestTableError> {
         let sa = self.ste_addr(mem, iova)?;
         let prot = if writable { 0 } else { bits::PROT };
-        write_be(mem, sa, (gpa & bits::SFAA_MASK) | bits::TE_FC | bits::TE_TYPE_SX | prot)
+        write_be(
+            mem,
+            sa,
+            (gpa & bits::SFAA_MASK) | bits::TE_FC | bits::TE_TYPE_SX | prot,
+        )
     }
 }

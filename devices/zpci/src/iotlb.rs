@@ -27,7 +27,9 @@ impl Hasher for FrameHasher {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(26);
+        self.0 = (n ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(26);
     }
 }
 
@@ -74,12 +76,18 @@ impl Iotlb {
     #[inline]
     pub fn lookup(&self, iova: u64) -> Option<Hit> {
         if let Some(e) = self.pages.get(&(iova >> 12)) {
-            return Some(Hit { entry: *e, frame: Frame::Page });
+            return Some(Hit {
+                entry: *e,
+                frame: Frame::Page,
+            });
         }
         if self.segs.is_empty() {
             return None;
         }
-        self.segs.get(&(iova >> 20)).map(|e| Hit { entry: *e, frame: Frame::Segment })
+        self.segs.get(&(iova >> 20)).map(|e| Hit {
+            entry: *e,
+            frame: Frame::Segment,
+        })
     }
 
     /// Number of cached entries (budget units held).
@@ -111,7 +119,10 @@ impl Iotlb {
     /// Installs `m`. Entries of the other size overlapping it are dropped; the number dropped
     /// is returned with the outcome.
     pub fn install(&mut self, m: &Mapping) -> (Install, usize) {
-        let e = Entry { gpa: m.gpa, writable: m.writable };
+        let e = Entry {
+            gpa: m.gpa,
+            writable: m.writable,
+        };
         let (map, key, dropped) = match m.frame {
             Frame::Page => {
                 let d = self.segs.remove(&(m.iova >> 20)).map_or(0, |_| 1);
@@ -177,7 +188,10 @@ pub struct Budget {
 impl Budget {
     /// A budget of `limit` entries.
     pub fn new(limit: Option<u64>) -> Self {
-        Budget { limit, used: AtomicU64::new(0) }
+        Budget {
+            limit,
+            used: AtomicU64::new(0),
+        }
     }
 
     /// Takes one unit; false when exhausted.
@@ -187,7 +201,9 @@ impl Budget {
             return true;
         };
         self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u < limit).then_some(u + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < limit).then_some(u + 1)
+            })
             .is_ok()
     }
 
@@ -196,7 +212,9 @@ impl Budget {
         let n = n as u64;
         let _ = self
             .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
     }
 
     /// Units in use.
@@ -206,7 +224,8 @@ impl Budget {
 
     /// Units left (`u64::MAX` when unlimited).
     pub fn available(&self) -> u64 {
-        self.limit.map_or(u64::MAX, |l| l.saturating_sub(self.used()))
+        self.limit
+            .map_or(u64::MAX, |l| l.saturating_sub(self.used()))
     }
 }
 
@@ -220,7 +239,12 @@ mod tests {
     use super::*;
 
     fn page(iova: u64, gpa: u64) -> Mapping {
-        Mapping { iova, gpa, frame: Frame::Page, writable: true }
+        Mapping {
+            iova,
+            gpa,
+            frame: Frame::Page,
+            writable: true,
+        }
     }
 
     #[test]
@@ -230,7 +254,12 @@ mod tests {
         assert_eq!(t.install(&page(0x1000, 0x5000)).0, Install::Unchanged);
         assert_eq!(t.install(&page(0x1000, 0x6000)).0, Install::Replaced);
         assert_eq!(t.lookup(0x1fff).map(|h| h.entry.gpa), Some(0x6000));
-        let seg = Mapping { iova: 0, gpa: 0x10_0000, frame: Frame::Segment, writable: false };
+        let seg = Mapping {
+            iova: 0,
+            gpa: 0x10_0000,
+            frame: Frame::Segment,
+            writable: false,
+        };
         assert_eq!(t.install(&seg), (Install::Added, 1));
         assert_eq!(t.lookup(0x1000).map(|h| h.frame), Some(Frame::Segment));
         assert_eq!(t.remove_range(0x8000, 0x9000), 1);

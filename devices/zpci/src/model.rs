@@ -18,7 +18,7 @@ use sluice_devapi::{Endpoint, Hooks, PointCtx, StateEvent};
 use thiserror::Error;
 
 use crate::function::{
-    apply_transition, fh, FunctionConfig, FunctionState, LifecycleError, Transition,
+    FunctionConfig, FunctionState, LifecycleError, Transition, apply_transition, fh,
 };
 use crate::iotlb::{Budget, Entry, Iotlb};
 use crate::pcils::ConfigStore;
@@ -141,7 +141,11 @@ impl FnInner {
     }
 
     pub fn life(&self) -> Life {
-        Life { state: self.state, instance: self.instance, released: self.released }
+        Life {
+            state: self.state,
+            instance: self.instance,
+            released: self.released,
+        }
     }
 
     pub fn restore(&mut self, l: Life) {
@@ -202,7 +206,10 @@ pub struct Zpci {
 
 impl std::fmt::Debug for Zpci {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Zpci").field("opts", &self.opts).field("slots", &self.slots).finish()
+        f.debug_struct("Zpci")
+            .field("opts", &self.opts)
+            .field("slots", &self.slots)
+            .finish()
     }
 }
 
@@ -239,10 +246,20 @@ impl Zpci {
                 store: ConfigStore::new(&cfg),
             };
             let idx = u16::try_from(i).map_err(|_| BuildError::TooMany(i))?;
-            slots.push(Slot { cfg, idx, inner: RwLock::new(inner) });
+            slots.push(Slot {
+                cfg,
+                idx,
+                inner: RwLock::new(inner),
+            });
         }
         let budget = Budget::new(opts.mapping_budget);
-        Ok(Zpci { hooks, opts, slots, budget, events: Mutex::new(EventLog::default()) })
+        Ok(Zpci {
+            hooks,
+            opts,
+            slots,
+            budget,
+            events: Mutex::new(EventLog::default()),
+        })
     }
 
     /// Options the model was built with.
@@ -275,7 +292,8 @@ impl Zpci {
 
     /// Registered `(iota, pba, pal)` of `fid`, if any.
     pub fn ioat_of(&self, fid: u32) -> Option<(u64, u64, u64)> {
-        self.slot_by_fid(fid).and_then(|s| s.read().ioat.map(|r| (r.iota.raw, r.pba, r.pal)))
+        self.slot_by_fid(fid)
+            .and_then(|s| s.read().ioat.map(|r| (r.iota.raw, r.pba, r.pal)))
     }
 
     /// Shadow IOTLB content of `fid`: `(iova, gpa, writable, frame)` sorted by IOVA.
@@ -308,7 +326,12 @@ impl Zpci {
     pub(crate) fn fault_locked(slot: &Slot, g: &mut FnInner, pec: u16, addr: u64) -> ErrorEvent {
         let fh = g.fh(slot.idx);
         let _ = g.transition(Transition::Fault);
-        ErrorEvent { fid: slot.cfg.fid, fh, pec, addr }
+        ErrorEvent {
+            fid: slot.cfg.fid,
+            fh,
+            pec,
+            addr,
+        }
     }
 
     /// Records an error event and announces it. Call with no function lock held.
@@ -386,7 +409,9 @@ impl Zpci {
         what: &str,
         reset: bool,
     ) -> Result<FunctionState, LifecycleError> {
-        let slot = self.slot_by_fid(fid).ok_or(LifecycleError::NoSuchFid(fid))?;
+        let slot = self
+            .slot_by_fid(fid)
+            .ok_or(LifecycleError::NoSuchFid(fid))?;
         let (to, fh, epoch) = {
             let mut g = slot.write();
             let to = g.transition(cause)?;

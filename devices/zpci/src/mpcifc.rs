@@ -8,7 +8,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::codes::{pec, status, InsnStatus, ProgramException};
+use crate::codes::{InsnStatus, ProgramException, pec, status};
 use crate::fib::Fib;
 use crate::function::{FunctionState, Transition};
 use crate::model::{ErrorEvent, FnInner, IoatReg, IrqReg, Slot, Zpci};
@@ -140,7 +140,11 @@ enum Plan {
     FmbFault(u64),
 }
 
-type Outcome = (Result<InsnStatus, ProgramException>, Option<ErrorEvent>, Option<&'static str>);
+type Outcome = (
+    Result<InsnStatus, ProgramException>,
+    Option<ErrorEvent>,
+    Option<&'static str>,
+);
 
 fn plain(r: Result<InsnStatus, ProgramException>) -> Outcome {
     (r, None, None)
@@ -170,7 +174,15 @@ impl Zpci {
         op: MpcifcOp,
         fib: &Fib,
     ) -> Result<InsnStatus, ProgramException> {
-        self.mpcifc_apply(mem, &MpcifcRequest { fh, dmaas, op: Ok(op), fib: Ok(*fib) })
+        self.mpcifc_apply(
+            mem,
+            &MpcifcRequest {
+                fh,
+                dmaas,
+                op: Ok(op),
+                fib: Ok(*fib),
+            },
+        )
     }
 
     /// Applies a parsed request.
@@ -194,7 +206,11 @@ impl Zpci {
             return Err(ProgramException::Operand);
         }
         let op = req.op.map_err(|_| ProgramException::Operand)?;
-        let value = if matches!(op, MpcifcOp::RegIoat | MpcifcOp::ReregIoat) { fib.iota } else { 0 };
+        let value = if matches!(op, MpcifcOp::RegIoat | MpcifcOp::ReregIoat) {
+            fib.iota
+        } else {
+            0
+        };
         let prepare = |g: &FnInner| -> Result<Plan, Outcome> {
             handle_ok(slot, g, req.fh).map_err(|cc3| plain(Ok(cc3)))?;
             prepare(mem, slot, g, req.dmaas, op, &fib)
@@ -204,7 +220,13 @@ impl Zpci {
         if let Some(ev) = event {
             self.emit_error(ev);
         }
-        if let (Some(what), Ok(InsnStatus { cc: crate::Cc::Ok, .. })) = (what, result) {
+        if let (
+            Some(what),
+            Ok(InsnStatus {
+                cc: crate::Cc::Ok, ..
+            }),
+        ) = (what, result)
+        {
             self.emit_state(what, req.fh, value);
         }
         result
@@ -231,7 +253,11 @@ impl Zpci {
                 ok("rereg-ioat")
             }
             Plan::State(t) => match g.transition(t) {
-                Ok(_) => ok(if t == Transition::ResetError { "reset-error" } else { "reset-block" }),
+                Ok(_) => ok(if t == Transition::ResetError {
+                    "reset-error"
+                } else {
+                    "reset-block"
+                }),
                 Err(_) => plain(Ok(InsnStatus::error(status::MOD_SEQUENCE))),
             },
             Plan::SetIrq(r) => {
@@ -248,7 +274,12 @@ impl Zpci {
             }
             Plan::FmbFault(a) => {
                 g.fmb_addr = 0;
-                let ev = ErrorEvent { fid: slot.cfg.fid, fh: g.fh(slot.idx), pec: pec::FMBPRO, addr: a };
+                let ev = ErrorEvent {
+                    fid: slot.cfg.fid,
+                    fh: g.fh(slot.idx),
+                    pec: pec::FMBPRO,
+                    addr: a,
+                };
                 (Ok(InsnStatus::error(0)), Some(ev), None)
             }
         }
@@ -295,7 +326,9 @@ fn prepare<M: GuestMemoryBackend>(
             if g.ioat.is_some() {
                 return Err(seq());
             }
-            ioat_from_fib(slot, fib).map(Plan::SetIoat).map_err(|e| plain(Err(e)))
+            ioat_from_fib(slot, fib)
+                .map(Plan::SetIoat)
+                .map_err(|e| plain(Err(e)))
         }
         MpcifcOp::DeregIoat => {
             if dmaas != 0 {
@@ -313,10 +346,14 @@ fn prepare<M: GuestMemoryBackend>(
             if g.ioat.is_none() {
                 return Err(seq());
             }
-            ioat_from_fib(slot, fib).map(Plan::ReplaceIoat).map_err(|e| plain(Err(e)))
+            ioat_from_fib(slot, fib)
+                .map(Plan::ReplaceIoat)
+                .map_err(|e| plain(Err(e)))
         }
         MpcifcOp::ResetError => match g.state {
-            FunctionState::Error | FunctionState::Blocked => Ok(Plan::State(Transition::ResetError)),
+            FunctionState::Error | FunctionState::Blocked => {
+                Ok(Plan::State(Transition::ResetError))
+            }
             _ => Err(seq()),
         },
         MpcifcOp::ResetBlock => match g.state {
@@ -352,7 +389,12 @@ fn prepare<M: GuestMemoryBackend>(
             {
                 return Err(plain(Ok(InsnStatus::error(status::MOD_RES_NOT_AVAIL))));
             }
-            Ok(Plan::SetIrq(IrqReg { aibv: fib.aibv, aisb: fib.aisb, noi: fib.noi(), isc: fib.isc() }))
+            Ok(Plan::SetIrq(IrqReg {
+                aibv: fib.aibv,
+                aisb: fib.aisb,
+                noi: fib.noi(),
+                isc: fib.isc(),
+            }))
         }
         MpcifcOp::DeregInt => {
             if g.irq.is_none() {

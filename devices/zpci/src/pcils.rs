@@ -2,8 +2,8 @@
 //! (PCIAS 0-5), backed by a small store. Register values are the big-endian reading of the
 //! bytes (QEMU byte-swaps the little-endian config space the same way).
 
-use crate::codes::{status, InsnStatus, ProgramException};
-use crate::function::{fh, FunctionConfig, FunctionState};
+use crate::codes::{InsnStatus, ProgramException, status};
+use crate::function::{FunctionConfig, FunctionState, fh};
 use crate::model::Zpci;
 
 /// Config-space PCIAS.
@@ -51,7 +51,11 @@ fn check_len(pcias: u8, offset: u64, len: u8) -> Result<(), ProgramException> {
     } else {
         (1..=8).contains(&len) && u64::from(len) <= 8 - (offset & 7)
     };
-    if ok { Ok(()) } else { Err(ProgramException::Operand) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ProgramException::Operand)
+    }
 }
 
 impl Zpci {

@@ -12,10 +12,10 @@
 
 use vm_memory::GuestMemoryBackend;
 
-use crate::codes::{pec, status, InsnStatus};
+use crate::codes::{InsnStatus, pec, status};
 use crate::function::FunctionState;
 use crate::model::{ErrorEvent, FnInner, Slot, Zpci};
-use crate::walk::{walk_range, Iota, Step, WalkError, PAGE_SIZE};
+use crate::walk::{Iota, PAGE_SIZE, Step, WalkError, walk_range};
 
 /// A decoded RPCIT request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,11 @@ impl RpcitRequest {
         if r2 & 1 != 0 {
             return Err(crate::codes::ProgramException::Specification);
         }
-        Ok(RpcitRequest { fh: (r1_value >> 32) as u32, start: r2_value, len: r2_plus_1_value })
+        Ok(RpcitRequest {
+            fh: (r1_value >> 32) as u32,
+            start: r2_value,
+            len: r2_plus_1_value,
+        })
     }
 }
 
@@ -71,17 +75,27 @@ enum Reject {
 
 impl Zpci {
     /// Executes RPCIT for `[start, start+len)` of function `fh`.
-    pub fn rpcit<M: GuestMemoryBackend>(&self, mem: &M, fh: u32, start: u64, len: u64) -> InsnStatus {
+    pub fn rpcit<M: GuestMemoryBackend>(
+        &self,
+        mem: &M,
+        fh: u32,
+        start: u64,
+        len: u64,
+    ) -> InsnStatus {
         let Some(slot) = self.slot_by_fh(fh) else {
             return InsnStatus::INVALID_HANDLE;
         };
         let one_meg = slot.cfg.one_meg_frames;
         let walk = |p: &Plan| {
             let mut steps = Vec::new();
-            let error = walk_range(mem, &p.iota, p.start, p.end, one_meg, &mut |s| steps.push(s)).err();
+            let error = walk_range(mem, &p.iota, p.start, p.end, one_meg, &mut |s| {
+                steps.push(s)
+            })
+            .err();
             Walked { steps, error }
         };
-        let prepare = |g: &FnInner| -> Result<Plan, Reject> { Self::rpcit_prepare(slot, g, fh, start, len) };
+        let prepare =
+            |g: &FnInner| -> Result<Plan, Reject> { Self::rpcit_prepare(slot, g, fh, start, len) };
         // Walk outside the lock; the commit re-validates by generation.
         let (epoch0, life0, first) = {
             let g = slot.read();
@@ -129,7 +143,13 @@ impl Zpci {
         answer
     }
 
-    fn rpcit_prepare(slot: &Slot, g: &FnInner, fh: u32, start: u64, len: u64) -> Result<Plan, Reject> {
+    fn rpcit_prepare(
+        slot: &Slot,
+        g: &FnInner,
+        fh: u32,
+        start: u64,
+        len: u64,
+    ) -> Result<Plan, Reject> {
         if g.fh(slot.idx) != fh {
             return Err(Reject::Plain(InsnStatus::INVALID_HANDLE));
         }
@@ -150,7 +170,11 @@ impl Zpci {
         }
         let s = start.max(ioat.pba) & !(PAGE_SIZE - 1);
         let e = end.min(ioat.pal.saturating_add(1));
-        Ok(Plan { iota: ioat.iota, start: s, end: if len == 0 { s } else { e } })
+        Ok(Plan {
+            iota: ioat.iota,
+            start: s,
+            end: if len == 0 { s } else { e },
+        })
     }
 
     fn rpcit_apply(&self, slot: &Slot, g: &mut FnInner, w: Walked) -> Answer {

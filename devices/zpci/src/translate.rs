@@ -10,9 +10,9 @@ use thiserror::Error;
 use vm_memory::GuestMemoryBackend;
 
 use crate::codes::{pec, reason};
-use crate::function::{fh, FunctionState};
+use crate::function::{FunctionState, fh};
 use crate::model::{FnInner, Slot, TlbMode, Zpci};
-use crate::walk::{walk_one, Step};
+use crate::walk::{Step, walk_one};
 
 /// One contiguous guest-physical piece of a translated DMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,11 @@ impl Zpci {
     ) -> Result<u64, DmaRefusal> {
         let start_len = out.len();
         let result = self.translate_checked(mem, fh, iova, len, write, out);
-        let direction = if write { DmaDirection::Write } else { DmaDirection::Read };
+        let direction = if write {
+            DmaDirection::Write
+        } else {
+            DmaDirection::Read
+        };
         let outcome = match &result {
             Ok(epoch) => DmaOutcome::Translated {
                 gpa: out.get(start_len).map_or(0, |p| p.gpa),
@@ -152,7 +156,11 @@ impl Zpci {
         out: &mut Vec<Piece>,
     ) -> Result<u64, DmaRefusal> {
         let Some(slot) = self.slot_by_fh(handle) else {
-            return Err(DmaRefusal::new(RefusalKind::NoSuchFunction, reason::NO_SUCH_FUNCTION, iova));
+            return Err(DmaRefusal::new(
+                RefusalKind::NoSuchFunction,
+                reason::NO_SUCH_FUNCTION,
+                iova,
+            ));
         };
         let (epoch, failure) = {
             let g = slot.read();
@@ -209,7 +217,13 @@ impl Zpci {
         if len == 0 {
             return plain(RefusalKind::ZeroLength, reason::ZERO_LENGTH);
         }
-        let event = |kind, pec, at| Err(Failure::Event(Fault { kind, pec, iova: at }));
+        let event = |kind, pec, at| {
+            Err(Failure::Event(Fault {
+                kind,
+                pec,
+                iova: at,
+            }))
+        };
         let last = match iova.checked_add(len - 1) {
             Some(l) if iova >= ioat.pba && l <= ioat.pal => l,
             _ => return event(RefusalKind::OutOfWindow, pec::OORANGE, iova),
@@ -221,20 +235,26 @@ impl Zpci {
                     Some(h) => (h.entry.gpa, h.frame.size(), h.entry.writable),
                     None => return event(RefusalKind::NotMapped, pec::TPROTE, cur),
                 },
-                TlbMode::AlwaysWalk => match walk_one(mem, &ioat.iota, cur, slot.cfg.one_meg_frames) {
-                    Ok(Step::Mapped(m)) => (m.gpa, m.frame.size(), m.writable),
-                    Ok(Step::Invalid { .. }) => {
-                        return event(RefusalKind::NotMapped, pec::TPROTE, cur);
+                TlbMode::AlwaysWalk => {
+                    match walk_one(mem, &ioat.iota, cur, slot.cfg.one_meg_frames) {
+                        Ok(Step::Mapped(m)) => (m.gpa, m.frame.size(), m.writable),
+                        Ok(Step::Invalid { .. }) => {
+                            return event(RefusalKind::NotMapped, pec::TPROTE, cur);
+                        }
+                        Err(e) => return event(RefusalKind::BadTable, e.pec(), cur),
                     }
-                    Err(e) => return event(RefusalKind::BadTable, e.pec(), cur),
-                },
+                }
             };
             if write && !writable {
                 return event(RefusalKind::WriteProtected, pec::TPROTE, cur);
             }
             let off = cur & (size - 1);
             let piece = (size - off).min((last - cur).saturating_add(1));
-            out.push(Piece { iova: cur, gpa: gpa + off, len: piece });
+            out.push(Piece {
+                iova: cur,
+                gpa: gpa + off,
+                len: piece,
+            });
             match cur.checked_add(piece) {
                 Some(next) if next <= last => cur = next,
                 _ => return Ok(()),

@@ -105,7 +105,11 @@ impl Iota {
         if dt != bits::DT_RTTO {
             return Err(IotaError::UnsupportedDesignation(dt));
         }
-        Ok(Iota { origin: raw & bits::IOTA_ORIGIN_MASK, protected: raw & bits::PROT != 0, raw })
+        Ok(Iota {
+            origin: raw & bits::IOTA_ORIGIN_MASK,
+            protected: raw & bits::PROT != 0,
+            raw,
+        })
     }
 }
 
@@ -241,14 +245,21 @@ impl WalkError {
 fn read_entry<M: GuestMemoryBackend>(mem: &M, addr: u64, level: Level) -> Result<u64, WalkError> {
     let mut b = [0u8; 8];
     mem.read_slice(&mut b, GuestAddress(addr))
-        .map_err(|source| WalkError::Unreadable { level, addr, source })?;
+        .map_err(|source| WalkError::Unreadable {
+            level,
+            addr,
+            source,
+        })?;
     Ok(u64::from_be_bytes(b))
 }
 
 /// Decoded region-third entry: `None` when invalid, else (segment-table origin, protected).
 fn decode_rte(entry: u64, addr: u64) -> Result<Option<(u64, bool)>, WalkError> {
     if entry == 0 {
-        return Err(WalkError::ZeroEntry { level: Level::Region, addr });
+        return Err(WalkError::ZeroEntry {
+            level: Level::Region,
+            addr,
+        });
     }
     if entry & bits::TE_INVALID != 0 {
         return Ok(None);
@@ -258,7 +269,10 @@ fn decode_rte(entry: u64, addr: u64) -> Result<Option<(u64, bool)>, WalkError> {
     }
     let sto = entry & bits::RTE_ADDR_MASK;
     if entry & bits::TE_TYPE_MASK != bits::TE_TYPE_RTX || sto == 0 {
-        return Err(WalkError::BadType { level: Level::Region, entry });
+        return Err(WalkError::BadType {
+            level: Level::Region,
+            entry,
+        });
     }
     Ok(Some((sto, entry & bits::PROT != 0)))
 }
@@ -272,14 +286,20 @@ enum Ste {
 
 fn decode_ste(entry: u64, addr: u64, one_meg: bool) -> Result<Ste, WalkError> {
     if entry == 0 {
-        return Err(WalkError::ZeroEntry { level: Level::Segment, addr });
+        return Err(WalkError::ZeroEntry {
+            level: Level::Segment,
+            addr,
+        });
     }
     if entry & bits::TE_INVALID != 0 {
         return Ok(Ste::Invalid);
     }
     let prot = entry & bits::PROT != 0;
     if entry & bits::TE_TYPE_MASK != bits::TE_TYPE_SX {
-        return Err(WalkError::BadType { level: Level::Segment, entry });
+        return Err(WalkError::BadType {
+            level: Level::Segment,
+            entry,
+        });
     }
     if entry & bits::TE_FC != 0 {
         if !one_meg {
@@ -287,13 +307,19 @@ fn decode_ste(entry: u64, addr: u64, one_meg: bool) -> Result<Ste, WalkError> {
         }
         let base = entry & bits::SFAA_MASK;
         if base == 0 {
-            return Err(WalkError::BadType { level: Level::Segment, entry });
+            return Err(WalkError::BadType {
+                level: Level::Segment,
+                entry,
+            });
         }
         return Ok(Ste::Frame { base, prot });
     }
     let pto = entry & bits::STE_ADDR_MASK;
     if pto == 0 {
-        return Err(WalkError::BadType { level: Level::Segment, entry });
+        return Err(WalkError::BadType {
+            level: Level::Segment,
+            entry,
+        });
     }
     Ok(Ste::Table { pto, prot })
 }
@@ -301,14 +327,20 @@ fn decode_ste(entry: u64, addr: u64, one_meg: bool) -> Result<Ste, WalkError> {
 /// Decoded page entry: `None` when invalid, else (frame, protected).
 fn decode_pte(entry: u64, addr: u64) -> Result<Option<(u64, bool)>, WalkError> {
     if entry == 0 {
-        return Err(WalkError::ZeroEntry { level: Level::Page, addr });
+        return Err(WalkError::ZeroEntry {
+            level: Level::Page,
+            addr,
+        });
     }
     if entry & bits::PTE_INVALID != 0 {
         return Ok(None);
     }
     let frame = entry & bits::PTE_ADDR_MASK;
     if frame == 0 {
-        return Err(WalkError::BadType { level: Level::Page, entry });
+        return Err(WalkError::BadType {
+            level: Level::Page,
+            entry,
+        });
     }
     Ok(Some((frame, entry & bits::PROT != 0)))
 }
@@ -326,11 +358,19 @@ pub fn walk_one<M: GuestMemoryBackend>(
 ) -> Result<Step, WalkError> {
     let mut found = None;
     let page = iova & !(PAGE_SIZE - 1);
-    walk_range(mem, iota, page, page.saturating_add(PAGE_SIZE), one_meg, &mut |s| {
-        found = Some(s)
-    })
+    walk_range(
+        mem,
+        iota,
+        page,
+        page.saturating_add(PAGE_SIZE),
+        one_meg,
+        &mut |s| found = Some(s),
+    )
     .map_err(|(_, e)| e)?;
-    Ok(found.unwrap_or(Step::Invalid { start: page, len: PAGE_SIZE }))
+    Ok(found.unwrap_or(Step::Invalid {
+        start: page,
+        len: PAGE_SIZE,
+    }))
 }
 
 /// Walks `[start, end)` (4 KiB aligned by the caller), calling `out` for every frame or invalid
@@ -365,7 +405,10 @@ pub fn walk_range<M: GuestMemoryBackend>(
         };
         let Some((sto, rprot)) = rte else {
             let next = next_boundary(cur, REGION_SIZE, end);
-            out(Step::Invalid { start: cur, len: next - cur });
+            out(Step::Invalid {
+                start: cur,
+                len: next - cur,
+            });
             cur = next;
             continue;
         };
@@ -376,7 +419,10 @@ pub fn walk_range<M: GuestMemoryBackend>(
         let seg_end = next_boundary(cur, SEG_SIZE, end);
         let base_w = !iota.protected && !rprot;
         match ste {
-            Ste::Invalid => out(Step::Invalid { start: cur, len: seg_end - cur }),
+            Ste::Invalid => out(Step::Invalid {
+                start: cur,
+                len: seg_end - cur,
+            }),
             Ste::Frame { base, prot } => out(Step::Mapped(Mapping {
                 iova: cur & !(SEG_SIZE - 1),
                 gpa: base,
@@ -388,11 +434,25 @@ pub fn walk_range<M: GuestMemoryBackend>(
                 let n = ((seg_end - cur).div_ceil(PAGE_SIZE)) as usize;
                 let taddr = pto.wrapping_add(first * 8);
                 let Some(slice) = buf.get_mut(..n * 8) else {
-                    return Err((cur, WalkError::BadType { level: Level::Page, entry: 0 }));
+                    return Err((
+                        cur,
+                        WalkError::BadType {
+                            level: Level::Page,
+                            entry: 0,
+                        },
+                    ));
                 };
-                mem.read_slice(slice, GuestAddress(taddr)).map_err(|source| {
-                    (cur, WalkError::Unreadable { level: Level::Page, addr: taddr, source })
-                })?;
+                mem.read_slice(slice, GuestAddress(taddr))
+                    .map_err(|source| {
+                        (
+                            cur,
+                            WalkError::Unreadable {
+                                level: Level::Page,
+                                addr: taddr,
+                                source,
+                            },
+                        )
+                    })?;
                 let w = base_w && !prot;
                 let mut inval: Option<u64> = None;
                 for (i, chunk) in slice.chunks_exact(8).enumerate() {
@@ -403,7 +463,10 @@ pub fn walk_range<M: GuestMemoryBackend>(
                     match decode_pte(u64::from_be_bytes(e), addr) {
                         Err(err) => {
                             if let Some(s) = inval.take() {
-                                out(Step::Invalid { start: s, len: iova - s });
+                                out(Step::Invalid {
+                                    start: s,
+                                    len: iova - s,
+                                });
                             }
                             return Err((iova, err));
                         }
@@ -412,7 +475,10 @@ pub fn walk_range<M: GuestMemoryBackend>(
                         }
                         Ok(Some((gpa, pprot))) => {
                             if let Some(s) = inval.take() {
-                                out(Step::Invalid { start: s, len: iova - s });
+                                out(Step::Invalid {
+                                    start: s,
+                                    len: iova - s,
+                                });
                             }
                             out(Step::Mapped(Mapping {
                                 iova,
@@ -424,7 +490,10 @@ pub fn walk_range<M: GuestMemoryBackend>(
                     }
                 }
                 if let Some(s) = inval.take() {
-                    out(Step::Invalid { start: s, len: seg_end - s });
+                    out(Step::Invalid {
+                        start: s,
+                        len: seg_end - s,
+                    });
                 }
             }
         }

@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use common::*;
-use sluice_zpci::clp::{rc, SetPciFnOp};
+use sluice_zpci::clp::{SetPciFnOp, rc};
 use sluice_zpci::codes::status;
-use sluice_zpci::function::{apply_transition, transition_cause, VALID_TRANSITIONS};
+use sluice_zpci::function::{VALID_TRANSITIONS, apply_transition, transition_cause};
 use sluice_zpci::*;
 
 const ACTIONS: [Transition; 9] = [
@@ -89,14 +89,20 @@ fn act(z: &Zpci, m: &Mem, a: Transition) -> Answer {
         // A DMA to an unmapped address (IOAT registered so the DMA reaches translation), or an
         // RPCIT outside the window when blocked.
         Transition::Fault => {
-            if z.ioat_of(FID).is_none() && z.state_of(FID).is_some_and(FunctionState::is_enabled_meta) {
+            if z.ioat_of(FID).is_none()
+                && z.state_of(FID).is_some_and(FunctionState::is_enabled_meta)
+            {
                 let t = sluice_zpci::guest::GuestTables::new(m, ARENA, ARENA + 0x10_0000).unwrap();
                 let _ = reg_ioat(z, m, fh, &t);
             }
             if z.state_of(FID) == Some(FunctionState::Blocked) {
                 // DMA is refused quietly while blocked; RPCIT still runs and can fault.
                 let st = z.rpcit(m, fh, PAL + 0x1000, 0x1000);
-                return if st.is_ok() { Answer::Done } else { Answer::Insn(st) };
+                return if st.is_ok() {
+                    Answer::Done
+                } else {
+                    Answer::Insn(st)
+                };
             }
             match z.translate(m, fh, PBA, 8, false) {
                 Ok(_) => Answer::Done,
@@ -176,6 +182,9 @@ fn reconfigure_changes_the_handle_and_old_handles_are_after_release() {
     assert_ne!(fh1, fh2);
     let e = z.translate(&m, fh1, PBA, 8, false).unwrap_err();
     assert_eq!(e.kind, RefusalKind::AfterRelease);
-    assert_eq!(z.mpcifc_with_fib(&m, fh1, 0, MpcifcOp::DeregIoat, &Fib::default()), Ok(InsnStatus::INVALID_HANDLE));
+    assert_eq!(
+        z.mpcifc_with_fib(&m, fh1, 0, MpcifcOp::DeregIoat, &Fib::default()),
+        Ok(InsnStatus::INVALID_HANDLE)
+    );
     assert_eq!(z.rpcit(&m, fh1, PBA, 0x1000), InsnStatus::INVALID_HANDLE);
 }

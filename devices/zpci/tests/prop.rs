@@ -14,11 +14,24 @@ use sluice_zpci::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Map { page: u64, frame: u64, writable: bool },
-    Unmap { page: u64 },
-    Rpcit { page: u64, pages: u64 },
+    Map {
+        page: u64,
+        frame: u64,
+        writable: bool,
+    },
+    Unmap {
+        page: u64,
+    },
+    Rpcit {
+        page: u64,
+        pages: u64,
+    },
     Global,
-    Dma { page: u64, pages: u64, write: bool },
+    Dma {
+        page: u64,
+        pages: u64,
+        write: bool,
+    },
 }
 
 /// Pages span three segments so refreshes cross segment boundaries.
@@ -41,7 +54,11 @@ fn iova(page: u64) -> u64 {
 }
 
 fn check(ops: &[Op], mode: TlbMode, budget: Option<u64>) -> Result<(), TestCaseError> {
-    let opts = ZpciOptions { tlb_mode: mode, mapping_budget: budget, ..Default::default() };
+    let opts = ZpciOptions {
+        tlb_mode: mode,
+        mapping_budget: budget,
+        ..Default::default()
+    };
     let z = model_with(opts, cfg(), Arc::new(Recorder::default()));
     let m = mem();
     let mut t = GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
@@ -51,7 +68,11 @@ fn check(ops: &[Op], mode: TlbMode, budget: Option<u64>) -> Result<(), TestCaseE
     let mut shadow = Map::new();
     for op in ops {
         match *op {
-            Op::Map { page, frame, writable } => {
+            Op::Map {
+                page,
+                frame,
+                writable,
+            } => {
                 let gpa = 0x100_0000 + frame * 0x1000;
                 t.map(&m, iova(page), gpa, writable).unwrap();
                 tables.insert(page, (gpa, writable));
@@ -62,7 +83,9 @@ fn check(ops: &[Op], mode: TlbMode, budget: Option<u64>) -> Result<(), TestCaseE
             }
             Op::Rpcit { .. } | Op::Global => {
                 let (first, n, st) = match *op {
-                    Op::Rpcit { page, pages } => (page, pages, z.rpcit(&m, fh, iova(page), pages * 0x1000)),
+                    Op::Rpcit { page, pages } => {
+                        (page, pages, z.rpcit(&m, fh, iova(page), pages * 0x1000))
+                    }
                     _ => (0, PAGES, z.rpcit(&m, fh, PBA, PAL - PBA + 1)),
                 };
                 // Reference: unmaps first, then maps in IOVA order within the budget.
@@ -78,12 +101,20 @@ fn check(ops: &[Op], mode: TlbMode, budget: Option<u64>) -> Result<(), TestCaseE
                     }
                     shadow.insert(p, *v);
                 }
-                let want = if deferred { InsnStatus::error(status::RPCIT_INSUFF_RES) } else { InsnStatus::OK };
+                let want = if deferred {
+                    InsnStatus::error(status::RPCIT_INSUFF_RES)
+                } else {
+                    InsnStatus::OK
+                };
                 prop_assert_eq!(st, want, "{:?}", op);
                 prop_assert_eq!(z.budget_used(), shadow.len() as u64);
             }
             Op::Dma { page, pages, write } => {
-                let view = if mode == TlbMode::Shadow { &shadow } else { &tables };
+                let view = if mode == TlbMode::Shadow {
+                    &shadow
+                } else {
+                    &tables
+                };
                 let expect: Option<Vec<u64>> = (page..page + pages)
                     .map(|p| view.get(&p).filter(|(_, w)| *w || !write).map(|(g, _)| *g))
                     .collect();
@@ -93,7 +124,10 @@ fn check(ops: &[Op], mode: TlbMode, budget: Option<u64>) -> Result<(), TestCaseE
                         prop_assert_eq!(tr.pieces.iter().map(|p| p.gpa).collect::<Vec<_>>(), gpas);
                     }
                     (None, Err(e)) => {
-                        prop_assert!(matches!(e.kind, RefusalKind::NotMapped | RefusalKind::WriteProtected));
+                        prop_assert!(matches!(
+                            e.kind,
+                            RefusalKind::NotMapped | RefusalKind::WriteProtected
+                        ));
                         prop_assert_eq!(z.state_of(FID), Some(FunctionState::Error));
                         let r = z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::ResetError, &Fib::default());
                         prop_assert_eq!(r, Ok(InsnStatus::OK));

@@ -10,8 +10,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
 use common::*;
@@ -82,7 +82,9 @@ fn exec(z: &Zpci, m: &Mem, fh: u32, tables: &mut [GuestTables; 2], op: Op) -> In
         Op::DeregIoat => dereg_ioat(z, m, fh),
         Op::RegIoat(t) => reg_ioat(z, m, fh, &tables[t]),
         Op::MapRpcit(t, iova) => {
-            tables[t].map(m, iova, 0x20_0000 + (iova & 0xff_f000), true).unwrap();
+            tables[t]
+                .map(m, iova, 0x20_0000 + (iova & 0xff_f000), true)
+                .unwrap();
             z.rpcit(m, fh, iova, 0x1000)
         }
     }
@@ -90,7 +92,14 @@ fn exec(z: &Zpci, m: &Mem, fh: u32, tables: &mut [GuestTables; 2], op: Op) -> In
 
 fn run(sc: &Scenario, il: Interleaving, ordering: CommitOrdering) -> Run {
     let (hooks, ctl) = Parking::new();
-    let z = model_with(ZpciOptions { ordering, ..Default::default() }, cfg(), hooks.clone());
+    let z = model_with(
+        ZpciOptions {
+            ordering,
+            ..Default::default()
+        },
+        cfg(),
+        hooks.clone(),
+    );
     let m = mem();
     let mut tables = [
         GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap(),
@@ -124,7 +133,10 @@ fn run(sc: &Scenario, il: Interleaving, ordering: CommitOrdering) -> Run {
                 let (zr, mr) = (&z, &m);
                 let mut tabs = tables.clone();
                 let guest = s.spawn(move || {
-                    sc.ops.iter().map(|op| exec(zr, mr, fh, &mut tabs, *op)).collect::<Vec<_>>()
+                    sc.ops
+                        .iter()
+                        .map(|op| exec(zr, mr, fh, &mut tabs, *op))
+                        .collect::<Vec<_>>()
                 });
                 assert_eq!(ctl.arrived.recv().unwrap(), sc.ops[k].point());
                 release(&z);
@@ -168,7 +180,11 @@ fn run(sc: &Scenario, il: Interleaving, ordering: CommitOrdering) -> Run {
             }
         }
     }
-    Run { answers, escaped, refusals }
+    Run {
+        answers,
+        escaped,
+        refusals,
+    }
 }
 
 fn interleavings(n: usize) -> Vec<Interleaving> {
@@ -191,8 +207,17 @@ fn fixed_ordering_no_dma_after_release_at_any_interleaving() {
     for sc in [&ATTACH, &DETACH] {
         for il in interleavings(sc.ops.len()) {
             let r = run(sc, il, CommitOrdering::Revalidate);
-            assert!(r.escaped.is_empty(), "{} {il:?}: DMA got through after release", sc.name);
-            assert_eq!(r.refusals, vec![RefusalKind::AfterRelease; 2], "{} {il:?}", sc.name);
+            assert!(
+                r.escaped.is_empty(),
+                "{} {il:?}: DMA got through after release",
+                sc.name
+            );
+            assert_eq!(
+                r.refusals,
+                vec![RefusalKind::AfterRelease; 2],
+                "{} {il:?}",
+                sc.name
+            );
             // Operations that linearize after the release answer cc 3.
             for (i, a) in r.answers.iter().enumerate() {
                 if i >= first_after_release(il) {
@@ -267,7 +292,8 @@ fn concurrent_soak_no_dma_after_release() {
                         Err(e) if was_released => assert_eq!(e.kind, RefusalKind::AfterRelease),
                         Err(_) => {
                             // Recover from DMA errors so the attach loop keeps working.
-                            let _ = z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::ResetError, &Fib::default());
+                            let _ =
+                                z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::ResetError, &Fib::default());
                         }
                     }
                 }

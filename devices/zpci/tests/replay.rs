@@ -29,8 +29,16 @@ fn linux_dma_api_sequence() {
     let start_dma = q.sdma;
     let end_dma = start_dma + (1 << 32) - 1;
     let mut t = GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
-    let fib = Fib { pba: start_dma, pal: end_dma, iota: t.iota(), ..Fib::default() };
-    assert_eq!(z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::RegIoat, &fib), Ok(InsnStatus::OK));
+    let fib = Fib {
+        pba: start_dma,
+        pal: end_dma,
+        iota: t.iota(),
+        ..Fib::default()
+    };
+    assert_eq!(
+        z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::RegIoat, &fib),
+        Ok(InsnStatus::OK)
+    );
     // dma_map_page of 3 pages, then RPCIT of the range (tlb_refresh).
     let iova = start_dma + 0x5000;
     t.map_range(&m, iova, 0x20_0000, 3, true).unwrap();
@@ -48,20 +56,53 @@ fn linux_dma_api_sequence() {
     assert_eq!(e.kind, RefusalKind::NotMapped);
     // The stray DMA put the function in error: Linux error recovery resets it.
     assert_eq!(z.state_of(FID), Some(FunctionState::Error));
-    assert_eq!(z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::ResetError, &Fib::default()), Ok(InsnStatus::OK));
+    assert_eq!(
+        z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::ResetError, &Fib::default()),
+        Ok(InsnStatus::OK)
+    );
     // zpci_dma_exit_device: DEREG_IOAT, then disable.
-    assert_eq!(z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::DeregIoat, &Fib::default()), Ok(InsnStatus::OK));
-    assert_eq!(z.translate(&m, fh, iova, 8, false).unwrap_err().kind, RefusalKind::NoIoat);
+    assert_eq!(
+        z.mpcifc_with_fib(&m, fh, 0, MpcifcOp::DeregIoat, &Fib::default()),
+        Ok(InsnStatus::OK)
+    );
+    assert_eq!(
+        z.translate(&m, fh, iova, 8, false).unwrap_err().kind,
+        RefusalKind::NoIoat
+    );
     let off = z.clp_set_pci_fn(fh, SetPciFnOp::Disable).unwrap();
-    assert_eq!(z.translate(&m, off, iova, 8, false).unwrap_err().kind, RefusalKind::NotEnabled);
+    assert_eq!(
+        z.translate(&m, off, iova, 8, false).unwrap_err().kind,
+        RefusalKind::NotEnabled
+    );
     // Every DMA was reported, in order, with its outcome.
     let d = rec.dmas.lock().unwrap();
     assert_eq!(d.len(), 4);
-    assert!(matches!(d[0].outcome, DmaOutcome::Translated { gpa: 0x20_0800, .. }));
-    assert!(d[1..].iter().all(|r| matches!(r.outcome, DmaOutcome::Faulted { .. })));
-    let states: Vec<String> = rec.states.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+    assert!(matches!(
+        d[0].outcome,
+        DmaOutcome::Translated { gpa: 0x20_0800, .. }
+    ));
+    assert!(
+        d[1..]
+            .iter()
+            .all(|r| matches!(r.outcome, DmaOutcome::Faulted { .. }))
+    );
+    let states: Vec<String> = rec
+        .states
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.0.clone())
+        .collect();
     assert_eq!(
         states,
-        ["configure", "enable", "reg-ioat", "error-event", "reset-error", "dereg-ioat", "disable"]
+        [
+            "configure",
+            "enable",
+            "reg-ioat",
+            "error-event",
+            "reset-error",
+            "dereg-ioat",
+            "disable"
+        ]
     );
 }

@@ -28,13 +28,19 @@ pub struct RecHooks {
 
 impl Hooks for RecHooks {
     fn point(&self, ctx: &PointCtx<'_>) {
-        self.points.lock().unwrap().push((ctx.point.to_string(), ctx.value));
+        self.points
+            .lock()
+            .unwrap()
+            .push((ctx.point.to_string(), ctx.value));
     }
     fn dma(&self, rec: &DmaRecord) {
         self.dmas.lock().unwrap().push(*rec);
     }
     fn state(&self, ev: &StateEvent<'_>) {
-        self.states.lock().unwrap().push((ev.what.to_string(), ev.value));
+        self.states
+            .lock()
+            .unwrap()
+            .push((ev.what.to_string(), ev.value));
     }
 }
 
@@ -57,7 +63,14 @@ impl Rig {
         let irq = Arc::new(RecordingInterrupts::default());
         let hooks = Arc::new(RecHooks::default());
         let smmu = SmmuV3::new(cfg, irq.clone(), hooks.clone());
-        Rig { mem, smmu, irq, hooks, alloc: AtomicU64::new(PT_BASE), evt_cons: AtomicU64::new(0) }
+        Rig {
+            mem,
+            smmu,
+            irq,
+            hooks,
+            alloc: AtomicU64::new(PT_BASE),
+            evt_cons: AtomicU64::new(0),
+        }
     }
 
     pub fn w32(&self, o: u64, v: u64) {
@@ -93,9 +106,15 @@ impl Rig {
         loop {
             let cur = self.alloc.load(Ordering::Relaxed);
             let a = (cur + align - 1) & !(align - 1);
-            if self.alloc.compare_exchange(cur, a + size, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if self
+                .alloc
+                .compare_exchange(cur, a + size, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
                 assert!(a + size <= RAM as u64, "test RAM exhausted");
-                self.mem.write_slice(&vec![0u8; size as usize], GuestAddress(a)).unwrap();
+                self.mem
+                    .write_slice(&vec![0u8; size as usize], GuestAddress(a))
+                    .unwrap();
                 return a;
             }
         }
@@ -140,7 +159,11 @@ impl Rig {
     pub fn sync(&self) {
         self.cmd(0x46, 0);
         let m = (2 << CMDQ_LOG2) - 1;
-        assert_eq!(self.r32(off::CMDQ_PROD) & m, self.r32(off::CMDQ_CONS) & m, "SYNC did not complete");
+        assert_eq!(
+            self.r32(off::CMDQ_PROD) & m,
+            self.r32(off::CMDQ_CONS) & m,
+            "SYNC did not complete"
+        );
     }
 
     pub fn cfgi_ste(&self, sid: u32) {
@@ -159,10 +182,15 @@ impl Rig {
             }
             let idx = cons & ((1 << EVTQ_LOG2) - 1);
             let a = EVTQ + idx * 32;
-            let d = [self.read_u64(a), self.read_u64(a + 8), self.read_u64(a + 16), self.read_u64(a + 24)];
+            let d = [
+                self.read_u64(a),
+                self.read_u64(a + 8),
+                self.read_u64(a + 16),
+                self.read_u64(a + 24),
+            ];
             out.push(Event::decode(d).expect("known event type"));
             let ovack = self.r32(0x1_0000 + off::EVENTQ_PROD) & (1 << 31);
-            self.w32(0x1_0000 + off::EVENTQ_CONS, ((cons + 1) & mask) | u64::from(ovack));
+            self.w32(0x1_0000 + off::EVENTQ_CONS, ((cons + 1) & mask) | ovack);
         }
     }
 
@@ -181,12 +209,24 @@ pub fn ste_bypass() -> [u64; 8] {
 
 /// Stage-1-only STE with one CD (or a CD table when `cd_max > 0`).
 pub fn ste_s1(ctx: u64, cd_max: u64, fmt: u64, dss: u64) -> [u64; 8] {
-    [1 | (5 << 1) | (fmt << 4) | ctx | (cd_max << 59), dss, 0, 0, 0, 0, 0, 0]
+    [
+        1 | (5 << 1) | (fmt << 4) | ctx | (cd_max << 59),
+        dss,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
 }
 
 /// S2 part (dwords 2, 3): VMID, T0SZ, SL0, TG encoding, PS=48, AA64, AFFD=0, S2R.
 pub fn s2_words(vmid: u64, t0sz: u64, sl0: u64, tg: u64, ttb: u64) -> (u64, u64) {
-    (vmid | (t0sz << 32) | (sl0 << 38) | (tg << 46) | (5 << 48) | (1 << 51) | (1 << 58), ttb)
+    (
+        vmid | (t0sz << 32) | (sl0 << 38) | (tg << 46) | (5 << 48) | (1 << 51) | (1 << 58),
+        ttb,
+    )
 }
 
 pub fn ste_s2(vmid: u64, t0sz: u64, sl0: u64, tg: u64, ttb: u64) -> [u64; 8] {
@@ -235,19 +275,35 @@ impl<'a> Pt<'a> {
     pub fn s1(rig: &'a Rig, g: Granule, input_bits: u32) -> Self {
         let start_level = g.s1_start_level(input_bits);
         let root = rig.alloc(1 << g.bits(), 1 << g.bits());
-        Pt { rig, g, start_level, input_bits, root }
+        Pt {
+            rig,
+            g,
+            start_level,
+            input_bits,
+            root,
+        }
     }
 
     /// Stage-2 tables with `concat` concatenated start tables.
     pub fn s2(rig: &'a Rig, g: Granule, input_bits: u32, start_level: u32, concat: u64) -> Self {
         let size = concat << g.bits();
         let root = rig.alloc(size, size);
-        Pt { rig, g, start_level, input_bits, root }
+        Pt {
+            rig,
+            g,
+            start_level,
+            input_bits,
+            root,
+        }
     }
 
     fn index(&self, va: u64, level: u32) -> u64 {
         let shift = self.g.level_shift(level);
-        let bits = if level == self.start_level { self.input_bits - shift } else { self.g.stride() };
+        let bits = if level == self.start_level {
+            self.input_bits - shift
+        } else {
+            self.g.stride()
+        };
         (va >> shift) & ((1 << bits) - 1)
     }
 
@@ -296,5 +352,8 @@ pub fn tlbi_va_range(asid: u64, va: u64, g: Granule, num: u64, scale: u64) -> [u
         Granule::G16K => 2,
         Granule::G64K => 3,
     };
-    [0x12 | (num << 12) | (scale << 20) | (asid << 48), (va & !0xfff) | (tg << 10)]
+    [
+        0x12 | (num << 12) | (scale << 20) | (asid << 48),
+        (va & !0xfff) | (tg << 10),
+    ]
 }

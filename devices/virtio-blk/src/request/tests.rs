@@ -2,13 +2,13 @@
 
 use std::sync::Mutex;
 
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::device::{process_available, BlockCounters};
+use crate::device::{BlockCounters, process_available};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -50,10 +50,19 @@ fn header(m: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
 
 const ID: [u8; ID_LEN] = *b"sluice-test-disk\0\0\0\0";
 
-fn run_one(m: &GuestMemoryMmap, disk: &MemDisk, descs: &[RawDescriptor], read_only: bool) -> (Completion, Option<BlockRequestError>) {
+fn run_one(
+    m: &GuestMemoryMmap,
+    disk: &MemDisk,
+    descs: &[RawDescriptor],
+    read_only: bool,
+) -> (Completion, Option<BlockRequestError>) {
     let vq = MockSplitQueue::new(m, 16);
     let chain = vq.build_desc_chain(descs).unwrap();
-    let env = RequestEnv { disk, id: &ID, read_only };
+    let env = RequestEnv {
+        disk,
+        id: &ID,
+        read_only,
+    };
     execute(m, chain, &env)
 }
 
@@ -66,14 +75,34 @@ fn write_then_read_back() {
     let m = mem();
     let d = disk(1 << 20);
     header(&m, 0x10_0000, T_OUT, 8);
-    m.write_slice(&[0xab; 1024], GuestAddress(0x20_0000)).unwrap();
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x20_0000, 1024, 0), desc(0x30_0000, 1, F_WRITE)], false);
+    m.write_slice(&[0xab; 1024], GuestAddress(0x20_0000))
+        .unwrap();
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, 1024, 0),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert!(e.is_none());
     assert_eq!((c.status, c.used_len, c.bytes), (Some(S_OK), 1, 1024));
     assert_eq!(d.0.lock().unwrap()[4096..5120], [0xab; 1024]);
 
     header(&m, 0x10_0000, T_IN, 8);
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x21_0000, 512, F_WRITE), desc(0x21_0200, 512, F_WRITE), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x21_0000, 512, F_WRITE),
+            desc(0x21_0200, 512, F_WRITE),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert!(e.is_none());
     assert_eq!((c.status, c.used_len), (Some(S_OK), 1025));
     let mut back = [0u8; 1024];
@@ -89,7 +118,12 @@ fn header_and_status_may_share_descriptors_with_data() {
     let d = disk(1 << 16);
     header(&m, 0x10_0000, T_OUT, 1);
     m.write_slice(&[7; 512], GuestAddress(0x10_0010)).unwrap();
-    let (c, _) = run_one(&m, &d, &[desc(0x10_0000, 16 + 512, 0), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, _) = run_one(
+        &m,
+        &d,
+        &[desc(0x10_0000, 16 + 512, 0), desc(0x30_0000, 1, F_WRITE)],
+        false,
+    );
     assert_eq!(c.status, Some(S_OK));
     assert_eq!(d.0.lock().unwrap()[512..1024], [7; 512]);
 }
@@ -99,16 +133,35 @@ fn get_id_flush_and_unsupported() {
     let m = mem();
     let d = disk(1 << 16);
     header(&m, 0x10_0000, T_GET_ID, 0);
-    let (c, _) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x20_0000, 20, F_WRITE), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, _) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, 20, F_WRITE),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert_eq!((c.status, c.used_len), (Some(S_OK), 21));
     let mut id = [0u8; 20];
     m.read_slice(&mut id, GuestAddress(0x20_0000)).unwrap();
     assert_eq!(id, ID);
     header(&m, 0x10_0000, T_FLUSH, 0);
-    let (c, _) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, _) = run_one(
+        &m,
+        &d,
+        &[desc(0x10_0000, 16, 0), desc(0x30_0000, 1, F_WRITE)],
+        false,
+    );
     assert_eq!(c.status, Some(S_OK));
     header(&m, 0x10_0000, 0x77, 0);
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[desc(0x10_0000, 16, 0), desc(0x30_0000, 1, F_WRITE)],
+        false,
+    );
     assert_eq!(c.status, Some(S_UNSUPP));
     assert!(e.is_none());
 }
@@ -118,14 +171,41 @@ fn out_of_range_and_read_only_are_ioerr() {
     let m = mem();
     let d = disk(4096);
     header(&m, 0x10_0000, T_IN, 8);
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x20_0000, 512, F_WRITE), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, 512, F_WRITE),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert_eq!(c.status, Some(S_IOERR));
     assert!(matches!(e, Some(BlockRequestError::OutOfRange { .. })));
     header(&m, 0x10_0000, T_IN, u64::MAX / 256);
-    let (c, _) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x20_0000, 512, F_WRITE), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, _) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, 512, F_WRITE),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert_eq!(c.status, Some(S_IOERR), "sector overflow");
     header(&m, 0x10_0000, T_OUT, 0);
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x20_0000, 512, 0), desc(0x30_0000, 1, F_WRITE)], true);
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, 512, 0),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        true,
+    );
     assert_eq!(c.status, Some(S_IOERR));
     assert!(matches!(e, Some(BlockRequestError::ReadOnly)));
 }
@@ -140,15 +220,38 @@ fn malformed_chains_answer_without_panicking() {
     assert_eq!((c.status, c.used_len), (None, 0));
     assert!(matches!(e, Some(BlockRequestError::NoStatusByte)));
     // Short header: status IOERR.
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 8, 0), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[desc(0x10_0000, 8, 0), desc(0x30_0000, 1, F_WRITE)],
+        false,
+    );
     assert_eq!(c.status, Some(S_IOERR));
     assert!(matches!(e, Some(BlockRequestError::ShortHeader)));
     // Data buffer outside guest memory.
-    let (c, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x9000_0000, 512, F_WRITE), desc(0x30_0000, 1, F_WRITE)], false);
+    let (c, e) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x9000_0000, 512, F_WRITE),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert_eq!(c.status, None);
     assert!(matches!(e, Some(BlockRequestError::MalformedChain(_))));
     // A gigantic length never sizes an allocation: it fails on the guest memory bound.
-    let (_, e) = run_one(&m, &d, &[desc(0x10_0000, 16, 0), desc(0x20_0000, u32::MAX, F_WRITE), desc(0x30_0000, 1, F_WRITE)], false);
+    let (_, e) = run_one(
+        &m,
+        &d,
+        &[
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, u32::MAX, F_WRITE),
+            desc(0x30_0000, 1, F_WRITE),
+        ],
+        false,
+    );
     assert!(e.is_some());
 }
 
@@ -169,11 +272,22 @@ fn queue_keeps_running_after_a_bad_chain() {
     vq.add_desc_chains(&descs, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     let counters = BlockCounters::default();
-    let env = RequestEnv { disk: &d, id: &ID, read_only: false };
+    let env = RequestEnv {
+        disk: &d,
+        id: &ID,
+        read_only: false,
+    };
     let mut notified = 0;
-    assert!(process_available(&mut q, &m, &env, &counters, || notified += 1));
+    assert!(process_available(&mut q, &m, &env, &counters, || {
+        notified += 1
+    }));
     assert_eq!(notified, 1);
-    assert_eq!(q.used_idx(&m, std::sync::atomic::Ordering::Acquire).unwrap().0, 2);
+    assert_eq!(
+        q.used_idx(&m, std::sync::atomic::Ordering::Acquire)
+            .unwrap()
+            .0,
+        2
+    );
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(counters.requests.load(Relaxed), 2);
     assert_eq!(counters.errors.load(Relaxed), 1);

@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 //! Shared fixtures: guest memory, an enabled function, recording/parking hooks.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
 use sluice_devapi::{DmaOutcome, DmaRecord, Hooks, PointCtx, StateEvent};
@@ -37,7 +37,10 @@ impl Hooks for Recorder {
         self.dmas.lock().unwrap().push(*rec);
     }
     fn state(&self, ev: &StateEvent<'_>) {
-        self.states.lock().unwrap().push((ev.what.to_string(), ev.value));
+        self.states
+            .lock()
+            .unwrap()
+            .push((ev.what.to_string(), ev.value));
     }
 }
 
@@ -78,7 +81,13 @@ impl Parking {
             arrived: Mutex::new(atx),
             resume: Mutex::new(rrx),
         };
-        (Arc::new(p), ParkControl { arrived: arx, resume: rtx })
+        (
+            Arc::new(p),
+            ParkControl {
+                arrived: arx,
+                resume: rtx,
+            },
+        )
     }
     pub fn arm(&self, point: &str, nth: usize) {
         *self.target.lock().unwrap() = Some((point.to_string(), nth));
@@ -104,7 +113,11 @@ impl Hooks for Parking {
             }
         };
         if park {
-            self.arrived.lock().unwrap().send(ctx.point.to_string()).unwrap();
+            self.arrived
+                .lock()
+                .unwrap()
+                .send(ctx.point.to_string())
+                .unwrap();
             self.resume.lock().unwrap().recv().unwrap();
         }
     }
@@ -121,26 +134,37 @@ pub fn model_with(opts: ZpciOptions, cfg: FunctionConfig, hooks: Arc<dyn Hooks>)
 }
 
 pub fn cfg() -> FunctionConfig {
-    FunctionConfig { fid: FID, ..FunctionConfig::default() }
+    FunctionConfig {
+        fid: FID,
+        ..FunctionConfig::default()
+    }
 }
 
 /// Configures and enables `fid`; returns the enabled handle.
 pub fn enable(z: &Zpci, fid: u32) -> u32 {
     z.configure(fid).unwrap();
     let fh = z.fh_of(fid).unwrap();
-    z.clp_set_pci_fn(fh, SetPciFnOp::Enable { ndas: 1 }).unwrap()
+    z.clp_set_pci_fn(fh, SetPciFnOp::Enable { ndas: 1 })
+        .unwrap()
 }
 
 pub fn ioat_fib(t: &GuestTables) -> Fib {
-    Fib { pba: PBA, pal: PAL, iota: t.iota(), ..Fib::default() }
+    Fib {
+        pba: PBA,
+        pal: PAL,
+        iota: t.iota(),
+        ..Fib::default()
+    }
 }
 
 pub fn reg_ioat(z: &Zpci, m: &Mem, fh: u32, t: &GuestTables) -> InsnStatus {
-    z.mpcifc_with_fib(m, fh, 0, MpcifcOp::RegIoat, &ioat_fib(t)).unwrap()
+    z.mpcifc_with_fib(m, fh, 0, MpcifcOp::RegIoat, &ioat_fib(t))
+        .unwrap()
 }
 
 pub fn dereg_ioat(z: &Zpci, m: &Mem, fh: u32) -> InsnStatus {
-    z.mpcifc_with_fib(m, fh, 0, MpcifcOp::DeregIoat, &Fib::default()).unwrap()
+    z.mpcifc_with_fib(m, fh, 0, MpcifcOp::DeregIoat, &Fib::default())
+        .unwrap()
 }
 
 /// Model + memory + tables + enabled function with the tables registered.

@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# Build a Sluice guest image (kernel + modules + busybox initramfs) for one
+# variant under guest-images/variants/<name>/.
+#
+#   guest-images/build.sh [VARIANT]        (default: 6.12; see variants/)
+#
+# Everything is built outside the work tree, under
+#   ${SLUICE_CACHE:-$HOME/.cache/sluice}/{src,build,guest}/
+# and the kernel is only rebuilt when its inputs change (see README.md,
+# "Cache"). Progress goes to stderr; the last lines of stdout are
+#   KERNEL=... VMLINUX=... SYSTEM_MAP=... INITRD=... IMAGE_DIR=...
+set -euo pipefail
+export LC_ALL=C
+
+SCRIPT_NAME=build.sh
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/common.sh
+. "$HERE/lib/common.sh"
+
+case "${1:-}" in
+    -h|--help)
+        sed -n '2,11p' "$HERE/build.sh" | sed 's/^# \{0,1\}//'
+        echo "variants: $(cd "$HERE/variants" && echo *)"
+        exit 0 ;;
+esac
+[ $# -le 1 ] || die "usage: build.sh [VARIANT]"
+
+VARIANT=${1:-6.12}
+VDIR=$HERE/variants/$VARIANT
+[ -f "$VDIR/variant.conf" ] || die "unknown variant '$VARIANT' (known: $(cd "$HERE/variants" && echo *))"
+[ -f "$VDIR/fragment.config" ] || die "$VDIR/fragment.config is missing"
+
+SOURCE_PKG='' TARBALL='' DESCRIPTION='' EXPECTED_OBJS=1400
+# shellcheck source=/dev/null
+. "$VDIR/variant.conf"
+[ -n "$SOURCE_PKG" ] && [ -n "$TARBALL" ] || die "$VDIR/variant.conf must set SOURCE_PKG and TARBALL"
+
+JOBS=$(nproc)
+STAGES=7
+HB_PID=
+trap 'if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
+T_START=$(now)
+
+log "build.sh: variant $VARIANT: $DESCRIPTION"
+
+# ---------------------------------------------------------------------------
+stage 1 $STAGES "host packages"
+need_packages "$SOURCE_PKG" build-essential flex bison bc libelf-dev libssl-dev \
+    cpio xz-utils kmod busybox-static gzip
+[ -f "$TARBALL" ] || die "$TARBALL not found although $SOURCE_PKG is installed"
+[ -x /bin/busybox ] || die "/bin/busybox missing (busybox-static)"
+SRCVER=$(dpkg-query -W -f='${Version}' "$SOURCE_PKG")
+
+FRAGMENTS=("$HERE/fragments/common.config" "$VDIR/fragment.config")
+VERIFY_ONLY=("$HERE/fragments/verify-only.config")
+[ -f "$VDIR/verify-only.config" ] && VERIFY_ONLY+=("$VDIR/verify-only.config")
+shopt -s nullglob
+PATCHES=("$VDIR"/patches/*.patch)
+shopt -u nullglob
+
+#@@ kernel-key begin -------------------------------------------------------
+# Everything between the two kernel-key markers is part of the cache key:
+# editing it forces a kernel rebuild. Code outside it (progress, initramfs,
+# manifest) can change freely without invalidating cached kernels.
+KERNEL_ARCH=x86_64
+KERNEL_BASE_CONFIG=tinyconfig
+KERNEL_TARGETS=(bzImage modules)
+# module name -> shipped as modules/<name>.ko and /lib/modules/<name>.ko
+GUEST_MODULES=(virtio_iommu virtio_blk)
+
+kmake() { make -C "$SRC" O="$OUT" ARCH="$KERNEL_ARCH" "$@"; }
+
+kernel_configure() {
+    mkdir -p "$OUT"
+    kmake -s "$KERNEL_BASE_CONFIG"
+    "$SRC/scripts/kconfig/merge_config.sh" -m -O "$OUT" "$OUT/.config" "${FRAGMENTS[@]}"
+    kmake -s olddefconfig
+}
+
+# kernel_verify FILE... : every "CONFIG_X=value" line must be in .config
+# verbatim; every "# CONFIG_X is not set" line must not be =y/=m there.
+kernel_verify() {
+    local cfg=$OUT/.config line sym have bad=()
+    while IFS= read -r line; do
+        case "$line" in
+            CONFIG_*=*)
+                sym=${line%%=*}
+                if ! grep -qxF -- "$line" "$cfg"; then
+                    have=$(grep -E "^(# )?$sym[= ]" "$cfg" || true)
+                    bad+=("want '$line', have '${have:-<absent>}'")
+                fi ;;
+            "# CONFIG_"*" is not set")
+                sym=${line#\# }; sym=${sym%% *}
+                if grep -qE "^$sym=[ym]\$" "$cfg"; then
+                    bad+=("want '$sym' off, have '$(grep -E "^$sym=" "$cfg")'")
+                fi ;;
+        esac
+    done < <(cat "$@")
+    # insmod of busybox cannot handle signed or compressed modules
+    for sym in CONFIG_MODULE_SIG CONFIG_MODULE_COMPRESS_GZIP CONFIG_MODULE_COMPRESS_XZ CONFIG_MODULE_COMPRESS_ZSTD; do
+        if grep -qE "^$sym=y\$" "$cfg"; then bad+=("$sym must be off"); fi
+    done
+    if [ ${#bad[@]} -ne 0 ]; then
+        log "config verification FAILED for $VARIANT (${#bad[@]} problem(s)):"
+        printf '    %s\n' "${bad[@]}" >&2
+        return 1
+    fi
+}
+
+kernel_build() { kmake -j"$JOBS" "${KERNEL_TARGETS[@]}"; }
+
+# kernel_find_module NAME : path of NAME.ko in the build tree (the file may
+# use '-' where the module name has '_', e.g. drivers/iommu/virtio-iommu.ko)
+kernel_find_module() {
+    local name=$1 alt=${1//_/-}
+    find "$OUT" -path "$OUT/source" -prune -o \( -name "$name.ko" -o -name "$alt.ko" \) -print | head -n1
+}
+#@@ kernel-key end ---------------------------------------------------------
+
+KEY=$( {
+    echo "source $SOURCE_PKG $SRCVER"
+    for f in "${FRAGMENTS[@]}" "${VERIFY_ONLY[@]}" "${PATCHES[@]}"; do
+        echo "file ${f#"$HERE"/}"
+        cat "$f"
+    done
+    sed -n '/^#@@ kernel-key begin/,/^#@@ kernel-key end/p' "$HERE/build.sh"
+} | short_hash )
+
+SRCTAG=$SOURCE_PKG-${SRCVER//[:\/]/_}
+if [ ${#PATCHES[@]} -gt 0 ]; then
+    SRCTAG=$SRCTAG-p$(cat "${PATCHES[@]}" | short_hash)
+fi
+SRC=$SLUICE_CACHE/src/$SRCTAG
+OUT=$SLUICE_CACHE/build/$VARIANT-$KEY
+IMAGE_DIR=$SLUICE_CACHE/guest/$VARIANT-$KEY
+STATS=$SLUICE_CACHE/guest/.stats
+mkdir -p "$SLUICE_CACHE/src" "$SLUICE_CACHE/build" "$IMAGE_DIR" "$STATS"
+log "      source $SOURCE_PKG $SRCVER, key $KEY"
+log "      image dir $IMAGE_DIR"
+
+# One build per variant+key at a time: concurrent runs (e.g. two test
+# harnesses) would otherwise compile into the same tree and clobber each
+# other. The second one waits, then finds the kernel cached.
+exec 9>"$OUT.lock"
+if ! flock -n 9; then
+    log "      another build of $VARIANT-$KEY is running; waiting for its lock ($OUT.lock)"
+    flock 9
+fi
+
+KERNEL_FILES=(bzImage vmlinux System.map config)
+for m in "${GUEST_MODULES[@]}"; do KERNEL_FILES+=("modules/$m.ko"); done
+kernel_cached() {
+    local f
+    [ -f "$IMAGE_DIR/.kernel-complete" ] || return 1
+    for f in "${KERNEL_FILES[@]}"; do [ -s "$IMAGE_DIR/$f" ] || return 1; done
+}
+
+KBUILD_SECS=''
+if kernel_cached; then
+    stage 2 $STAGES "unpack source: skipped"
+    stage 3 $STAGES "configure: skipped"
+    stage 4 $STAGES "kernel: cached ($IMAGE_DIR)"
+    stage 5 $STAGES "collect kernel artifacts: skipped"
+    log "cached"
+else
+    # -----------------------------------------------------------------------
+    stage 2 $STAGES "unpack source ($TARBALL -> $SRC)"
+    if [ -f "$SRC/.sluice-unpacked" ]; then
+        log "      already unpacked"
+    else
+        rm -rf "$SRC" "$SRC.tmp"
+        mkdir -p "$SRC.tmp"
+        unpack_progress() { echo "unpacking, $(du -sm "$SRC.tmp" 2>/dev/null | cut -f1) MiB so far"; }
+        run_with_heartbeat "$SLUICE_CACHE/src/$SRCTAG.unpack.log" unpack_progress -- \
+            tar -C "$SRC.tmp" -xf "$TARBALL" || die "unpacking $TARBALL failed"
+        top=$(find "$SRC.tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)
+        [ -n "$top" ] && [ -f "$top/Makefile" ] || die "$TARBALL does not contain a kernel tree"
+        mv "$top" "$SRC"
+        rmdir "$SRC.tmp"
+        for p in "${PATCHES[@]}"; do
+            log "      applying ${p#"$HERE"/}"
+            patch -d "$SRC" -p1 --batch --forward -s < "$p" || die "patch $p does not apply to $SOURCE_PKG $SRCVER"
+        done
+        touch "$SRC/.sluice-unpacked"
+    fi
+
+    # -----------------------------------------------------------------------
+    stage 3 $STAGES "configure ($KERNEL_BASE_CONFIG + $(for f in "${FRAGMENTS[@]}"; do printf '%s ' "${f#"$HERE"/}"; done)+ olddefconfig + verify)"
+    mkdir -p "$OUT"
+    if ! kernel_configure >"$OUT/configure.log" 2>&1; then
+        tail -n 30 "$OUT/configure.log" >&2
+        die "kernel configuration failed (log: $OUT/configure.log)"
+    fi
+    kernel_verify "${FRAGMENTS[@]}" "${VERIFY_ONLY[@]}" \
+        || die "the merged fragments did not survive olddefconfig (see above); fix variants/$VARIANT or fragments/"
+    log "      config OK: $(grep -cE '^CONFIG_[A-Z0-9_]+=y$' "$OUT/.config") =y, $(grep -cE '^CONFIG_[A-Z0-9_]+=m$' "$OUT/.config") =m; every fragment line verified"
+
+    # -----------------------------------------------------------------------
+    EXP=$EXPECTED_OBJS
+    [ -s "$STATS/$VARIANT.objs" ] && EXP=$(cat "$STATS/$VARIANT.objs")
+    kernel_progress() {
+        local n pct
+        n=$(find "$OUT" -name '*.o' 2>/dev/null | wc -l)
+        pct=$(( n * 100 / EXP ))
+        [ "$pct" -gt 99 ] && pct=99
+        echo "$n objects built (~$pct% of ~$EXP)"
+    }
+    stage 4 $STAGES "build kernel: make -j$JOBS ${KERNEL_TARGETS[*]} (log: $OUT/make.log)"
+    t0=$(now)
+    run_with_heartbeat "$OUT/make.log" kernel_progress -- kernel_build \
+        || die "kernel build failed (log: $OUT/make.log)"
+    KBUILD_SECS=$(( $(now) - t0 ))
+    find "$OUT" -name '*.o' | wc -l > "$STATS/$VARIANT.objs"
+    log "      kernel built in ${KBUILD_SECS}s ($(cat "$STATS/$VARIANT.objs") objects)"
+
+    # -----------------------------------------------------------------------
+    stage 5 $STAGES "collect kernel artifacts"
+    rm -f "$IMAGE_DIR/.kernel-complete"
+    rm -rf "$IMAGE_DIR/modules"
+    mkdir -p "$IMAGE_DIR/modules"
+    cp "$OUT/arch/x86/boot/bzImage" "$IMAGE_DIR/bzImage"
+    cp "$OUT/vmlinux" "$IMAGE_DIR/vmlinux"
+    cp "$OUT/System.map" "$IMAGE_DIR/System.map"
+    cp "$OUT/.config" "$IMAGE_DIR/config"
+    for m in "${GUEST_MODULES[@]}"; do
+        ko=$(kernel_find_module "$m")
+        [ -n "$ko" ] || die "module $m (.ko) not found in $OUT; is it =m in the fragment?"
+        cp "$ko" "$IMAGE_DIR/modules/$m.ko"
+        log "      modules/$m.ko <- ${ko#"$OUT"/}"
+    done
+    cat "$OUT/include/config/kernel.release" > "$IMAGE_DIR/kernel.release"
+    echo "$KBUILD_SECS" > "$IMAGE_DIR/kernel-build-seconds"
+    touch "$IMAGE_DIR/.kernel-complete"
+fi
+
+# ---------------------------------------------------------------------------
+# The initramfs is cheap (~2 s); it is rebuilt every time, reproducibly
+# (fixed mtimes, sorted names, gzip -n), and only replaces the cached file
+# when its bytes differ.
+stage 6 $STAGES "initramfs (busybox $(dpkg-query -W -f='${Version}' busybox-static) + init/init + ${GUEST_MODULES[*]})"
+STAGE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sluice-initramfs.XXXXXX")
+trap 'rm -rf "$STAGE_DIR"; if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
+R=$STAGE_DIR/root
+mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,mnt,run,lib/modules,sys/kernel/debug,usr/bin,usr/sbin}
+cp /bin/busybox "$R/bin/busybox"
+for a in $("$R/bin/busybox" --list); do
+    # busybox lists itself as an applet: a symlink would replace the binary
+    [ "$a" = busybox ] || ln -s busybox "$R/bin/$a"
+done
+install -m 0755 "$HERE/init/init" "$R/init"
+for m in "${GUEST_MODULES[@]}"; do
+    install -m 0644 "$IMAGE_DIR/modules/$m.ko" "$R/lib/modules/$m.ko"
+done
+find "$R" -exec touch -h -d @0 {} +
+( cd "$R" && find . -mindepth 1 -print0 | sort -z | cpio --null -o -H newc --quiet --reproducible -R 0:0 ) \
+    | gzip -9 -n > "$STAGE_DIR/initramfs.cpio.gz"
+if cmp -s "$STAGE_DIR/initramfs.cpio.gz" "$IMAGE_DIR/initramfs.cpio.gz" 2>/dev/null; then
+    log "      initramfs unchanged"
+else
+    mv "$STAGE_DIR/initramfs.cpio.gz" "$IMAGE_DIR/initramfs.cpio.gz"
+    log "      initramfs written ($(stat -c %s "$IMAGE_DIR/initramfs.cpio.gz") bytes)"
+fi
+
+# ---------------------------------------------------------------------------
+stage 7 $STAGES "manifest"
+{
+    echo "variant: $VARIANT"
+    echo "description: $DESCRIPTION"
+    echo "key: $KEY"
+    echo "source_package: $SOURCE_PKG $SRCVER"
+    echo "kernel_release: $(cat "$IMAGE_DIR/kernel.release")"
+    echo "kernel_build_seconds: $(cat "$IMAGE_DIR/kernel-build-seconds") (make -j$JOBS, when it was built)"
+    echo "fragments: $(for f in "${FRAGMENTS[@]}"; do printf '%s ' "${f#"$HERE"/}"; done)"
+    echo "verify_only: $(for f in "${VERIFY_ONLY[@]}"; do printf '%s ' "${f#"$HERE"/}"; done)"
+    echo "patches: ${PATCHES[*]:-none}"
+    echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static)"
+    echo "modules: ${GUEST_MODULES[*]}"
+    echo "build_tree: $OUT"
+    echo "source_tree: $SRC"
+    echo "files:"
+    ( cd "$IMAGE_DIR" && for f in "${KERNEL_FILES[@]}" initramfs.cpio.gz; do
+        printf '  %s %s %s\n' "$(sha256sum "$f" | cut -c1-64)" "$(stat -c %s "$f")" "$f"
+    done )
+} > "$IMAGE_DIR/manifest.txt.new"
+# keep the file (and its mtime) when nothing changed
+if cmp -s "$IMAGE_DIR/manifest.txt.new" "$IMAGE_DIR/manifest.txt" 2>/dev/null; then
+    rm -f "$IMAGE_DIR/manifest.txt.new"
+else
+    mv "$IMAGE_DIR/manifest.txt.new" "$IMAGE_DIR/manifest.txt"
+fi
+
+log "build.sh: $VARIANT done in $(( $(now) - T_START ))s"
+echo "KERNEL=$IMAGE_DIR/bzImage"
+echo "VMLINUX=$IMAGE_DIR/vmlinux"
+echo "SYSTEM_MAP=$IMAGE_DIR/System.map"
+echo "INITRD=$IMAGE_DIR/initramfs.cpio.gz"
+echo "IMAGE_DIR=$IMAGE_DIR"
