@@ -177,6 +177,7 @@ else
         [ -n "$top" ] && [ -f "$top/Makefile" ] || die "$TARBALL does not contain a kernel tree"
         mv "$top" "$SRC"
         rmdir "$SRC.tmp"
+        rm -f "$SLUICE_CACHE/src/$SRCTAG.unpack.log"
         for p in "${PATCHES[@]}"; do
             log "      applying ${p#"$HERE"/}"
             patch -d "$SRC" -p1 --batch --forward -s < "$p" || die "patch $p does not apply to $SOURCE_PKG $SRCVER"

@@ -9,7 +9,7 @@ die()  { printf '%s: ERROR: %s\n' "${SCRIPT_NAME:-guest-images}" "$*" >&2; exit 
 now()  { date +%s; }
 
 # stage N TOTAL TEXT
-stage() { log "[$1/$2] $3"; }
+stage() { log "[$1/$2] $3${T_START:+  (t+$(( $(now) - T_START ))s)}"; }
 
 # sha256 of stdin, first 16 hex digits
 short_hash() { sha256sum | cut -c1-16; }

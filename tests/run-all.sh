@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every Sluice test on this machine, installing and building what they need first:
+# Debian packages, the patched QEMU and both guest kernels (cached outside the work tree in
+# ${SLUICE_CACHE:-~/.cache/sluice}), then format, lint, unit and end-to-end tests.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+stage() { printf '\n==== %s (%s)\n' "$1" "$(date +%T)"; }
+
+stage "toolchain"
+cargo --version
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "cargo-nextest missing: installing"
+    cargo install --locked cargo-nextest
+fi
+command -v flock >/dev/null || { apt-get update -q && apt-get install -y -q util-linux; }
+command -v python3 >/dev/null || { apt-get update -q && apt-get install -y -q python3; }
+
+stage "build sluice"
+cargo build --release -p sluice
+
+CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
+mkdir -p "$CACHE"
+stage "patched QEMU (cached)"
+flock "$CACHE/.build.lock" bash guest-images/qemu/build-qemu.sh
+for v in 6.12 6.1; do
+    stage "guest image $v (cached)"
+    ./target/release/sluice image build "$v"
+done
+
+stage "format"
+cargo fmt --all -- --check
+stage "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+stage "tests"
+cargo nextest run --workspace --no-fail-fast
