@@ -6,6 +6,7 @@
 //! memory maps in.
 #![forbid(unsafe_code)]
 
+mod dma_stats;
 mod intx;
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use sluice_virtio_blk::{BlockDevice, RawDisk};
 use sluice_virtio_pci::{SharedMemory, TransportOptions, VirtioPciFunction};
 use thiserror::Error;
 
+pub use dma_stats::{DmaStats, EndpointDmaCounts};
 pub use intx::IntxRelay;
 
 /// First PCI slot used for Sluice devices (00:01 and 00:02 stay free for IOMMUs and tests).
