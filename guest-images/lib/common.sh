@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared helpers for the guest-images scripts. Sourced, not executed.
 # Everything here writes progress to stderr so that stdout stays reserved for
 # the machine-readable KEY=value lines each script prints at the end.

@@ -19,9 +19,10 @@ export LC_ALL=C
 # configure/meson must find Debian's python3, not a pyenv shim
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$PATH
 
+# shellcheck disable=SC2034  # used by die() in lib/common.sh
 SCRIPT_NAME=build-qemu.sh
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=../lib/common.sh
+# shellcheck source=lib/common.sh
 . "$HERE/../lib/common.sh"
 
 case "${1:-}" in

@@ -14,10 +14,14 @@
 //!   oracle and the timeline consume). [`NoHooks`] is the zero-cost default.
 #![forbid(unsafe_code)]
 
+mod dma;
 mod endpoint;
 mod hooks;
 mod irq;
 
+pub use dma::{
+    DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON,
+};
 pub use endpoint::{Bdf, Endpoint};
 pub use hooks::{DmaDirection, DmaOutcome, DmaRecord, Hooks, NoHooks, PointCtx, StateEvent};
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};

@@ -9,16 +9,39 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use sluice_devapi::InterruptSink;
 use vmm_sys_util::eventfd::EventFd;
 
-/// The INTx line of one function.
+/// Where a backend delivers message-signalled interrupts (the kvm backend: KVM_SIGNAL_MSI or an
+/// irqfd route). The qemu backend has none: QEMU's proxy carries INTx only.
+pub trait MsiDelivery: Send + Sync {
+    /// Delivers one message.
+    fn deliver(&self, address: u64, data: u32);
+}
+
+/// The interrupt lines of one function: INTx over an eventfd pair, and MSI through the
+/// backend's [`MsiDelivery`] when it has one.
 #[derive(Default)]
 pub struct IntxRelay {
     level: AtomicBool,
     intr: Mutex<Option<EventFd>>,
     raised: AtomicU64,
+    msi_sent: AtomicU64,
     dropped_msi: AtomicU64,
+    msi: Option<std::sync::Arc<dyn MsiDelivery>>,
 }
 
 impl IntxRelay {
+    /// A relay that also delivers MSI messages through `msi`.
+    pub fn with_msi(msi: std::sync::Arc<dyn MsiDelivery>) -> Self {
+        IntxRelay {
+            msi: Some(msi),
+            ..Default::default()
+        }
+    }
+
+    /// MSI messages delivered.
+    pub fn msi_sent(&self) -> u64 {
+        self.msi_sent.load(Ordering::Relaxed)
+    }
+
     /// Connects the raise eventfd (replacing an earlier one). If the line is already high the
     /// new eventfd is signalled at once so no interrupt is lost across a reconnect.
     pub fn connect(&self, intr: EventFd) {
@@ -72,8 +95,16 @@ impl InterruptSink for IntxRelay {
     }
 
     fn msi(&self, address: u64, data: u32) {
-        self.dropped_msi.fetch_add(1, Ordering::Relaxed);
-        log::warn!("INTx-only function asked for MSI {address:#x}={data:#x}; dropped");
+        match &self.msi {
+            Some(m) => {
+                self.msi_sent.fetch_add(1, Ordering::Relaxed);
+                m.deliver(address, data);
+            }
+            None => {
+                self.dropped_msi.fetch_add(1, Ordering::Relaxed);
+                log::warn!("INTx-only function asked for MSI {address:#x}={data:#x}; dropped");
+            }
+        }
     }
 }
 
@@ -99,5 +130,21 @@ mod tests {
         assert_eq!(relay.raised(), 2);
         relay.msi(0xfee0_0000, 1);
         assert_eq!(relay.dropped_msi(), 1);
+    }
+
+    #[test]
+    fn msi_goes_to_the_backend_when_it_has_a_path() {
+        #[derive(Default)]
+        struct Rec(Mutex<Vec<(u64, u32)>>);
+        impl MsiDelivery for Rec {
+            fn deliver(&self, address: u64, data: u32) {
+                self.0.lock().unwrap().push((address, data));
+            }
+        }
+        let rec = std::sync::Arc::new(Rec::default());
+        let relay = IntxRelay::with_msi(rec.clone());
+        relay.msi(0xfee0_1000, 0x41);
+        assert_eq!(*rec.0.lock().unwrap(), vec![(0xfee0_1000, 0x41)]);
+        assert_eq!((relay.msi_sent(), relay.dropped_msi()), (1, 0));
     }
 }

@@ -8,6 +8,7 @@
 
 mod dma_stats;
 mod intx;
+mod outcome;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use sluice_virtio_pci::{SharedMemory, TransportOptions, VirtioPciFunction};
 use thiserror::Error;
 
 pub use dma_stats::{DmaStats, EndpointDmaCounts};
-pub use intx::IntxRelay;
+pub use intx::{IntxRelay, MsiDelivery};
+pub use outcome::{GuestExit, RunOutcome};
 
 /// First PCI slot used for Sluice devices (00:01 and 00:02 stay free for IOMMUs and tests).
 pub const FIRST_SLOT: u8 = 3;
@@ -72,6 +74,15 @@ pub struct HostedDevice {
     pub disk: Option<PathBuf>,
 }
 
+/// What the CPU backend can offer devices.
+#[derive(Clone, Default)]
+pub struct HostOptions {
+    /// MSI-X vectors per function (0: INTx only, as QEMU's proxy requires).
+    pub msix_vectors: u16,
+    /// Where MSI messages go, if the backend can deliver them.
+    pub msi: Option<Arc<dyn MsiDelivery>>,
+}
+
 /// Every device of a run plus the guest memory they share.
 pub struct DeviceSet {
     /// Guest memory (filled in by the backend).
@@ -81,8 +92,17 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// Builds one virtio-blk function per disk, at slots `FIRST_SLOT..`.
+    /// Builds one virtio-blk function per disk, at slots `FIRST_SLOT..`, INTx only.
     pub fn new(disks: &[DiskSpec], hooks: Arc<dyn Hooks>) -> Result<Self, HostError> {
+        Self::with_options(disks, hooks, &HostOptions::default())
+    }
+
+    /// As [`DeviceSet::new`], with what the backend offers.
+    pub fn with_options(
+        disks: &[DiskSpec],
+        hooks: Arc<dyn Hooks>,
+        opts: &HostOptions,
+    ) -> Result<Self, HostError> {
         let mem = SharedMemory::default();
         let mut devices = Vec::new();
         for (i, spec) in disks.iter().enumerate() {
@@ -100,7 +120,10 @@ impl DeviceSet {
             }
             let name = format!("blk{i}");
             let bdf = Bdf::new(0, slot, 0);
-            let intx = Arc::new(IntxRelay::default());
+            let intx = Arc::new(match &opts.msi {
+                Some(m) => IntxRelay::with_msi(m.clone()),
+                None => IntxRelay::default(),
+            });
             let device = BlockDevice::new(&name, Arc::new(raw), spec.read_only);
             let opts = TransportOptions {
                 bdf,

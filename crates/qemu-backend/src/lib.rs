@@ -13,4 +13,5 @@ pub mod memory;
 pub mod protocol;
 pub mod server;
 
-pub use launcher::{Accel, GuestExit, QemuConfig, RunOutcome, run};
+pub use launcher::{Accel, QemuConfig, run};
+pub use sluice_host::{GuestExit, RunOutcome};

@@ -5,7 +5,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 use sluice_host::DeviceSet;
-use sluice_qemu::{GuestExit, QemuConfig, RunOutcome};
+use sluice_host::{GuestExit, RunOutcome};
+use sluice_qemu::QemuConfig;
 
 use crate::verify::{GuestReport, HostCheck};
 

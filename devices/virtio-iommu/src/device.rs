@@ -1,0 +1,432 @@
+//! [`VirtioIommu`]: the `VirtioDevice`, its construction, configuration space, and the worker
+//! thread that serves the request and event queues.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, PointCtx, StateEvent};
+use sluice_virtio_pci::{
+    ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt,
+};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+pub use crate::engine::{Reply, ViommuCounters};
+use crate::config::ViommuConfig;
+use crate::engine::{Engine, REQUEST_COUNTERS, STATUS_COUNTERS};
+use crate::events::FaultQueue;
+use crate::model::{EpSlot, Model};
+use crate::spec::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU, features};
+use crate::translate::{EndpointTranslator, EpState, Shared};
+use crate::POINT_CONFIG_WRITE;
+
+/// Request queue index.
+pub const REQUEST_QUEUE: u16 = 0;
+/// Event queue index.
+pub const EVENT_QUEUE: u16 = 1;
+
+/// Features this device offers (the transport adds VERSION_1 and ACCESS_PLATFORM).
+pub const OFFERED_FEATURES: u64 = (1 << features::INPUT_RANGE)
+    | (1 << features::DOMAIN_RANGE)
+    | (1 << features::MAP_UNMAP)
+    | (1 << features::PROBE)
+    | (1 << features::MMIO)
+    | (1 << features::BYPASS_CONFIG);
+
+enum WorkerMsg {
+    Requests,
+    Events,
+    Stop,
+}
+
+struct Running {
+    tx: Sender<WorkerMsg>,
+    handle: JoinHandle<()>,
+}
+
+/// A virtio-iommu device.
+pub struct VirtioIommu {
+    pub(crate) engine: Arc<Engine>,
+    queue_sizes: [u16; 2],
+    running: Option<Running>,
+}
+
+impl VirtioIommu {
+    /// A device named `name` (used in logs, state events and thread names) translating for
+    /// `cfg.endpoints`, reporting to `hooks`.
+    pub fn new(name: &str, cfg: ViommuConfig, hooks: Arc<dyn Hooks>) -> Self {
+        let cfg = Arc::new(cfg.normalized());
+        let shared = Arc::new(Shared {
+            bypass: AtomicBool::new(cfg.boot_bypass),
+            faults: FaultQueue::new(cfg.fault_queue_len),
+        });
+        let mut endpoints = BTreeMap::new();
+        for &id in &cfg.endpoints {
+            let state = Arc::new(EpState {
+                id,
+                attached: std::sync::RwLock::new(None),
+            });
+            let translator = Arc::new(EndpointTranslator::new(state.clone(), shared.clone()));
+            let iommu = EndpointIommu::new(Endpoint::Pci(Bdf(id as u16)), translator, hooks.clone());
+            endpoints.insert(id, EpSlot { state, iommu });
+        }
+        let endpoints = Arc::new(endpoints);
+        let model = Model::new(
+            name,
+            cfg.clone(),
+            hooks.clone(),
+            shared.clone(),
+            endpoints.clone(),
+        );
+        let queue_sizes = [cfg.queue_size; 2];
+        VirtioIommu {
+            engine: Arc::new(Engine {
+                name: name.to_string(),
+                cfg,
+                hooks,
+                shared,
+                endpoints,
+                model: Mutex::new(model),
+                counters: ViommuCounters::default(),
+                acked: AtomicU64::new(0),
+                activated: AtomicBool::new(false),
+            }),
+            queue_sizes,
+            running: None,
+        }
+    }
+
+    /// The translation seam of `endpoint_id`, to wrap in
+    /// `vm_memory::IommuMemory<GuestMemoryMmap, EndpointIommu>` for a device behind this IOMMU.
+    /// None if the endpoint was not configured. Every call returns a handle to the same cache.
+    pub fn endpoint_iommu(&self, endpoint_id: u32) -> Option<EndpointIommu> {
+        self.engine
+            .endpoints
+            .get(&endpoint_id)
+            .map(|s| s.iommu.clone())
+    }
+
+    /// Endpoint IDs behind this IOMMU, ascending.
+    pub fn endpoint_ids(&self) -> Vec<u32> {
+        self.engine.endpoints.keys().copied().collect()
+    }
+
+    /// The (normalised) configuration.
+    pub fn config(&self) -> &ViommuConfig {
+        &self.engine.cfg
+    }
+
+    /// Current `config.bypass`.
+    pub fn bypass(&self) -> bool {
+        self.engine.shared.bypass.load(Ordering::Acquire)
+    }
+
+    /// The domain `endpoint_id` is attached to.
+    pub fn attached_domain(&self, endpoint_id: u32) -> Option<u32> {
+        self.engine
+            .model
+            .lock()
+            .ok()
+            .and_then(|m| m.attached(endpoint_id))
+    }
+
+    /// Records the features the driver accepted. Activation does this; tests, benches and the
+    /// fuzzer that drive the device without a transport call it directly.
+    pub fn set_acked_features(&self, acked: u64) {
+        self.engine.acked.store(acked, Ordering::Release);
+    }
+
+    /// Handles one request given as bytes (readable part, and the size of the writable part)
+    /// without a queue. `mem`, if given, is the guest RAM MAP targets are checked against.
+    pub fn handle_request(
+        &self,
+        readable: &[u8],
+        writable_len: u64,
+        mem: Option<&GuestMemoryMmap>,
+    ) -> Reply {
+        let head = readable.get(..crate::request::MAX_READABLE).unwrap_or(readable);
+        self.engine
+            .handle(head, readable.len() as u64, true, writable_len, mem)
+    }
+
+    /// Answers every available request on `queue` (what the worker does on a doorbell).
+    pub fn process_request_queue(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, crate::queues::QueueBroken> {
+        self.engine.process_requests(REQUEST_QUEUE, queue, mem)
+    }
+
+    /// Writes waiting faults into `queue`'s buffers (what the worker does on a fault or an
+    /// event-queue doorbell).
+    pub fn process_event_queue(
+        &self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, crate::queues::QueueBroken> {
+        self.engine.process_events(EVENT_QUEUE, queue, mem)
+    }
+
+    /// Faults waiting for an event buffer.
+    pub fn pending_faults(&self) -> usize {
+        self.engine.shared.faults.len()
+    }
+
+    fn stop(&mut self) {
+        self.engine.shared.faults.set_waker(None);
+        if let Some(r) = self.running.take() {
+            let _ = r.tx.send(WorkerMsg::Stop);
+            if r.handle.join().is_err() {
+                log::error!("virtio-iommu {}: worker panicked", self.engine.name);
+            }
+        }
+        self.engine.activated.store(false, Ordering::Release);
+    }
+
+    fn set_bypass(&self, value: u8) {
+        let e = &self.engine;
+        if value > 1 {
+            log::warn!("virtio-iommu {}: driver wrote bypass={value}; ignored", e.name);
+            return;
+        }
+        if e.activated.load(Ordering::Acquire)
+            && e.acked.load(Ordering::Acquire) & (1 << features::BYPASS_CONFIG) == 0
+        {
+            log::warn!("virtio-iommu {}: bypass written without BYPASS_CONFIG", e.name);
+            return;
+        }
+        let new = value == 1;
+        if e.shared.bypass.swap(new, Ordering::AcqRel) != new {
+            // Hold the model so no ATTACH/DETACH interleaves with the invalidation.
+            match e.model.lock() {
+                Ok(m) => m.bypass_changed(),
+                Err(p) => p.into_inner().bypass_changed(),
+            }
+            e.hooks.state(&StateEvent {
+                source: &e.name,
+                what: "bypass",
+                endpoint: None,
+                value: u64::from(value),
+            });
+        }
+    }
+}
+
+impl Drop for VirtioIommu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl VirtioDevice for VirtioIommu {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_IOMMU
+    }
+
+    fn name(&self) -> &str {
+        &self.engine.name
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        OFFERED_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.engine.cfg.config_bytes(self.bypass());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| c.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let bypass_byte = CONFIG_BYPASS_OFFSET
+            .checked_sub(offset)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| data.get(i))
+            .copied();
+        match bypass_byte {
+            Some(v) => self.set_bypass(v),
+            None => log::debug!(
+                "virtio-iommu {}: ignored config write at {offset:#x}",
+                self.engine.name
+            ),
+        }
+        let first = data.first().copied().unwrap_or(0);
+        self.engine.hooks.point(&PointCtx::new(
+            POINT_CONFIG_WRITE,
+            (offset << 8) | u64::from(first),
+        ));
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        self.stop();
+        let mut queues = ctx.queues;
+        let mut take = |want: u16| {
+            let i = queues.iter().position(|(i, _)| *i == want)?;
+            Some(queues.swap_remove(i))
+        };
+        let req = take(REQUEST_QUEUE).ok_or(ActivateError::BadQueue(REQUEST_QUEUE))?;
+        let evt = take(EVENT_QUEUE).ok_or(ActivateError::BadQueue(EVENT_QUEUE))?;
+        self.engine.acked.store(ctx.acked_features, Ordering::Release);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            engine: self.engine.clone(),
+            req,
+            evt,
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("{}-worker", self.engine.name))
+            .spawn(move || worker.run(rx))
+            .map_err(ActivateError::Worker)?;
+        let waker = tx.clone();
+        self.engine
+            .shared
+            .faults
+            .set_waker(Some(Arc::new(move || {
+                let _ = waker.send(WorkerMsg::Events);
+            })));
+        self.engine.activated.store(true, Ordering::Release);
+        self.running = Some(Running { tx, handle });
+        // Faults raised before activation (there is nowhere to report them yet) stay queued.
+        if !self.engine.shared.faults.is_empty()
+            && let Some(r) = &self.running
+        {
+            let _ = r.tx.send(WorkerMsg::Events);
+        }
+        Ok(())
+    }
+
+    fn queue_notify(&self, queue: u16) {
+        self.engine.counters.notifies.fetch_add(1, Ordering::Relaxed);
+        let msg = match queue {
+            REQUEST_QUEUE => WorkerMsg::Requests,
+            EVENT_QUEUE => WorkerMsg::Events,
+            _ => return,
+        };
+        if let Some(r) = &self.running {
+            let _ = r.tx.send(msg);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop();
+        match self.engine.model.lock() {
+            Ok(mut m) => m.reset(),
+            Err(p) => p.into_inner().reset(),
+        }
+        self.engine.counters.domains.store(0, Ordering::Relaxed);
+        self.engine.counters.mappings.store(0, Ordering::Relaxed);
+        self.engine.acked.store(0, Ordering::Release);
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.engine.counters;
+        let mut out = Vec::with_capacity(32);
+        for (name, v) in REQUEST_COUNTERS.iter().zip(&c.requests) {
+            out.push((*name, v.load(Ordering::Relaxed)));
+        }
+        out.push(("requests_unparsed", c.unparsed.load(Ordering::Relaxed)));
+        for (name, v) in STATUS_COUNTERS.iter().zip(&c.statuses) {
+            out.push((*name, v.load(Ordering::Relaxed)));
+        }
+        let (mut hits, mut misses, mut faults) = (0, 0, 0);
+        for slot in self.engine.endpoints.values() {
+            let s = slot.iommu.stats();
+            hits += s.hits;
+            misses += s.misses;
+            faults += s.faults;
+        }
+        let f = &self.engine.shared.faults;
+        out.extend([
+            ("translations_hit", hits),
+            ("translations_miss", misses),
+            ("translations_fault", faults),
+            ("faults_raised", f.raised()),
+            ("events_written", c.events_written.load(Ordering::Relaxed)),
+            ("events_dropped", f.dropped()),
+            ("event_buffers_bad", c.event_buffers_bad.load(Ordering::Relaxed)),
+            ("interrupts", c.interrupts.load(Ordering::Relaxed)),
+            ("notifies", c.notifies.load(Ordering::Relaxed)),
+            ("domains", c.domains.load(Ordering::Relaxed)),
+            ("mappings", c.mappings.load(Ordering::Relaxed)),
+        ]);
+        out
+    }
+}
+
+struct Worker {
+    pub(crate) engine: Arc<Engine>,
+    req: (u16, Queue),
+    evt: (u16, Queue),
+    mem: SharedMemory,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<WorkerMsg>) {
+        while let Ok(msg) = rx.recv() {
+            let (mut requests, mut events) = (false, false);
+            let mut note = |m: WorkerMsg| match m {
+                WorkerMsg::Requests => {
+                    requests = true;
+                    true
+                }
+                WorkerMsg::Events => {
+                    events = true;
+                    true
+                }
+                WorkerMsg::Stop => false,
+            };
+            if !note(msg) {
+                return;
+            }
+            // Coalesce doorbells and fault wake-ups that arrived meanwhile.
+            while let Ok(m) = rx.try_recv() {
+                if !note(m) {
+                    return;
+                }
+            }
+            if let Err(e) = self.serve(requests, events) {
+                log::error!("virtio-iommu {}: {e}; waiting for reset", self.engine.name);
+                while let Ok(m) = rx.recv() {
+                    if matches!(m, WorkerMsg::Stop) {
+                        return;
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    fn serve(&mut self, requests: bool, events: bool) -> Result<(), crate::queues::QueueBroken> {
+        let mem = self.mem.snapshot();
+        let e = &self.engine;
+        if requests && e.process_requests(self.req.0, &mut self.req.1, &mem)? {
+            e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.interrupt.signal_queue(self.req.0);
+        }
+        // Requests can fault nothing themselves, but a wake-up may have been coalesced away.
+        if (events || !e.shared.faults.is_empty())
+            && e.process_events(self.evt.0, &mut self.evt.1, &mem)?
+        {
+            e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.interrupt.signal_queue(self.evt.0);
+        }
+        Ok(())
+    }
+}
