@@ -128,8 +128,9 @@ impl DeviceSet {
             let opts = TransportOptions {
                 bdf,
                 access_platform: false,
-                msix_vectors: 0,
+                msix_vectors: opts.msix_vectors,
                 class_code: CLASS_STORAGE_SCSI,
+                iommu: None,
             };
             let function = Arc::new(VirtioPciFunction::new(
                 Box::new(device),

@@ -6,7 +6,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use sluice_virtio_pci::{
-    ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt,
+    ActivateError, ActivationContext, DmaMemory, DmaView, VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::{Queue, QueueT};
 
@@ -157,7 +157,7 @@ impl VirtioDevice for BlockDevice {
         let worker = Worker {
             index,
             queue,
-            mem: ctx.mem,
+            mem: ctx.dma,
             interrupt: ctx.interrupt,
             disk: self.disk.clone(),
             read_only: self.read_only,
@@ -204,7 +204,7 @@ impl VirtioDevice for BlockDevice {
 struct Worker {
     index: u16,
     queue: Queue,
-    mem: SharedMemory,
+    mem: DmaMemory,
     interrupt: Arc<VirtioInterrupt>,
     disk: Arc<dyn Disk>,
     read_only: bool,
@@ -244,16 +244,26 @@ impl Worker {
 
     /// Drains the available ring. Returns false if the used ring could not be written.
     pub(crate) fn process_queue(&mut self) -> bool {
-        let mem = self.mem.snapshot();
+        let view = self.mem.view();
         let env = RequestEnv {
             disk: self.disk.as_ref(),
             id: &self.id,
             read_only: self.read_only,
         };
-        process_available(&mut self.queue, mem.as_ref(), &env, &self.counters, || {
-            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-            self.interrupt.signal_queue(self.index);
-        })
+        let counters = &self.counters;
+        let interrupt = &self.interrupt;
+        let index = self.index;
+        let notify = || {
+            counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            interrupt.signal_queue(index);
+        };
+        // Behind an IOMMU every descriptor, ring and buffer access below is translated.
+        match &view {
+            DmaView::Direct(m) => {
+                process_available(&mut self.queue, m.as_ref(), &env, counters, notify)
+            }
+            DmaView::Translated(m) => process_available(&mut self.queue, m, &env, counters, notify),
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use thiserror::Error;
 use virtio_queue::Queue;
 
 pub use interrupt::VirtioInterrupt;
-pub use mem::SharedMemory;
+pub use mem::{DmaMemory, DmaView, SharedMemory, TranslatedMemory};
 pub use status::DeviceStatus;
 pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
 
@@ -41,8 +41,12 @@ pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 
 /// What a device receives when the driver sets DRIVER_OK.
 pub struct ActivationContext {
-    /// Guest memory as the device may access it.
+    /// Guest-physical memory. Only for devices that are not DMA masters behind an IOMMU (the
+    /// IOMMU device itself); everything else must use `dma`.
     pub mem: SharedMemory,
+    /// Guest memory as this device's DMA sees it: translated when the device sits behind an
+    /// IOMMU and the driver negotiated VIRTIO_F_ACCESS_PLATFORM.
+    pub dma: DmaMemory,
     /// The enabled queues, by queue index.
     pub queues: Vec<(u16, Queue)>,
     /// Interrupt delivery (used-buffer and configuration-change notifications).

@@ -76,6 +76,7 @@ fn rig(access_platform: bool) -> Rig {
             access_platform,
             msix_vectors: 0,
             class_code: 0x010000,
+            iommu: None,
         },
         SharedMemory::new(mem),
         irq.clone(),

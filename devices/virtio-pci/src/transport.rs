@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sluice_devapi::{Bdf, Endpoint, Hooks, InterruptSink, PointCtx, StateEvent};
+use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, InterruptSink, PointCtx, StateEvent};
 use sluice_pci::config::ConfigWriteEffect;
 use sluice_pci::{BarKind, BarSpec, ConfigSpace, MsixTable, PciFunction, PciIds, PciInterrupt};
 use virtio_queue::{Queue, QueueT};
@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use crate::caps::{self, pci_cfg};
 use crate::common::{CommonConfig, CommonWrite};
 use crate::interrupt::VirtioInterrupt;
-use crate::mem::SharedMemory;
+use crate::mem::{DmaMemory, DmaView, SharedMemory};
 use crate::status::{DEVICE_NEEDS_RESET, DeviceStatus, StatusWrite};
 use crate::{
     ActivateError, ActivationContext, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VirtioDevice,
@@ -26,7 +26,7 @@ const VIRTIO_VENDOR: u16 = 0x1af4;
 const MODERN_DEVICE_BASE: u16 = 0x1040;
 
 /// How a transport instance is set up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TransportOptions {
     /// Where the function sits; used as its DMA endpoint identity in hooks.
     pub bdf: Bdf,
@@ -37,6 +37,9 @@ pub struct TransportOptions {
     pub msix_vectors: u16,
     /// PCI class code.
     pub class_code: u32,
+    /// The IOMMU endpoint this function's DMA goes through, if it sits behind one. Implies
+    /// offering VIRTIO_F_ACCESS_PLATFORM.
+    pub iommu: Option<EndpointIommu>,
 }
 
 struct Inner {
@@ -49,6 +52,7 @@ struct Inner {
     offered: u64,
     pci_cfg_cap: u8,
     msix_cap: Option<u8>,
+    iommu: Option<EndpointIommu>,
 }
 
 /// A virtio device on the modern PCI transport.
@@ -109,7 +113,7 @@ impl VirtioPciFunction {
             queues,
         ));
         let mut offered = device.features() | (1u64 << VIRTIO_F_VERSION_1);
-        if opts.access_platform {
+        if opts.access_platform || opts.iommu.is_some() {
             offered |= 1u64 << VIRTIO_F_ACCESS_PLATFORM;
         }
         let name = device.name().to_string();
@@ -125,6 +129,7 @@ impl VirtioPciFunction {
                 offered,
                 pci_cfg_cap,
                 msix_cap,
+                iommu: opts.iommu,
             }),
             interrupt,
             msix,
@@ -213,8 +218,22 @@ impl VirtioPciFunction {
         true
     }
 
+    /// The memory view the device's DMA must use: translated when it sits behind an IOMMU and
+    /// the driver accepted ACCESS_PLATFORM (which `features_acceptable` insists on).
+    fn dma_memory(inner: &Inner) -> DmaMemory {
+        let platform = inner.common.driver_features & (1u64 << VIRTIO_F_ACCESS_PLATFORM) != 0;
+        match (&inner.iommu, platform) {
+            (Some(iommu), true) => DmaMemory::Translated {
+                phys: inner.mem.clone(),
+                iommu: iommu.clone(),
+            },
+            _ => DmaMemory::Direct(inner.mem.clone()),
+        }
+    }
+
     fn activate_locked(&self, inner: &mut Inner) -> Result<(), ActivateError> {
-        let mem = inner.mem.snapshot();
+        let dma = Self::dma_memory(inner);
+        let view = dma.view();
         let mut queues = Vec::new();
         for (i, regs) in inner.common.queues.iter().enumerate() {
             if !regs.enabled {
@@ -227,13 +246,18 @@ impl VirtioPciFunction {
             q.set_avail_ring_address(Some(regs.driver as u32), Some((regs.driver >> 32) as u32));
             q.set_used_ring_address(Some(regs.device as u32), Some((regs.device >> 32) as u32));
             q.set_ready(true);
-            if !q.is_valid(mem.as_ref()) {
+            let valid = match &view {
+                DmaView::Direct(m) => q.is_valid(m.as_ref()),
+                DmaView::Translated(m) => q.is_valid(m),
+            };
+            if !valid {
                 return Err(ActivateError::BadQueue(index));
             }
             queues.push((index, q));
         }
         let ctx = ActivationContext {
             mem: inner.mem.clone(),
+            dma,
             queues,
             interrupt: self.interrupt.clone(),
             acked_features: inner.common.driver_features,

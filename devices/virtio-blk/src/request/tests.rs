@@ -293,3 +293,103 @@ fn queue_keeps_running_after_a_bad_chain() {
     assert_eq!(counters.errors.load(Relaxed), 1);
     assert_eq!(counters.write_bytes.load(Relaxed), 512);
 }
+
+mod behind_an_iommu {
+    use super::*;
+    use sluice_devapi::{
+        Bdf, DmaFault, DmaResolution, DmaTranslate, Endpoint, EndpointIommu, NoHooks,
+    };
+    use std::sync::Arc;
+    use vm_memory::{IommuMemory, Permissions};
+
+    /// IOVA [0x8000_0000, +0x40_0000) maps to GPA [0, 0x40_0000) except one hole.
+    #[derive(Debug)]
+    struct Offset {
+        hole: u64,
+    }
+
+    const IOVA: u64 = 0x8000_0000;
+
+    impl DmaTranslate for Offset {
+        fn resolve(
+            &self,
+            iova: u64,
+            len: u64,
+            _access: Permissions,
+            fill: &mut vm_memory::Iotlb,
+        ) -> Result<DmaResolution, DmaFault> {
+            let page = iova & !0xfff;
+            let end = iova + len;
+            if iova < IOVA
+                || end > IOVA + 0x40_0000
+                || (page..end).contains(&self.hole)
+                || page == self.hole
+            {
+                return Err(DmaFault::new(4, format!("unmapped {iova:#x}+{len:#x}")));
+            }
+            let first = page;
+            let last = (end + 0xfff) & !0xfff;
+            fill.set_mapping(
+                GuestAddress(first),
+                GuestAddress(first - IOVA),
+                (last - first) as usize,
+                Permissions::ReadWrite,
+            )
+            .map_err(|e| DmaFault::new(5, e.to_string()))?;
+            Ok(DmaResolution::Translated { domain: 1 })
+        }
+    }
+
+    #[test]
+    fn requests_are_translated_and_an_unmapped_buffer_fails_closed() {
+        let phys = mem();
+        let ep = EndpointIommu::new(
+            Endpoint::Pci(Bdf::new(0, 3, 0)),
+            Arc::new(Offset {
+                hole: IOVA + 0x25_0000,
+            }),
+            Arc::new(NoHooks),
+        );
+        let m = IommuMemory::new(phys.clone(), ep, true, ());
+        let d = disk(1 << 16);
+        // Everything below is addressed by IOVA; the bytes land at IOVA - 0x8000_0000.
+        m.write_obj(T_OUT, GuestAddress(IOVA + 0x10_0000)).unwrap();
+        m.write_obj(0u32, GuestAddress(IOVA + 0x10_0004)).unwrap();
+        m.write_obj(3u64, GuestAddress(IOVA + 0x10_0008)).unwrap();
+        m.write_slice(&[0x5c; 512], GuestAddress(IOVA + 0x20_0000))
+            .unwrap();
+        let vq = MockSplitQueue::create(&m, GuestAddress(IOVA), 16);
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(IOVA + 0x10_0000, 16, F_NEXT, 1)),
+                RawDescriptor::from(SplitDescriptor::new(IOVA + 0x20_0000, 512, F_NEXT, 2)),
+                RawDescriptor::from(SplitDescriptor::new(IOVA + 0x30_0000, 1, F_WRITE, 0)),
+                // Second request: data buffer in the unmapped hole.
+                RawDescriptor::from(SplitDescriptor::new(IOVA + 0x10_0000, 16, F_NEXT, 4)),
+                RawDescriptor::from(SplitDescriptor::new(IOVA + 0x25_0000, 512, F_NEXT, 5)),
+                RawDescriptor::from(SplitDescriptor::new(IOVA + 0x30_0010, 1, F_WRITE, 0)),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let counters = BlockCounters::default();
+        let env = RequestEnv {
+            disk: &d,
+            id: &ID,
+            read_only: false,
+        };
+        assert!(process_available(&mut q, &m, &env, &counters, || {}));
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(counters.requests.load(Relaxed), 2);
+        assert_eq!(
+            counters.write_bytes.load(Relaxed),
+            512,
+            "only the mapped request wrote"
+        );
+        assert_eq!(d.0.lock().unwrap()[1536..2048], [0x5c; 512]);
+        // The status byte went to the translated address, i.e. GPA 0x30_0000.
+        assert_eq!(phys.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), S_OK);
+        assert_eq!(counters.errors.load(Relaxed), 1);
+    }
+}
