@@ -263,7 +263,13 @@ impl EndpointIommu {
 
     /// Resolves a miss into the (write-locked) cache, keeping the invariant that all cached
     /// entries come from one resolution.
-    fn fill(&self, cache: &mut Iotlb, iova: u64, len: u64, access: Permissions) -> Result<(), DmaFault> {
+    fn fill(
+        &self,
+        cache: &mut Iotlb,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+    ) -> Result<(), DmaFault> {
         let translator = &self.inner.translator;
         let prev = self.inner.ctx.load(Ordering::Relaxed);
         let mut res = translator.resolve(iova, len, access, cache)?;

@@ -19,9 +19,7 @@ mod endpoint;
 mod hooks;
 mod irq;
 
-pub use dma::{
-    DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON,
-};
+pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
 pub use endpoint::{Bdf, Endpoint};
 pub use hooks::{DmaDirection, DmaOutcome, DmaRecord, Hooks, NoHooks, PointCtx, StateEvent};
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};

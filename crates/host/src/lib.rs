@@ -13,9 +13,11 @@ mod outcome;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sluice_devapi::EndpointIommu;
 use sluice_devapi::{Bdf, Hooks};
 use sluice_virtio_blk::{BlockDevice, RawDisk};
-use sluice_virtio_pci::{SharedMemory, TransportOptions, VirtioPciFunction};
+use sluice_virtio_iommu::VirtioIommu;
+use sluice_virtio_pci::{SharedMemory, TransportOptions, VirtioDevice, VirtioPciFunction};
 use thiserror::Error;
 
 pub use dma_stats::{DmaStats, EndpointDmaCounts};
@@ -26,6 +28,10 @@ pub use outcome::{GuestExit, RunOutcome};
 pub const FIRST_SLOT: u8 = 3;
 /// PCI class code of a mass-storage device (as QEMU's virtio-blk-pci reports it).
 const CLASS_STORAGE_SCSI: u32 = 0x01_00_00;
+/// PCI class code QEMU gives virtio-iommu-pci ("other").
+const CLASS_OTHER: u32 = 0x00_ff_00;
+/// Where an IOMMU goes when the run has one.
+pub const IOMMU_SLOT: u8 = 2;
 
 /// One disk as the user asked for it.
 #[derive(Debug, Clone)]
@@ -34,6 +40,24 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// Expose read-only.
     pub read_only: bool,
+    /// Put the disk behind the run's IOMMU (ignored when there is none).
+    pub iommu: bool,
+}
+
+/// The IOMMU a run puts in front of its devices.
+#[derive(Debug, Clone)]
+pub enum IommuChoice {
+    /// virtio-iommu on PCI, described to the guest by a VIOT table.
+    Virtio(sluice_virtio_iommu::ViommuConfig),
+}
+
+/// The IOMMU of a built device set, for firmware tables and reports.
+#[derive(Debug, Clone)]
+pub struct IommuPlacement {
+    /// The IOMMU's own PCI address.
+    pub bdf: Bdf,
+    /// The endpoints it translates.
+    pub endpoints: Vec<Bdf>,
 }
 
 /// Building the devices failed.
@@ -72,6 +96,10 @@ pub struct HostedDevice {
     pub intx: Arc<IntxRelay>,
     /// The image path for disks.
     pub disk: Option<PathBuf>,
+    /// What the device is (`virtio-blk`, `virtio-iommu`).
+    pub kind: &'static str,
+    /// Whether its DMA goes through the run's IOMMU.
+    pub behind_iommu: bool,
 }
 
 /// What the CPU backend can offer devices.
@@ -81,6 +109,8 @@ pub struct HostOptions {
     pub msix_vectors: u16,
     /// Where MSI messages go, if the backend can deliver them.
     pub msi: Option<Arc<dyn MsiDelivery>>,
+    /// An IOMMU in front of the disks that ask for it.
+    pub iommu: Option<IommuChoice>,
 }
 
 /// Every device of a run plus the guest memory they share.
@@ -89,6 +119,8 @@ pub struct DeviceSet {
     pub mem: SharedMemory,
     /// Devices in slot order.
     pub devices: Vec<HostedDevice>,
+    /// The IOMMU, if the run has one.
+    pub iommu: Option<IommuPlacement>,
 }
 
 impl DeviceSet {
@@ -105,6 +137,23 @@ impl DeviceSet {
     ) -> Result<Self, HostError> {
         let mem = SharedMemory::default();
         let mut devices = Vec::new();
+        let disk_bdf = |i: usize| Bdf::new(0, FIRST_SLOT + i as u8, 0);
+        // The IOMMU is built first: each translated disk needs its endpoint seam.
+        let mut viommu = None;
+        let mut placement = None;
+        if let Some(IommuChoice::Virtio(cfg)) = &opts.iommu {
+            let endpoints: Vec<Bdf> = (0..disks.len())
+                .filter(|i| disks.get(*i).is_some_and(|d| d.iommu))
+                .map(disk_bdf)
+                .collect();
+            let mut cfg = cfg.clone();
+            cfg.endpoints = endpoints.iter().map(|b| u32::from(b.0)).collect();
+            viommu = Some(VirtioIommu::new("viommu0", cfg, hooks.clone()));
+            placement = Some(IommuPlacement {
+                bdf: Bdf::new(0, IOMMU_SLOT, 0),
+                endpoints,
+            });
+        }
         for (i, spec) in disks.iter().enumerate() {
             let slot = FIRST_SLOT + i as u8;
             if slot >= 0x1f {
@@ -118,36 +167,85 @@ impl DeviceSet {
             if sluice_virtio_blk::Disk::size(&raw) < sluice_virtio_blk::SECTOR_SIZE {
                 return Err(HostError::DiskTooSmall(spec.path.clone()));
             }
-            let name = format!("blk{i}");
-            let bdf = Bdf::new(0, slot, 0);
-            let intx = Arc::new(match &opts.msi {
-                Some(m) => IntxRelay::with_msi(m.clone()),
-                None => IntxRelay::default(),
-            });
-            let device = BlockDevice::new(&name, Arc::new(raw), spec.read_only);
-            let opts = TransportOptions {
-                bdf,
-                access_platform: false,
-                msix_vectors: opts.msix_vectors,
-                class_code: CLASS_STORAGE_SCSI,
-                iommu: None,
-            };
-            let function = Arc::new(VirtioPciFunction::new(
+            let bdf = disk_bdf(i);
+            let iommu = viommu
+                .as_ref()
+                .and_then(|v| v.endpoint_iommu(u32::from(bdf.0)));
+            let device = BlockDevice::new(&format!("blk{i}"), Arc::new(raw), spec.read_only);
+            devices.push(Self::place(
                 Box::new(device),
-                opts,
-                mem.clone(),
-                intx.clone(),
-                hooks.clone(),
-            )?);
-            devices.push(HostedDevice {
                 bdf,
-                name,
-                function,
-                intx,
-                disk: Some(spec.path.clone()),
-            });
+                "virtio-blk",
+                CLASS_STORAGE_SCSI,
+                iommu,
+                Some(spec.path.clone()),
+                &mem,
+                &hooks,
+                opts,
+            )?);
         }
-        Ok(DeviceSet { mem, devices })
+        if let (Some(v), Some(p)) = (viommu, &placement) {
+            let dev = Self::place(
+                Box::new(v),
+                p.bdf,
+                "virtio-iommu",
+                CLASS_OTHER,
+                None,
+                None,
+                &mem,
+                &hooks,
+                opts,
+            )?;
+            devices.insert(0, dev);
+        }
+        Ok(DeviceSet {
+            mem,
+            devices,
+            iommu: placement,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        device: Box<dyn VirtioDevice>,
+        bdf: Bdf,
+        kind: &'static str,
+        class_code: u32,
+        iommu: Option<EndpointIommu>,
+        disk: Option<PathBuf>,
+        mem: &SharedMemory,
+        hooks: &Arc<dyn Hooks>,
+        opts: &HostOptions,
+    ) -> Result<HostedDevice, HostError> {
+        let name = device.name().to_string();
+        let intx = Arc::new(match &opts.msi {
+            Some(m) => IntxRelay::with_msi(m.clone()),
+            None => IntxRelay::default(),
+        });
+        let behind_iommu = iommu.is_some();
+        let topts = TransportOptions {
+            bdf,
+            access_platform: false,
+            msix_vectors: opts.msix_vectors,
+            class_code,
+            iommu,
+        };
+        let function = Arc::new(VirtioPciFunction::new(
+            device,
+            topts,
+            mem.clone(),
+            intx.clone(),
+            hooks.clone(),
+        )?);
+        Ok(HostedDevice {
+            bdf,
+            name,
+            function,
+            intx,
+            disk,
+            kind,
+            behind_iommu,
+        })
     }
 }
 
@@ -155,48 +253,92 @@ impl DeviceSet {
 mod tests {
     use super::*;
     use sluice_devapi::NoHooks;
+    use sluice_pci::PciFunction;
+
+    fn disk(dir: &std::path::Path, name: &str, size: u64, iommu: bool) -> DiskSpec {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        DiskSpec {
+            path,
+            read_only: false,
+            iommu,
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-host-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
 
     #[test]
     fn disks_get_consecutive_slots_and_bad_paths_are_errors() {
-        let dir = std::env::temp_dir().join(format!("sluice-host-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let a = dir.join("a.img");
-        let b = dir.join("b.img");
-        std::fs::File::create(&a).unwrap().set_len(1 << 20).unwrap();
-        std::fs::File::create(&b).unwrap().set_len(1 << 20).unwrap();
+        let dir = scratch("slots");
         let specs = [
-            DiskSpec {
-                path: a,
-                read_only: false,
-            },
-            DiskSpec {
-                path: b.clone(),
-                read_only: true,
-            },
+            disk(&dir, "a.img", 1 << 20, false),
+            disk(&dir, "b.img", 1 << 20, false),
         ];
         let set = DeviceSet::new(&specs, Arc::new(NoHooks)).unwrap();
         let bdfs: Vec<String> = set.devices.iter().map(|d| d.bdf.to_string()).collect();
         assert_eq!(bdfs, ["0000:00:03.0", "0000:00:04.0"]);
+        assert!(set.iommu.is_none());
         let missing = [DiskSpec {
             path: dir.join("nope.img"),
             read_only: false,
+            iommu: false,
         }];
         assert!(matches!(
             DeviceSet::new(&missing, Arc::new(NoHooks)),
             Err(HostError::Disk { .. })
         ));
-        let empty = dir.join("empty.img");
-        std::fs::File::create(&empty).unwrap();
+        let empty = [disk(&dir, "empty.img", 0, false)];
         assert!(matches!(
-            DeviceSet::new(
-                &[DiskSpec {
-                    path: empty,
-                    read_only: false
-                }],
-                Arc::new(NoHooks)
-            ),
+            DeviceSet::new(&empty, Arc::new(NoHooks)),
             Err(HostError::DiskTooSmall(_))
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn virtio_iommu_sits_at_slot_2_in_front_of_the_chosen_disks() {
+        let dir = scratch("iommu");
+        let specs = [
+            disk(&dir, "a.img", 1 << 20, true),
+            disk(&dir, "b.img", 1 << 20, false),
+        ];
+        let opts = HostOptions {
+            iommu: Some(IommuChoice::Virtio(Default::default())),
+            ..Default::default()
+        };
+        let set = DeviceSet::with_options(&specs, Arc::new(NoHooks), &opts).unwrap();
+        let kinds: Vec<_> = set
+            .devices
+            .iter()
+            .map(|d| (d.bdf.to_string(), d.kind, d.behind_iommu))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("0000:00:02.0".to_string(), "virtio-iommu", false),
+                ("0000:00:03.0".to_string(), "virtio-blk", true),
+                ("0000:00:04.0".to_string(), "virtio-blk", false),
+            ]
+        );
+        let p = set.iommu.unwrap();
+        assert_eq!(p.bdf, Bdf::new(0, 2, 0));
+        assert_eq!(p.endpoints, [Bdf::new(0, 3, 0)]);
+        // The translated disk offers ACCESS_PLATFORM (bit 33), the other one does not.
+        let offered = |i: usize| {
+            let f = &set.devices[i].function;
+            f.config_write(0x10, &0xfe00_0000u32.to_le_bytes());
+            f.config_write(0x04, &2u16.to_le_bytes());
+            f.bar_write(0, 0, &1u32.to_le_bytes());
+            let mut b = [0u8; 4];
+            f.bar_read(0, 4, &mut b);
+            u32::from_le_bytes(b) & 2 != 0
+        };
+        assert!(offered(1));
+        assert!(!offered(2));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

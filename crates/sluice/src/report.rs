@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 use sluice_host::DeviceSet;
-use sluice_host::{GuestExit, RunOutcome};
+use sluice_host::{DmaStats, GuestExit, RunOutcome};
 use sluice_qemu::QemuConfig;
 
 use crate::verify::{GuestReport, HostCheck};
@@ -18,6 +18,8 @@ pub struct DiskVerdict {
     pub guest_name: Option<String>,
     pub guest_result: Option<String>,
     pub host: Option<HostCheck>,
+    pub behind_iommu: bool,
+    pub iommu_group: Option<String>,
 }
 
 /// Overall verdict with the reasons it failed.
@@ -65,6 +67,18 @@ pub fn verdict(
             }
         }
     }
+    for d in disks {
+        let grouped = d
+            .iommu_group
+            .as_deref()
+            .is_some_and(|g| g != "none" && !g.is_empty());
+        if d.guest_name.is_some() && grouped != d.behind_iommu {
+            reasons.push(format!(
+                "{} ({}): behind the IOMMU = {}, but the guest put it in IOMMU group {:?}",
+                d.name, d.bdf, d.behind_iommu, d.iommu_group
+            ));
+        }
+    }
     Verdict {
         pass: reasons.is_empty(),
         reasons,
@@ -96,10 +110,15 @@ pub fn print_summary(
     );
     for d in disks {
         println!(
-            "disk {} {} -> {}: guest [{}] host [{}]",
+            "disk {} {} -> {}{}: guest [{}] host [{}]",
             d.name,
             d.bdf,
             d.guest_name.as_deref().unwrap_or("absent"),
+            if d.behind_iommu {
+                format!(" (IOMMU group {})", d.iommu_group.as_deref().unwrap_or("?"))
+            } else {
+                String::new()
+            },
             d.guest_result.as_deref().unwrap_or("-"),
             d.host
                 .as_ref()
@@ -126,6 +145,7 @@ pub fn write_json(
     guest: &GuestReport,
     disks: &[DiskVerdict],
     devices: &DeviceSet,
+    stats: &DmaStats,
     verdict: &Verdict,
     cfg: &QemuConfig,
 ) -> Result<()> {
@@ -147,7 +167,8 @@ pub fn write_json(
             json!({
                 "name": d.name,
                 "bdf": d.bdf.to_string(),
-                "kind": "virtio-blk",
+                "kind": d.kind,
+                "behind_iommu": d.behind_iommu,
                 "bus_master_enabled": d.function.bus_master_enabled(),
                 "virtio_status": d.function.status(),
                 "intx_raised": d.intx.raised(),
@@ -160,6 +181,7 @@ pub fn write_json(
         .map(|d| json!({
             "name": d.name, "bdf": d.bdf, "guest_name": d.guest_name,
             "guest_result": d.guest_result, "host_check": d.host.as_ref().map(|h| format!("{h:?}")),
+            "behind_iommu": d.behind_iommu, "iommu_group": d.iommu_group,
         }))
         .collect();
     let doc = json!({
@@ -178,6 +200,19 @@ pub fn write_json(
         "guest": guest,
         "disks": disk_json,
         "devices": devs,
+        "iommu": devices.iommu.as_ref().map(|p| json!({
+            "kind": "virtio-iommu",
+            "bdf": p.bdf.to_string(),
+            "endpoints": p.endpoints.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        })),
+        "dma": stats.snapshot().into_iter().map(|(ep, c)| json!({
+            "endpoint": ep.to_string(),
+            "translated": c.translated,
+            "bypassed": c.bypassed,
+            "faulted": c.faulted,
+            "direct": c.direct,
+            "bytes": c.bytes,
+        })).collect::<Vec<_>>(),
         "serial_log": cfg.serial_log,
     });
     std::fs::write(path, serde_json::to_string_pretty(&doc)?)

@@ -7,13 +7,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use sluice_devapi::NoHooks;
-use sluice_host::GuestExit;
-use sluice_host::{DeviceSet, DiskSpec};
+use sluice_host::{DeviceSet, DiskSpec, DmaStats, GuestExit, HostOptions, IommuChoice};
 use sluice_qemu::{Accel, QemuConfig};
+use sluice_virtio_iommu::ViommuConfig;
 
 use crate::report::{self, DiskVerdict};
 use crate::{image, verify};
+
+/// IOMMU in front of the disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IommuArg {
+    /// No IOMMU.
+    None,
+    /// virtio-iommu on PCI (00:02.0), described by a VIOT table.
+    Virtio,
+}
 
 /// CPU backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,9 +52,16 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 512M or 1G.
     #[arg(long, default_value = "512M", value_parser = parse_size_mib)]
     mem: u64,
-    /// A raw disk image: PATH[,ro]. Repeat for several disks. Default: a fresh 64 MiB scratch disk.
+    /// A raw disk image: PATH[,ro][,iommu=on|off]. Repeat for several disks. Default: a fresh
+    /// 64 MiB scratch disk. With an IOMMU, disks sit behind it unless `iommu=off`.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// Put an IOMMU in front of the disks.
+    #[arg(long, value_enum, default_value = "none")]
+    iommu: IommuArg,
+    /// virtio-iommu boot bypass (unattached endpoints bypass until the driver clears it).
+    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    iommu_boot_bypass: bool,
     /// Extra kernel command line (appended).
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -89,21 +104,40 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
     }
 }
 
-fn parse_disk(spec: &str) -> Result<DiskSpec> {
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
+fn parse_disk(spec: &str, have_iommu: bool) -> Result<DiskSpec> {
     let mut parts = spec.split(',');
     let path = PathBuf::from(parts.next().unwrap_or(""));
     let mut read_only = false;
+    let mut iommu = have_iommu;
     for opt in parts {
-        match opt {
-            "ro" => read_only = true,
-            "rw" => read_only = false,
-            other => bail!("unknown disk option {other:?} in {spec:?} (known: ro, rw)"),
+        match opt.split_once('=') {
+            None if opt == "ro" => read_only = true,
+            None if opt == "rw" => read_only = false,
+            Some(("iommu", v)) => {
+                iommu = parse_on_off(v).map_err(|e| anyhow::anyhow!("{e} in {spec:?}"))?
+            }
+            _ => bail!("unknown disk option {opt:?} in {spec:?} (known: ro, rw, iommu=on|off)"),
         }
     }
     if path.as_os_str().is_empty() {
         bail!("empty disk path in {spec:?}");
     }
-    Ok(DiskSpec { path, read_only })
+    if iommu && !have_iommu {
+        bail!("{spec:?} asks for iommu=on but the run has no IOMMU (add --iommu virtio)");
+    }
+    Ok(DiskSpec {
+        path,
+        read_only,
+        iommu,
+    })
 }
 
 fn default_backend() -> Backend {
@@ -128,10 +162,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
 
+    let have_iommu = args.iommu != IommuArg::None;
     let mut disks = args
         .disks
         .iter()
-        .map(|d| parse_disk(d))
+        .map(|d| parse_disk(d, have_iommu))
         .collect::<Result<Vec<_>>>()?;
     if disks.is_empty() {
         let path = run_dir.join("disk0.img");
@@ -141,6 +176,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         disks.push(DiskSpec {
             path,
             read_only: false,
+            iommu: have_iommu,
         });
     }
 
@@ -165,7 +201,25 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         }
     };
 
-    let devices = DeviceSet::new(&disks, Arc::new(NoHooks))?;
+    let stats = Arc::new(DmaStats::default());
+    let host_opts = HostOptions {
+        iommu: match args.iommu {
+            IommuArg::None => None,
+            IommuArg::Virtio => Some(IommuChoice::Virtio(ViommuConfig {
+                boot_bypass: args.iommu_boot_bypass,
+                ..Default::default()
+            })),
+        },
+        ..Default::default()
+    };
+    let devices = DeviceSet::with_options(&disks, stats.clone(), &host_opts)?;
+    let mut acpi_tables = Vec::new();
+    if let Some(p) = &devices.iommu {
+        let path = run_dir.join("viot.aml");
+        std::fs::write(&path, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        acpi_tables.push(path);
+    }
     let cmdline = format!(
         // tsc=unstable: under a busy TCG host the guest sometimes miscalibrates the TSC against the
         // PIT and its clock runs ~10x fast, which breaks timings and /init watchdogs.
@@ -186,7 +240,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         cmdline: cmdline.trim().to_string(),
         serial_log: serial_log.clone(),
         timeout: Duration::from_secs(args.timeout),
-        acpi_tables: vec![],
+        acpi_tables,
         extra_args: vec![],
     };
     eprintln!(
@@ -200,7 +254,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let guest = verify::parse_console(&outcome.console);
 
     let mut disk_verdicts = Vec::new();
-    for d in &devices.devices {
+    for d in devices.devices.iter().filter(|d| d.disk.is_some()) {
         let bdf = d.bdf.to_string();
         let vd = guest
             .disks
@@ -215,12 +269,18 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             (Some(v), Some(path), "disk") => Some(verify::check_disk(path, args.seed, v)),
             _ => None,
         };
+        let iommu_group = vd
+            .as_ref()
+            .and_then(|v| guest.disks.iter().find(|(n, _, _)| n == v))
+            .map(|(_, _, g)| g.clone());
         disk_verdicts.push(DiskVerdict {
             name: d.name.clone(),
             bdf,
             guest_name: vd,
             guest_result,
             host,
+            behind_iommu: d.behind_iommu,
+            iommu_group,
         });
     }
     let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &args.workload, args.cpus);
@@ -232,6 +292,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             &guest,
             &disk_verdicts,
             &devices,
+            &stats,
             &verdict,
             &cfg,
         )?;
@@ -255,9 +316,16 @@ mod tests {
         assert_eq!(parse_size_mib("1G"), Ok(1024));
         assert!(parse_size_mib("1T").is_err());
         assert!(parse_size_mib("3M").is_err());
-        let d = parse_disk("/tmp/a.img,ro").unwrap();
-        assert!(d.read_only);
-        assert!(parse_disk("/tmp/a.img,bogus").is_err());
-        assert!(parse_disk(",ro").is_err());
+        let d = parse_disk("/tmp/a.img,ro", false).unwrap();
+        assert!(d.read_only && !d.iommu);
+        assert!(parse_disk("/tmp/a.img,bogus", false).is_err());
+        assert!(parse_disk(",ro", false).is_err());
+        assert!(parse_disk("/tmp/a.img", true).unwrap().iommu);
+        assert!(!parse_disk("/tmp/a.img,iommu=off", true).unwrap().iommu);
+        assert!(
+            parse_disk("/tmp/a.img,iommu=on", false).is_err(),
+            "no IOMMU to sit behind"
+        );
+        assert!(parse_disk("/tmp/a.img,iommu=maybe", true).is_err());
     }
 }

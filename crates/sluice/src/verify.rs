@@ -53,6 +53,8 @@ pub struct GuestReport {
     pub disks: Vec<(String, String, String)>,
     /// (vdX, "write=ok read=ok verify=ok").
     pub disk_results: Vec<(String, String)>,
+    /// IOMMU groups the guest listed: (group, BDF, default domain type such as DMA-FQ).
+    pub iommu_groups: Vec<(String, String, String)>,
     /// /proc/interrupts lines that name a virtio device.
     pub virtio_interrupts: Vec<String>,
     /// `PASS` or `FAIL ...`.
@@ -76,14 +78,27 @@ fn find_bdf(s: &str) -> Option<String> {
 pub fn parse_console(lines: &[String]) -> GuestReport {
     let mut r = GuestReport::default();
     let mut in_interrupts = false;
+    let mut in_groups = false;
     for line in lines {
         let Some(rest) = line.split("SLUICE: ").nth(1) else {
             if in_interrupts && line.contains("virtio") {
                 r.virtio_interrupts.push(line.trim().to_string());
             }
+            if in_groups && let Some(g) = line.trim().strip_prefix("group ") {
+                // "N: BDF type=T"
+                let (num, tail) = g.split_once(':').unwrap_or((g, ""));
+                let mut words = tail.split_whitespace();
+                let bdf = words.next().unwrap_or("").to_string();
+                let kind = words
+                    .find_map(|w| w.strip_prefix("type="))
+                    .unwrap_or("")
+                    .to_string();
+                r.iommu_groups.push((num.to_string(), bdf, kind));
+            }
             continue;
         };
         in_interrupts = rest.starts_with("interrupts");
+        in_groups = rest.starts_with("iommu_groups");
         if let Some(n) = rest.strip_prefix("nproc=") {
             r.nproc = n.trim().parse().ok();
         } else if let Some(k) = rest.strip_prefix("kernel=") {
@@ -131,6 +146,7 @@ mod tests {
             " 22:        10         31   IO-APIC  22-fasteoi   virtio0",
             "  4:        100          0   IO-APIC   4-edge      ttyS0",
             "SLUICE: iommu_groups",
+            "group 0: 0000:00:03.0 type=DMA-FQ",
             "SLUICE: RESULT PASS",
             "[    2.1] SLUICE: done uptime=2.10",
         ]
@@ -148,6 +164,10 @@ mod tests {
             vec![("vda".into(), "write=ok read=ok verify=ok".into())]
         );
         assert_eq!(r.virtio_interrupts.len(), 1);
+        assert_eq!(
+            r.iommu_groups,
+            vec![("0".into(), "0000:00:03.0".into(), "DMA-FQ".into())]
+        );
         assert_eq!(r.result.as_deref(), Some("PASS"));
         assert!(r.done);
         assert_eq!(

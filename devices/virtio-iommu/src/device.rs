@@ -14,14 +14,14 @@ use sluice_virtio_pci::{
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-pub use crate::engine::{Reply, ViommuCounters};
+use crate::POINT_CONFIG_WRITE;
 use crate::config::ViommuConfig;
 use crate::engine::{Engine, REQUEST_COUNTERS, STATUS_COUNTERS};
+pub use crate::engine::{Reply, ViommuCounters};
 use crate::events::FaultQueue;
 use crate::model::{EpSlot, Model};
 use crate::spec::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU, features};
 use crate::translate::{EndpointTranslator, EpState, Shared};
-use crate::POINT_CONFIG_WRITE;
 
 /// Request queue index.
 pub const REQUEST_QUEUE: u16 = 0;
@@ -70,7 +70,8 @@ impl VirtioIommu {
                 attached: std::sync::RwLock::new(None),
             });
             let translator = Arc::new(EndpointTranslator::new(state.clone(), shared.clone()));
-            let iommu = EndpointIommu::new(Endpoint::Pci(Bdf(id as u16)), translator, hooks.clone());
+            let iommu =
+                EndpointIommu::new(Endpoint::Pci(Bdf(id as u16)), translator, hooks.clone());
             endpoints.insert(id, EpSlot { state, iommu });
         }
         let endpoints = Arc::new(endpoints);
@@ -147,7 +148,9 @@ impl VirtioIommu {
         writable_len: u64,
         mem: Option<&GuestMemoryMmap>,
     ) -> Reply {
-        let head = readable.get(..crate::request::MAX_READABLE).unwrap_or(readable);
+        let head = readable
+            .get(..crate::request::MAX_READABLE)
+            .unwrap_or(readable);
         self.engine
             .handle(head, readable.len() as u64, true, writable_len, mem)
     }
@@ -190,13 +193,19 @@ impl VirtioIommu {
     fn set_bypass(&self, value: u8) {
         let e = &self.engine;
         if value > 1 {
-            log::warn!("virtio-iommu {}: driver wrote bypass={value}; ignored", e.name);
+            log::warn!(
+                "virtio-iommu {}: driver wrote bypass={value}; ignored",
+                e.name
+            );
             return;
         }
         if e.activated.load(Ordering::Acquire)
             && e.acked.load(Ordering::Acquire) & (1 << features::BYPASS_CONFIG) == 0
         {
-            log::warn!("virtio-iommu {}: bypass written without BYPASS_CONFIG", e.name);
+            log::warn!(
+                "virtio-iommu {}: bypass written without BYPASS_CONFIG",
+                e.name
+            );
             return;
         }
         let new = value == 1;
@@ -280,7 +289,9 @@ impl VirtioDevice for VirtioIommu {
         };
         let req = take(REQUEST_QUEUE).ok_or(ActivateError::BadQueue(REQUEST_QUEUE))?;
         let evt = take(EVENT_QUEUE).ok_or(ActivateError::BadQueue(EVENT_QUEUE))?;
-        self.engine.acked.store(ctx.acked_features, Ordering::Release);
+        self.engine
+            .acked
+            .store(ctx.acked_features, Ordering::Release);
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             engine: self.engine.clone(),
@@ -294,12 +305,9 @@ impl VirtioDevice for VirtioIommu {
             .spawn(move || worker.run(rx))
             .map_err(ActivateError::Worker)?;
         let waker = tx.clone();
-        self.engine
-            .shared
-            .faults
-            .set_waker(Some(Arc::new(move || {
-                let _ = waker.send(WorkerMsg::Events);
-            })));
+        self.engine.shared.faults.set_waker(Some(Arc::new(move || {
+            let _ = waker.send(WorkerMsg::Events);
+        })));
         self.engine.activated.store(true, Ordering::Release);
         self.running = Some(Running { tx, handle });
         // Faults raised before activation (there is nowhere to report them yet) stay queued.
@@ -312,7 +320,10 @@ impl VirtioDevice for VirtioIommu {
     }
 
     fn queue_notify(&self, queue: u16) {
-        self.engine.counters.notifies.fetch_add(1, Ordering::Relaxed);
+        self.engine
+            .counters
+            .notifies
+            .fetch_add(1, Ordering::Relaxed);
         let msg = match queue {
             REQUEST_QUEUE => WorkerMsg::Requests,
             EVENT_QUEUE => WorkerMsg::Events,
@@ -359,7 +370,10 @@ impl VirtioDevice for VirtioIommu {
             ("faults_raised", f.raised()),
             ("events_written", c.events_written.load(Ordering::Relaxed)),
             ("events_dropped", f.dropped()),
-            ("event_buffers_bad", c.event_buffers_bad.load(Ordering::Relaxed)),
+            (
+                "event_buffers_bad",
+                c.event_buffers_bad.load(Ordering::Relaxed),
+            ),
             ("interrupts", c.interrupts.load(Ordering::Relaxed)),
             ("notifies", c.notifies.load(Ordering::Relaxed)),
             ("domains", c.domains.load(Ordering::Relaxed)),

@@ -86,7 +86,11 @@ impl Reply {
     pub fn status(&self) -> Option<u8> {
         match self {
             Reply::Unwritten => None,
-            Reply::Write(b) => b.len().checked_sub(TAIL_LEN).and_then(|i| b.get(i)).copied(),
+            Reply::Write(b) => b
+                .len()
+                .checked_sub(TAIL_LEN)
+                .and_then(|i| b.get(i))
+                .copied(),
         }
     }
 }

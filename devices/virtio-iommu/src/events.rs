@@ -81,11 +81,7 @@ impl FaultQueue {
             }
             q.push_back(rec);
         }
-        let waker = self
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(w) = waker {
             w();
         }
@@ -102,10 +98,7 @@ impl FaultQueue {
 
     /// Removes the oldest waiting record.
     pub fn pop(&self) -> Option<FaultRecord> {
-        self.q
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
+        self.q.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
     }
 
     /// Records waiting.
@@ -167,7 +160,10 @@ mod tests {
         assert_eq!(&b[4..8], &[1, 1, 0, 0]);
         assert_eq!(&b[8..12], &[8, 0, 0, 0]);
         assert_eq!(&b[12..16], &[0; 4]);
-        assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 0x1234_5678_9abc);
+        assert_eq!(
+            u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            0x1234_5678_9abc
+        );
         assert_eq!(q.pop(), Some(rec));
         q.clear();
         assert!(q.is_empty());

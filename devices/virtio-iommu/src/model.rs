@@ -193,7 +193,11 @@ impl Model {
         if !self.in_domain_range(domain) {
             return Status::Range;
         }
-        if self.domains.get(&domain).is_some_and(|e| e.dom.bypass != bypass) {
+        if self
+            .domains
+            .get(&domain)
+            .is_some_and(|e| e.dom.bypass != bypass)
+        {
             return Status::Inval;
         }
         // Re-attaching behaves as DETACH then ATTACH: the old domain dies if this was its last
@@ -242,7 +246,12 @@ impl Model {
     }
 
     /// Checks shared by MAP and UNMAP: flags aside, the domain and range must be usable.
-    fn check_range_request(&self, domain: u32, start: u64, end: u64) -> Result<Arc<Domain>, Status> {
+    fn check_range_request(
+        &self,
+        domain: u32,
+        start: u64,
+        end: u64,
+    ) -> Result<Arc<Domain>, Status> {
         if !self.in_domain_range(domain) {
             return Err(Status::Range);
         }
@@ -283,7 +292,11 @@ impl Model {
         let Some(phys_end) = phys.checked_add(end - start) else {
             return Status::Range;
         };
-        if self.cfg.resv_regions().any(|(s, e, _)| s <= end && start <= e) {
+        if self
+            .cfg
+            .resv_regions()
+            .any(|(s, e, _)| s <= end && start <= e)
+        {
             return Status::Inval;
         }
         let mut store = wlock(&dom.store);
@@ -324,7 +337,12 @@ impl Model {
         };
         self.total_mappings = self.total_mappings.saturating_sub(removed.len());
         // Exact invalidation: only the removed mappings, only this domain's endpoints.
-        let members = self.domains.get(&domain).map(|e| &e.members).into_iter().flatten();
+        let members = self
+            .domains
+            .get(&domain)
+            .map(|e| &e.members)
+            .into_iter()
+            .flatten();
         for ep in members {
             if let Some(slot) = self.endpoints.get(ep) {
                 for &(s, e) in &removed {

@@ -98,7 +98,9 @@ pub enum RequestError {
     #[error("unknown request type {0}")]
     UnknownType(u8),
     /// A part has the wrong size for the type.
-    #[error("type {kind}: readable {readable} / writable {writable} bytes, expected {want_readable} / {want_writable}")]
+    #[error(
+        "type {kind}: readable {readable} / writable {writable} bytes, expected {want_readable} / {want_writable}"
+    )]
     BadLength {
         /// Request type.
         kind: u8,
@@ -158,7 +160,8 @@ fn le64(b: &[u8], off: usize) -> u64 {
 }
 
 fn zero(b: &[u8], off: usize, len: usize) -> bool {
-    b.get(off..off + len).is_some_and(|s| s.iter().all(|&x| x == 0))
+    b.get(off..off + len)
+        .is_some_and(|s| s.iter().all(|&x| x == 0))
 }
 
 /// Parses one request. `readable` holds the first `min(readable_len, MAX_READABLE)` readable
@@ -253,7 +256,8 @@ pub fn encode_probe(
         p[4] = subtype;
         p[8..16].copy_from_slice(&start.to_le_bytes());
         p[16..24].copy_from_slice(&end.to_le_bytes());
-        out.get_mut(off..off + RESV_MEM_PROP_LEN)?.copy_from_slice(&p);
+        out.get_mut(off..off + RESV_MEM_PROP_LEN)?
+            .copy_from_slice(&p);
         off += RESV_MEM_PROP_LEN;
     }
     Some(out)

@@ -117,9 +117,7 @@ impl MapStore {
 
     /// Mappings from the one containing `iova` (or the first after it) onwards.
     pub fn starting_at(&self, iova: u64) -> impl Iterator<Item = (u64, &Mapping)> {
-        let first = self
-            .lookup(iova)
-            .map_or(iova, |(s, _)| s);
+        let first = self.lookup(iova).map_or(iova, |(s, _)| s);
         self.map.range(first..).map(|(&s, m)| (s, m))
     }
 }
@@ -182,11 +180,10 @@ mod tests {
         assert_eq!(s.lookup(0x1fff).map(|x| x.0), Some(0x1000));
         assert_eq!(s.lookup(u64::MAX).map(|x| x.0), Some(u64::MAX - 0xfff));
         assert!(s.lookup(0x3000).is_none());
-        assert_eq!(s.starting_at(0x1800).map(|x| x.0).collect::<Vec<_>>(), vec![
-            0x1000,
-            0x2000,
-            u64::MAX - 0xfff
-        ]);
+        assert_eq!(
+            s.starting_at(0x1800).map(|x| x.0).collect::<Vec<_>>(),
+            vec![0x1000, 0x2000, u64::MAX - 0xfff]
+        );
         assert_eq!(s.remove(0, u64::MAX).map(|v| v.len()), Ok(4));
     }
 }

@@ -18,7 +18,7 @@ use crate::spec::{
     FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING, MAP_F_READ,
     MAP_F_WRITE,
 };
-use crate::store::{Mapping, MapStore};
+use crate::store::{MapStore, Mapping};
 
 /// A domain: an address space shared by the endpoints attached to it.
 #[derive(Debug)]
@@ -105,8 +105,13 @@ pub fn mapping_permissions(flags: u32) -> Permissions {
 fn fill_identity(fill: &mut Iotlb) -> Result<(), DmaFault> {
     // [0, 2^64 - 1): every address an access can reach (the seam refuses accesses that wrap).
     let all = usize::try_from(u64::MAX).unwrap_or(usize::MAX);
-    fill.set_mapping(GuestAddress(0), GuestAddress(0), all, Permissions::ReadWrite)
-        .map_err(|e| DmaFault::new(0, e.to_string()))
+    fill.set_mapping(
+        GuestAddress(0),
+        GuestAddress(0),
+        all,
+        Permissions::ReadWrite,
+    )
+    .map_err(|e| DmaFault::new(0, e.to_string()))
 }
 
 fn cache_len(start: u64, m: &Mapping) -> usize {

@@ -126,7 +126,10 @@ fn reads_and_writes_go_through_the_translation() {
 fn unmapped_access_faults_and_is_reported() {
     let (mem, _model, hooks, ep) = setup();
     assert!(mem.read_obj::<u64>(GuestAddress(0x5000)).is_err());
-    assert!(mem.write_obj(1u8, GuestAddress(WINDOW + WINDOW_LEN)).is_err());
+    assert!(
+        mem.write_obj(1u8, GuestAddress(WINDOW + WINDOW_LEN))
+            .is_err()
+    );
     // Straddling the end of the window faults as a whole.
     assert!(
         mem.read_obj::<u64>(GuestAddress(WINDOW + WINDOW_LEN - 4))
@@ -183,10 +186,12 @@ fn invalidate_makes_the_next_access_re_resolve() {
 #[test]
 fn wrapping_and_empty_accesses_do_not_panic() {
     let (mem, _model, hooks, ep) = setup();
+    assert!(mem.read_obj::<u64>(GuestAddress(u64::MAX - 3)).is_err());
     assert!(
-        mem.read_obj::<u64>(GuestAddress(u64::MAX - 3)).is_err()
+        mem.iommu()
+            .translate(GuestAddress(u64::MAX), 0, Permissions::Read)
+            .is_ok()
     );
-    assert!(mem.iommu().translate(GuestAddress(u64::MAX), 0, Permissions::Read).is_ok());
     assert_eq!(ep.stats().faults, 1);
     assert_eq!(hooks.0.lock().unwrap().len(), 1);
 }

@@ -14,7 +14,7 @@ use crate::request::{Request, encode, writable_len};
 use crate::spec::Status;
 
 mod fuzz;
-mod prop;
+mod model_prop;
 mod requests;
 mod ring;
 mod translation;

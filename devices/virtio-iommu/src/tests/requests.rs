@@ -97,7 +97,14 @@ fn attach_bypass_mismatch_is_inval() {
         flags: ATTACH_F_BYPASS,
     };
     assert_eq!(send(&d, r), st(Status::Inval));
-    ok(&d, Request::Attach { domain: 2, ..r });
+    ok(
+        &d,
+        Request::Attach {
+            domain: 2,
+            endpoint: EP2,
+            flags: ATTACH_F_BYPASS,
+        },
+    );
     assert_eq!(send(&d, attach(2, EP)), st(Status::Inval));
 }
 
@@ -125,7 +132,10 @@ fn attach_moves_endpoint_and_frees_empty_domain() {
     ok(&d, attach(2, EP));
     assert_eq!(d.attached_domain(EP), Some(2));
     // Domain 1 ceased to exist with its mappings.
-    assert_eq!(send(&d, map(1, 0x10_0000, PAGE, 0x1000, RW)), st(Status::NoEnt));
+    assert_eq!(
+        send(&d, map(1, 0x10_0000, PAGE, 0x1000, RW)),
+        st(Status::NoEnt)
+    );
     // Shared domains survive a member leaving.
     ok(&d, attach(2, EP2));
     ok(&d, map(2, 0, PAGE, 0, RW));
@@ -151,10 +161,13 @@ fn detach_ok_frees_domain() {
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     ok(&d, map(1, 0, PAGE, 0, RW));
-    ok(&d, Request::Detach {
-        domain: 1,
-        endpoint: EP,
-    });
+    ok(
+        &d,
+        Request::Detach {
+            domain: 1,
+            endpoint: EP,
+        },
+    );
     assert_eq!(d.attached_domain(EP), None);
     assert_eq!(send(&d, map(1, 0, PAGE, 0, RW)), st(Status::NoEnt));
     assert!(
@@ -221,14 +234,20 @@ fn map_statuses() {
         (map(1, 0x30_0000, PAGE, 0x800, RW), Status::Range),
         (map(1, 0x30_0000, 0x800, 0, RW), Status::Range),
         (map(1, 0x30_0000, PAGE, u64::MAX - 0xfff, RW), Status::Fault),
-        (map(1, 0x31_0000, 2 * PAGE, u64::MAX - 0xfff, RW), Status::Range),
+        (
+            map(1, 0x31_0000, 2 * PAGE, u64::MAX - 0xfff, RW),
+            Status::Range,
+        ),
         (map(1, MSI_WINDOW.0, PAGE, 0, RW), Status::Inval),
         (map(1, MSI_WINDOW.0 - PAGE, 2 * PAGE, 0, RW), Status::Inval),
         (map(1, RESV.1 & !0xfff, PAGE, 0, RW), Status::Inval),
         (map(1, 0x10_3000, 2 * PAGE, 0, RW), Status::Inval),
         (map(1, 0xf_f000, 2 * PAGE, 0, RW), Status::Inval),
         (map(1, 0x20_0000, PAGE, RAM as u64, RW), Status::Fault),
-        (map(1, 0x20_0000, PAGE, RAM as u64, RW | MAP_F_MMIO), Status::Ok),
+        (
+            map(1, 0x20_0000, PAGE, RAM as u64, RW | MAP_F_MMIO),
+            Status::Ok,
+        ),
     ];
     for (req, want) in cases {
         assert_eq!(send(&d, req), st(want), "{req:?}");
@@ -271,11 +290,14 @@ fn map_mmio_flag_needs_mmio_feature() {
 #[test]
 fn map_on_bypass_domain_is_inval() {
     let d = device();
-    ok(&d, Request::Attach {
-        domain: 1,
-        endpoint: EP,
-        flags: ATTACH_F_BYPASS,
-    });
+    ok(
+        &d,
+        Request::Attach {
+            domain: 1,
+            endpoint: EP,
+            flags: ATTACH_F_BYPASS,
+        },
+    );
     assert_eq!(send(&d, map(1, 0, PAGE, 0, RW)), st(Status::Inval));
     assert_eq!(send(&d, unmap(1, 0, PAGE)), st(Status::Inval));
 }
@@ -336,11 +358,14 @@ fn map_whole_top_of_space() {
         flags: RW,
     };
     ok(&d, r);
-    ok(&d, Request::Unmap {
-        domain: 1,
-        virt_start: 0xffff_0000_0000_0000,
-        virt_end: u64::MAX,
-    });
+    ok(
+        &d,
+        Request::Unmap {
+            domain: 1,
+            virt_start: 0xffff_0000_0000_0000,
+            virt_end: u64::MAX,
+        },
+    );
 }
 
 // ---- UNMAP ----
@@ -362,11 +387,14 @@ fn unmap_statuses() {
     assert_eq!(send(&d, unmap(2, 0, PAGE)), st(Status::NoEnt));
     assert_eq!(send(&d, unmap(1, 0x1_0000_0000, PAGE)), st(Status::Range));
     assert_eq!(
-        send(&d, Request::Unmap {
-            domain: 1,
-            virt_start: 5,
-            virt_end: 4
-        }),
+        send(
+            &d,
+            Request::Unmap {
+                domain: 1,
+                virt_start: 5,
+                virt_end: 4
+            }
+        ),
         st(Status::Inval)
     );
     // Split: refused and nothing removed.
@@ -473,9 +501,15 @@ fn malformed_buffers() {
         assert_eq!(d.handle_request(&b, 4, None), Reply::Unwritten, "type {t}");
     }
     // No head, no tail, absurd writable part: unwritten.
-    assert_eq!(d.handle_request(&attach_bytes[..3], 4, None), Reply::Unwritten);
+    assert_eq!(
+        d.handle_request(&attach_bytes[..3], 4, None),
+        Reply::Unwritten
+    );
     assert_eq!(d.handle_request(&attach_bytes, 3, None), Reply::Unwritten);
-    assert_eq!(d.handle_request(&attach_bytes, 1 << 20, None), Reply::Unwritten);
+    assert_eq!(
+        d.handle_request(&attach_bytes, 1 << 20, None),
+        Reply::Unwritten
+    );
     // Short or oversized parts of a known type: INVAL, nothing applied.
     for (t, len) in [
         (T_ATTACH, 20),
@@ -487,9 +521,15 @@ fn malformed_buffers() {
         let mut b = vec![0u8; len + 1];
         b[0] = t;
         let w = writable_len(t, d.config().probe_size);
-        assert_eq!(d.handle_request(&b[..len - 1], w, None).status(), st(Status::Inval));
+        assert_eq!(
+            d.handle_request(&b[..len - 1], w, None).status(),
+            st(Status::Inval)
+        );
         assert_eq!(d.handle_request(&b, w, None).status(), st(Status::Inval));
-        assert_eq!(d.handle_request(&b[..len], w + 4, None).status(), st(Status::Inval));
+        assert_eq!(
+            d.handle_request(&b[..len], w + 4, None).status(),
+            st(Status::Inval)
+        );
     }
     assert_eq!(d.attached_domain(EP), None);
     // Head reserved bytes are ignored.
@@ -500,7 +540,10 @@ fn malformed_buffers() {
     let Reply::Write(b) = d.handle_request(&encode(&attach(1, EP)), 12, None) else {
         panic!()
     };
-    assert_eq!(b, vec![0, 0, 0, 0, 0, 0, 0, 0, Status::Inval.code(), 0, 0, 0]);
+    assert_eq!(
+        b,
+        vec![0, 0, 0, 0, 0, 0, 0, 0, Status::Inval.code(), 0, 0, 0]
+    );
 }
 
 #[test]
@@ -521,8 +564,9 @@ fn counters_count_requests_and_statuses() {
     ok(&d, attach(1, EP));
     send(&d, attach(1, STRANGER));
     d.handle_request(&[9, 0, 0, 0], 4, None);
-    let c: std::collections::BTreeMap<_, _> =
-        sluice_virtio_pci::VirtioDevice::counters(&d).into_iter().collect();
+    let c: std::collections::BTreeMap<_, _> = sluice_virtio_pci::VirtioDevice::counters(&d)
+        .into_iter()
+        .collect();
     assert_eq!(c["requests_attach"], 2);
     assert_eq!(c["status_ok"], 1);
     assert_eq!(c["status_noent"], 1);

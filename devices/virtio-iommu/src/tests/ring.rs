@@ -66,8 +66,14 @@ fn unmapping_a_live_ring_faults_the_next_access() {
 
     // The driver unmaps the ring page while the queue is live.
     ok(&d, unmap(1, RING_IOVA, 0x1000));
-    assert!(q.pop_descriptor_chain(&mem).is_none(), "avail ring read must fault");
-    assert!(q.add_used(&mem, 1, 0).is_err(), "used ring write must fault");
+    assert!(
+        q.pop_descriptor_chain(&mem).is_none(),
+        "avail ring read must fault"
+    );
+    assert!(
+        q.add_used(&mem, 1, 0).is_err(),
+        "used ring write must fault"
+    );
     assert!(q.iter(&mem).is_err());
     let faults = d.endpoint_iommu(EP).unwrap().stats().faults;
     assert!(faults >= 3, "{faults}");
@@ -75,7 +81,9 @@ fn unmapping_a_live_ring_faults_the_next_access() {
     // Re-mapping elsewhere in GPA would redirect it; mapping it back restores the queue,
     // proving nothing was cached at enable time.
     ok(&d, map(1, RING_IOVA, 0x1000, RING_GPA, RW));
-    let chain = q.pop_descriptor_chain(&mem).expect("second chain after re-map");
+    let chain = q
+        .pop_descriptor_chain(&mem)
+        .expect("second chain after re-map");
     assert_eq!(chain.head_index(), 1);
 }
 
@@ -88,7 +96,11 @@ fn unmapping_a_buffer_faults_the_data_access() {
     let mem: IommuMemory<GuestMemoryMmap, EndpointIommu> =
         IommuMemory::new(phys, d.endpoint_iommu(EP).unwrap(), true, ());
     let mut buf = [0u8; 0x1800];
-    mem.read_slice(&mut buf, GuestAddress(BUF_IOVA + 0x400)).unwrap();
+    mem.read_slice(&mut buf, GuestAddress(BUF_IOVA + 0x400))
+        .unwrap();
     ok(&d, unmap(1, BUF_IOVA, 0x2000));
-    assert!(mem.read_slice(&mut buf, GuestAddress(BUF_IOVA + 0x400)).is_err());
+    assert!(
+        mem.read_slice(&mut buf, GuestAddress(BUF_IOVA + 0x400))
+            .is_err()
+    );
 }

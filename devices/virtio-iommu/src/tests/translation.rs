@@ -11,8 +11,8 @@ use vm_memory::{Bytes, IommuMemory};
 
 use super::*;
 use crate::spec::{
-    ATTACH_F_BYPASS, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN,
-    FAULT_R_MAPPING, MAP_F_READ, MAP_F_WRITE,
+    ATTACH_F_BYPASS, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING,
+    MAP_F_READ, MAP_F_WRITE,
 };
 
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
@@ -98,13 +98,20 @@ fn translated_access_and_exact_unmap_invalidation() {
     ok(&d, map(3, 0x8000_0000, 0x1000, 0x20_0000, RW));
     ok(&d, map(3, 0x8000_1000, 0x1000, 0x30_0000, RW));
     let m = dma(&d, EP);
-    m.write_obj(0x1122_3344u32, GuestAddress(0x8000_0ffe)).unwrap();
+    m.write_obj(0x1122_3344u32, GuestAddress(0x8000_0ffe))
+        .unwrap();
     // Spans two mappings whose GPAs are not contiguous.
     let phys = ram();
     let _ = phys;
     let back = m.get_backend();
-    assert_eq!(back.read_obj::<u16>(GuestAddress(0x20_0ffe)).unwrap(), 0x3344);
-    assert_eq!(back.read_obj::<u16>(GuestAddress(0x30_0000)).unwrap(), 0x1122);
+    assert_eq!(
+        back.read_obj::<u16>(GuestAddress(0x20_0ffe)).unwrap(),
+        0x3344
+    );
+    assert_eq!(
+        back.read_obj::<u16>(GuestAddress(0x30_0000)).unwrap(),
+        0x1122
+    );
     assert_eq!(
         rec.dmas.lock().unwrap().last().unwrap().outcome,
         DmaOutcome::Translated {
@@ -146,17 +153,23 @@ fn detach_attach_and_bypass_domains_invalidate() {
     ok(&d, map(1, 0, 0x1000, 0x9000, RW));
     let m = dma(&d, EP);
     m.write_obj(5u8, GuestAddress(0)).unwrap();
-    ok(&d, Request::Detach {
-        domain: 1,
-        endpoint: EP,
-    });
+    ok(
+        &d,
+        Request::Detach {
+            domain: 1,
+            endpoint: EP,
+        },
+    );
     assert!(m.read_obj::<u8>(GuestAddress(0)).is_err());
     // A bypass domain lets everything through untranslated.
-    ok(&d, Request::Attach {
-        domain: 2,
-        endpoint: EP,
-        flags: ATTACH_F_BYPASS,
-    });
+    ok(
+        &d,
+        Request::Attach {
+            domain: 2,
+            endpoint: EP,
+            flags: ATTACH_F_BYPASS,
+        },
+    );
     assert_eq!(m.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 5);
     // Moving to a translated domain drops the identity entries.
     ok(&d, attach(4, EP));
@@ -218,7 +231,10 @@ fn faults_are_written_to_the_event_queue() {
         FAULT_F_WRITE | FAULT_F_ADDRESS
     );
     assert_eq!(u32::from_le_bytes(rec[8..12].try_into().unwrap()), EP2);
-    assert_eq!(u64::from_le_bytes(rec[16..24].try_into().unwrap()), 0x1234_5000);
+    assert_eq!(
+        u64::from_le_bytes(rec[16..24].try_into().unwrap()),
+        0x1234_5000
+    );
     let used_len: u32 = phys
         .read_obj(GuestAddress(q.used_ring() + 4 + 8 + 4))
         .unwrap();

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use sluice_devapi::{NullInterrupts, RecordingInterrupts};
 use sluice_pci::PciInterrupt;
-use sluice_virtio_pci::{ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt};
+use sluice_virtio_pci::{
+    ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -41,13 +43,21 @@ fn worker_serves_requests_and_events() {
     // Event queue at 0x2_0000 with one 24-byte buffer.
     let eq = MockSplitQueue::create(&phys, GuestAddress(0x2_0000), 16);
     eq.add_desc_chains(
-        &[RawDescriptor::from(SplitDescriptor::new(0x5_0000, 24, 2, 0))],
+        &[RawDescriptor::from(SplitDescriptor::new(
+            0x5_0000, 24, 2, 0,
+        ))],
         0,
     )
     .unwrap();
-    let queues: Vec<(u16, Queue)> = vec![(0, rq.create_queue().unwrap()), (1, eq.create_queue().unwrap())];
+    let queues: Vec<(u16, Queue)> = vec![
+        (0, rq.create_queue().unwrap()),
+        (1, eq.create_queue().unwrap()),
+    ];
     let rec = Arc::new(RecordingInterrupts::default());
-    let interrupt = Arc::new(VirtioInterrupt::new(PciInterrupt::new(rec.clone(), None), 2));
+    let interrupt = Arc::new(VirtioInterrupt::new(
+        PciInterrupt::new(rec.clone(), None),
+        2,
+    ));
     let mut d = VirtioIommu::new(
         "viommu0",
         ViommuConfig {
@@ -60,6 +70,7 @@ fn worker_serves_requests_and_events() {
     assert_eq!(d.queue_max_sizes(), &[256, 256]);
     d.activate(ActivationContext {
         mem: SharedMemory::new(phys.clone()),
+        dma: DmaMemory::Direct(SharedMemory::new(phys.clone())),
         queues,
         interrupt,
         acked_features: all_features(),
@@ -71,8 +82,10 @@ fn worker_serves_requests_and_events() {
     // EP2 is unattached and bypass is off: its DMA faults, and the worker reports it.
     let m = IommuMemory::new(phys.clone(), d.endpoint_iommu(EP2).unwrap(), true, ());
     assert!(m.read_obj::<u32>(GuestAddress(0x7000)).is_err());
-    wait_for(|| phys.read_obj::<u8>(GuestAddress(0x5_0000)).unwrap() == FAULT_R_DOMAIN
-        && phys.read_obj::<u32>(GuestAddress(0x5_0008)).unwrap() == EP2);
+    wait_for(|| {
+        phys.read_obj::<u8>(GuestAddress(0x5_0000)).unwrap() == FAULT_R_DOMAIN
+            && phys.read_obj::<u32>(GuestAddress(0x5_0008)).unwrap() == EP2
+    });
     wait_for(|| d.pending_faults() == 0);
     let c: std::collections::BTreeMap<_, _> = d.counters().into_iter().collect();
     assert_eq!(c["events_written"], 1);
@@ -94,11 +107,15 @@ fn activation_needs_both_queues() {
     let mut d = device();
     let r = d.activate(ActivationContext {
         mem: SharedMemory::new(phys.clone()),
+        dma: DmaMemory::Direct(SharedMemory::new(phys.clone())),
         queues: vec![(0, rq.create_queue().unwrap())],
         interrupt,
         acked_features: all_features(),
     });
-    assert!(matches!(r, Err(sluice_virtio_pci::ActivateError::BadQueue(1))));
+    assert!(matches!(
+        r,
+        Err(sluice_virtio_pci::ActivateError::BadQueue(1))
+    ));
 }
 
 #[test]
