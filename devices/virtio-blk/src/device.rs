@@ -298,7 +298,7 @@ pub fn process_available<M: vm_memory::GuestMemory<Bitmap = ()>>(
         }
         completed = true;
     }
-    if completed && queue.needs_notification(mem).unwrap_or(true) {
+    if completed && sluice_virtio_pci::driver_wants_interrupt(queue, mem) {
         notify();
     }
     true

@@ -45,6 +45,7 @@ enum WorkerMsg {
 struct Running {
     tx: Sender<WorkerMsg>,
     handle: JoinHandle<()>,
+    queues: Arc<Mutex<Queues>>,
 }
 
 /// A virtio-iommu device.
@@ -293,12 +294,16 @@ impl VirtioDevice for VirtioIommu {
             .acked
             .store(ctx.acked_features, Ordering::Release);
         let (tx, rx) = mpsc::channel();
-        let worker = Worker {
-            engine: self.engine.clone(),
+        let queues = Arc::new(Mutex::new(Queues {
             req,
             evt,
             mem: ctx.mem,
             interrupt: ctx.interrupt,
+            broken: false,
+        }));
+        let worker = Worker {
+            engine: self.engine.clone(),
+            queues: queues.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("{}-worker", self.engine.name))
@@ -309,7 +314,7 @@ impl VirtioDevice for VirtioIommu {
             let _ = waker.send(WorkerMsg::Events);
         })));
         self.engine.activated.store(true, Ordering::Release);
-        self.running = Some(Running { tx, handle });
+        self.running = Some(Running { tx, handle, queues });
         // Faults raised before activation (there is nowhere to report them yet) stay queued.
         if !self.engine.shared.faults.is_empty()
             && let Some(r) = &self.running
@@ -329,9 +334,16 @@ impl VirtioDevice for VirtioIommu {
             EVENT_QUEUE => WorkerMsg::Events,
             _ => return,
         };
-        if let Some(r) = &self.running {
-            let _ = r.tx.send(msg);
+        let Some(r) = &self.running else { return };
+        if queue == REQUEST_QUEUE && self.engine.cfg.inline_requests {
+            // Linux busy-polls the used ring for each request; answering on the doorbell's own
+            // thread, before the doorbell write returns, spares it a cross-thread wake-up
+            // while the spinning vCPU competes for the same cores.
+            let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
+            serve(&self.engine, &mut q, true, false);
+            return;
         }
+        let _ = r.tx.send(msg);
     }
 
     fn reset(&mut self) {
@@ -383,16 +395,50 @@ impl VirtioDevice for VirtioIommu {
     }
 }
 
-struct Worker {
-    pub(crate) engine: Arc<Engine>,
+/// The queues and what the device needs to answer on them, shared by the doorbell path
+/// (requests, inline) and the worker (events, and requests when not inline).
+struct Queues {
     req: (u16, Queue),
     evt: (u16, Queue),
     mem: SharedMemory,
     interrupt: Arc<VirtioInterrupt>,
+    /// A used ring could not be written: nothing more is served until reset.
+    broken: bool,
+}
+
+/// Serves the request and/or event queue. A broken queue is logged once and then left alone.
+fn serve(e: &Engine, q: &mut Queues, requests: bool, events: bool) {
+    if q.broken {
+        return;
+    }
+    let mem = q.mem.snapshot();
+    let mut run = || -> Result<(), crate::queues::QueueBroken> {
+        if requests && e.process_requests(q.req.0, &mut q.req.1, &mem)? {
+            e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            q.interrupt.signal_queue(q.req.0);
+        }
+        // Requests fault nothing themselves, but a fault wake-up may have been coalesced away.
+        if (events || !e.shared.faults.is_empty())
+            && e.process_events(q.evt.0, &mut q.evt.1, &mem)?
+        {
+            e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            q.interrupt.signal_queue(q.evt.0);
+        }
+        Ok(())
+    };
+    if let Err(err) = run() {
+        log::error!("virtio-iommu {}: {err}; waiting for reset", e.name);
+        q.broken = true;
+    }
+}
+
+struct Worker {
+    pub(crate) engine: Arc<Engine>,
+    queues: Arc<Mutex<Queues>>,
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<WorkerMsg>) {
+    fn run(self, rx: Receiver<WorkerMsg>) {
         while let Ok(msg) = rx.recv() {
             let (mut requests, mut events) = (false, false);
             let mut note = |m: WorkerMsg| match m {
@@ -415,32 +461,8 @@ impl Worker {
                     return;
                 }
             }
-            if let Err(e) = self.serve(requests, events) {
-                log::error!("virtio-iommu {}: {e}; waiting for reset", self.engine.name);
-                while let Ok(m) = rx.recv() {
-                    if matches!(m, WorkerMsg::Stop) {
-                        return;
-                    }
-                }
-                return;
-            }
+            let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            serve(&self.engine, &mut q, requests, events);
         }
-    }
-
-    fn serve(&mut self, requests: bool, events: bool) -> Result<(), crate::queues::QueueBroken> {
-        let mem = self.mem.snapshot();
-        let e = &self.engine;
-        if requests && e.process_requests(self.req.0, &mut self.req.1, &mem)? {
-            e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-            self.interrupt.signal_queue(self.req.0);
-        }
-        // Requests can fault nothing themselves, but a wake-up may have been coalesced away.
-        if (events || !e.shared.faults.is_empty())
-            && e.process_events(self.evt.0, &mut self.evt.1, &mem)?
-        {
-            e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-            self.interrupt.signal_queue(self.evt.0);
-        }
-        Ok(())
     }
 }

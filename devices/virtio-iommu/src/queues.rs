@@ -123,7 +123,7 @@ impl Engine {
                 })?;
             completed = true;
         }
-        Ok(completed && queue.needs_notification(mem).unwrap_or(true))
+        Ok(completed && sluice_virtio_pci::driver_wants_interrupt(queue, mem))
     }
 
     /// Copies waiting faults into event buffers while both exist. Returns whether the driver
@@ -164,6 +164,6 @@ impl Engine {
                 })?;
             completed = true;
         }
-        Ok(completed && queue.needs_notification(mem).unwrap_or(true))
+        Ok(completed && sluice_virtio_pci::driver_wants_interrupt(queue, mem))
     }
 }

@@ -21,6 +21,7 @@ mod caps;
 mod common;
 pub mod interrupt;
 pub mod mem;
+pub mod notify;
 mod status;
 mod transport;
 
@@ -31,6 +32,7 @@ use virtio_queue::Queue;
 
 pub use interrupt::VirtioInterrupt;
 pub use mem::{DmaMemory, DmaView, SharedMemory, TranslatedMemory};
+pub use notify::driver_wants_interrupt;
 pub use status::DeviceStatus;
 pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
 
