@@ -107,3 +107,72 @@ pub trait Hooks: Send + Sync {
 pub struct NoHooks;
 
 impl Hooks for NoHooks {}
+
+/// Several hooks as one, called in order (e.g. race injection, then the escape oracle, then
+/// counters). A stall in an earlier one delays the later ones, which is what a timeline wants:
+/// it records the point when execution really passes it.
+#[derive(Clone, Default)]
+pub struct Fanout(pub Vec<std::sync::Arc<dyn Hooks>>);
+
+impl Hooks for Fanout {
+    fn point(&self, ctx: &PointCtx<'_>) {
+        self.0.iter().for_each(|h| h.point(ctx));
+    }
+    fn dma(&self, rec: &DmaRecord) {
+        self.0.iter().for_each(|h| h.dma(rec));
+    }
+    fn state(&self, ev: &StateEvent<'_>) {
+        self.0.iter().for_each(|h| h.state(ev));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize, AtomicUsize, AtomicUsize);
+    impl Hooks for Count {
+        fn point(&self, _: &PointCtx<'_>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn dma(&self, _: &DmaRecord) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+        fn state(&self, _: &StateEvent<'_>) {
+            self.2.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn fanout_reaches_every_member() {
+        let (a, b) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let f = Fanout(vec![a.clone(), b.clone(), Arc::new(NoHooks)]);
+        f.point(&PointCtx::new("x", 1));
+        f.dma(&DmaRecord {
+            endpoint: Endpoint::Zpci { fh: 1 },
+            iova: 0,
+            len: 1,
+            direction: DmaDirection::Read,
+            outcome: DmaOutcome::Bypassed,
+        });
+        f.state(&StateEvent {
+            source: "s",
+            what: "w",
+            endpoint: None,
+            value: 0,
+        });
+        for c in [a, b] {
+            assert_eq!(
+                (
+                    c.0.load(Ordering::Relaxed),
+                    c.1.load(Ordering::Relaxed),
+                    c.2.load(Ordering::Relaxed)
+                ),
+                (1, 1, 1)
+            );
+        }
+    }
+}

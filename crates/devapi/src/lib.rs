@@ -21,5 +21,7 @@ mod irq;
 
 pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
 pub use endpoint::{Bdf, Endpoint};
-pub use hooks::{DmaDirection, DmaOutcome, DmaRecord, Hooks, NoHooks, PointCtx, StateEvent};
+pub use hooks::{
+    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent,
+};
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
