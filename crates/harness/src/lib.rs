@@ -1,0 +1,48 @@
+//! The regression harness, without any backend.
+//!
+//! - [`scenario`]: the scenario file format (TOML) with strict validation;
+//! - [`plan`]: scenarios × variants × seeds → run cases, and deterministic sharding;
+//! - [`verdict`]: what one run observed against what the scenario expects, and reproduction
+//!   rates over seeds;
+//! - [`junit`]: JUnit XML that any CI reads.
+//!
+//! The CLI implements [`Runner`] (boot the guest, inject, run the oracle) and drives
+//! [`run_all`].
+#![forbid(unsafe_code)]
+
+pub mod junit;
+pub mod plan;
+pub mod scenario;
+pub mod verdict;
+
+use std::path::Path;
+
+pub use plan::{RunCase, Shard};
+pub use scenario::{Scenario, ScenarioError};
+pub use verdict::{CaseResult, Observation, SuiteSummary};
+
+/// Executes one run case and reports what happened.
+pub trait Runner {
+    /// Runs `case`, keeping its artifacts in `dir`.
+    fn run(&self, case: &RunCase, dir: &Path) -> Observation;
+}
+
+/// Runs every case in order (the CLI adds parallelism and progress on top), judging each.
+pub fn run_all(
+    runner: &dyn Runner,
+    cases: &[RunCase],
+    out: &Path,
+    mut progress: impl FnMut(usize, &CaseResult),
+) -> Vec<CaseResult> {
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, case)| {
+            let dir = out.join(case.id());
+            let obs = runner.run(case, &dir);
+            let result = verdict::judge(case, obs);
+            progress(i, &result);
+            result
+        })
+        .collect()
+}
