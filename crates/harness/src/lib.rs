@@ -6,8 +6,7 @@
 //!   rates over seeds;
 //! - [`junit`]: JUnit XML that any CI reads.
 //!
-//! The CLI implements [`Runner`] (boot the guest, inject, run the oracle) and drives
-//! [`run_all`].
+//! The CLI implements [`Runner`] (boot the guest, inject, run the oracle).
 #![forbid(unsafe_code)]
 
 pub mod junit;
@@ -25,24 +24,4 @@ pub use verdict::{CaseResult, Observation, SuiteSummary};
 pub trait Runner {
     /// Runs `case`, keeping its artifacts in `dir`.
     fn run(&self, case: &RunCase, dir: &Path) -> Observation;
-}
-
-/// Runs every case in order (the CLI adds parallelism and progress on top), judging each.
-pub fn run_all(
-    runner: &dyn Runner,
-    cases: &[RunCase],
-    out: &Path,
-    mut progress: impl FnMut(usize, &CaseResult),
-) -> Vec<CaseResult> {
-    cases
-        .iter()
-        .enumerate()
-        .map(|(i, case)| {
-            let dir = out.join(case.id());
-            let obs = runner.run(case, &dir);
-            let result = verdict::judge(case, obs);
-            progress(i, &result);
-            result
-        })
-        .collect()
 }

@@ -1,5 +1,6 @@
 //! The `sluice` command.
 
+mod harness_cmd;
 mod image;
 mod report;
 mod run;
@@ -24,11 +25,23 @@ struct Cli {
 enum Cmd {
     /// Boot a guest with Sluice's devices, run its workload, verify the disks, print the verdict.
     Run(Box<run::RunArgs>),
+    /// Regression harness: scenarios x kernel variants x seeds.
+    Harness {
+        #[command(subcommand)]
+        command: HarnessCmd,
+    },
     /// Guest images.
     Image {
         #[command(subcommand)]
         command: ImageCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum HarnessCmd {
+    /// Run scenario files; print a summary; write JUnit and JSON; exit non-zero on any
+    /// unexpected outcome.
+    Run(Box<harness_cmd::HarnessRunArgs>),
 }
 
 #[derive(Subcommand)]
@@ -46,6 +59,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => run::run(*args),
+        Cmd::Harness {
+            command: HarnessCmd::Run(args),
+        } => harness_cmd::run(*args),
         Cmd::Image {
             command: ImageCmd::Build { variant },
         } => image::build_guest(&variant).map(|img| {

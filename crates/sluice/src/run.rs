@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use sluice_host::{DeviceSet, DiskSpec, DmaStats, GuestExit, HostOptions, IommuChoice};
+use sluice_host::{DeviceSet, DiskSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome};
 use sluice_qemu::{Accel, QemuConfig};
 use sluice_virtio_iommu::ViommuConfig;
 
 use crate::report::{self, DiskVerdict};
+use crate::verify::GuestReport;
 use crate::{image, verify};
 
 /// IOMMU in front of the disks.
@@ -145,6 +146,198 @@ fn default_backend() -> Backend {
     Backend::Qemu
 }
 
+/// Where the guest kernel comes from.
+#[derive(Debug, Clone)]
+pub enum GuestSource {
+    /// A variant built (or found cached) by `guest-images/build.sh`.
+    Variant(String),
+    /// Explicit files.
+    Files {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Initramfs.
+        initrd: PathBuf,
+    },
+}
+
+/// Everything one guest run needs; `sluice run` and the harness both build one.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub guest: GuestSource,
+    pub qemu: Option<PathBuf>,
+    pub cpus: u32,
+    pub mem_mib: u64,
+    /// Disks; empty means one 64 MiB scratch disk (behind the IOMMU if there is one).
+    pub disks: Vec<DiskSpec>,
+    pub iommu: IommuArg,
+    pub boot_bypass: bool,
+    /// Appended to the kernel command line.
+    pub cmdline: String,
+    pub workload: String,
+    pub seed: u64,
+    pub timeout: Duration,
+    pub run_dir: PathBuf,
+    pub serial_log: Option<PathBuf>,
+    /// Where the JSON report goes (always written; default `run_dir/report.json`).
+    pub report: Option<PathBuf>,
+}
+
+/// What one run produced.
+pub struct RunRecord {
+    pub outcome: RunOutcome,
+    pub guest: GuestReport,
+    pub disks: Vec<DiskVerdict>,
+    pub verdict: report::Verdict,
+    /// Translation faults over all endpoints.
+    pub faults: u64,
+}
+
+/// Boots the guest described by `spec`, verifies it, writes the report.
+pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
+    std::fs::create_dir_all(&spec.run_dir)
+        .with_context(|| format!("cannot create {}", spec.run_dir.display()))?;
+    let have_iommu = spec.iommu != IommuArg::None;
+    let mut disks = spec.disks.clone();
+    if disks.is_empty() {
+        let path = spec.run_dir.join("disk0.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(64 << 20))
+            .with_context(|| format!("cannot create scratch disk {}", path.display()))?;
+        disks.push(DiskSpec {
+            path,
+            read_only: false,
+            iommu: have_iommu,
+        });
+    }
+    let (kernel, initrd) = match &spec.guest {
+        GuestSource::Files { kernel, initrd } => (kernel.clone(), initrd.clone()),
+        GuestSource::Variant(v) => {
+            eprintln!("sluice: guest image {v} (built once, then cached)");
+            let img = image::build_guest(v)?;
+            (img.kernel, img.initrd)
+        }
+    };
+    let accel = Accel::detect();
+    let qemu = match (&spec.qemu, accel) {
+        (Some(q), _) => q.clone(),
+        (None, Accel::Kvm) => PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        (None, Accel::Tcg) => {
+            eprintln!("sluice: QEMU with the proxy INTx patch (built once, then cached)");
+            image::build_qemu()?
+        }
+    };
+
+    let stats = Arc::new(DmaStats::default());
+    let host_opts = HostOptions {
+        iommu: match spec.iommu {
+            IommuArg::None => None,
+            IommuArg::Virtio => Some(IommuChoice::Virtio(ViommuConfig {
+                boot_bypass: spec.boot_bypass,
+                ..Default::default()
+            })),
+        },
+        ..Default::default()
+    };
+    let devices = DeviceSet::with_options(&disks, stats.clone(), &host_opts)?;
+    let mut acpi_tables = Vec::new();
+    if let Some(p) = &devices.iommu {
+        let path = spec.run_dir.join("viot.aml");
+        std::fs::write(&path, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        acpi_tables.push(path);
+    }
+    let cmdline = format!(
+        // tsc=unstable: under a busy TCG host the guest sometimes miscalibrates the TSC against the
+        // PIT and its clock runs ~10x fast, which breaks timings and /init watchdogs.
+        "console=ttyS0 panic=-1 nokaslr tsc=unstable sluice.workload={} sluice.seed={} {}",
+        spec.workload, spec.seed, spec.cmdline
+    );
+    let serial_log = spec
+        .serial_log
+        .clone()
+        .unwrap_or_else(|| spec.run_dir.join("serial.log"));
+    let cfg = QemuConfig {
+        qemu,
+        accel,
+        cpus: spec.cpus,
+        mem_mib: spec.mem_mib,
+        kernel,
+        initrd,
+        cmdline: cmdline.trim().to_string(),
+        serial_log: serial_log.clone(),
+        timeout: spec.timeout,
+        acpi_tables,
+        extra_args: vec![],
+    };
+    eprintln!(
+        "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
+        cfg.cpus,
+        accel,
+        disks.len(),
+        serial_log.display()
+    );
+    let outcome = sluice_qemu::run(&cfg, &devices)?;
+    let guest = verify::parse_console(&outcome.console);
+    let disk_verdicts = verify_disks(&devices, &guest, &spec.workload, spec.seed);
+    let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
+    let report_path = spec
+        .report
+        .clone()
+        .unwrap_or_else(|| spec.run_dir.join("report.json"));
+    report::write_json(
+        &report_path,
+        &outcome,
+        &guest,
+        &disk_verdicts,
+        &devices,
+        &stats,
+        &verdict,
+        &cfg,
+    )?;
+    let faults = stats.snapshot().iter().map(|(_, c)| c.faulted).sum();
+    Ok(RunRecord {
+        outcome,
+        guest,
+        disks: disk_verdicts,
+        verdict,
+        faults,
+    })
+}
+
+/// Matches each disk function to the guest's name for it and checks its contents.
+fn verify_disks(
+    devices: &DeviceSet,
+    guest: &GuestReport,
+    workload: &str,
+    seed: u64,
+) -> Vec<DiskVerdict> {
+    let mut out = Vec::new();
+    for d in devices.devices.iter().filter(|d| d.disk.is_some()) {
+        let bdf = d.bdf.to_string();
+        let entry = guest.disks.iter().find(|(_, b, _)| *b == bdf);
+        let vd = entry.map(|(v, _, _)| v.clone());
+        let iommu_group = entry.map(|(_, _, g)| g.clone());
+        let guest_result = vd
+            .as_ref()
+            .and_then(|v| guest.disk_results.iter().find(|(n, _)| n == v))
+            .map(|(_, r)| r.clone());
+        let host = match (&vd, &d.disk, workload) {
+            (Some(v), Some(path), "disk") => Some(verify::check_disk(path, seed, v)),
+            _ => None,
+        };
+        out.push(DiskVerdict {
+            name: d.name.clone(),
+            bdf,
+            guest_name: vd,
+            guest_result,
+            host,
+            behind_iommu: d.behind_iommu,
+            iommu_group,
+        });
+    }
+    out
+}
+
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let backend = args.backend.unwrap_or_else(default_backend);
     if backend == Backend::Kvm {
@@ -159,147 +352,40 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .join("target/sluice-runs")
             .join(format!("run-{stamp}-{}", std::process::id()))
     });
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-
     let have_iommu = args.iommu != IommuArg::None;
-    let mut disks = args
+    let disks = args
         .disks
         .iter()
         .map(|d| parse_disk(d, have_iommu))
         .collect::<Result<Vec<_>>>()?;
-    if disks.is_empty() {
-        let path = run_dir.join("disk0.img");
-        std::fs::File::create(&path)
-            .and_then(|f| f.set_len(64 << 20))
-            .with_context(|| format!("cannot create scratch disk {}", path.display()))?;
-        disks.push(DiskSpec {
-            path,
-            read_only: false,
-            iommu: have_iommu,
-        });
-    }
-
-    let (kernel, initrd) = match (&args.kernel, &args.initrd) {
-        (Some(k), Some(i)) => (k.clone(), i.clone()),
-        _ => {
-            eprintln!(
-                "sluice: guest image {} (built once, then cached)",
-                args.guest
-            );
-            let img = image::build_guest(&args.guest)?;
-            (img.kernel, img.initrd)
-        }
-    };
-    let accel = Accel::detect();
-    let qemu = match (&args.qemu, accel) {
-        (Some(q), _) => q.clone(),
-        (None, Accel::Kvm) => PathBuf::from("/usr/bin/qemu-system-x86_64"),
-        (None, Accel::Tcg) => {
-            eprintln!("sluice: QEMU with the proxy INTx patch (built once, then cached)");
-            image::build_qemu()?
-        }
-    };
-
-    let stats = Arc::new(DmaStats::default());
-    let host_opts = HostOptions {
-        iommu: match args.iommu {
-            IommuArg::None => None,
-            IommuArg::Virtio => Some(IommuChoice::Virtio(ViommuConfig {
-                boot_bypass: args.iommu_boot_bypass,
-                ..Default::default()
-            })),
+    let guest = match (&args.kernel, &args.initrd) {
+        (Some(kernel), Some(initrd)) => GuestSource::Files {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
         },
-        ..Default::default()
+        _ => GuestSource::Variant(args.guest.clone()),
     };
-    let devices = DeviceSet::with_options(&disks, stats.clone(), &host_opts)?;
-    let mut acpi_tables = Vec::new();
-    if let Some(p) = &devices.iommu {
-        let path = run_dir.join("viot.aml");
-        std::fs::write(&path, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        acpi_tables.push(path);
-    }
-    let cmdline = format!(
-        // tsc=unstable: under a busy TCG host the guest sometimes miscalibrates the TSC against the
-        // PIT and its clock runs ~10x fast, which breaks timings and /init watchdogs.
-        "console=ttyS0 panic=-1 nokaslr tsc=unstable sluice.workload={} sluice.seed={} {}",
-        args.workload, args.seed, args.cmdline
-    );
-    let serial_log = args
-        .serial_log
-        .clone()
-        .unwrap_or_else(|| run_dir.join("serial.log"));
-    let cfg = QemuConfig {
-        qemu,
-        accel,
+    let spec = RunSpec {
+        guest,
+        qemu: args.qemu.clone(),
         cpus: args.cpus,
         mem_mib: args.mem,
-        kernel,
-        initrd,
-        cmdline: cmdline.trim().to_string(),
-        serial_log: serial_log.clone(),
+        disks,
+        iommu: args.iommu,
+        boot_bypass: args.iommu_boot_bypass,
+        cmdline: args.cmdline.clone(),
+        workload: args.workload.clone(),
+        seed: args.seed,
         timeout: Duration::from_secs(args.timeout),
-        acpi_tables,
-        extra_args: vec![],
+        run_dir,
+        serial_log: args.serial_log.clone(),
+        report: args.report.clone(),
     };
-    eprintln!(
-        "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
-        cfg.cpus,
-        accel,
-        disks.len(),
-        serial_log.display()
-    );
-    let outcome = sluice_qemu::run(&cfg, &devices)?;
-    let guest = verify::parse_console(&outcome.console);
-
-    let mut disk_verdicts = Vec::new();
-    for d in devices.devices.iter().filter(|d| d.disk.is_some()) {
-        let bdf = d.bdf.to_string();
-        let vd = guest
-            .disks
-            .iter()
-            .find(|(_, b, _)| *b == bdf)
-            .map(|(v, _, _)| v.clone());
-        let guest_result = vd
-            .as_ref()
-            .and_then(|v| guest.disk_results.iter().find(|(n, _)| n == v))
-            .map(|(_, r)| r.clone());
-        let host = match (&vd, &d.disk, args.workload.as_str()) {
-            (Some(v), Some(path), "disk") => Some(verify::check_disk(path, args.seed, v)),
-            _ => None,
-        };
-        let iommu_group = vd
-            .as_ref()
-            .and_then(|v| guest.disks.iter().find(|(n, _, _)| n == v))
-            .map(|(_, _, g)| g.clone());
-        disk_verdicts.push(DiskVerdict {
-            name: d.name.clone(),
-            bdf,
-            guest_name: vd,
-            guest_result,
-            host,
-            behind_iommu: d.behind_iommu,
-            iommu_group,
-        });
-    }
-    let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &args.workload, args.cpus);
-    report::print_summary(&outcome, &guest, &disk_verdicts, &verdict);
-    if let Some(path) = &args.report {
-        report::write_json(
-            path,
-            &outcome,
-            &guest,
-            &disk_verdicts,
-            &devices,
-            &stats,
-            &verdict,
-            &cfg,
-        )?;
-    }
-    Ok(if verdict.pass {
+    let rec = execute(&spec)?;
+    report::print_summary(&rec.outcome, &rec.guest, &rec.disks, &rec.verdict);
+    Ok(if rec.verdict.pass {
         ExitCode::SUCCESS
-    } else if matches!(outcome.exit, GuestExit::PoweredOff) {
+    } else if matches!(rec.outcome.exit, GuestExit::PoweredOff) {
         ExitCode::from(1)
     } else {
         ExitCode::from(3)
