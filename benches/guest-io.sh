@@ -25,7 +25,7 @@ if [ -z "${SLUICE:-}" ]; then
     SLUICE=$ROOT/target/release/sluice
 fi
 eval "$("$SLUICE" image build "$VARIANT" | grep -E '^(KERNEL|INITRD)=')"
-QEMU=$(flock "${SLUICE_CACHE:-$HOME/.cache/sluice}/.build.lock" bash "$ROOT/guest-images/qemu/build-qemu.sh" 2>/dev/null | sed -n 's/^QEMU=//p' | tail -1)
+QEMU=$(bash "$ROOT/guest-images/qemu/build-qemu.sh" 2>/dev/null | sed -n 's/^QEMU=//p' | tail -1)
 [ -x "$QEMU" ] || { echo "no QEMU binary" >&2; exit 1; }
 
 CMDLINE="console=ttyS0 panic=-1 nokaslr tsc=unstable quiet sluice.workload=bench sluice.ddmb=$DDMB sluice.dd4k=$DD4K"

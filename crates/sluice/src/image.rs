@@ -36,16 +36,8 @@ fn run_script(script: &Path, args: &[&str]) -> Result<Vec<(String, String)>> {
     if !script.exists() {
         bail!("build script {} is missing", script.display());
     }
-    // Builds share one cache; concurrent runs (parallel tests, two terminals) take turns.
-    let cache = std::env::var_os("SLUICE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/sluice")))
-        .unwrap_or_else(|| PathBuf::from("/tmp/sluice-cache"));
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("cannot create {}", cache.display()))?;
-    let mut child = Command::new("flock")
-        .arg(cache.join(".build.lock"))
-        .arg("bash")
+    // The scripts serialise concurrent builds of the same image themselves (per-key locks).
+    let mut child = Command::new("bash")
         .arg(script)
         .args(args)
         .stdout(Stdio::piped())
