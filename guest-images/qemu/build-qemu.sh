@@ -8,6 +8,9 @@
 # entry added if missing), plus proxy-intx-tcg.patch from this directory.
 # Result: ${SLUICE_CACHE:-$HOME/.cache/sluice}/qemu/<key>/qemu-system-x86_64,
 # key = sha256(source version, patch, configure flags), first 16 hex digits.
+# Also builds the Sluice TCG plugin (plugin/sluice-stall.c, see
+# plugin/build-plugin.sh) against this QEMU's qemu-plugin.h and prints
+# QEMU_PLUGIN=<abs path> (a plugin build failure is a warning, not an error).
 # Progress goes to stderr; the last line of stdout is QEMU=<abs path>.
 #
 # Environment:
@@ -26,7 +29,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/../lib/common.sh"
 
 case "${1:-}" in
-    -h|--help) sed -n '2,17p' "$HERE/build-qemu.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$HERE/build-qemu.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     '') ;;
     *) die "usage: build-qemu.sh (no arguments)" ;;
 esac
@@ -45,6 +48,7 @@ CONFIGURE_ARGS=(
     --enable-kvm              # hw/remote (MULTIPROCESS) depends on KVM in Kconfig
     --enable-tcg
     --enable-multiprocess     # x-pci-proxy-dev
+    --enable-plugins          # TCG plugins: guest.sym.* stall points (plugin/)
     --enable-fdt=system       # the dfsg tarball ships no dtc
     --disable-docs
     --disable-werror
@@ -55,6 +59,16 @@ CONFIGURE_ARGS=(
     --firmwarepath=/usr/share/qemu:/usr/share/seabios
 )
 NINJA_TARGET=qemu-system-x86_64
+
+# build_plugin: the TCG plugin, next to the binary (keyed by its own sources).
+build_plugin() {
+    local out
+    if out=$(bash "$HERE/plugin/build-plugin.sh" "$DEST"); then
+        printf '%s\n' "$out" | grep '^QEMU_PLUGIN=' || true
+    else
+        log "build-qemu.sh: WARNING: the Sluice TCG plugin did not build; guest.sym points unavailable"
+    fi
+}
 
 # ---------------------------------------------------------------------------
 stage 1 $STAGES "host packages"
@@ -133,6 +147,7 @@ if [ -f "$DEST/.complete" ] && [ -x "$BIN" ]; then
     stage 5 $STAGES "configure: skipped"
     stage 6 $STAGES "build: cached ($BIN)"
     log "cached"
+    build_plugin
     echo "QEMU=$BIN"
     exit 0
 fi
@@ -206,6 +221,10 @@ mv "$BIN.tmp" "$BIN"
     echo "binary_sha256: $(sha256sum < "$BIN" | cut -c1-64)"
 } > "$DEST/manifest.txt"
 cp "$PATCH" "$DEST/$(basename "$PATCH")"
+# the plugin API header of exactly this QEMU (plugins are built against it)
+mkdir -p "$DEST/include"
+cp "$SRC/include/qemu/qemu-plugin.h" "$DEST/include/qemu-plugin.h"
 touch "$DEST/.complete"
 log "build-qemu.sh: done in $(( $(now) - T_START ))s (ninja ${BUILD_SECS}s)"
+build_plugin
 echo "QEMU=$BIN"

@@ -96,6 +96,14 @@ pub struct StateEvent<'a> {
 pub trait Hooks: Send + Sync {
     /// Execution reached a named point. May block (stall injection).
     fn point(&self, _ctx: &PointCtx<'_>) {}
+    /// A model that can publish the completion named by `ctx.point` later asks whether it
+    /// should: `Some(delay)` means "complete this request `delay` from now, on the device's own
+    /// thread, while the caller runs on" (defer injection). Asked once per request, before
+    /// the request takes effect (`ctx.value` is 0: the status is not known yet). Must not
+    /// block. Only points a model lists as deferrable ever call it.
+    fn defer(&self, _ctx: &PointCtx<'_>) -> Option<std::time::Duration> {
+        None
+    }
     /// A DMA was attempted.
     fn dma(&self, _rec: &DmaRecord) {}
     /// Device or IOMMU state changed.
@@ -117,6 +125,10 @@ pub struct Fanout(pub Vec<std::sync::Arc<dyn Hooks>>);
 impl Hooks for Fanout {
     fn point(&self, ctx: &PointCtx<'_>) {
         self.0.iter().for_each(|h| h.point(ctx));
+    }
+    /// Every member is asked (so each sees the arrival); the longest delay wins.
+    fn defer(&self, ctx: &PointCtx<'_>) -> Option<std::time::Duration> {
+        self.0.iter().filter_map(|h| h.defer(ctx)).max()
     }
     fn dma(&self, rec: &DmaRecord) {
         self.0.iter().for_each(|h| h.dma(rec));
@@ -144,6 +156,26 @@ mod tests {
         fn state(&self, _: &StateEvent<'_>) {
             self.2.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    struct Defer(u64);
+    impl Hooks for Defer {
+        fn defer(&self, _: &PointCtx<'_>) -> Option<std::time::Duration> {
+            Some(std::time::Duration::from_millis(self.0))
+        }
+    }
+
+    #[test]
+    fn fanout_defer_takes_the_longest_and_none_by_default() {
+        let ctx = PointCtx::new("x", 0);
+        assert_eq!(NoHooks.defer(&ctx), None);
+        assert_eq!(Fanout(vec![Arc::new(NoHooks)]).defer(&ctx), None);
+        let f = Fanout(vec![
+            Arc::new(Defer(3)),
+            Arc::new(NoHooks),
+            Arc::new(Defer(7)),
+        ]);
+        assert_eq!(f.defer(&ctx), Some(std::time::Duration::from_millis(7)));
     }
 
     #[test]

@@ -387,6 +387,7 @@ mod tests {
         let set = DeviceSet {
             mem: Default::default(),
             devices: vec![],
+            iommu: None,
         };
         let err = run(&cfg(), &set).unwrap_err();
         assert!(err.to_string().starts_with("kernel /k"), "{err}");

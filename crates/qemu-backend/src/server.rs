@@ -283,6 +283,7 @@ mod tests {
             &[DiskSpec {
                 path: img,
                 read_only: false,
+                iommu: false,
             }],
             Arc::new(NoHooks),
         )

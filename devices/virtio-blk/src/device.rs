@@ -2,13 +2,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
+use std::time::Instant;
+
+use sluice_devapi::{Hooks, NoHooks, PointCtx};
 
 use sluice_virtio_pci::{
     ActivateError, ActivationContext, DmaMemory, DmaView, VirtioDevice, VirtioInterrupt,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 
 use crate::disk::Disk;
 use crate::request::{self, ID_LEN, RequestEnv};
@@ -55,6 +59,7 @@ pub struct BlockDevice {
     read_only: bool,
     id: [u8; ID_LEN],
     counters: Arc<BlockCounters>,
+    hooks: Arc<dyn Hooks>,
     running: Option<Running>,
 }
 
@@ -71,8 +76,15 @@ impl BlockDevice {
             read_only,
             id,
             counters: Arc::new(BlockCounters::default()),
+            hooks: Arc::new(NoHooks),
             running: None,
         }
+    }
+
+    /// Announces `virtio.<name>.complete` to `hooks` and lets them defer completions.
+    pub fn with_hooks(mut self, hooks: Arc<dyn Hooks>) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     /// Shared counters.
@@ -164,6 +176,9 @@ impl VirtioDevice for BlockDevice {
             id: self.id,
             counters: self.counters.clone(),
             name: self.name.clone(),
+            hooks: self.hooks.clone(),
+            point: crate::complete_point(&self.name),
+            defer: DeferState::default(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("{}-q0", self.name))
@@ -211,11 +226,24 @@ struct Worker {
     id: [u8; ID_LEN],
     counters: Arc<BlockCounters>,
     name: String,
+    hooks: Arc<dyn Hooks>,
+    point: String,
+    defer: DeferState,
 }
 
 impl Worker {
     fn run(mut self, rx: Receiver<WorkerMsg>) {
-        while let Ok(msg) = rx.recv() {
+        loop {
+            // A deferred completion is due at `defer.due`: wake then even without a doorbell.
+            let msg = match self.defer.due {
+                None => rx.recv().map_err(|_| ()),
+                Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(m) => Ok(m),
+                    Err(RecvTimeoutError::Timeout) => Ok(WorkerMsg::Notify),
+                    Err(RecvTimeoutError::Disconnected) => Err(()),
+                },
+            };
+            let Ok(msg) = msg else { return };
             if matches!(msg, WorkerMsg::Stop) {
                 return;
             }
@@ -257,14 +285,48 @@ impl Worker {
             counters.interrupts.fetch_add(1, Ordering::Relaxed);
             interrupt.signal_queue(index);
         };
+        let mut gate = Gate {
+            hooks: self.hooks.as_ref(),
+            point: &self.point,
+            state: Some(&mut self.defer),
+        };
         // Behind an IOMMU every descriptor, ring and buffer access below is translated.
         match &view {
-            DmaView::Direct(m) => {
-                process_available(&mut self.queue, m.as_ref(), &env, counters, notify)
+            DmaView::Direct(m) => process_gated(
+                &mut self.queue,
+                m.as_ref(),
+                &env,
+                counters,
+                notify,
+                &mut gate,
+            ),
+            DmaView::Translated(m) => {
+                process_gated(&mut self.queue, m, &env, counters, notify, &mut gate)
             }
-            DmaView::Translated(m) => process_available(&mut self.queue, m, &env, counters, notify),
         }
     }
+}
+
+/// Deferral state of one queue: the request whose completion was deferred and when it is due.
+///
+/// Design: a deferred request is put back on the available ring (`go_to_previous_position`)
+/// and neither executed nor completed until it is due; the worker then pops it again, executes
+/// it (disk I/O and DMA happen at completion time, through the translation in force *then*),
+/// and publishes it. Requests behind it wait too, so completions stay in order. The doorbell
+/// never waits: it only posts to the worker, whose `recv_timeout` wakes at the due time.
+#[derive(Debug, Default)]
+pub struct DeferState {
+    /// Available-ring position of the request already asked about.
+    asked: Option<u16>,
+    /// When the deferred request completes.
+    due: Option<Instant>,
+}
+
+/// The completion point and, when `state` is given, deferral.
+struct Gate<'a> {
+    hooks: &'a dyn Hooks,
+    point: &'a str,
+    state: Option<&'a mut DeferState>,
 }
 
 /// Completes every available request on `queue`, then notifies if the driver wants it.
@@ -274,12 +336,65 @@ pub fn process_available<M: vm_memory::GuestMemory<Bitmap = ()>>(
     mem: &M,
     env: &RequestEnv<'_>,
     counters: &BlockCounters,
+    notify: impl FnMut(),
+) -> bool {
+    let mut gate = Gate {
+        hooks: &NoHooks,
+        point: "",
+        state: None,
+    };
+    process_gated(queue, mem, env, counters, notify, &mut gate)
+}
+
+/// The request type in the first 4 bytes of the chain's first descriptor.
+fn peek_type<M: vm_memory::GuestMemory<Bitmap = ()>>(
+    chain: &virtio_queue::DescriptorChain<&M>,
+    mem: &M,
+) -> u64 {
+    chain
+        .clone()
+        .next()
+        .and_then(|d| mem.read_obj::<u32>(d.addr()).ok())
+        .map_or(u64::MAX, |t| u64::from(u32::from_le(t)))
+}
+
+fn process_gated<M: vm_memory::GuestMemory<Bitmap = ()>>(
+    queue: &mut Queue,
+    mem: &M,
+    env: &RequestEnv<'_>,
+    counters: &BlockCounters,
     mut notify: impl FnMut(),
+    gate: &mut Gate<'_>,
 ) -> bool {
     let mut completed = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    loop {
+        if let Some(st) = gate.state.as_deref()
+            && st.due.is_some_and(|due| Instant::now() < due)
+        {
+            break;
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let kind = peek_type(&chain, mem);
+        if let Some(st) = gate.state.as_deref_mut() {
+            let pos = queue.next_avail().wrapping_sub(1);
+            if st.asked != Some(pos) {
+                st.asked = Some(pos);
+                if let Some(d) = gate.hooks.defer(&PointCtx::new(gate.point, kind)) {
+                    st.due = Some(Instant::now() + d);
+                    queue.go_to_previous_position();
+                    continue;
+                }
+            }
+            st.asked = None;
+            st.due = None;
+        }
         let head = chain.head_index();
         let (done, err) = request::execute(mem, chain, env);
+        if !gate.point.is_empty() {
+            gate.hooks.point(&PointCtx::new(gate.point, kind));
+        }
         counters.requests.fetch_add(1, Ordering::Relaxed);
         match done.kind {
             Some(request::T_IN) => counters.read_bytes.fetch_add(done.bytes, Ordering::Relaxed),
@@ -303,3 +418,6 @@ pub fn process_available<M: vm_memory::GuestMemory<Bitmap = ()>>(
     }
     true
 }
+
+#[cfg(test)]
+mod defer_tests;

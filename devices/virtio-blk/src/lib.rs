@@ -17,8 +17,21 @@ pub mod device;
 pub mod disk;
 pub mod request;
 
-pub use device::{BlockCounters, BlockDevice};
+pub use device::{BlockCounters, BlockDevice, DeferState};
 pub use disk::{Disk, RawDisk};
+
+/// Hook point of request completion of device `name`: `virtio.<name>.complete` (value: the
+/// request type, 0 IN, 1 OUT, 4 FLUSH, 8 GET_ID; `u64::MAX` if unreadable). Announced after
+/// the request executed and before its used-ring entry is published, and it can defer: with
+/// a deferral the request waits, unexecuted, on the device's worker (see [`DeferState`]).
+pub fn complete_point(name: &str) -> String {
+    format!("virtio.{name}.complete")
+}
+
+/// Points of a block device named `name` that can take `mode=defer`.
+pub fn defer_points(name: &str) -> Vec<String> {
+    vec![complete_point(name)]
+}
 
 /// Sector size the protocol counts in.
 pub const SECTOR_SIZE: u64 = 512;

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, PointCtx, StateEvent};
 use sluice_virtio_pci::{
@@ -20,6 +21,7 @@ use crate::engine::{Engine, REQUEST_COUNTERS, STATUS_COUNTERS};
 pub use crate::engine::{Reply, ViommuCounters};
 use crate::events::FaultQueue;
 use crate::model::{EpSlot, Model};
+use crate::queues::DeferState;
 use crate::spec::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU, features};
 use crate::translate::{EndpointTranslator, EpState, Shared};
 
@@ -300,6 +302,7 @@ impl VirtioDevice for VirtioIommu {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
             broken: false,
+            defer: DeferState::default(),
         }));
         let worker = Worker {
             engine: self.engine.clone(),
@@ -340,7 +343,10 @@ impl VirtioDevice for VirtioIommu {
             // thread, before the doorbell write returns, spares it a cross-thread wake-up
             // while the spinning vCPU competes for the same cores.
             let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
-            serve(&self.engine, &mut q, true, false);
+            if serve(&self.engine, &mut q, true, false).is_some() {
+                // A completion was deferred: the worker publishes it when it is due.
+                let _ = r.tx.send(WorkerMsg::Requests);
+            }
             return;
         }
         let _ = r.tx.send(msg);
@@ -404,16 +410,21 @@ struct Queues {
     interrupt: Arc<VirtioInterrupt>,
     /// A used ring could not be written: nothing more is served until reset.
     broken: bool,
+    /// A request completion deferred by the hooks (`Hooks::defer`).
+    defer: DeferState,
 }
 
 /// Serves the request and/or event queue. A broken queue is logged once and then left alone.
-fn serve(e: &Engine, q: &mut Queues, requests: bool, events: bool) {
+/// Returns when a deferred request completion is due.
+fn serve(e: &Engine, q: &mut Queues, requests: bool, events: bool) -> Option<Instant> {
     if q.broken {
-        return;
+        return None;
     }
     let mem = q.mem.snapshot();
     let mut run = || -> Result<(), crate::queues::QueueBroken> {
-        if requests && e.process_requests(q.req.0, &mut q.req.1, &mem)? {
+        if requests
+            && e.process_requests_deferring(q.req.0, &mut q.req.1, &mem, Some(&mut q.defer))?
+        {
             e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             q.interrupt.signal_queue(q.req.0);
         }
@@ -429,7 +440,9 @@ fn serve(e: &Engine, q: &mut Queues, requests: bool, events: bool) {
     if let Err(err) = run() {
         log::error!("virtio-iommu {}: {err}; waiting for reset", e.name);
         q.broken = true;
+        return None;
     }
+    q.defer.due()
 }
 
 struct Worker {
@@ -439,7 +452,18 @@ struct Worker {
 
 impl Worker {
     fn run(self, rx: Receiver<WorkerMsg>) {
-        while let Ok(msg) = rx.recv() {
+        let mut due: Option<Instant> = None;
+        loop {
+            // A deferred completion is due at `due`: wake then even without a doorbell.
+            let msg = match due {
+                None => rx.recv().map_err(|_| ()),
+                Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                    Ok(m) => Ok(m),
+                    Err(RecvTimeoutError::Timeout) => Ok(WorkerMsg::Requests),
+                    Err(RecvTimeoutError::Disconnected) => Err(()),
+                },
+            };
+            let Ok(msg) = msg else { return };
             let (mut requests, mut events) = (false, false);
             let mut note = |m: WorkerMsg| match m {
                 WorkerMsg::Requests => {
@@ -462,7 +486,7 @@ impl Worker {
                 }
             }
             let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            serve(&self.engine, &mut q, requests, events);
+            due = serve(&self.engine, &mut q, requests, events);
         }
     }
 }

@@ -192,23 +192,41 @@ impl Engine {
             c.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(req) = req
-            && let Some((point, _)) = point_of(req.kind())
+            && let Some(ctx) = point_ctx(req, u64::from(status.code()))
         {
-            let (endpoint, domain) = match *req {
-                Request::Attach {
-                    domain, endpoint, ..
-                }
-                | Request::Detach { domain, endpoint } => (Some(endpoint), Some(domain)),
-                Request::Map { domain, .. } | Request::Unmap { domain, .. } => (None, Some(domain)),
-                Request::Probe { endpoint } => (Some(endpoint), None),
-            };
-            self.hooks.point(&PointCtx {
-                point,
-                endpoint: endpoint.map(|e| Endpoint::Pci(Bdf(e as u16))),
-                domain,
-                value: u64::from(status.code()),
-            });
+            self.hooks.point(&ctx);
         }
         reply(writable_len, status, body)
     }
+
+    /// Asks the hooks whether the completion of this request (bytes as for
+    /// [`Engine::handle`]) is to be deferred. Requests that do not parse are never deferred.
+    pub fn defer_for(
+        &self,
+        readable: &[u8],
+        readable_len: u64,
+        writable_len: u64,
+    ) -> Option<std::time::Duration> {
+        let req = request::parse(readable, readable_len, writable_len, self.cfg.probe_size).ok()?;
+        self.hooks.defer(&point_ctx(&req, 0)?)
+    }
+}
+
+/// The completion point of `req` with its endpoint and domain.
+fn point_ctx(req: &Request, value: u64) -> Option<PointCtx<'static>> {
+    let (point, _) = point_of(req.kind())?;
+    let (endpoint, domain) = match *req {
+        Request::Attach {
+            domain, endpoint, ..
+        }
+        | Request::Detach { domain, endpoint } => (Some(endpoint), Some(domain)),
+        Request::Map { domain, .. } | Request::Unmap { domain, .. } => (None, Some(domain)),
+        Request::Probe { endpoint } => (Some(endpoint), None),
+    };
+    Some(PointCtx {
+        point,
+        endpoint: endpoint.map(|e| Endpoint::Pci(Bdf(e as u16))),
+        domain,
+        value,
+    })
 }

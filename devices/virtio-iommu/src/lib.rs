@@ -50,6 +50,16 @@ pub const POINTS: &[&str] = &[
     POINT_PROBE,
     POINT_CONFIG_WRITE,
 ];
+/// Points whose completion the device can publish later (`Hooks::defer`, mode=defer): the
+/// request is applied to the model, answered and its used-ring entry published only when the
+/// deferral is due, on the device's worker, while the vCPU that rang the doorbell runs on.
+pub const DEFER_POINTS: &[&str] = &[
+    POINT_ATTACH,
+    POINT_DETACH,
+    POINT_MAP,
+    POINT_UNMAP,
+    POINT_PROBE,
+];
 /// An ATTACH request completed (value: status).
 pub const POINT_ATTACH: &str = "virtio-iommu.req.attach";
 /// A DETACH request completed (value: status).

@@ -211,6 +211,13 @@ impl Model {
         if !exists_after && after_leave >= self.cfg.max_domains {
             return Status::NoMem;
         }
+        // Every check passed: announce the change before it starts, so an observer knows that
+        // both the old and the new context are legitimate until `attach` (completion).
+        self.state(
+            "attach-begin",
+            Some(ep),
+            u64::from(domain) | (u64::from(bypass) << 32),
+        );
         if let Some(o) = old {
             self.leave(o, ep);
         }
@@ -238,6 +245,7 @@ impl Model {
         if self.ep_domain.get(&ep) != Some(&domain) {
             return Status::Inval;
         }
+        self.state("detach-begin", Some(ep), u64::from(domain));
         self.leave(domain, ep);
         *wlock(&slot.state.attached) = None;
         slot.iommu.invalidate_all();

@@ -6,9 +6,10 @@
 //! address in the readable part can still be answered with S_IOERR through a good tail.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::engine::{Engine, Reply};
@@ -27,6 +28,32 @@ pub struct QueueBroken {
 }
 
 /// A chain's two parts.
+/// Deferral state of the request queue.
+///
+/// Design: a request whose completion is deferred is put back on the available ring
+/// (`go_to_previous_position`) and is neither applied to the model nor answered until it is
+/// due; the worker then pops it again, applies it (the model's state changes at completion
+/// time, as a slow device would), writes the reply, publishes the used entry and interrupts.
+/// Requests behind it wait too, so completions stay in order. The doorbell never waits.
+#[derive(Debug, Default)]
+pub struct DeferState {
+    /// Available-ring position of the request already asked about.
+    asked: Option<u16>,
+    /// When the deferred request completes.
+    due: Option<Instant>,
+}
+
+impl DeferState {
+    /// When the deferred request is due, if one is waiting.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    fn waiting(&self) -> bool {
+        self.due.is_some_and(|d| Instant::now() < d)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Gathered {
     readable: Vec<u8>,
@@ -93,10 +120,44 @@ impl Engine {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, QueueBroken> {
+        self.process_requests_deferring(index, queue, mem, None)
+    }
+
+    /// [`Engine::process_requests`] with deferral (see [`DeferState`]) when `defer` is given:
+    /// stops at a request whose completion is deferred and not yet due.
+    pub fn process_requests_deferring(
+        &self,
+        index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        mut defer: Option<&mut DeferState>,
+    ) -> Result<bool, QueueBroken> {
         let mut completed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            if defer.as_deref().is_some_and(DeferState::waiting) {
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let g = gather(mem, chain);
+            if let Some(st) = defer.as_deref_mut() {
+                let pos = queue.next_avail().wrapping_sub(1);
+                if st.asked != Some(pos) {
+                    st.asked = Some(pos);
+                    if let Some(d) = (!g.misordered)
+                        .then(|| self.defer_for(&g.readable, g.readable_len, g.writable_len))
+                        .flatten()
+                    {
+                        st.due = Some(Instant::now() + d);
+                        queue.go_to_previous_position();
+                        continue;
+                    }
+                }
+                st.asked = None;
+                st.due = None;
+            }
             let reply = if g.misordered {
                 self.counters.unparsed.fetch_add(1, Ordering::Relaxed);
                 Reply::Unwritten

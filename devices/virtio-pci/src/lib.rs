@@ -36,6 +36,20 @@ pub use notify::driver_wants_interrupt;
 pub use status::DeviceStatus;
 pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
 
+/// Hook point names the transport announces (see `docs/injection.md`).
+pub mod points {
+    /// The guest wrote the PCI command register (Bus Master Enable; value: the bytes written).
+    pub const CFG_WRITE_COMMAND: &str = "pci.cfg.write.command";
+    /// Doorbell of device `name` (value: queue index), announced before the device sees it.
+    pub fn notify(name: &str) -> String {
+        format!("virtio.{name}.notify")
+    }
+    /// Device status write of device `name` (value: the status written, e.g. DRIVER_OK).
+    pub fn status(name: &str) -> String {
+        format!("virtio.{name}.status")
+    }
+}
+
 /// VIRTIO_F_VERSION_1: the modern interface. A modern-only device requires it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// VIRTIO_F_ACCESS_PLATFORM: the device's DMA goes through the platform IOMMU.

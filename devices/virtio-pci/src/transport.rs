@@ -135,8 +135,8 @@ impl VirtioPciFunction {
             msix,
             hooks,
             endpoint: Endpoint::Pci(opts.bdf),
-            notify_point: format!("virtio.{name}.notify"),
-            status_point: format!("virtio.{name}.status"),
+            notify_point: crate::points::notify(&name),
+            status_point: crate::points::status(&name),
         })
     }
 
@@ -433,7 +433,7 @@ impl PciFunction for VirtioPciFunction {
 
     fn config_write(&self, offset: u16, data: &[u8]) {
         if offset <= 0x04 && offset as usize + data.len() > 0x04 {
-            self.point("pci.cfg.write.command", sluice_pci::le_value(data));
+            self.point(crate::points::CFG_WRITE_COMMAND, sluice_pci::le_value(data));
         }
         let notify = {
             let mut inner = self.lock();

@@ -13,6 +13,7 @@ use crate::device::{OFFERED_FEATURES, Reply, VirtioIommu};
 use crate::request::{Request, encode, writable_len};
 use crate::spec::Status;
 
+mod defer;
 mod fuzz;
 mod model_prop;
 mod requests;

@@ -34,6 +34,53 @@ fn attach_ok_and_states() {
 }
 
 #[test]
+fn attach_and_detach_announce_their_start_before_the_change() {
+    let rec = Arc::new(Recorder::default());
+    let d = device_with(cfg(), rec.clone());
+    ok(&d, attach(1, EP));
+    ok(
+        &d,
+        Request::Attach {
+            domain: 2,
+            endpoint: EP,
+            flags: ATTACH_F_BYPASS,
+        },
+    );
+    ok(
+        &d,
+        Request::Detach {
+            domain: 2,
+            endpoint: EP,
+        },
+    );
+    // A refused request announces nothing.
+    assert_eq!(
+        send(
+            &d,
+            Request::Detach {
+                domain: 2,
+                endpoint: EP
+            }
+        ),
+        st(Status::Inval)
+    );
+    let states = rec.states.lock().unwrap().clone();
+    assert_eq!(
+        states,
+        vec![
+            ("attach-begin".to_string(), 1),
+            ("attach".to_string(), 1),
+            ("attach-begin".to_string(), 2 | (1 << 32)),
+            ("domain-free".to_string(), 1),
+            ("attach".to_string(), 2),
+            ("detach-begin".to_string(), 2),
+            ("domain-free".to_string(), 2),
+            ("detach".to_string(), 2),
+        ]
+    );
+}
+
+#[test]
 fn attach_unknown_flag_is_inval() {
     let d = device();
     let r = Request::Attach {

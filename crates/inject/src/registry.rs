@@ -1,0 +1,452 @@
+//! Which points exist in a run, which of them can defer, and the guest's symbol table for
+//! `guest.sym.<symbol>[+offset]` points; validation of a [`Plan`] against them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::delay::{MAX_DELAY, WATCHDOG_BUDGET};
+use crate::plan::{EndpointFilter, Mode, Plan, PlanError, RuleSpec};
+
+/// Prefix of guest-code points.
+pub const GUEST_SYM_PREFIX: &str = "guest.sym.";
+
+/// One known point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointInfo {
+    /// Stable name.
+    pub name: String,
+    /// The model can publish this completion later (`mode=defer`).
+    pub defer: bool,
+    /// Which model announces it (`virtio-iommu`, `virtio-pci`, `blk0`, ...).
+    pub owner: String,
+}
+
+/// The kind of a virtio device instance, for its per-instance points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioKind {
+    /// virtio-blk: `virtio.<dev>.{notify,status,complete}`.
+    Block,
+    /// virtio-iommu: `virtio.<dev>.{notify,status}`.
+    Iommu,
+    /// Any other virtio device: `virtio.<dev>.{notify,status}`.
+    Other,
+}
+
+/// `nm`-style symbol table (`System.map`: `address type name`).
+#[derive(Debug, Clone, Default)]
+pub struct SymbolMap {
+    by_name: BTreeMap<String, u64>,
+}
+
+impl SymbolMap {
+    /// Parses System.map text. Text symbols (`t`/`T`/`w`/`W`) only: guest.sym points are code.
+    pub fn parse(text: &str) -> SymbolMap {
+        let mut by_name = BTreeMap::new();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            if !matches!(kind, "t" | "T" | "w" | "W") {
+                continue;
+            }
+            if let Ok(a) = u64::from_str_radix(addr, 16) {
+                by_name.entry(name.to_string()).or_insert(a);
+            }
+        }
+        SymbolMap { by_name }
+    }
+
+    /// Reads and parses a System.map file.
+    pub fn load(path: &Path) -> std::io::Result<SymbolMap> {
+        Ok(SymbolMap::parse(&std::fs::read_to_string(path)?))
+    }
+
+    /// Address of a text symbol.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Number of text symbols.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// No symbols.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Symbols that start like `name` (for "did you mean").
+    fn near(&self, name: &str) -> Vec<&str> {
+        let stem: String = name.chars().take(6).collect();
+        self.by_name
+            .keys()
+            .filter(|k| k.starts_with(&stem))
+            .take(8)
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// Every point of a run.
+#[derive(Debug, Clone, Default)]
+pub struct PointRegistry {
+    points: BTreeMap<String, PointInfo>,
+    symbols: Option<SymbolMap>,
+}
+
+impl PointRegistry {
+    /// Empty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The points of every Sluice model that does not depend on device names: virtio-iommu
+    /// requests and config, the PCI command register, SMMUv3 registers and commands, zPCI.
+    pub fn sluice_models() -> Self {
+        let mut r = Self::new();
+        r.add_model(
+            "virtio-iommu",
+            sluice_virtio_iommu::POINTS,
+            sluice_virtio_iommu::DEFER_POINTS,
+        );
+        r.add_model(
+            "virtio-pci",
+            &[sluice_virtio_pci::points::CFG_WRITE_COMMAND],
+            &[],
+        );
+        r.add_model("smmuv3", &sluice_smmuv3::points(), &[]);
+        r.add_model("zpci", sluice_zpci::POINTS, &[]);
+        r
+    }
+
+    /// Adds one model's points; those in `defer` can take `mode=defer`.
+    pub fn add_model(&mut self, owner: &str, names: &[&str], defer: &[&str]) {
+        for n in names {
+            self.add(n, defer.contains(n), owner);
+        }
+    }
+
+    /// Adds one point.
+    pub fn add(&mut self, name: &str, defer: bool, owner: &str) {
+        self.points.insert(
+            name.to_string(),
+            PointInfo {
+                name: name.to_string(),
+                defer,
+                owner: owner.to_string(),
+            },
+        );
+    }
+
+    /// Adds the per-instance points of virtio device `name` (as the transport names them).
+    pub fn add_virtio_device(&mut self, name: &str, kind: VirtioKind) {
+        self.add(&sluice_virtio_pci::points::notify(name), false, name);
+        self.add(&sluice_virtio_pci::points::status(name), false, name);
+        if kind == VirtioKind::Block {
+            self.add(&sluice_virtio_blk::complete_point(name), true, name);
+        }
+    }
+
+    /// The guest's symbol table, enabling `guest.sym.*` points.
+    pub fn set_symbols(&mut self, symbols: SymbolMap) {
+        self.symbols = Some(symbols);
+    }
+
+    /// Every point, sorted by name. `guest.sym.<symbol>[+offset]` is listed by `patterns()`.
+    pub fn points(&self) -> impl Iterator<Item = &PointInfo> {
+        self.points.values()
+    }
+
+    /// Name patterns of points not listed one by one.
+    pub fn patterns(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.symbols.is_none() {
+            v.push("virtio.<dev>.{notify,status,complete} (per device; not yet resolved)".into());
+        }
+        v.push(format!(
+            "{GUEST_SYM_PREFIX}<kernel symbol>[+offset] (qemu backend; {})",
+            match &self.symbols {
+                Some(s) => format!("{} text symbols from System.map", s.len()),
+                None => "needs the guest's System.map".into(),
+            }
+        ));
+        v
+    }
+
+    /// Looks a point up.
+    pub fn get(&self, name: &str) -> Option<&PointInfo> {
+        self.points.get(name)
+    }
+
+    fn valid_list(&self) -> String {
+        let mut v: Vec<String> = self.points.keys().cloned().collect();
+        v.push(format!("{GUEST_SYM_PREFIX}<symbol>[+offset]"));
+        v.join(", ")
+    }
+
+    fn defer_list(&self) -> String {
+        self.points
+            .values()
+            .filter(|p| p.defer)
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Resolves `guest.sym.<symbol>[+offset]` to a guest virtual address.
+    pub fn resolve_sym(&self, point: &str) -> Result<u64, PlanError> {
+        let body = point.strip_prefix(GUEST_SYM_PREFIX).unwrap_or(point);
+        let (sym, off) = match body.split_once('+') {
+            Some((s, o)) => {
+                let o = o.trim();
+                let off = match o.strip_prefix("0x") {
+                    Some(h) => u64::from_str_radix(h, 16),
+                    None => o.parse(),
+                }
+                .map_err(|_| {
+                    PlanError::Symbol(format!("`{point}`: offset `{o}` is not a number"))
+                })?;
+                (s, off)
+            }
+            None => (body, 0),
+        };
+        let syms = self.symbols.as_ref().ok_or_else(|| {
+            PlanError::Symbol(format!(
+                "`{point}`: guest.sym points need the guest's System.map (qemu backend, \
+                 guest booted with nokaslr)"
+            ))
+        })?;
+        let addr = syms.get(sym).ok_or_else(|| {
+            PlanError::Symbol(format!(
+                "`{point}`: no text symbol `{sym}` in System.map; similar: {}",
+                syms.near(sym).join(", ")
+            ))
+        })?;
+        Ok(addr.wrapping_add(off))
+    }
+
+    /// Checks a plan against this run: points exist, defer only where the model supports it,
+    /// filters that apply, guest symbols resolve. Returns the rules with warnings.
+    pub fn validate(&self, plan: &Plan) -> Result<ValidPlan, PlanError> {
+        let mut rules = Vec::new();
+        for (i, spec) in plan.rules.iter().enumerate() {
+            rules.push(self.validate_rule(i, spec)?);
+        }
+        let warnings = watchdog_warnings(&rules);
+        Ok(ValidPlan {
+            seed: plan.seed,
+            rules,
+            warnings,
+        })
+    }
+
+    fn validate_rule(&self, index: usize, spec: &RuleSpec) -> Result<Rule, PlanError> {
+        let filter_err = |why: &str| PlanError::Filter {
+            rule: spec.text.clone(),
+            why: why.into(),
+        };
+        let guest_addr = if spec.point.starts_with(GUEST_SYM_PREFIX) {
+            if spec.mode == Mode::Defer {
+                return Err(PlanError::CannotDefer {
+                    point: spec.point.clone(),
+                    valid: self.defer_list(),
+                });
+            }
+            if spec.endpoint.is_some() || spec.domain.is_some() {
+                return Err(filter_err(
+                    "endpoint/sid/fh/domain filters do not apply to guest code points",
+                ));
+            }
+            Some(self.resolve_sym(&spec.point)?)
+        } else {
+            let info = self
+                .points
+                .get(&spec.point)
+                .ok_or_else(|| PlanError::UnknownPoint {
+                    point: spec.point.clone(),
+                    valid: self.valid_list(),
+                })?;
+            if spec.mode == Mode::Defer && !info.defer {
+                return Err(PlanError::CannotDefer {
+                    point: spec.point.clone(),
+                    valid: self.defer_list(),
+                });
+            }
+            if spec.vcpu.is_some() {
+                return Err(filter_err(
+                    "vcpu= applies to guest.sym points only (a device point does not know the vCPU)",
+                ));
+            }
+            if matches!(spec.endpoint, Some(EndpointFilter::Sid(_))) && info.owner != "smmuv3" {
+                return Err(filter_err("sid= applies to smmuv3 points only"));
+            }
+            if matches!(spec.endpoint, Some(EndpointFilter::Fh(_))) && info.owner != "zpci" {
+                return Err(filter_err("fh= applies to zpci points only"));
+            }
+            None
+        };
+        Ok(Rule {
+            index,
+            spec: spec.clone(),
+            guest_addr,
+        })
+    }
+}
+
+/// A rule checked against a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Position in the plan (firings name it).
+    pub index: usize,
+    /// The rule as written.
+    pub spec: RuleSpec,
+    /// For `guest.sym` points, the guest virtual address watched.
+    pub guest_addr: Option<u64>,
+}
+
+/// A validated plan.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ValidPlan {
+    /// Seed.
+    pub seed: u64,
+    /// Rules.
+    pub rules: Vec<Rule>,
+    /// Things the user should know (watchdog budget).
+    pub warnings: Vec<String>,
+}
+
+fn watchdog_warnings(rules: &[Rule]) -> Vec<String> {
+    let mut w = Vec::new();
+    let mut total = Duration::ZERO;
+    let mut unbounded = Vec::new();
+    for r in rules {
+        let max = r.spec.delay.max();
+        if max >= WATCHDOG_BUDGET {
+            w.push(format!(
+                "rule `{}`: one firing can last {max:?}, at or above the guest's ~20 s \
+                 soft-lockup/RCU-stall watchdogs",
+                r.spec.text
+            ));
+        }
+        match r.spec.limit() {
+            Some(n) => total += max.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)),
+            None => unbounded.push(r.spec.text.as_str()),
+        }
+    }
+    let total = total.min(MAX_DELAY * 1000);
+    if total >= WATCHDOG_BUDGET {
+        w.push(format!(
+            "the plan's firings can add up to {total:?} (>= ~20 s: guest soft-lockup/RCU-stall \
+             watchdogs may fire if they hit one vCPU or one lock)"
+        ));
+    }
+    if !unbounded.is_empty() {
+        w.push(format!(
+            "rules without count=/nth= fire on every arrival, so their total delay is unbounded \
+             (add count= to stay under ~20 s): {}",
+            unbounded.join("; ")
+        ));
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> PointRegistry {
+        let mut r = PointRegistry::sluice_models();
+        r.add_virtio_device("blk0", VirtioKind::Block);
+        r.add_virtio_device("viommu0", VirtioKind::Iommu);
+        r.set_symbols(SymbolMap::parse(
+            "ffffffff81000000 T _text\nffffffff81234560 T bus_iommu_probe\n\
+             ffffffff81234000 t iommu_subsys_init\nffffffff82000000 D some_data\n",
+        ));
+        r
+    }
+
+    #[test]
+    fn registry_knows_models_and_instances() {
+        let r = reg();
+        for p in [
+            "virtio-iommu.req.attach",
+            "virtio-iommu.config.write",
+            "pci.cfg.write.command",
+            "smmuv3.cmd.CMD_SYNC",
+            "smmuv3.mmio.write.CR0",
+            "zpci.rpcit",
+            "virtio.blk0.notify",
+            "virtio.blk0.status",
+            "virtio.blk0.complete",
+            "virtio.viommu0.notify",
+        ] {
+            assert!(r.get(p).is_some(), "{p}");
+        }
+        assert!(r.get("virtio.viommu0.complete").is_none());
+        assert!(r.get("virtio-iommu.req.attach").unwrap().defer);
+        assert!(r.get("virtio.blk0.complete").unwrap().defer);
+        assert!(!r.get("virtio.blk0.notify").unwrap().defer);
+        assert_eq!(
+            r.resolve_sym("guest.sym.bus_iommu_probe+0x10").unwrap(),
+            0xffff_ffff_8123_4570
+        );
+        assert_eq!(
+            r.resolve_sym("guest.sym.iommu_subsys_init").unwrap(),
+            0xffff_ffff_8123_4000
+        );
+    }
+
+    #[test]
+    fn validation_errors_name_valid_choices() {
+        let r = reg();
+        let v = |s: &str| r.validate(&Plan::parse_cli(s).unwrap());
+        let e = v("virtio-iommu.req.atach:delay=1ms").unwrap_err();
+        assert!(
+            e.to_string().contains("virtio-iommu.req.attach")
+                && e.to_string().contains("unknown point"),
+            "{e}"
+        );
+        let e = v("virtio.blk0.notify:delay=1ms,mode=defer").unwrap_err();
+        assert!(
+            e.to_string().contains("cannot defer")
+                && e.to_string().contains("virtio.blk0.complete"),
+            "{e}"
+        );
+        assert!(v("guest.sym.bus_iommu_probe:delay=1ms,mode=defer").is_err());
+        let e = v("guest.sym.data_thing:delay=1ms").unwrap_err();
+        assert!(e.to_string().contains("no text symbol"), "{e}");
+        assert!(v("guest.sym.some_data:delay=1ms").is_err());
+        assert!(v("guest.sym.bus_iommu_probe:delay=1ms,endpoint=00:03.0").is_err());
+        assert!(v("virtio-iommu.req.attach:delay=1ms,vcpu=1").is_err());
+        assert!(v("virtio-iommu.req.attach:delay=1ms,sid=1").is_err());
+        assert!(v("smmuv3.cmd.CFGI_STE:delay=1ms,fh=1").is_err());
+        assert!(v("zpci.rpcit:delay=1ms,fh=1").is_ok());
+        let no_syms = PointRegistry::sluice_models();
+        let e = no_syms
+            .validate(&Plan::parse_cli("guest.sym.bus_iommu_probe:delay=1ms").unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("System.map"), "{e}");
+        let ok = v("virtio-iommu.req.attach:delay=300ms,nth=1,mode=defer;\
+                    guest.sym.bus_iommu_probe:delay=500ms,vcpu=0,count=1")
+        .unwrap();
+        assert_eq!(ok.rules[1].guest_addr, Some(0xffff_ffff_8123_4560));
+        assert!(ok.warnings.is_empty(), "{:?}", ok.warnings);
+    }
+
+    #[test]
+    fn watchdog_budget_warnings() {
+        let r = reg();
+        let v = |s: &str| r.validate(&Plan::parse_cli(s).unwrap()).unwrap().warnings;
+        assert!(v("virtio-iommu.req.attach:delay=25s,count=1")[0].contains("20 s"));
+        assert_eq!(
+            v("virtio-iommu.req.map:delay=1s,count=30").len(),
+            1,
+            "30 x 1 s adds up"
+        );
+        assert!(v("virtio-iommu.req.map:delay=1ms")[0].contains("unbounded"));
+        assert!(v("virtio-iommu.req.map:delay=1ms,count=5").is_empty());
+    }
+}

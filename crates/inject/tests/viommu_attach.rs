@@ -1,0 +1,182 @@
+//! End to end with Sluice's devices (qemu backend, as `sluice run --iommu virtio` wires them):
+//! a 500 ms delay on the first virtio-iommu ATTACH, as a stall (the doorbell's vCPU is held in
+//! QEMU) and as a deferral (the completion is published later), against a baseline boot.
+//! The firing names the endpoint; the guest still passes its disk workload; the boot is
+//! longer by about the delay.
+//!
+//! Needs the cached 6.12 guest and the patched QEMU (run here under the shared build lock).
+//! Prints `SKIPPED: <why>` and passes when they are unavailable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_devapi::{Endpoint, Fanout, Hooks};
+use sluice_host::{DeviceSet, DiskSpec, GuestExit, HostOptions, IommuChoice};
+use sluice_inject::{Firing, Injector, Plan, PointRegistry, VirtioKind};
+use sluice_qemu::launcher::{Accel, QemuConfig};
+use sluice_virtio_iommu::ViommuConfig;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn script(args: &[&str]) -> Result<HashMap<String, String>, String> {
+    let cache = std::env::var("SLUICE_CACHE").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/sluice",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    let out = Command::new("flock")
+        .arg(format!("{cache}/.build.lock"))
+        .arg("bash")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot run {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{args:?} failed"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+struct Run {
+    pass: bool,
+    wall: Duration,
+    uptime: Option<f64>,
+    firings: Vec<(Duration, Firing)>,
+    console: String,
+}
+
+fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str>) -> Run {
+    std::fs::create_dir_all(dir).unwrap();
+    let disk = dir.join("disk0.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    let disks = [DiskSpec {
+        path: disk,
+        read_only: false,
+        iommu: true,
+    }];
+    let mut reg = PointRegistry::sluice_models();
+    reg.add_virtio_device("blk0", VirtioKind::Block);
+    reg.add_virtio_device("viommu0", VirtioKind::Iommu);
+    let plan = reg
+        .validate(&Plan::parse_cli(plan.unwrap_or("")).unwrap())
+        .unwrap();
+    let inj = Arc::new(Injector::new(plan));
+    let t0 = Instant::now();
+    let firings = Arc::new(Mutex::new(Vec::new()));
+    let f = firings.clone();
+    inj.set_sink(Arc::new(move |x: &Firing| {
+        f.lock().unwrap().push((x.at - t0, x.clone()))
+    }));
+    let hooks: Arc<dyn Hooks> = Arc::new(Fanout(vec![inj.clone()]));
+    let opts = HostOptions {
+        iommu: Some(IommuChoice::Virtio(ViommuConfig::default())),
+        ..Default::default()
+    };
+    let devices = DeviceSet::with_options(&disks, hooks, &opts).unwrap();
+    let p = devices.iommu.as_ref().unwrap();
+    let viot = dir.join("viot.aml");
+    std::fs::write(&viot, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints)).unwrap();
+    let cfg = QemuConfig {
+        qemu: qemu.to_path_buf(),
+        accel: Accel::detect(),
+        cpus: 2,
+        mem_mib: 512,
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.to_path_buf(),
+        cmdline: "console=ttyS0 panic=-1 nokaslr tsc=unstable sluice.workload=disk sluice.seed=1"
+            .into(),
+        serial_log: dir.join("serial.log"),
+        timeout: Duration::from_secs(150),
+        acpi_tables: vec![viot],
+        extra_args: vec![],
+    };
+    let out = sluice_qemu::run(&cfg, &devices).unwrap();
+    let console = out.console.join("\n");
+    let uptime = console
+        .lines()
+        .find_map(|l| l.split("SLUICE: done uptime=").nth(1))
+        .and_then(|v| v.trim().parse().ok());
+    let firings = firings.lock().unwrap().clone();
+    Run {
+        pass: out.exit == GuestExit::PoweredOff && console.contains("SLUICE: RESULT PASS"),
+        wall: out.wall,
+        uptime,
+        firings,
+        console,
+    }
+}
+
+#[test]
+fn first_attach_delayed_stall_and_defer() {
+    let img = match script(&["guest-images/build.sh", "6.12"]) {
+        Ok(v) => v,
+        Err(e) => return println!("SKIPPED: guest image unavailable: {e}"),
+    };
+    let q = match script(&["guest-images/qemu/build-qemu.sh"]) {
+        Ok(v) => v,
+        Err(e) => return println!("SKIPPED: QEMU unavailable: {e}"),
+    };
+    let (Some(kernel), Some(initrd), Some(qemu)) =
+        (img.get("KERNEL"), img.get("INITRD"), q.get("QEMU"))
+    else {
+        return println!("SKIPPED: build scripts printed no KERNEL/INITRD/QEMU");
+    };
+    let (kernel, initrd, qemu) = (Path::new(kernel), Path::new(initrd), Path::new(qemu));
+    let dir = std::env::temp_dir().join(format!("sluice-inject-attach-{}", std::process::id()));
+    let base = boot(qemu, kernel, initrd, &dir.join("base"), None);
+    let stall = boot(
+        qemu,
+        kernel,
+        initrd,
+        &dir.join("stall"),
+        Some("virtio-iommu.req.attach:delay=500ms,nth=1"),
+    );
+    let defer = boot(
+        qemu,
+        kernel,
+        initrd,
+        &dir.join("defer"),
+        Some("virtio-iommu.req.attach:delay=500ms,nth=1,mode=defer"),
+    );
+    for (name, r) in [("baseline", &base), ("stall", &stall), ("defer", &defer)] {
+        println!(
+            "{name}: pass {} wall {:?} guest uptime at done {:?}",
+            r.pass, r.wall, r.uptime
+        );
+        for (t, f) in &r.firings {
+            println!(
+                "  firing at +{t:?}: rule {} `{}` {} {} delay {:?} endpoint {:?} domain {:?} arrival {}",
+                f.rule,
+                f.rule_text,
+                f.point,
+                f.mode,
+                f.delay,
+                f.endpoint.map(|e| e.to_string()),
+                f.domain,
+                f.occurrence
+            );
+        }
+        assert!(r.pass, "{name} boot failed:\n{}", r.console);
+    }
+    assert!(base.firings.is_empty());
+    for r in [&stall, &defer] {
+        assert_eq!(r.firings.len(), 1);
+        let f = &r.firings[0].1;
+        assert_eq!((f.occurrence, f.delay), (1, Duration::from_millis(500)));
+        assert!(matches!(f.endpoint, Some(Endpoint::Pci(_))), "{f:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,630 @@
+//! The oracle itself: a `Hooks` implementation with a lock-free fast path for legitimate DMAs, a
+//! slow path that applies the rules, and a bounded lock-free timeline drained by a writer thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_queue::ArrayQueue;
+use sluice_devapi::{DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, PointCtx, StateEvent};
+use thiserror::Error;
+
+use crate::report::{ClassCounts, EndpointReport, EscapeReport, OracleReport, TimelineSummary};
+use crate::shadow::{ConfigProbe, FAST_ANY_TRANSLATED, FAST_BYPASS, FAST_DOMAIN, Shadow};
+use crate::timeline::{
+    DmaEvent, EscapeClass, EventKind, TIMELINE_VERSION, TimelineEvent, Verdict, thread_id,
+    thread_name,
+};
+use crate::topology::{IommuTopo, Key, Topology};
+
+/// File name of the timeline inside a run directory.
+pub const TIMELINE_FILE: &str = "timeline.jsonl";
+/// Console lines containing this text carry a marker after it (fallback channel).
+pub const CONSOLE_MARKER_PREFIX: &str = "sluice-marker:";
+
+/// Tuning of the oracle. `Default` suits a run.
+#[derive(Debug, Clone)]
+pub struct OracleConfig {
+    /// Timeline buffer capacity in records (records beyond it are dropped and counted).
+    pub queue_capacity: usize,
+    /// Log one legitimate DMA of every `sample_every` per endpoint (1: all).
+    pub sample_every: u64,
+    /// Events kept before each escape in the report.
+    pub context_events: usize,
+    /// Escapes listed in full in the report (all are counted and logged).
+    pub max_escape_reports: usize,
+    /// Upper bound of the in-memory timeline, in bytes (records beyond it are counted as dropped).
+    pub max_timeline_bytes: usize,
+}
+
+impl Default for OracleConfig {
+    fn default() -> Self {
+        OracleConfig {
+            queue_capacity: 1 << 16,
+            sample_every: 256,
+            context_events: 40,
+            max_escape_reports: 100,
+            max_timeline_bytes: 256 << 20,
+        }
+    }
+}
+
+/// `finish` could not complete.
+#[derive(Debug, Error)]
+pub enum OracleError {
+    /// `finish` was already called.
+    #[error("the oracle has already finished")]
+    AlreadyFinished,
+    /// The timeline file cannot be written.
+    #[error("cannot write the timeline {path}: {source}")]
+    Write {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters and fast-path word of one endpoint.
+struct EpEntry {
+    key: Key,
+    iommu: Option<String>,
+    fast: AtomicU64,
+    translated: AtomicU64,
+    bypassed: AtomicU64,
+    faulted: AtomicU64,
+    escapes: [AtomicU64; 5],
+    legit: AtomicU64,
+}
+
+impl EpEntry {
+    fn new(key: Key, iommu: Option<String>, fast: u64) -> Self {
+        EpEntry {
+            key,
+            iommu,
+            fast: AtomicU64::new(fast),
+            translated: AtomicU64::new(0),
+            bypassed: AtomicU64::new(0),
+            faulted: AtomicU64::new(0),
+            escapes: Default::default(),
+            legit: AtomicU64::new(0),
+        }
+    }
+
+    fn report(&self) -> EndpointReport {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EndpointReport {
+            endpoint: self.key.to_string(),
+            iommu: self.iommu.clone(),
+            translated: l(&self.translated),
+            bypassed: l(&self.bypassed),
+            faulted: l(&self.faulted),
+            escapes: ClassCounts::from_array(self.escapes.each_ref().map(l)),
+        }
+    }
+}
+
+/// The writer's state: serialized lines, the context ring, escapes in full.
+#[derive(Default)]
+struct Drain {
+    out: Vec<u8>,
+    events: u64,
+    over_budget: u64,
+    ring: VecDeque<TimelineEvent>,
+    threads: HashMap<u32, String>,
+    escapes: Vec<EscapeReport>,
+}
+
+/// The DMA escape oracle. Compose it with other hooks through `sluice_devapi::Fanout`.
+pub struct Oracle {
+    id: u64,
+    start: Instant,
+    cfg: OracleConfig,
+    fixed: Vec<Arc<EpEntry>>,
+    dynamic: RwLock<Vec<Arc<EpEntry>>>,
+    shadow: Mutex<Shadow>,
+    queue: ArrayQueue<TimelineEvent>,
+    dropped: AtomicU64,
+    unsampled: AtomicU64,
+    escapes_total: AtomicU64,
+    drain: Mutex<Drain>,
+    stop: AtomicBool,
+    finished: AtomicBool,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    writer_thread: OnceLock<std::thread::Thread>,
+}
+
+static NEXT_ORACLE: AtomicU64 = AtomicU64::new(1);
+
+fn describe(t: &IommuTopo) -> String {
+    match t {
+        IommuTopo::Virtio { bdf, .. } => format!("virtio-iommu {bdf}"),
+        IommuTopo::Smmu { source, .. } => format!("SMMUv3 {source}"),
+        IommuTopo::Zpci { .. } => "zPCI".to_string(),
+    }
+}
+
+fn ep_string(e: Option<Endpoint>) -> Option<String> {
+    e.map(|e| e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Oracle {
+    /// An oracle for `topology`, with its timeline writer running.
+    pub fn new(topology: Topology, cfg: OracleConfig) -> Arc<Oracle> {
+        let shadow = Shadow::new(&topology);
+        let fixed = topology
+            .declared()
+            .into_iter()
+            .map(|(k, i)| {
+                let name = topology.iommus.get(i).map(describe);
+                Arc::new(EpEntry::new(k, name, shadow.fast_word(k)))
+            })
+            .collect();
+        let cfg = OracleConfig {
+            queue_capacity: cfg.queue_capacity.max(16),
+            sample_every: cfg.sample_every.max(1),
+            ..cfg
+        };
+        let oracle = Arc::new(Oracle {
+            id: NEXT_ORACLE.fetch_add(1, Ordering::Relaxed),
+            start: Instant::now(),
+            queue: ArrayQueue::new(cfg.queue_capacity),
+            cfg,
+            fixed,
+            dynamic: RwLock::new(Vec::new()),
+            shadow: Mutex::new(shadow),
+            dropped: AtomicU64::new(0),
+            unsampled: AtomicU64::new(0),
+            escapes_total: AtomicU64::new(0),
+            drain: Mutex::new(Drain::default()),
+            stop: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            writer: Mutex::new(None),
+            writer_thread: OnceLock::new(),
+        });
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        oracle.push_raw(TimelineEvent {
+            t: 0,
+            tid: 0,
+            kind: EventKind::Meta {
+                version: TIMELINE_VERSION,
+                unix_ms,
+                sample_every: oracle.cfg.sample_every,
+            },
+        });
+        let weak = Arc::downgrade(&oracle);
+        match std::thread::Builder::new()
+            .name("sluice-timeline".into())
+            .spawn(move || writer_loop(weak))
+        {
+            Ok(h) => {
+                let _ = oracle.writer_thread.set(h.thread().clone());
+                *lock(&oracle.writer) = Some(h);
+            }
+            // Without a writer, `finish` drains; records beyond the buffer are counted as lost.
+            Err(e) => log::warn!("oracle: no timeline writer thread: {e}"),
+        }
+        oracle
+    }
+
+    /// Nanoseconds since the oracle was created.
+    pub fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Installs a reader of in-memory configuration (enables `unsynced-config` for SMMUv3).
+    pub fn add_config_probe(&self, probe: Arc<dyn ConfigProbe>) {
+        let mut sh = lock(&self.shadow);
+        sh.set_probe(probe);
+        self.refresh_fast(&sh);
+    }
+
+    /// A guest console line (the backend feeds each line as it arrives). A line containing
+    /// `sluice-marker:` is also taken as a marker (what follows it).
+    pub fn console_line(&self, line: &str) {
+        let line = line.trim_end_matches(['\r', '\n']);
+        self.push(
+            self.now_ns(),
+            EventKind::Console {
+                line: line.to_string(),
+            },
+        );
+        if let Some(i) = line.find(CONSOLE_MARKER_PREFIX) {
+            let rest = line.get(i + CONSOLE_MARKER_PREFIX.len()..).unwrap_or("");
+            self.marker(rest.trim());
+        }
+    }
+
+    /// A guest marker line (from the marker device, or the console fallback).
+    pub fn marker(&self, line: &str) {
+        let mut sh = lock(&self.shadow);
+        let t = self.now_ns();
+        let effect = sh.on_marker(line, t);
+        self.refresh_fast(&sh);
+        self.push(
+            t,
+            EventKind::Marker {
+                line: line.to_string(),
+                effect,
+            },
+        );
+    }
+
+    /// An injected delay of `dur` at `point` that just ended.
+    pub fn record_delay(&self, point: &str, endpoint: Option<Endpoint>, dur: Duration) {
+        self.push(
+            self.now_ns(),
+            EventKind::Delay {
+                point: point.to_string(),
+                endpoint: ep_string(endpoint),
+                dur_ns: dur.as_nanos() as u64,
+            },
+        );
+    }
+
+    /// Escapes so far.
+    pub fn escape_count(&self) -> u64 {
+        self.escapes_total.load(Ordering::Relaxed)
+    }
+
+    /// Per-endpoint counters so far, sorted by endpoint.
+    pub fn endpoints(&self) -> Vec<EndpointReport> {
+        let mut all: Vec<Arc<EpEntry>> = self.fixed.clone();
+        all.extend(
+            self.dynamic
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        all.sort_by_key(|e| e.key);
+        all.iter().map(|e| e.report()).collect()
+    }
+
+    /// Stops the writer, writes `dir/timeline.jsonl` and returns the report. Hooks called
+    /// afterwards still count but are no longer logged.
+    pub fn finish(&self, dir: &Path) -> Result<OracleReport, OracleError> {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return Err(OracleError::AlreadyFinished);
+        }
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.writer_thread.get() {
+            t.unpark();
+        }
+        if let Some(h) = lock(&self.writer).take()
+            && h.join().is_err()
+        {
+            log::error!("oracle: timeline writer panicked");
+        }
+        let endpoints = self.endpoints();
+        let mut d = lock(&self.drain);
+        self.drain_into(&mut d);
+        let mut summary = TimelineSummary {
+            events: d.events + 1,
+            dropped: self.dropped.load(Ordering::Relaxed) + d.over_budget,
+            unsampled_dmas: self.unsampled.load(Ordering::Relaxed),
+            sample_every: self.cfg.sample_every,
+            endpoints: endpoints.clone(),
+            escape_count: self.escape_count(),
+        };
+        let last = TimelineEvent {
+            t: self.now_ns(),
+            tid: 0,
+            kind: EventKind::Summary(Box::new(summary.clone())),
+        };
+        write_line(&mut d.out, &last);
+        let path = dir.join(TIMELINE_FILE);
+        let io = |source| OracleError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::write(&path, &d.out).map_err(io)?;
+        summary.events = d.events + 1;
+        Ok(OracleReport {
+            escapes: std::mem::take(&mut d.escapes),
+            escape_count: self.escape_count(),
+            endpoints,
+            timeline: summary,
+            timeline_path: Some(path),
+        })
+    }
+
+    fn push(&self, t: u64, kind: EventKind) {
+        let (tid, first) = thread_id(self.id);
+        if first {
+            self.push_raw(TimelineEvent {
+                t,
+                tid,
+                kind: EventKind::Thread {
+                    name: thread_name(),
+                },
+            });
+        }
+        self.push_raw(TimelineEvent { t, tid, kind });
+    }
+
+    fn push_raw(&self, ev: TimelineEvent) {
+        if self.finished.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.queue.push(ev).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.queue.len() * 2 > self.queue.capacity()
+            && let Some(t) = self.writer_thread.get()
+        {
+            t.unpark();
+        }
+    }
+
+    fn entry(&self, key: Key) -> Arc<EpEntry> {
+        if let Some(e) = self.fixed.iter().find(|e| e.key == key) {
+            return e.clone();
+        }
+        {
+            let dynamic = self.dynamic.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = dynamic.iter().find(|e| e.key == key) {
+                return e.clone();
+            }
+        }
+        let sh = lock(&self.shadow);
+        let mut dynamic = self.dynamic.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = dynamic.iter().find(|e| e.key == key) {
+            return e.clone();
+        }
+        let e = Arc::new(EpEntry::new(key, None, sh.fast_word(key)));
+        dynamic.push(e.clone());
+        e
+    }
+
+    fn refresh_fast(&self, sh: &Shadow) {
+        for e in &self.fixed {
+            e.fast.store(sh.fast_word(e.key), Ordering::Release);
+        }
+        for e in self
+            .dynamic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            e.fast.store(sh.fast_word(e.key), Ordering::Release);
+        }
+    }
+
+    fn dma_event(&self, rec: &DmaRecord, verdict: Verdict) -> DmaEvent {
+        let (outcome, gpa, domain, reason) = match rec.outcome {
+            DmaOutcome::Translated { gpa, domain } => ("translated", Some(gpa), Some(domain), None),
+            DmaOutcome::Bypassed => ("bypassed", None, None, None),
+            DmaOutcome::Direct => ("direct", None, None, None),
+            DmaOutcome::Faulted { reason } => ("faulted", None, None, Some(reason)),
+        };
+        DmaEvent {
+            endpoint: rec.endpoint.to_string(),
+            iova: rec.iova,
+            len: rec.len,
+            dir: match rec.direction {
+                DmaDirection::Read => "read",
+                DmaDirection::Write => "write",
+            }
+            .into(),
+            outcome: outcome.into(),
+            gpa,
+            domain,
+            reason,
+            verdict,
+            class: None,
+            message: None,
+            sampled: None,
+        }
+    }
+
+    fn legit(&self, entry: &EpEntry, rec: &DmaRecord, t: Option<u64>) {
+        let n = entry.legit.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(self.cfg.sample_every) {
+            let mut ev = self.dma_event(rec, Verdict::Ok);
+            ev.sampled = Some(self.cfg.sample_every);
+            self.push(t.unwrap_or_else(|| self.now_ns()), EventKind::Dma(ev));
+        } else {
+            self.unsampled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn slow_dma(&self, entry: &EpEntry, rec: &DmaRecord) {
+        let sh = lock(&self.shadow);
+        let t = self.now_ns();
+        let c = sh.classify(entry.key, rec);
+        match c.verdict {
+            Verdict::Ok => self.legit(entry, rec, Some(t)),
+            Verdict::Fault | Verdict::Escape => {
+                if let Some(class) = c.class {
+                    self.count_escape(entry, class);
+                }
+                let mut ev = self.dma_event(rec, c.verdict);
+                ev.class = c.class;
+                ev.message = c.message;
+                self.push(t, EventKind::Dma(ev));
+            }
+        }
+        drop(sh);
+    }
+
+    fn count_escape(&self, entry: &EpEntry, class: EscapeClass) {
+        if let Some(c) = entry.escapes.get(class.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.escapes_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn drain_into(&self, d: &mut Drain) {
+        while let Some(ev) = self.queue.pop() {
+            self.handle_drained(d, ev);
+        }
+    }
+
+    fn handle_drained(&self, d: &mut Drain, ev: TimelineEvent) {
+        if d.out.len() < self.cfg.max_timeline_bytes {
+            write_line(&mut d.out, &ev);
+            d.events += 1;
+        } else {
+            d.over_budget += 1;
+        }
+        match &ev.kind {
+            EventKind::Thread { name } => {
+                d.threads.insert(ev.tid, name.clone());
+                return;
+            }
+            EventKind::Meta { .. } | EventKind::Summary(_) => return,
+            EventKind::Dma(dma) if dma.sampled.is_some() => return,
+            EventKind::Dma(dma)
+                if dma.verdict == Verdict::Escape
+                    && d.escapes.len() < self.cfg.max_escape_reports =>
+            {
+                let rep = escape_report(&ev, dma, d);
+                d.escapes.push(rep);
+            }
+            _ => {}
+        }
+        if self.cfg.context_events > 0 {
+            if d.ring.len() >= self.cfg.context_events {
+                d.ring.pop_front();
+            }
+            d.ring.push_back(ev);
+        }
+    }
+}
+
+fn escape_report(ev: &TimelineEvent, dma: &DmaEvent, d: &Drain) -> EscapeReport {
+    let reached = dma.outcome != "faulted";
+    EscapeReport {
+        class: dma.class.unwrap_or(EscapeClass::StaleConfig),
+        endpoint: dma.endpoint.clone(),
+        iova: dma.iova,
+        gpa: match dma.outcome.as_str() {
+            "translated" => dma.gpa,
+            "bypassed" | "direct" => Some(dma.iova),
+            _ => None,
+        },
+        len: dma.len,
+        direction: dma.dir.clone(),
+        outcome: dma.outcome.clone(),
+        reached_memory: reached,
+        t_ns: ev.t,
+        thread: d
+            .threads
+            .get(&ev.tid)
+            .cloned()
+            .unwrap_or_else(|| format!("tid {}", ev.tid)),
+        message: dma.message.clone().unwrap_or_default(),
+        preceding: d.ring.iter().cloned().collect(),
+    }
+}
+
+fn write_line(out: &mut Vec<u8>, ev: &TimelineEvent) {
+    if serde_json::to_writer(&mut *out, ev).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+fn writer_loop(weak: Weak<Oracle>) {
+    loop {
+        let Some(o) = weak.upgrade() else { return };
+        {
+            let mut d = lock(&o.drain);
+            o.drain_into(&mut d);
+        }
+        if o.stop.load(Ordering::Acquire) {
+            return;
+        }
+        drop(o);
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+impl Hooks for Oracle {
+    fn point(&self, ctx: &PointCtx<'_>) {
+        let t = self.now_ns();
+        let relevant = matches!(
+            ctx.point,
+            "virtio-iommu.req.attach" | "virtio-iommu.req.detach" | "smmuv3.cmd.CMD_SYNC"
+        );
+        let ev = EventKind::Point {
+            name: ctx.point.to_string(),
+            endpoint: ep_string(ctx.endpoint),
+            domain: ctx.domain,
+            value: ctx.value,
+        };
+        if relevant {
+            let mut sh = lock(&self.shadow);
+            sh.on_point(ctx, t);
+            self.refresh_fast(&sh);
+            self.push(t, ev);
+        } else {
+            self.push(t, ev);
+        }
+    }
+
+    fn dma(&self, rec: &DmaRecord) {
+        let key = Key::of(rec.endpoint);
+        match self.fixed.iter().find(|e| e.key == key) {
+            Some(e) => self.dma_on(e, rec),
+            None => self.dma_on(&self.entry(key), rec),
+        }
+    }
+
+    fn state(&self, ev: &StateEvent<'_>) {
+        let mut sh = lock(&self.shadow);
+        let t = self.now_ns();
+        sh.on_state(ev, t);
+        self.refresh_fast(&sh);
+        self.push(
+            t,
+            EventKind::State {
+                source: ev.source.to_string(),
+                what: ev.what.to_string(),
+                endpoint: ep_string(ev.endpoint),
+                value: ev.value,
+            },
+        );
+    }
+}
+
+impl Oracle {
+    /// The DMA hot path: one atomic load decides whether the rules need to look.
+    fn dma_on(&self, entry: &EpEntry, rec: &DmaRecord) {
+        let w = entry.fast.load(Ordering::Acquire);
+        let (counter, fast_ok) = match rec.outcome {
+            DmaOutcome::Translated { domain, .. } => (
+                &entry.translated,
+                w & FAST_ANY_TRANSLATED != 0 || (w & FAST_DOMAIN != 0 && w as u32 == domain),
+            ),
+            DmaOutcome::Bypassed | DmaOutcome::Direct => (&entry.bypassed, w & FAST_BYPASS != 0),
+            DmaOutcome::Faulted { .. } => (&entry.faulted, false),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if fast_ok {
+            self.legit(entry, rec, None);
+        } else {
+            self.slow_dma(entry, rec);
+        }
+    }
+}
+
+impl std::fmt::Debug for Oracle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Oracle")
+            .field("escapes", &self.escape_count())
+            .field("dropped", &self.dropped.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,43 @@
+//! Builds the bare-metal test guest (`firmware/testguest/testguest.s`) with GNU `as` and `ld`
+//! (binutils, present wherever gcc is) into `$OUT_DIR/testguest.elf`, and tells the tests where
+//! it is through `SLUICE_TESTGUEST`. Without binutils the variable is empty and the guest tests
+//! say so and skip.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let src = manifest.join("../../firmware/testguest/testguest.s");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_default());
+    let obj = out.join("testguest.o");
+    let elf = out.join("testguest.elf");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-changed=build.rs");
+    let built = run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src)).and_then(|()| {
+        run(Command::new("ld")
+            .args(["-N", "-static", "-nostdlib", "--build-id=none"])
+            .args(["-Ttext=0x200000", "-e", "_start", "-o"])
+            .arg(&elf)
+            .arg(&obj))
+    });
+    match built {
+        Ok(()) => println!("cargo:rustc-env=SLUICE_TESTGUEST={}", elf.display()),
+        Err(e) => {
+            println!("cargo:warning=bare-metal test guest not built: {e}");
+            println!("cargo:rustc-env=SLUICE_TESTGUEST=");
+        }
+    }
+}
