@@ -171,7 +171,8 @@ impl DeviceSet {
             let iommu = viommu
                 .as_ref()
                 .and_then(|v| v.endpoint_iommu(u32::from(bdf.0)));
-            let device = BlockDevice::new(&format!("blk{i}"), Arc::new(raw), spec.read_only);
+            let device = BlockDevice::new(&format!("blk{i}"), Arc::new(raw), spec.read_only)
+                .with_hooks(hooks.clone());
             devices.push(Self::place(
                 Box::new(device),
                 bdf,

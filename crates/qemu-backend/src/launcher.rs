@@ -59,8 +59,20 @@ pub struct QemuConfig {
     pub timeout: Duration,
     /// Extra ACPI tables (`-acpitable file=`).
     pub acpi_tables: Vec<PathBuf>,
-    /// Extra raw QEMU arguments (in-process devices for comparisons).
+    /// Extra raw QEMU arguments (in-process devices for comparisons, TCG plugins).
     pub extra_args: Vec<String>,
+    /// Called with every console line as it arrives (the oracle's timeline, injection markers).
+    pub console_sink: Option<ConsoleSink>,
+}
+
+/// A live consumer of guest console lines.
+#[derive(Clone)]
+pub struct ConsoleSink(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for ConsoleSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleSink")
+    }
 }
 
 /// QEMU could not be started.
@@ -243,9 +255,13 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
 
     let (con_tx, con_rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
+        let sink = cfg.console_sink.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
+                if let Some(ConsoleSink(f)) = &sink {
+                    f(&line);
+                }
                 let _ = con_tx.send(Console::Line(line, start.elapsed()));
             }
             let _ = con_tx.send(Console::End);
@@ -368,6 +384,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             acpi_tables: vec!["/t/viot.aml".into()],
             extra_args: vec![],
+            console_sink: None,
         }
     }
 

@@ -13,5 +13,5 @@ pub mod memory;
 pub mod protocol;
 pub mod server;
 
-pub use launcher::{Accel, QemuConfig, run};
+pub use launcher::{Accel, ConsoleSink, QemuConfig, run};
 pub use sluice_host::{GuestExit, RunOutcome};

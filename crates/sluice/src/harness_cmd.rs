@@ -131,6 +131,14 @@ impl GuestRunner {
             run_dir: dir.to_path_buf(),
             serial_log: None,
             report: None,
+            backend: run::Backend::Qemu,
+            inject: s.inject.rules.clone(),
+            inject_file: None,
+            // Each seed draws its own delays and probabilities: the harness's seeds are the
+            // injection seeds too.
+            inject_seed: Some(u64::from(case.seed)),
+            system_map: None,
+            cpuid_mask: vec![],
         })
     }
 }
@@ -141,7 +149,7 @@ impl Runner for GuestRunner {
         match self.spec(case, dir).and_then(|spec| run::execute(&spec)) {
             Ok(rec) => Observation {
                 exit: rec.outcome.exit.name().to_string(),
-                escapes: Default::default(),
+                escapes: rec.escapes,
                 faults: rec.faults,
                 console: rec.outcome.console,
                 error: None,

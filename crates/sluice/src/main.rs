@@ -30,6 +30,21 @@ enum Cmd {
         #[command(subcommand)]
         command: HarnessCmd,
     },
+    /// List every race-injection point (device instances of a default run included).
+    Points {
+        /// Disks of the run to list points for.
+        #[arg(long, default_value_t = 1)]
+        disks: usize,
+        /// IOMMU of the run.
+        #[arg(long, value_enum, default_value = "virtio")]
+        iommu: run::IommuArg,
+    },
+    /// Summarise a run directory: DMA outcomes per endpoint, escapes, and an SVG timeline around
+    /// each escape.
+    Report {
+        /// A run directory (the one `sluice run` printed).
+        run_dir: std::path::PathBuf,
+    },
     /// Guest images.
     Image {
         #[command(subcommand)]
@@ -62,6 +77,30 @@ fn main() -> ExitCode {
         Cmd::Harness {
             command: HarnessCmd::Run(args),
         } => harness_cmd::run(*args),
+        Cmd::Points { disks, iommu } => {
+            let reg = run::registry_for(disks, iommu);
+            for p in reg.points() {
+                println!(
+                    "{:<40} {:<6} {}",
+                    p.name,
+                    if p.defer { "defer" } else { "" },
+                    p.owner
+                );
+            }
+            for p in reg.patterns() {
+                println!("{p}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report { run_dir } => sluice_oracle::render::render_report(&run_dir)
+            .map_err(anyhow::Error::from)
+            .map(|(text, svgs)| {
+                print!("{text}");
+                for s in &svgs {
+                    eprintln!("sluice: wrote {}", s.display());
+                }
+                ExitCode::SUCCESS
+            }),
         Cmd::Image {
             command: ImageCmd::Build { variant },
         } => image::build_guest(&variant).map(|img| {

@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use sluice_host::DeviceSet;
 use sluice_host::{DmaStats, GuestExit, RunOutcome};
-use sluice_qemu::QemuConfig;
 
 use crate::verify::{GuestReport, HostCheck};
 
@@ -147,7 +146,7 @@ pub fn write_json(
     devices: &DeviceSet,
     stats: &DmaStats,
     verdict: &Verdict,
-    cfg: &QemuConfig,
+    meta: serde_json::Value,
 ) -> Result<()> {
     let exit_detail = match &outcome.exit {
         GuestExit::QemuFailed { code, stderr } => json!({ "code": code, "stderr": stderr }),
@@ -189,12 +188,6 @@ pub fn write_json(
         "reasons": verdict.reasons,
         "exit_reason": outcome.exit.name(),
         "exit_detail": exit_detail,
-        "backend": "qemu",
-        "accel": format!("{:?}", cfg.accel).to_lowercase(),
-        "cpus": cfg.cpus,
-        "mem_mib": cfg.mem_mib,
-        "kernel": cfg.kernel,
-        "cmdline": cfg.cmdline,
         "boot_to_init_s": outcome.boot_to_init.map(|d| d.as_secs_f64()),
         "wall_s": outcome.wall.as_secs_f64(),
         "guest": guest,
@@ -213,8 +206,11 @@ pub fn write_json(
             "direct": c.direct,
             "bytes": c.bytes,
         })).collect::<Vec<_>>(),
-        "serial_log": cfg.serial_log,
     });
+    let mut doc = doc;
+    if let (Some(obj), serde_json::Value::Object(extra)) = (doc.as_object_mut(), meta) {
+        obj.extend(extra);
+    }
     std::fs::write(path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("cannot write report {}", path.display()))
 }

@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use sluice_devapi::{Bdf, Fanout, Hooks};
 use sluice_host::{DeviceSet, DiskSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome};
-use sluice_qemu::{Accel, QemuConfig};
+use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap, VirtioKind};
+use sluice_oracle::topology::Topology;
+use sluice_oracle::{Oracle, OracleConfig};
+use sluice_qemu::{Accel, ConsoleSink, QemuConfig};
 use sluice_virtio_iommu::ViommuConfig;
 
 use crate::report::{self, DiskVerdict};
@@ -87,6 +91,22 @@ pub struct RunArgs {
     /// Directory for scratch disks and logs.
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Race injection rules, e.g. 'virtio-iommu.req.attach:delay=300ms,nth=1,mode=defer'
+    /// (repeatable; several rules in one value are separated by ';'). See `sluice points`.
+    #[arg(long = "inject", value_name = "RULES")]
+    inject: Vec<String>,
+    /// Injection plan as TOML (seed, [[rule]]).
+    #[arg(long)]
+    inject_file: Option<PathBuf>,
+    /// Seed of the injection plan (same seed, same firings).
+    #[arg(long)]
+    inject_seed: Option<u64>,
+    /// System.map for guest.sym points when booting --kernel (default: next to the kernel).
+    #[arg(long)]
+    system_map: Option<PathBuf>,
+    /// kvm backend: CPUID features to hide, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    cpuid_mask: Vec<String>,
 }
 
 fn parse_size_mib(s: &str) -> Result<u64, String> {
@@ -142,7 +162,8 @@ fn parse_disk(spec: &str, have_iommu: bool) -> Result<DiskSpec> {
 }
 
 fn default_backend() -> Backend {
-    // The kvm backend is a separate issue; until it lands every host uses qemu.
+    // The kvm backend has only run bare-metal guests so far (these machines have nested PVM, not
+    // VT-x/SVM); until a Linux boot has passed on hardware KVM, qemu stays the default.
     Backend::Qemu
 }
 
@@ -180,6 +201,14 @@ pub struct RunSpec {
     pub serial_log: Option<PathBuf>,
     /// Where the JSON report goes (always written; default `run_dir/report.json`).
     pub report: Option<PathBuf>,
+    pub backend: Backend,
+    /// Injection rules (one-line form) and plan file.
+    pub inject: Vec<String>,
+    pub inject_file: Option<PathBuf>,
+    pub inject_seed: Option<u64>,
+    /// System.map for `guest.sym` points with `GuestSource::Files`.
+    pub system_map: Option<PathBuf>,
+    pub cpuid_mask: Vec<String>,
 }
 
 /// What one run produced.
@@ -190,6 +219,12 @@ pub struct RunRecord {
     pub verdict: report::Verdict,
     /// Translation faults over all endpoints.
     pub faults: u64,
+    /// Escapes by class (the oracle's verdict).
+    pub escapes: std::collections::BTreeMap<String, u64>,
+    pub escape_count: u64,
+    /// Injection firings per rule.
+    pub firings: Vec<u64>,
+    pub timeline: Option<PathBuf>,
 }
 
 /// Boots the guest described by `spec`, verifies it, writes the report.
@@ -209,12 +244,18 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             iommu: have_iommu,
         });
     }
-    let (kernel, initrd) = match &spec.guest {
-        GuestSource::Files { kernel, initrd } => (kernel.clone(), initrd.clone()),
+    let (kernel, vmlinux, initrd, system_map) = match &spec.guest {
+        GuestSource::Files { kernel, initrd } => {
+            let map = spec.system_map.clone().or_else(|| {
+                let sibling = kernel.with_file_name("System.map");
+                sibling.is_file().then_some(sibling)
+            });
+            (kernel.clone(), kernel.clone(), initrd.clone(), map)
+        }
         GuestSource::Variant(v) => {
             eprintln!("sluice: guest image {v} (built once, then cached)");
             let img = image::build_guest(v)?;
-            (img.kernel, img.initrd)
+            (img.kernel, img.vmlinux, img.initrd, Some(img.system_map))
         }
     };
     let accel = Accel::detect();
@@ -228,6 +269,19 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     };
 
     let stats = Arc::new(DmaStats::default());
+    let injector = build_injector(spec, &disks, system_map.as_deref())?;
+    let oracle = Oracle::new(topology_for(spec.iommu, &disks), OracleConfig::default());
+    {
+        let o = oracle.clone();
+        injector.set_sink(Arc::new(move |f: &Firing| {
+            o.record_delay(&f.point, f.endpoint, f.delay)
+        }));
+    }
+    let hooks: Arc<dyn Hooks> = Arc::new(Fanout(vec![
+        injector.clone(),
+        oracle.clone(),
+        stats.clone(),
+    ]));
     let host_opts = HostOptions {
         iommu: match spec.iommu {
             IommuArg::None => None,
@@ -238,7 +292,19 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         },
         ..Default::default()
     };
-    let devices = DeviceSet::with_options(&disks, stats.clone(), &host_opts)?;
+    if spec.backend == Backend::Kvm {
+        return execute_kvm(
+            spec,
+            &disks,
+            (kernel, vmlinux, initrd),
+            host_opts,
+            hooks,
+            stats,
+            oracle,
+            injector,
+        );
+    }
+    let devices = DeviceSet::with_options(&disks, hooks, &host_opts)?;
     let mut acpi_tables = Vec::new();
     if let Some(p) = &devices.iommu {
         let path = spec.run_dir.join("viot.aml");
@@ -268,6 +334,18 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         timeout: spec.timeout,
         acpi_tables,
         extra_args: vec![],
+        console_sink: Some(console_sink(&oracle, &injector)),
+    };
+    let mut cfg = cfg;
+    let plugin = if injector.guest_watch().is_empty() {
+        None
+    } else {
+        let so = sluice_inject::find_plugin(Some(&cfg.qemu))
+            .context("guest.sym rules need the sluice-stall TCG plugin (built by guest-images/qemu/build-qemu.sh)")?;
+        let srv = PluginServer::start(&spec.run_dir.join("plugin.sock"), injector.clone())
+            .context("cannot start the plugin socket")?;
+        cfg.extra_args.extend(srv.qemu_args(&so));
+        Some(srv)
     };
     eprintln!(
         "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
@@ -277,6 +355,11 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         serial_log.display()
     );
     let outcome = sluice_qemu::run(&cfg, &devices)?;
+    injector.disarm();
+    let guest_hits = plugin.as_ref().map(|p| p.hits()).unwrap_or_default();
+    let oreport = oracle
+        .finish(&spec.run_dir)
+        .context("cannot write the timeline")?;
     let guest = verify::parse_console(&outcome.console);
     let disk_verdicts = verify_disks(&devices, &guest, &spec.workload, spec.seed);
     let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
@@ -284,6 +367,24 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         .report
         .clone()
         .unwrap_or_else(|| spec.run_dir.join("report.json"));
+    let extras = serde_json::json!({
+        "backend": "qemu",
+        "accel": format!("{:?}", cfg.accel).to_lowercase(),
+        "cpus": cfg.cpus,
+        "mem_mib": cfg.mem_mib,
+        "kernel": cfg.kernel,
+        "cmdline": cfg.cmdline,
+        "serial_log": cfg.serial_log,
+        "escapes": oreport.escapes,
+        "escape_count": oreport.escape_count,
+        "endpoints": oreport.endpoints,
+        "timeline": oreport.timeline,
+        "timeline_path": oreport.timeline_path,
+        "injection": {
+            "firings_per_rule": injector.fired(),
+            "guest_code_hits": guest_hits.len(),
+        },
+    });
     report::write_json(
         &report_path,
         &outcome,
@@ -292,7 +393,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         &devices,
         &stats,
         &verdict,
-        &cfg,
+        extras,
     )?;
     let faults = stats.snapshot().iter().map(|(_, c)| c.faulted).sum();
     Ok(RunRecord {
@@ -301,6 +402,205 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         disks: disk_verdicts,
         verdict,
         faults,
+        escapes: escape_classes(&oreport),
+        escape_count: oreport.escape_count,
+        firings: injector.fired(),
+        timeline: oreport.timeline_path.clone(),
+    })
+}
+
+/// The injection plan of this run, validated against the points its devices really have.
+fn build_injector(
+    spec: &RunSpec,
+    disks: &[DiskSpec],
+    system_map: Option<&std::path::Path>,
+) -> Result<Arc<Injector>> {
+    let mut plan = match &spec.inject_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            Plan::parse_toml(&text).with_context(|| format!("{}", p.display()))?
+        }
+        None => Plan::default(),
+    };
+    for r in &spec.inject {
+        plan.add_cli(r).with_context(|| format!("--inject {r:?}"))?;
+    }
+    if let Some(seed) = spec.inject_seed {
+        plan.seed = seed;
+    }
+    let mut reg = registry_for(disks.len(), spec.iommu);
+    if let Some(map) = system_map
+        && plan.rules.iter().any(|r| r.point.starts_with("guest.sym."))
+    {
+        reg.set_symbols(
+            SymbolMap::load(map).with_context(|| format!("cannot read {}", map.display()))?,
+        );
+    }
+    let valid = reg.validate(&plan)?;
+    for w in &valid.warnings {
+        eprintln!("sluice: warning: {w}");
+    }
+    Ok(Arc::new(Injector::new(valid)))
+}
+
+/// Every injection point of a run with `disks` disks and `iommu`.
+pub fn registry_for(disks: usize, iommu: IommuArg) -> PointRegistry {
+    let mut reg = PointRegistry::sluice_models();
+    for i in 0..disks {
+        reg.add_virtio_device(&format!("blk{i}"), VirtioKind::Block);
+    }
+    if iommu == IommuArg::Virtio {
+        reg.add_virtio_device("viommu0", VirtioKind::Iommu);
+    }
+    reg
+}
+
+/// What firmware tables declare: which endpoints sit behind which IOMMU.
+fn topology_for(iommu: IommuArg, disks: &[DiskSpec]) -> Topology {
+    match iommu {
+        IommuArg::None => Topology::default(),
+        IommuArg::Virtio => Topology::virtio(
+            Bdf::new(0, sluice_host::IOMMU_SLOT, 0),
+            disks
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.iommu)
+                .map(|(i, _)| Bdf::new(0, sluice_host::FIRST_SLOT + i as u8, 0))
+                .collect(),
+        ),
+    }
+}
+
+/// Live console lines go to the timeline, and `SLUICE:` lines double as injection markers.
+fn console_sink(oracle: &Arc<Oracle>, injector: &Arc<Injector>) -> ConsoleSink {
+    let (o, i) = (oracle.clone(), injector.clone());
+    ConsoleSink(Arc::new(move |line: &str| {
+        o.console_line(line);
+        if line.contains("SLUICE: ") {
+            i.marker(line);
+        }
+    }))
+}
+
+fn escape_classes(
+    r: &sluice_oracle::report::OracleReport,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for e in &r.escapes {
+        *m.entry(e.class.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The kvm backend: Sluice's own VMM runs the vCPUs.
+#[allow(clippy::too_many_arguments)]
+fn execute_kvm(
+    spec: &RunSpec,
+    disks: &[DiskSpec],
+    (kernel, vmlinux, initrd): (PathBuf, PathBuf, PathBuf),
+    host_opts: HostOptions,
+    hooks: Arc<dyn Hooks>,
+    stats: Arc<DmaStats>,
+    oracle: Arc<Oracle>,
+    injector: Arc<Injector>,
+) -> Result<RunRecord> {
+    use sluice_vmm::{KvmStatus, Vmm, VmmConfig};
+    let status = sluice_vmm::kvm_status();
+    match status {
+        KvmStatus::Absent => bail!("--backend kvm: {}", status.message()),
+        KvmStatus::Pvm => eprintln!("sluice: warning: {}", status.message()),
+        KvmStatus::Hardware => {}
+    }
+    if !injector.guest_watch().is_empty() {
+        bail!(
+            "guest.sym points need the qemu backend for now (the kvm backend's hardware breakpoints are not built yet)"
+        );
+    }
+    let pvm = status == KvmStatus::Pvm;
+    let mut cmdline = format!(
+        "console=ttyS0 panic=-1 nokaslr sluice.workload={} sluice.seed={} {}",
+        spec.workload, spec.seed, spec.cmdline
+    );
+    let mut cpuid_mask = spec.cpuid_mask.clone();
+    if pvm {
+        // The PVM workarounds of ../shared/reference/guest-baseline (docs/kvm-backend.md).
+        cmdline.push_str(" noxsave clearcpuid=smap,smep,popcnt,xsave,pku,fsgsbase,rdpid");
+        cpuid_mask.extend(sluice_vmm::PVM_CPUID_MASK.iter().map(|s| s.to_string()));
+    }
+    let serial_log = spec
+        .serial_log
+        .clone()
+        .unwrap_or_else(|| spec.run_dir.join("serial.log"));
+    let vmm = Vmm::new(&VmmConfig {
+        // Under PVM the bzImage decompressor is far too slow; boot the PVH vmlinux.
+        kernel: if pvm { vmlinux } else { kernel },
+        initrd: Some(initrd),
+        cmdline: cmdline.trim().to_string(),
+        cpus: spec.cpus,
+        mem_mib: spec.mem_mib,
+        timeout: spec.timeout,
+        serial_log: serial_log.clone(),
+        cpuid_mask,
+        acpi_tables: vec![],
+    })?;
+    let opts = HostOptions {
+        iommu: host_opts.iommu,
+        ..vmm.host_options()
+    };
+    let devices = DeviceSet::with_options(disks, hooks, &opts)?;
+    eprintln!(
+        "sluice: booting under the kvm backend ({} vCPUs); console in {}",
+        spec.cpus,
+        serial_log.display()
+    );
+    let outcome = vmm.run(&devices)?;
+    injector.disarm();
+    for line in &outcome.console {
+        oracle.console_line(line);
+    }
+    let oreport = oracle
+        .finish(&spec.run_dir)
+        .context("cannot write the timeline")?;
+    let guest = verify::parse_console(&outcome.console);
+    let disk_verdicts = verify_disks(&devices, &guest, &spec.workload, spec.seed);
+    let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
+    let report_path = spec
+        .report
+        .clone()
+        .unwrap_or_else(|| spec.run_dir.join("report.json"));
+    let extras = serde_json::json!({
+        "backend": "kvm",
+        "cpus": spec.cpus,
+        "mem_mib": spec.mem_mib,
+        "serial_log": serial_log,
+        "escapes": oreport.escapes,
+        "escape_count": oreport.escape_count,
+        "endpoints": oreport.endpoints,
+        "timeline": oreport.timeline,
+        "timeline_path": oreport.timeline_path,
+        "injection": { "firings_per_rule": injector.fired() },
+    });
+    report::write_json(
+        &report_path,
+        &outcome,
+        &guest,
+        &disk_verdicts,
+        &devices,
+        &stats,
+        &verdict,
+        extras,
+    )?;
+    Ok(RunRecord {
+        faults: stats.snapshot().iter().map(|(_, c)| c.faulted).sum(),
+        escapes: escape_classes(&oreport),
+        escape_count: oreport.escape_count,
+        firings: injector.fired(),
+        timeline: oreport.timeline_path.clone(),
+        outcome,
+        guest,
+        disks: disk_verdicts,
+        verdict,
     })
 }
 
@@ -340,9 +640,6 @@ fn verify_disks(
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let backend = args.backend.unwrap_or_else(default_backend);
-    if backend == Backend::Kvm {
-        bail!("the kvm backend is not available yet; use --backend qemu");
-    }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -380,8 +677,38 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         run_dir,
         serial_log: args.serial_log.clone(),
         report: args.report.clone(),
+        backend,
+        inject: args.inject.clone(),
+        inject_file: args.inject_file.clone(),
+        inject_seed: args.inject_seed,
+        system_map: args.system_map.clone(),
+        cpuid_mask: args.cpuid_mask.clone(),
     };
     let rec = execute(&spec)?;
+    if !spec.inject.is_empty() || spec.inject_file.is_some() {
+        println!("injection:      firings per rule {:?}", rec.firings);
+    }
+    let classes: Vec<String> = rec
+        .escapes
+        .iter()
+        .map(|(c, n)| format!("{c} x{n}"))
+        .collect();
+    println!(
+        "DMA escapes:    {}{}",
+        rec.escape_count,
+        if classes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", classes.join(", "))
+        }
+    );
+    if let Some(t) = &rec.timeline {
+        println!(
+            "timeline:       {} (sluice report {})",
+            t.display(),
+            spec.run_dir.display()
+        );
+    }
     report::print_summary(&rec.outcome, &rec.guest, &rec.disks, &rec.verdict);
     Ok(if rec.verdict.pass {
         ExitCode::SUCCESS
