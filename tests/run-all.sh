@@ -14,6 +14,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 command -v python3 >/dev/null || { apt-get update -q && apt-get install -y -q python3; }
+# Headless Chromium renders the oracle's SVG timelines in a test (it prints SKIPPED without it).
+command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } || echo "chromium unavailable: the SVG render test will say SKIPPED"
 
 stage "build sluice"
 cargo build --release -p sluice
@@ -22,7 +24,7 @@ CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 mkdir -p "$CACHE"
 stage "patched QEMU (cached)"
 bash guest-images/qemu/build-qemu.sh
-for v in 6.12 6.1; do
+for v in 6.12 6.1 6.12-regwin 6.12-regwin-nofix; do
     stage "guest image $v (cached)"
     ./target/release/sluice image build "$v"
 done
@@ -33,3 +35,9 @@ stage "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 stage "tests"
 cargo nextest run --workspace --no-fail-fast
+
+stage "scenario suite (CI-sized: clean boots once per variant and mode; the race over 5 seeds)"
+./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \
+    --out target/ci-harness/clean --junit target/ci-harness/clean.xml
+./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
+    --out target/ci-harness/race --junit target/ci-harness/race.xml

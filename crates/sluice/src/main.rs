@@ -1,5 +1,6 @@
 //! The `sluice` command.
 
+mod demo;
 mod harness_cmd;
 mod image;
 mod report;
@@ -25,6 +26,9 @@ struct Cli {
 enum Cmd {
     /// Boot a guest with Sluice's devices, run its workload, verify the disks, print the verdict.
     Run(Box<run::RunArgs>),
+    /// The race demo: stock Linux 6.12 falls into virtio-iommu's registration window under
+    /// Sluice's injection; prints the escape verdict and where the timeline is.
+    Demo,
     /// Regression harness: scenarios x kernel variants x seeds.
     Harness {
         #[command(subcommand)]
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Cmd::Harness {
             command: HarnessCmd::Run(args),
         } => harness_cmd::run(*args),
+        Cmd::Demo => demo::run(),
         Cmd::Points { disks, iommu } => {
             let reg = run::registry_for(disks, iommu);
             for p in reg.points() {
