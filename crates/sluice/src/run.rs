@@ -355,19 +355,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         serial_log.display()
     );
     let outcome = sluice_qemu::run(&cfg, &devices)?;
-    injector.disarm();
     let guest_hits = plugin.as_ref().map(|p| p.hits()).unwrap_or_default();
-    let oreport = oracle
-        .finish(&spec.run_dir)
-        .context("cannot write the timeline")?;
-    let guest = verify::parse_console(&outcome.console);
-    let disk_verdicts = verify_disks(&devices, &guest, &spec.workload, spec.seed);
-    let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
-    let report_path = spec
-        .report
-        .clone()
-        .unwrap_or_else(|| spec.run_dir.join("report.json"));
-    let extras = serde_json::json!({
+    let meta = serde_json::json!({
         "backend": "qemu",
         "accel": format!("{:?}", cfg.accel).to_lowercase(),
         "cpus": cfg.cpus,
@@ -375,37 +364,64 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         "kernel": cfg.kernel,
         "cmdline": cfg.cmdline,
         "serial_log": cfg.serial_log,
+        "guest_code_hits": guest_hits.len(),
+    });
+    finish_run(spec, outcome, &devices, &stats, &oracle, &injector, meta)
+}
+
+/// What every backend does after the guest stopped: stop injecting, close the timeline, check
+/// the guest's and the host's view of the disks, judge, and write the report.
+fn finish_run(
+    spec: &RunSpec,
+    outcome: RunOutcome,
+    devices: &DeviceSet,
+    stats: &DmaStats,
+    oracle: &Oracle,
+    injector: &Injector,
+    meta: serde_json::Value,
+) -> Result<RunRecord> {
+    injector.disarm();
+    let oreport = oracle
+        .finish(&spec.run_dir)
+        .context("cannot write the timeline")?;
+    let guest = verify::parse_console(&outcome.console);
+    let disk_verdicts = verify_disks(devices, &guest, &spec.workload, spec.seed);
+    let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
+    let report_path = spec
+        .report
+        .clone()
+        .unwrap_or_else(|| spec.run_dir.join("report.json"));
+    let mut extras = serde_json::json!({
         "escapes": oreport.escapes,
         "escape_count": oreport.escape_count,
         "endpoints": oreport.endpoints,
         "timeline": oreport.timeline,
         "timeline_path": oreport.timeline_path,
-        "injection": {
-            "firings_per_rule": injector.fired(),
-            "guest_code_hits": guest_hits.len(),
-        },
+        "injection": { "firings_per_rule": injector.fired() },
     });
+    if let (Some(e), serde_json::Value::Object(m)) = (extras.as_object_mut(), meta) {
+        e.extend(m);
+    }
     report::write_json(
         &report_path,
         &outcome,
         &guest,
         &disk_verdicts,
-        &devices,
-        &stats,
+        devices,
+        stats,
         &verdict,
         extras,
     )?;
-    let faults = stats.snapshot().iter().map(|(_, c)| c.faulted).sum();
     Ok(RunRecord {
-        outcome,
-        guest,
-        disks: disk_verdicts,
-        verdict,
-        faults,
+        faults: stats.snapshot().iter().map(|(_, c)| c.faulted).sum(),
         escapes: escape_classes(&oreport),
         escape_count: oreport.escape_count,
         firings: injector.fired(),
         timeline: oreport.timeline_path.clone(),
+        outcome,
+        guest,
+        disks: disk_verdicts,
+        verdict,
     })
 }
 
@@ -555,53 +571,17 @@ fn execute_kvm(
         serial_log.display()
     );
     let outcome = vmm.run(&devices)?;
-    injector.disarm();
+    // This backend hands the console over at the end: the timeline gets the lines, untimed.
     for line in &outcome.console {
         oracle.console_line(line);
     }
-    let oreport = oracle
-        .finish(&spec.run_dir)
-        .context("cannot write the timeline")?;
-    let guest = verify::parse_console(&outcome.console);
-    let disk_verdicts = verify_disks(&devices, &guest, &spec.workload, spec.seed);
-    let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
-    let report_path = spec
-        .report
-        .clone()
-        .unwrap_or_else(|| spec.run_dir.join("report.json"));
-    let extras = serde_json::json!({
+    let meta = serde_json::json!({
         "backend": "kvm",
         "cpus": spec.cpus,
         "mem_mib": spec.mem_mib,
         "serial_log": serial_log,
-        "escapes": oreport.escapes,
-        "escape_count": oreport.escape_count,
-        "endpoints": oreport.endpoints,
-        "timeline": oreport.timeline,
-        "timeline_path": oreport.timeline_path,
-        "injection": { "firings_per_rule": injector.fired() },
     });
-    report::write_json(
-        &report_path,
-        &outcome,
-        &guest,
-        &disk_verdicts,
-        &devices,
-        &stats,
-        &verdict,
-        extras,
-    )?;
-    Ok(RunRecord {
-        faults: stats.snapshot().iter().map(|(_, c)| c.faulted).sum(),
-        escapes: escape_classes(&oreport),
-        escape_count: oreport.escape_count,
-        firings: injector.fired(),
-        timeline: oreport.timeline_path.clone(),
-        outcome,
-        guest,
-        disks: disk_verdicts,
-        verdict,
-    })
+    finish_run(spec, outcome, &devices, &stats, &oracle, &injector, meta)
 }
 
 /// Matches each disk function to the guest's name for it and checks its contents.
