@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 use sluice_devapi::EndpointIommu;
 use sluice_devapi::{Bdf, Hooks};
+use sluice_marker::MarkerDevice;
+use sluice_pci::PciFunction;
 use sluice_virtio_blk::{BlockDevice, RawDisk};
 use sluice_virtio_iommu::VirtioIommu;
 use sluice_virtio_pci::{SharedMemory, TransportOptions, VirtioDevice, VirtioPciFunction};
@@ -90,8 +92,10 @@ pub struct HostedDevice {
     pub bdf: Bdf,
     /// Name (`blk0`).
     pub name: String,
-    /// The PCI function.
-    pub function: Arc<VirtioPciFunction>,
+    /// The PCI function, as the backends dispatch to it.
+    pub function: Arc<dyn PciFunction>,
+    /// The same function when it is a virtio device (counters, status), for reports.
+    pub virtio: Option<Arc<VirtioPciFunction>>,
     /// Its INTx line.
     pub intx: Arc<IntxRelay>,
     /// The image path for disks.
@@ -111,7 +115,12 @@ pub struct HostOptions {
     pub msi: Option<Arc<dyn MsiDelivery>>,
     /// An IOMMU in front of the disks that ask for it.
     pub iommu: Option<IommuChoice>,
+    /// Place the guest marker device after the disks; committed lines go here.
+    pub marker: Option<MarkerSink>,
 }
+
+/// Where guest marker lines go (the escape oracle's timeline, injection filters).
+pub type MarkerSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Every device of a run plus the guest memory they share.
 pub struct DeviceSet {
@@ -185,6 +194,23 @@ impl DeviceSet {
                 opts,
             )?);
         }
+        if let Some(sink) = &opts.marker {
+            let slot = FIRST_SLOT + disks.len() as u8;
+            if slot >= 0x1f {
+                return Err(HostError::OutOfSlots(slot));
+            }
+            let marker = Arc::new(MarkerDevice::new(sink.clone())?);
+            devices.push(HostedDevice {
+                bdf: Bdf::new(0, slot, 0),
+                name: "marker0".into(),
+                function: marker,
+                virtio: None,
+                intx: Arc::new(IntxRelay::default()),
+                disk: None,
+                kind: "marker",
+                behind_iommu: false,
+            });
+        }
         if let (Some(v), Some(p)) = (viommu, &placement) {
             let dev = Self::place(
                 Box::new(v),
@@ -241,7 +267,8 @@ impl DeviceSet {
         Ok(HostedDevice {
             bdf,
             name,
-            function,
+            function: function.clone(),
+            virtio: Some(function),
             intx,
             disk,
             kind,
@@ -254,7 +281,6 @@ impl DeviceSet {
 mod tests {
     use super::*;
     use sluice_devapi::NoHooks;
-    use sluice_pci::PciFunction;
 
     fn disk(dir: &std::path::Path, name: &str, size: u64, iommu: bool) -> DiskSpec {
         let path = dir.join(name);

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_host::HostedDevice;
-use sluice_pci::PciFunction;
 use sluice_virtio_pci::SharedMemory;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;

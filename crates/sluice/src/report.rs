@@ -158,9 +158,9 @@ pub fn write_json(
         .iter()
         .map(|d| {
             let counters: serde_json::Map<String, serde_json::Value> = d
-                .function
-                .counters()
-                .into_iter()
+                .virtio
+                .iter()
+                .flat_map(|v| v.counters())
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect();
             json!({
@@ -168,8 +168,8 @@ pub fn write_json(
                 "bdf": d.bdf.to_string(),
                 "kind": d.kind,
                 "behind_iommu": d.behind_iommu,
-                "bus_master_enabled": d.function.bus_master_enabled(),
-                "virtio_status": d.function.status(),
+                "bus_master_enabled": d.virtio.as_ref().map(|v| v.bus_master_enabled()),
+                "virtio_status": d.virtio.as_ref().map(|v| v.status()),
                 "intx_raised": d.intx.raised(),
                 "counters": counters,
             })

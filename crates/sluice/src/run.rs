@@ -282,7 +282,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         oracle.clone(),
         stats.clone(),
     ]));
+    let marker_sink = {
+        let (o, i) = (oracle.clone(), injector.clone());
+        Arc::new(move |line: &str| {
+            o.marker(line);
+            i.marker(line);
+        })
+    };
     let host_opts = HostOptions {
+        marker: Some(marker_sink),
         iommu: match spec.iommu {
             IommuArg::None => None,
             IommuArg::Virtio => Some(IommuChoice::Virtio(ViommuConfig {

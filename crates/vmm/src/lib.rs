@@ -302,6 +302,7 @@ impl Vmm {
             msix_vectors: MSIX_VECTORS,
             msi: Some(self.msi.clone()),
             iommu: None,
+            marker: None,
         }
     }
 

@@ -117,7 +117,7 @@ fn boot(b: &Boot<'_>, dir: &Path) -> (sluice_host::RunOutcome, PathBuf, Vec<(&'s
         .devices
         .iter()
         .find(|d| d.kind == "virtio-iommu")
-        .map(|d| d.function.counters())
+        .and_then(|d| d.virtio.as_ref().map(|v| v.counters()))
         .unwrap_or_default();
     (out, disk, iommu_counters)
 }
