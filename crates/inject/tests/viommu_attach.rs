@@ -102,6 +102,7 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
         timeout: Duration::from_secs(150),
         acpi_tables: vec![viot],
         extra_args: vec![],
+        console_sink: None,
     };
     let out = sluice_qemu::run(&cfg, &devices).unwrap();
     let console = out.console.join("\n");
