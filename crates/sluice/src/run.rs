@@ -277,11 +277,19 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             o.record_delay(&f.point, f.endpoint, f.delay)
         }));
     }
-    let hooks: Arc<dyn Hooks> = Arc::new(Fanout(vec![
-        injector.clone(),
-        oracle.clone(),
-        stats.clone(),
-    ]));
+    // SLUICE_ORACLE=off leaves the oracle out of the DMA path (to measure what it costs); the
+    // report then has no escapes and an empty timeline.
+    let oracle_on = std::env::var("SLUICE_ORACLE")
+        .map(|v| v != "off")
+        .unwrap_or(true);
+    let mut members: Vec<Arc<dyn Hooks>> = vec![injector.clone()];
+    if oracle_on {
+        members.push(oracle.clone());
+    } else {
+        eprintln!("sluice: SLUICE_ORACLE=off: DMA is not checked in this run");
+    }
+    members.push(stats.clone());
+    let hooks: Arc<dyn Hooks> = Arc::new(Fanout(members));
     let marker_sink = {
         let (o, i) = (oracle.clone(), injector.clone());
         Arc::new(move |line: &str| {
