@@ -114,6 +114,9 @@ pub struct TimelineSummary {
     pub dropped: u64,
     /// Legitimate DMAs not logged one by one (counted only).
     pub unsampled_dmas: u64,
+    /// High-frequency point arrivals (doorbells, completions, MAP/UNMAP) not written.
+    #[serde(default)]
+    pub unsampled_points: u64,
     /// Sampling period of legitimate DMAs.
     pub sample_every: u64,
     /// Per-endpoint counters at the end of the run.
