@@ -96,22 +96,34 @@ fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, BlockRequest
     }
 }
 
-fn copy_disk_to_guest(
-    env: &RequestEnv<'_>,
-    w: &mut Writer<'_>,
+/// Moves `len` bytes through a bounded buffer, one chunk at a time: `step(chunk, disk_offset)`
+/// fills or drains `chunk` on both sides. A hostile length never sizes an allocation.
+fn copy_chunked(
     start: u64,
     len: u64,
+    mut step: impl FnMut(&mut [u8], u64) -> Result<(), BlockRequestError>,
 ) -> Result<(), BlockRequestError> {
     let mut buf = vec![0u8; CHUNK.min(len as usize)];
     let mut done = 0u64;
     while done < len {
         let n = ((len - done) as usize).min(buf.len());
         let chunk = buf.get_mut(..n).ok_or(BlockRequestError::NoStatusByte)?;
-        env.disk.read_at(chunk, start + done)?;
-        w.write_all(chunk)?;
+        step(chunk, start + done)?;
         done += n as u64;
     }
     Ok(())
+}
+
+fn copy_disk_to_guest(
+    env: &RequestEnv<'_>,
+    w: &mut Writer<'_>,
+    start: u64,
+    len: u64,
+) -> Result<(), BlockRequestError> {
+    copy_chunked(start, len, |chunk, off| {
+        env.disk.read_at(chunk, off)?;
+        Ok(w.write_all(chunk)?)
+    })
 }
 
 fn copy_guest_to_disk(
@@ -120,16 +132,10 @@ fn copy_guest_to_disk(
     start: u64,
     len: u64,
 ) -> Result<(), BlockRequestError> {
-    let mut buf = vec![0u8; CHUNK.min(len as usize)];
-    let mut done = 0u64;
-    while done < len {
-        let n = ((len - done) as usize).min(buf.len());
-        let chunk = buf.get_mut(..n).ok_or(BlockRequestError::NoStatusByte)?;
+    copy_chunked(start, len, |chunk, off| {
         r.read_exact(chunk)?;
-        env.disk.write_at(chunk, start + done)?;
-        done += n as u64;
-    }
-    Ok(())
+        Ok(env.disk.write_at(chunk, off)?)
+    })
 }
 
 /// Executes the request in `chain`. Errors become status bytes; the returned completion says
