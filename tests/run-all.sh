@@ -36,8 +36,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 stage "tests"
 cargo nextest run --workspace --no-fail-fast
 
-stage "scenario suite (CI-sized: clean boots once per variant and mode; the race over 5 seeds)"
+stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 over 3)"
 ./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \
     --out target/ci-harness/clean --junit target/ci-harness/clean.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
     --out target/ci-harness/race --junit target/ci-harness/race.xml
+./target/release/sluice harness run scenarios/race1-probe-phases.toml --seeds 3 \
+    --out target/ci-harness/race1 --junit target/ci-harness/race1.xml
