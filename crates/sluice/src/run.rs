@@ -209,6 +209,9 @@ pub struct RunSpec {
     /// System.map for `guest.sym` points with `GuestSource::Files`.
     pub system_map: Option<PathBuf>,
     pub cpuid_mask: Vec<String>,
+    /// No per-run chatter on stderr (boot line, plan warnings): the harness prints one progress
+    /// line per run and checks plans once before its runs.
+    pub quiet: bool,
 }
 
 /// What one run produced.
@@ -363,13 +366,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         cfg.extra_args.extend(srv.qemu_args(&so));
         Some(srv)
     };
-    eprintln!(
-        "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
-        cfg.cpus,
-        accel,
-        disks.len(),
-        serial_log.display()
-    );
+    if !spec.quiet {
+        eprintln!(
+            "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
+            cfg.cpus,
+            accel,
+            disks.len(),
+            serial_log.display()
+        );
+    }
     let outcome = sluice_qemu::run(&cfg, &devices)?;
     let guest_hits = plugin.as_ref().map(|p| p.hits()).unwrap_or_default();
     let meta = serde_json::json!({
@@ -470,8 +475,10 @@ fn build_injector(
         );
     }
     let valid = reg.validate(&plan)?;
-    for w in &valid.warnings {
-        eprintln!("sluice: warning: {w}");
+    if !spec.quiet {
+        for w in &valid.warnings {
+            eprintln!("sluice: warning: {w}");
+        }
     }
     Ok(Arc::new(Injector::new(valid)))
 }
@@ -679,6 +686,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         inject_seed: args.inject_seed,
         system_map: args.system_map.clone(),
         cpuid_mask: args.cpuid_mask.clone(),
+        quiet: false,
     };
     let rec = execute(&spec)?;
     if !spec.inject.is_empty() || spec.inject_file.is_some() {
