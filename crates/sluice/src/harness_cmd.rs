@@ -132,6 +132,11 @@ impl Guests {
         Ok(Guests { images, qemu })
     }
 
+    /// Whether `variant`'s image was built.
+    pub(crate) fn has_image(&self, variant: &str) -> bool {
+        self.system_map(variant).is_some()
+    }
+
     /// The System.map of `variant`, if its image was built.
     fn system_map(&self, variant: &str) -> Option<&Path> {
         match self.images.get(variant) {
