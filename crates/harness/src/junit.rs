@@ -2,7 +2,7 @@
 
 use crate::verdict::{CaseResult, SuiteSummary};
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.chars()
         .map(|c| match c {
             '&' => "&amp;".to_string(),
@@ -36,10 +36,7 @@ pub fn render(summary: &SuiteSummary, results: &[CaseResult]) -> String {
             esc(variant)
         );
         if !g.pass {
-            let mut msg = format!(
-                "reproduced {}/{} (rate {:.2}, needed {:.2}); {} run(s) violated invariants",
-                g.reproduced, g.runs, g.rate, g.min_rate, g.violating
-            );
+            let mut msg = g.label.clone();
             for r in runs.iter().filter(|r| !r.violations.is_empty()) {
                 msg += &format!("\n{}: {}", r.id, r.violations.join("; "));
             }
@@ -49,12 +46,12 @@ pub fn render(summary: &SuiteSummary, results: &[CaseResult]) -> String {
                 esc(&msg)
             );
         }
-        let mut out = String::new();
+        let mut out = format!("{}\n", g.label);
         for r in &runs {
             out += &format!(
-                "{} reproduced={} exit={} escapes={:?} faults={}{}\n",
+                "{} {}: exit={} escapes={:?} faults={}{}\n",
                 r.id,
-                r.reproduced,
+                r.label(),
                 r.observation.exit,
                 r.observation.escapes,
                 r.observation.faults,
@@ -85,6 +82,7 @@ mod tests {
             id: "a--6.12--s1".into(),
             group: "a/6.12".into(),
             seed: 1,
+            expects_reproduction: false,
             reproduced: false,
             violations: vec!["forbidden console pattern \"<BUG>&\" seen".into()],
             missing: vec![],
@@ -99,6 +97,7 @@ mod tests {
         let x = render(&s, &[r]);
         assert!(x.contains("<testcase classname=\"a\" name=\"6.12\""));
         assert!(x.contains("failures=\"1\""));
+        assert!(x.contains("message=\"UNEXPECTED: 1 run(s) broke an invariant\""));
         assert!(x.contains("&lt;BUG&gt;&amp;"));
         assert!(!x.contains("<BUG>"));
     }

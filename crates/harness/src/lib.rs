@@ -4,7 +4,9 @@
 //! - [`plan`]: scenarios × variants × seeds → run cases, and deterministic sharding;
 //! - [`verdict`]: what one run observed against what the scenario expects, and reproduction
 //!   rates over seeds;
-//! - [`junit`]: JUnit XML that any CI reads.
+//! - [`junit`]: JUnit XML that any CI reads;
+//! - [`sweep`]: `harness sweep`, a grid of injection points × delays × modes × seeds for one
+//!   scenario, bounded by a wall-time budget.
 //!
 //! The CLI implements [`Runner`] (boot the guest, inject, run the oracle).
 #![forbid(unsafe_code)]
@@ -12,6 +14,7 @@
 pub mod junit;
 pub mod plan;
 pub mod scenario;
+pub mod sweep;
 pub mod verdict;
 
 use std::path::Path;

@@ -14,17 +14,30 @@ pub struct RunCase {
     pub variant: String,
     /// Seed (1-based).
     pub seed: u32,
+    /// The sweep cell this run belongs to (`c03-<point>@<delay>-<mode>`); `None` for
+    /// `harness run`. A cell's scenario carries the cell's injection rules.
+    pub cell: Option<String>,
 }
 
 impl RunCase {
     /// Stable identifier, usable as a directory name.
     pub fn id(&self) -> String {
-        format!("{}--{}--s{}", self.scenario.name, self.variant, self.seed)
+        match &self.cell {
+            Some(cell) => format!(
+                "{}--{cell}--{}--s{}",
+                self.scenario.name, self.variant, self.seed
+            ),
+            None => format!("{}--{}--s{}", self.scenario.name, self.variant, self.seed),
+        }
     }
 
-    /// `scenario/variant`, the group whose reproduction rate is judged.
+    /// `scenario/variant` (`scenario/cell/variant` in a sweep), the group whose reproduction
+    /// rate is judged.
     pub fn group(&self) -> String {
-        format!("{}/{}", self.scenario.name, self.variant)
+        match &self.cell {
+            Some(cell) => format!("{}/{cell}/{}", self.scenario.name, self.variant),
+            None => format!("{}/{}", self.scenario.name, self.variant),
+        }
     }
 }
 
@@ -38,6 +51,7 @@ pub fn expand(scenarios: &[Arc<Scenario>], seeds: Option<u32>) -> Vec<RunCase> {
                     scenario: s.clone(),
                     variant: v.clone(),
                     seed,
+                    cell: None,
                 });
             }
         }

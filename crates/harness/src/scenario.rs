@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::sweep::spec::{SweepSpec, check_spec_values};
+
 /// Escape classes the oracle reports, plus `*` (any class) for `escapes_forbidden`.
 pub const ESCAPE_CLASSES: &[&str] = &[
     "bypass-after-takeover",
@@ -205,6 +207,9 @@ pub struct Scenario {
     /// Expectations.
     #[serde(default)]
     pub expect: Vec<Expect>,
+    /// Default grid of `harness sweep` (ignored by `harness run`).
+    #[serde(default)]
+    pub sweep: Option<SweepSpec>,
 }
 
 impl Scenario {
@@ -298,6 +303,9 @@ impl Scenario {
         }
         for (i, e) in self.expect.iter().enumerate() {
             validate_expect(i, e, &self.variants)?;
+        }
+        if let Some(sweep) = &self.sweep {
+            check_spec_values(sweep).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -446,5 +454,38 @@ exit = "any"
         assert!(err(faults).contains("min_faults"));
         let iommu = "name = \"x\"\nvariants = [\"6.12\"]\n[devices]\niommu = \"smmu\"\n";
         assert!(err(iommu).contains("devices.iommu"));
+    }
+
+    #[test]
+    fn sweep_table_is_strict() {
+        let head = "name = \"x\"\nvariants = [\"6.12\"]\n[sweep]\n";
+        let s = parse(&format!(
+            "{head}points = [\"virtio-iommu.req.attach\"]\ndelays = [\"0ms\", \"300ms\"]\n\
+             modes = [\"defer\"]\nseeds = 2\nbudget = \"5m\"\n"
+        ))
+        .unwrap();
+        let sweep = s.sweep.unwrap();
+        assert_eq!(sweep.seeds, Some(2));
+        assert_eq!(sweep.budget.as_deref(), Some("5m"));
+        assert!(
+            parse("name = \"x\"\nvariants = [\"6.12\"]\n")
+                .unwrap()
+                .sweep
+                .is_none()
+        );
+        let err = |t: &str| parse(&format!("{head}{t}")).unwrap_err().to_string();
+        let e = err("point = [\"virtio-iommu.req.attach\"]\n");
+        assert!(
+            e.contains("unknown field `point`") && e.contains("line 4"),
+            "{e}"
+        );
+        let e = err("modes = [\"sleep\"]\n");
+        assert!(e.contains("unknown variant `sleep`"), "{e}");
+        let e = err("budget = \"twenty minutes\"\n");
+        assert!(e.starts_with("t.toml: sweep budget:"), "{e}");
+        let e = err("seeds = 0\n");
+        assert!(e.contains("sweep seeds: 0 is outside"), "{e}");
+        let e = err("rule_options = \"mode=defer\"\n");
+        assert!(e.contains("set by the sweep grid"), "{e}");
     }
 }

@@ -39,7 +39,11 @@ pub struct CaseResult {
     pub group: String,
     /// Seed.
     pub seed: u32,
-    /// Every reproduction condition held.
+    /// Some expectation block of this variant has reproduction conditions (escapes_required,
+    /// console_required, min_faults). Without any, the run has nothing to reproduce: a clean
+    /// run is "clean as expected", never "reproduced".
+    pub expects_reproduction: bool,
+    /// There were reproduction conditions, and every one of them held.
     pub reproduced: bool,
     /// Invariant violations and errors (empty: clean).
     pub violations: Vec<String>,
@@ -51,7 +55,7 @@ pub struct CaseResult {
     pub min_rate: f64,
 }
 
-fn matches_any(lines: &[String], pattern: &str) -> bool {
+pub(crate) fn matches_any(lines: &[String], pattern: &str) -> bool {
     match regex::Regex::new(pattern) {
         Ok(re) => lines.iter().any(|l| re.is_match(l)),
         Err(_) => false,
@@ -63,12 +67,14 @@ pub fn judge(case: &RunCase, obs: Observation) -> CaseResult {
     let mut violations = Vec::new();
     let mut missing = Vec::new();
     let mut min_rate: f64 = 0.0;
+    let mut expects_reproduction = false;
     if let Some(e) = &obs.error {
         violations.push(format!("run failed: {e}"));
     }
     for e in case.scenario.expectations_for(&case.variant) {
         // A block's min_rate only means something when it has reproduction conditions.
         if reproduces_something(e) {
+            expects_reproduction = true;
             min_rate = min_rate.max(e.min_rate);
         }
         check_invariants(e, &obs, &mut violations);
@@ -81,7 +87,8 @@ pub fn judge(case: &RunCase, obs: Observation) -> CaseResult {
         id: case.id(),
         group: case.group(),
         seed: case.seed,
-        reproduced: missing.is_empty() && obs.error.is_none(),
+        expects_reproduction,
+        reproduced: expects_reproduction && missing.is_empty() && obs.error.is_none(),
         violations,
         missing,
         observation: obs,
@@ -89,7 +96,26 @@ pub fn judge(case: &RunCase, obs: Observation) -> CaseResult {
     }
 }
 
-fn reproduces_something(e: &Expect) -> bool {
+impl CaseResult {
+    /// One phrase for a progress line: what this run means against its expectations.
+    pub fn label(&self) -> String {
+        if let Some(e) = &self.observation.error {
+            return format!("ERROR: run failed: {e}");
+        }
+        if !self.violations.is_empty() {
+            return format!("UNEXPECTED: {}", self.violations.join("; "));
+        }
+        match (self.expects_reproduction, self.reproduced) {
+            (false, _) => "clean as expected".into(),
+            (true, true) => "reproduced as expected".into(),
+            // One seed that misses is not a failure by itself: the group's rate decides.
+            (true, false) => format!("not reproduced ({})", self.missing.join("; ")),
+        }
+    }
+}
+
+/// Whether an expectation block asks for something to be reproduced.
+pub fn reproduces_something(e: &Expect) -> bool {
     !e.escapes_required.is_empty() || !e.console_required.is_empty() || e.min_faults.is_some()
 }
 
@@ -150,11 +176,62 @@ pub struct GroupSummary {
     pub rate: f64,
     /// Required rate.
     pub min_rate: f64,
-    /// Runs with invariant violations.
+    /// Runs with invariant violations (errors included).
     pub violating: usize,
+    /// Runs that could not be performed (image build failed, host error).
+    pub errors: usize,
+    /// Some run of the group had reproduction conditions to meet.
+    pub expects_reproduction: bool,
     /// The group met its expectations.
     pub pass: bool,
+    /// What the group's outcome means, e.g. "clean as expected" (see [`GroupSummary::label`]).
+    pub label: String,
 }
+
+impl GroupSummary {
+    /// "reproduced as expected", "clean as expected", or "UNEXPECTED: ..." / "ERROR: ...".
+    pub fn label(&self) -> String {
+        let pct = |r: f64| format!("{:.0} %", r * 100.0);
+        let mut problems = Vec::new();
+        if self.errors > 0 {
+            problems.push(format!("{} run(s) could not be performed", self.errors));
+        }
+        let broke = self.violating - self.errors;
+        if broke > 0 {
+            problems.push(format!("{broke} run(s) broke an invariant"));
+        }
+        if self.expects_reproduction && self.rate + RATE_EPSILON < self.min_rate {
+            problems.push(format!(
+                "reproduced {}/{} ({}), needed {}",
+                self.reproduced,
+                self.runs,
+                pct(self.rate),
+                pct(self.min_rate)
+            ));
+        }
+        if !problems.is_empty() {
+            let head = if self.errors > 0 && broke == 0 {
+                "ERROR"
+            } else {
+                "UNEXPECTED"
+            };
+            return format!("{head}: {}", problems.join("; "));
+        }
+        if self.expects_reproduction {
+            format!(
+                "reproduced as expected ({}/{}, needed {})",
+                self.reproduced,
+                self.runs,
+                pct(self.min_rate)
+            )
+        } else {
+            format!("clean as expected ({}/{} clean)", self.runs, self.runs)
+        }
+    }
+}
+
+/// Slack in rate comparisons so that 3/10 meets 0.3.
+const RATE_EPSILON: f64 = 1e-9;
 
 /// The whole suite.
 #[derive(Debug, Clone, Serialize)]
@@ -177,23 +254,29 @@ pub fn summarize(results: &[CaseResult]) -> SuiteSummary {
             let runs = rs.len();
             let reproduced = rs.iter().filter(|r| r.reproduced).count();
             let violating = rs.iter().filter(|r| !r.violations.is_empty()).count();
+            let errors = rs.iter().filter(|r| r.observation.error.is_some()).count();
+            let expects_reproduction = rs.iter().any(|r| r.expects_reproduction);
             let min_rate = rs.iter().map(|r| r.min_rate).fold(0.0, f64::max);
             let rate = if runs == 0 {
                 0.0
             } else {
                 reproduced as f64 / runs as f64
             };
-            // A tiny epsilon so 3/10 meets 0.3.
-            let pass = violating == 0 && rate + 1e-9 >= min_rate;
-            GroupSummary {
+            let pass = violating == 0 && rate + RATE_EPSILON >= min_rate;
+            let mut g = GroupSummary {
                 group,
                 runs,
                 reproduced,
                 rate,
                 min_rate,
                 violating,
+                errors,
+                expects_reproduction,
                 pass,
-            }
+                label: String::new(),
+            };
+            g.label = g.label();
+            g
         })
         .collect();
     let pass = groups.iter().all(|g| g.pass);
@@ -213,6 +296,7 @@ mod tests {
             scenario: Arc::new(s),
             variant: variant.into(),
             seed: 1,
+            cell: None,
         }
     }
 
@@ -306,5 +390,54 @@ max_faults = 0
             .cloned()
             .collect();
         assert!(!summarize(&two_of_ten).pass, "2/9 < 0.3");
+    }
+
+    #[test]
+    fn labels_say_what_was_expected() {
+        let clean = judge(&case(RACE, "fixed"), obs(&[], 0, &[]));
+        assert!(!clean.expects_reproduction && !clean.reproduced);
+        assert_eq!(clean.label(), "clean as expected");
+        let hit = judge(
+            &case(RACE, "unfixed"),
+            obs(&[("bypass-after-takeover", 3)], 0, &[]),
+        );
+        assert_eq!(hit.label(), "reproduced as expected");
+        let miss = judge(&case(RACE, "unfixed"), obs(&[], 0, &[]));
+        assert_eq!(
+            miss.label(),
+            "not reproduced (no bypass-after-takeover escape)"
+        );
+        let leak = judge(&case(RACE, "fixed"), obs(&[("wrong-domain", 1)], 0, &[]));
+        assert_eq!(leak.label(), "UNEXPECTED: forbidden escape *: 1");
+
+        let group = |rs: Vec<CaseResult>| summarize(&rs).groups.remove(0).label;
+        assert_eq!(
+            group(vec![clean.clone(), clean.clone()]),
+            "clean as expected (2/2 clean)"
+        );
+        assert_eq!(
+            group(vec![hit.clone(), miss.clone(), miss.clone()]),
+            "reproduced as expected (1/3, needed 30 %)"
+        );
+        assert_eq!(
+            group(vec![hit.clone(), miss.clone(), miss.clone(), miss.clone()]),
+            "UNEXPECTED: reproduced 1/4 (25 %), needed 30 %"
+        );
+        assert_eq!(
+            group(vec![clean.clone(), leak]),
+            "UNEXPECTED: 1 run(s) broke an invariant"
+        );
+        let mut o = obs(&[], 0, &[]);
+        o.error = Some("image build failed".into());
+        let failed = judge(&case(RACE, "fixed"), o);
+        assert!(
+            failed
+                .label()
+                .starts_with("ERROR: run failed: image build failed")
+        );
+        assert_eq!(
+            group(vec![clean, failed]),
+            "ERROR: 1 run(s) could not be performed"
+        );
     }
 }

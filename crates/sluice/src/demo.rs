@@ -54,6 +54,7 @@ pub fn run() -> Result<ExitCode> {
         inject_seed: Some(1),
         system_map: None,
         cpuid_mask: vec![],
+        quiet: false,
     };
     let rec = run::execute(&spec)?;
     let group = rec

@@ -1,5 +1,8 @@
-//! `sluice harness run`: scenarios × variants × seeds, with JUnit and JSON out.
+//! `sluice harness run`: scenarios × variants × seeds, with JUnit and JSON out; and what
+//! `harness sweep` shares with it: guests prepared once, plans checked before any run, the
+//! runner that boots one case.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -11,8 +14,9 @@ use sluice_harness::plan::{self, Shard};
 use sluice_harness::verdict::{self, Observation};
 use sluice_harness::{RunCase, Runner, Scenario, junit};
 use sluice_host::DiskSpec;
+use sluice_inject::{Plan, PointRegistry, SymbolMap};
 
-use crate::image;
+use crate::image::{self, BuildOutput, GuestImage};
 use crate::run::{self, GuestSource, IommuArg, RunSpec};
 
 #[derive(Debug, Args)]
@@ -46,7 +50,7 @@ pub struct HarnessRunArgs {
     qemu: Option<PathBuf>,
 }
 
-fn variant_exists(v: &str) -> bool {
+pub(crate) fn variant_exists(v: &str) -> bool {
     image::repo_root()
         .join("guest-images/variants")
         .join(v)
@@ -84,13 +88,135 @@ pub fn load_scenarios(paths: &[PathBuf]) -> Result<Vec<Arc<Scenario>>> {
     Ok(out)
 }
 
-struct GuestRunner {
+/// Guest images and QEMU, found or built once before the first run, so that runs print only
+/// their progress line and do not each re-run the build scripts.
+pub(crate) struct Guests {
+    /// Per variant: the image, or why it could not be built (its runs then fail with that).
+    images: BTreeMap<String, Result<GuestImage, String>>,
+    /// QEMU to use; `None` lets `run::execute` pick (stock QEMU under hardware KVM).
     qemu: Option<PathBuf>,
 }
 
-impl GuestRunner {
+impl Guests {
+    /// Builds or finds each variant (quietly when cached, with the build's progress when not)
+    /// and, under TCG, the patched QEMU. A variant that fails to build is reported and its runs
+    /// fail; QEMU failing to build stops everything, since no run could start.
+    pub(crate) fn prepare(variants: &[String], qemu: Option<PathBuf>) -> Result<Guests> {
+        let mut images = BTreeMap::new();
+        for v in variants {
+            if images.contains_key(v) {
+                continue;
+            }
+            let started = Instant::now();
+            let built = image::build_guest_with(v, BuildOutput::QuietIfCached);
+            match &built {
+                Ok(img) => eprintln!(
+                    "harness: guest {v} ready ({:.1} s; {})",
+                    started.elapsed().as_secs_f64(),
+                    img.kernel.parent().unwrap_or(Path::new("?")).display()
+                ),
+                Err(e) => eprintln!("harness: guest {v} could not be built, its runs fail: {e:#}"),
+            }
+            images.insert(v.clone(), built.map_err(|e| format!("{e:#}")));
+        }
+        let qemu = match qemu {
+            Some(q) => Some(q),
+            None if sluice_qemu::Accel::detect() == sluice_qemu::Accel::Tcg => {
+                let q = image::build_qemu_with(BuildOutput::QuietIfCached)
+                    .context("the patched QEMU could not be built")?;
+                eprintln!("harness: QEMU {}", q.display());
+                Some(q)
+            }
+            None => None,
+        };
+        Ok(Guests { images, qemu })
+    }
+
+    /// Whether `variant`'s image was built.
+    pub(crate) fn has_image(&self, variant: &str) -> bool {
+        self.system_map(variant).is_some()
+    }
+
+    /// The System.map of `variant`, if its image was built.
+    fn system_map(&self, variant: &str) -> Option<&Path> {
+        match self.images.get(variant) {
+            Some(Ok(img)) => Some(&img.system_map),
+            _ => None,
+        }
+    }
+
+    /// The injection points of runs of `scenario` on `variant`: its devices' points, and guest
+    /// symbols from the variant's System.map.
+    pub(crate) fn registry(&self, scenario: &Scenario, variant: &str) -> Result<PointRegistry> {
+        let mut reg = run::registry_for(scenario.devices.disks.len(), iommu_of(scenario));
+        if let Some(map) = self.system_map(variant) {
+            reg.set_symbols(
+                SymbolMap::load(map).with_context(|| format!("cannot read {}", map.display()))?,
+            );
+        }
+        Ok(reg)
+    }
+}
+
+fn iommu_of(s: &Scenario) -> IommuArg {
+    if s.devices.iommu == "virtio" {
+        IommuArg::Virtio
+    } else {
+        IommuArg::None
+    }
+}
+
+/// Checks `rules` against `reg` as a run would, and returns the plan's warnings. Runs of a
+/// variant whose image is missing skip `guest.sym` resolution here; they fail on their own.
+pub(crate) fn check_rules(
+    reg: &PointRegistry,
+    rules: &[String],
+    symbols_known: bool,
+) -> Result<Vec<String>> {
+    let mut plan = Plan::default();
+    for r in rules {
+        plan.add_cli(r).with_context(|| format!("rule {r:?}"))?;
+    }
+    if !symbols_known {
+        plan.rules.retain(|r| {
+            !r.point
+                .starts_with(sluice_inject::registry::GUEST_SYM_PREFIX)
+        });
+    }
+    Ok(reg.validate(&plan)?.warnings)
+}
+
+/// Checks every scenario's injection plan on each of its variants before anything runs, and
+/// prints each distinct warning once.
+fn check_scenario_plans(scenarios: &[Arc<Scenario>], guests: &Guests) -> Result<()> {
+    let mut warnings = std::collections::BTreeSet::new();
+    for s in scenarios {
+        for v in &s.variants {
+            let reg = guests.registry(s, v)?;
+            let found = check_rules(&reg, &s.inject.rules, guests.system_map(v).is_some())
+                .with_context(|| format!("scenario {} on {v}: [inject]", s.name))?;
+            warnings.extend(found);
+        }
+    }
+    for w in warnings {
+        eprintln!("harness: warning: {w}");
+    }
+    Ok(())
+}
+
+/// Boots one case with the prepared guests.
+pub(crate) struct GuestRunner<'a> {
+    pub(crate) guests: &'a Guests,
+}
+
+impl GuestRunner<'_> {
     fn spec(&self, case: &RunCase, dir: &Path) -> Result<RunSpec> {
         let s = &case.scenario;
+        let img = match self.guests.images.get(&case.variant) {
+            Some(Ok(img)) => img,
+            Some(Err(e)) => bail!("guest image {} could not be built: {e}", case.variant),
+            None => bail!("guest image {} was not prepared", case.variant),
+        };
         std::fs::create_dir_all(dir)?;
         let mut disks = Vec::new();
         for (i, d) in s.devices.disks.iter().enumerate() {
@@ -107,16 +233,15 @@ impl GuestRunner {
             cmdline = format!("{cmdline} sluice.load={load}");
         }
         Ok(RunSpec {
-            guest: GuestSource::Variant(case.variant.clone()),
-            qemu: self.qemu.clone(),
+            guest: GuestSource::Files {
+                kernel: img.kernel.clone(),
+                initrd: img.initrd.clone(),
+            },
+            qemu: self.guests.qemu.clone(),
             cpus: s.cpus,
             mem_mib: 512,
             disks,
-            iommu: if s.devices.iommu == "virtio" {
-                IommuArg::Virtio
-            } else {
-                IommuArg::None
-            },
+            iommu: iommu_of(s),
             boot_bypass: s.devices.boot_bypass,
             cmdline,
             workload: s.guest.workload.clone(),
@@ -131,13 +256,14 @@ impl GuestRunner {
             // Each seed draws its own delays and probabilities: the harness's seeds are the
             // injection seeds too.
             inject_seed: Some(u64::from(case.seed)),
-            system_map: None,
+            system_map: Some(img.system_map.clone()),
             cpuid_mask: vec![],
+            quiet: true,
         })
     }
 }
 
-impl Runner for GuestRunner {
+impl Runner for GuestRunner<'_> {
     fn run(&self, case: &RunCase, dir: &Path) -> Observation {
         let start = Instant::now();
         match self.spec(case, dir).and_then(|spec| run::execute(&spec)) {
@@ -159,6 +285,21 @@ impl Runner for GuestRunner {
     }
 }
 
+/// `OUT`, or `target/sluice-harness/<prefix>-<unix time>`.
+pub(crate) fn out_dir(out: Option<&Path>, prefix: &str) -> Result<PathBuf> {
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        image::repo_root()
+            .join("target/sluice-harness")
+            .join(format!("{prefix}-{stamp}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok(out)
+}
+
 pub fn run(args: HarnessRunArgs) -> Result<ExitCode> {
     let scenarios = load_scenarios(&args.paths)?;
     let mut cases = plan::expand(&scenarios, args.seeds);
@@ -169,61 +310,50 @@ pub fn run(args: HarnessRunArgs) -> Result<ExitCode> {
     if let Some(shard) = args.shard {
         cases = shard.select(cases);
     }
-    let out = args.out.clone().unwrap_or_else(|| {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        image::repo_root()
-            .join("target/sluice-harness")
-            .join(format!("run-{stamp}"))
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let out = out_dir(args.out.as_deref(), "run")?;
     eprintln!(
         "harness: {} scenario(s), {} run(s), artifacts in {}",
         scenarios.len(),
         cases.len(),
         out.display()
     );
-    let runner = GuestRunner {
-        qemu: args.qemu.clone(),
-    };
+    let mut variants: Vec<String> = cases.iter().map(|c| c.variant.clone()).collect();
+    variants.sort();
+    variants.dedup();
+    let guests = Guests::prepare(&variants, args.qemu.clone())?;
+    check_scenario_plans(&scenarios, &guests)?;
+    let runner = GuestRunner { guests: &guests };
     let total = cases.len();
     let started = Instant::now();
     let report = |i: usize, r: &verdict::CaseResult| {
-        let state = match (r.violations.is_empty(), r.reproduced) {
-            (false, _) => format!("VIOLATION {}", r.violations.join("; ")),
-            (true, true) => "reproduced".to_string(),
-            (true, false) => format!("not reproduced ({})", r.missing.join("; ")),
-        };
         eprintln!(
             "[{:>3}/{total}] {:6.1}s {} {}",
             i + 1,
             started.elapsed().as_secs_f64(),
             r.id,
-            state
+            r.label()
         );
     };
     let results = run_parallel(&runner, &cases, &out, args.jobs.max(1), report);
     let summary = verdict::summarize(&results);
     println!(
-        "{:<50} {:>6} {:>10} {:>8} {:>8}  verdict",
-        "scenario/variant", "runs", "reproduced", "rate", "needed"
+        "{:<44} {:>5} {:>10}  verdict",
+        "scenario/variant", "runs", "reproduced"
     );
     for g in &summary.groups {
+        // A group with nothing to reproduce has no reproduction count to show.
+        let reproduced = if g.expects_reproduction {
+            format!("{}/{}", g.reproduced, g.runs)
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<50} {:>6} {:>10} {:>8.2} {:>8.2}  {}{}",
+            "{:<44} {:>5} {:>10}  {}: {}",
             g.group,
             g.runs,
-            g.reproduced,
-            g.rate,
-            g.min_rate,
+            reproduced,
             if g.pass { "PASS" } else { "FAIL" },
-            if g.violating > 0 {
-                format!(" ({} run(s) violated invariants)", g.violating)
-            } else {
-                String::new()
-            }
+            g.label
         );
     }
     let junit_path = args.junit.clone().unwrap_or_else(|| out.join("junit.xml"));
@@ -252,7 +382,7 @@ pub fn run(args: HarnessRunArgs) -> Result<ExitCode> {
 
 /// Runs cases on `jobs` threads; results come back in case order.
 fn run_parallel(
-    runner: &GuestRunner,
+    runner: &GuestRunner<'_>,
     cases: &[RunCase],
     out: &Path,
     jobs: usize,

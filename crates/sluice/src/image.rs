@@ -31,8 +31,90 @@ pub fn repo_root() -> PathBuf {
         })
 }
 
-/// Runs a build script, passing its progress through to stderr, and returns its KEY=VALUE lines.
-fn run_script(script: &Path, args: &[&str]) -> Result<Vec<(String, String)>> {
+/// How a build script's progress reaches the terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildOutput {
+    /// Every line (`sluice image build`, `sluice run`).
+    Verbose,
+    /// Nothing when the script finds its result cached; its progress from the moment it
+    /// really builds (or waits for another build's lock); warnings and errors always; the
+    /// lines held back if it fails.
+    QuietIfCached,
+}
+
+/// What to do with one line of a build script's stderr under [`BuildOutput::QuietIfCached`].
+/// The scripts announce a cache hit by stages that say `skipped` or `cached`
+/// (`[2/7] unpack source: skipped`, `[3/6] download: skipped`); from stage 3 on, any other
+/// stage, a heartbeat (`      ... 15s ...`) or a lock wait means real work.
+#[derive(Debug, Default)]
+pub struct CacheHitFilter {
+    state: FilterState,
+    held: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum FilterState {
+    #[default]
+    Undecided,
+    CacheHit,
+    Building,
+}
+
+/// Lines kept for a failure report once the script turned out to be quiet.
+const HELD_LINES: usize = 60;
+
+impl CacheHitFilter {
+    /// The lines to print now, given the script's next line.
+    pub fn line(&mut self, line: &str) -> Vec<String> {
+        if self.state == FilterState::Building || line.contains("WARNING") || line.contains("ERROR")
+        {
+            return vec![line.to_string()];
+        }
+        let stage = stage_number(line);
+        let says_cached = line.contains(": skipped") || line.contains(": cached");
+        if self.state == FilterState::Undecided {
+            if stage.is_some() && says_cached {
+                self.state = FilterState::CacheHit;
+            } else if stage.is_some_and(|k| k >= 3)
+                || line.trim_start().starts_with("... ")
+                || line.contains("waiting for its lock")
+                || line.contains("installing missing packages")
+            {
+                self.state = FilterState::Building;
+                let mut out = std::mem::take(&mut self.held);
+                out.push(line.to_string());
+                return out;
+            }
+        }
+        self.held.push(line.to_string());
+        if self.held.len() > HELD_LINES {
+            self.held.remove(0);
+        }
+        Vec::new()
+    }
+
+    /// The lines held back, to show when the script failed.
+    pub fn held(self) -> Vec<String> {
+        self.held
+    }
+}
+
+/// `k` of a `[k/n] text` stage line.
+fn stage_number(line: &str) -> Option<u32> {
+    let rest = line.strip_prefix('[')?;
+    let (k, rest) = rest.split_once('/')?;
+    let (n, _) = rest.split_once(']')?;
+    n.parse::<u32>().ok()?;
+    k.parse().ok()
+}
+
+/// Runs a build script, showing its progress on stderr as `output` says, and returns its
+/// KEY=VALUE lines.
+fn run_script_with(
+    script: &Path,
+    args: &[&str],
+    output: BuildOutput,
+) -> Result<Vec<(String, String)>> {
     if !script.exists() {
         bail!("build script {} is missing", script.display());
     }
@@ -41,9 +123,24 @@ fn run_script(script: &Path, args: &[&str]) -> Result<Vec<(String, String)>> {
         .arg(script)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(match output {
+            BuildOutput::Verbose => Stdio::inherit(),
+            BuildOutput::QuietIfCached => Stdio::piped(),
+        })
         .spawn()
         .with_context(|| format!("cannot run {}", script.display()))?;
+    // stderr is read on its own thread so neither pipe can fill up while the other is read.
+    let filtered = child.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            let mut filter = CacheHitFilter::default();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                for shown in filter.line(&line) {
+                    eprintln!("{shown}");
+                }
+            }
+            filter.held()
+        })
+    });
     let mut vars = Vec::new();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
@@ -59,7 +156,13 @@ fn run_script(script: &Path, args: &[&str]) -> Result<Vec<(String, String)>> {
         }
     }
     let status = child.wait()?;
+    let held = filtered
+        .map(|t| t.join().unwrap_or_default())
+        .unwrap_or_default();
     if !status.success() {
+        for line in held {
+            eprintln!("{line}");
+        }
         bail!("{} failed ({status})", script.display());
     }
     Ok(vars)
@@ -75,7 +178,16 @@ fn var(vars: &[(String, String)], key: &str) -> Result<PathBuf> {
 
 /// Builds or finds guest `variant`.
 pub fn build_guest(variant: &str) -> Result<GuestImage> {
-    let vars = run_script(&repo_root().join("guest-images/build.sh"), &[variant])?;
+    build_guest_with(variant, BuildOutput::Verbose)
+}
+
+/// [`build_guest`] with a choice of how much progress to show.
+pub fn build_guest_with(variant: &str, output: BuildOutput) -> Result<GuestImage> {
+    let vars = run_script_with(
+        &repo_root().join("guest-images/build.sh"),
+        &[variant],
+        output,
+    )?;
     Ok(GuestImage {
         kernel: var(&vars, "KERNEL")?,
         vmlinux: var(&vars, "VMLINUX")?,
@@ -86,6 +198,84 @@ pub fn build_guest(variant: &str) -> Result<GuestImage> {
 
 /// Builds or finds the QEMU with the project's proxy patch (needed under TCG).
 pub fn build_qemu() -> Result<PathBuf> {
-    let vars = run_script(&repo_root().join("guest-images/qemu/build-qemu.sh"), &[])?;
+    build_qemu_with(BuildOutput::Verbose)
+}
+
+/// [`build_qemu`] with a choice of how much progress to show.
+pub fn build_qemu_with(output: BuildOutput) -> Result<PathBuf> {
+    let vars = run_script_with(
+        &repo_root().join("guest-images/qemu/build-qemu.sh"),
+        &[],
+        output,
+    )?;
     var(&vars, "QEMU")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(transcript: &str) -> Vec<String> {
+        let mut f = CacheHitFilter::default();
+        transcript.lines().flat_map(|l| f.line(l)).collect()
+    }
+
+    #[test]
+    fn cached_builds_are_silent() {
+        // `guest-images/build.sh 6.12` and `build-qemu.sh` with everything cached.
+        let guest = "build.sh: variant 6.12: Linux 6.12\n[1/7] host packages  (t+0s)\n      \
+                     source linux-source-6.12 6.12.117-1~deb12u1, key fa47cec5aacfa8cc\n\
+                     [2/7] unpack source: skipped  (t+0s)\n[3/7] configure: skipped  (t+0s)\n\
+                     [4/7] kernel: cached (/root/.cache/sluice/guest/6.12-fa47)  (t+0s)\ncached\n\
+                     [6/7] initramfs (busybox)  (t+0s)\n      initramfs unchanged\n\
+                     [7/7] manifest  (t+1s)\nbuild.sh: 6.12 done in 1s";
+        assert!(shown(guest).is_empty(), "{:?}", shown(guest));
+        let qemu = "[1/6] host packages  (t+0s)\n[2/6] deb-src entry + qemu source version  (t+0s)\n\
+                    [3/6] download: skipped  (t+0s)\n[4/6] unpack + patch: skipped  (t+0s)\n\
+                    [6/6] build: cached (/root/.cache/sluice/qemu/ee27/qemu-system-x86_64)\ncached";
+        assert!(shown(qemu).is_empty());
+    }
+
+    #[test]
+    fn real_builds_show_progress_from_the_first_sign_of_work() {
+        let guest = "build.sh: variant 6.1\n[1/7] host packages  (t+0s)\n\
+                     [2/7] unpack source (x.tar.xz -> /src)  (t+0s)\n      already unpacked\n\
+                     [3/7] configure (tinyconfig + ...)  (t+0s)\n      config OK\n\
+                     [4/7] build kernel: make -j2\n      ... 15s 120 objects built";
+        let out = shown(guest);
+        assert_eq!(out.len(), 8, "everything, held lines first: {out:?}");
+        assert_eq!(out[0], "build.sh: variant 6.1");
+        assert_eq!(out[7], "      ... 15s 120 objects built");
+        let waiting = shown(
+            "[1/7] host packages\n      another build of 6.12-x is running; waiting for its lock (x.lock)\n[2/7] unpack source: skipped",
+        );
+        assert_eq!(
+            waiting.len(),
+            3,
+            "a lock wait may be long: say so, and keep talking"
+        );
+    }
+
+    #[test]
+    fn warnings_always_and_held_lines_on_failure() {
+        let mut f = CacheHitFilter::default();
+        assert!(f.line("[1/6] host packages").is_empty());
+        assert!(f.line("[3/6] download: skipped").is_empty());
+        assert_eq!(
+            f.line("build-qemu.sh: WARNING: the Sluice TCG plugin did not build"),
+            ["build-qemu.sh: WARNING: the Sluice TCG plugin did not build"]
+        );
+        assert!(f.line("[6/6] build: cached (x)").is_empty());
+        assert_eq!(
+            f.held(),
+            [
+                "[1/6] host packages",
+                "[3/6] download: skipped",
+                "[6/6] build: cached (x)"
+            ]
+        );
+        assert_eq!(stage_number("[12/30] x"), Some(12));
+        assert_eq!(stage_number("[a/3] x"), None);
+        assert_eq!(stage_number("      [2/7]"), None);
+    }
 }

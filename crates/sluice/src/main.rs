@@ -5,6 +5,7 @@ mod harness_cmd;
 mod image;
 mod report;
 mod run;
+mod sweep_cmd;
 mod verify;
 
 use std::process::ExitCode;
@@ -61,6 +62,10 @@ enum HarnessCmd {
     /// Run scenario files; print a summary; write JUnit and JSON; exit non-zero on any
     /// unexpected outcome.
     Run(Box<harness_cmd::HarnessRunArgs>),
+    /// Explore one scenario over injection points x delays x modes x seeds within a time
+    /// budget; print which cells reproduce, per variant; write JSON (and JUnit if asked).
+    /// Exit 0: every run done; 1: some runs could not be performed; 3: the budget stopped it.
+    Sweep(Box<sweep_cmd::HarnessSweepArgs>),
 }
 
 #[derive(Subcommand)]
@@ -81,6 +86,9 @@ fn main() -> ExitCode {
         Cmd::Harness {
             command: HarnessCmd::Run(args),
         } => harness_cmd::run(*args),
+        Cmd::Harness {
+            command: HarnessCmd::Sweep(args),
+        } => sweep_cmd::sweep(*args),
         Cmd::Demo => demo::run(),
         Cmd::Points { disks, iommu } => {
             let reg = run::registry_for(disks, iommu);

@@ -209,6 +209,9 @@ pub struct RunSpec {
     /// System.map for `guest.sym` points with `GuestSource::Files`.
     pub system_map: Option<PathBuf>,
     pub cpuid_mask: Vec<String>,
+    /// No per-run chatter on stderr (boot line, plan warnings): the harness prints one progress
+    /// line per run and checks plans once before its runs.
+    pub quiet: bool,
 }
 
 /// What one run produced.
@@ -358,18 +361,20 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     } else {
         let so = sluice_inject::find_plugin(Some(&cfg.qemu))
             .context("guest.sym rules need the sluice-stall TCG plugin (built by guest-images/qemu/build-qemu.sh)")?;
-        let srv = PluginServer::start(&spec.run_dir.join("plugin.sock"), injector.clone())
+        let srv = PluginServer::start(&plugin_socket_path(&spec.run_dir), injector.clone())
             .context("cannot start the plugin socket")?;
         cfg.extra_args.extend(srv.qemu_args(&so));
         Some(srv)
     };
-    eprintln!(
-        "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
-        cfg.cpus,
-        accel,
-        disks.len(),
-        serial_log.display()
-    );
+    if !spec.quiet {
+        eprintln!(
+            "sluice: booting ({} vCPUs, {:?}, {} disk(s)); console in {}",
+            cfg.cpus,
+            accel,
+            disks.len(),
+            serial_log.display()
+        );
+    }
     let outcome = sluice_qemu::run(&cfg, &devices)?;
     let guest_hits = plugin.as_ref().map(|p| p.hits()).unwrap_or_default();
     let meta = serde_json::json!({
@@ -470,10 +475,29 @@ fn build_injector(
         );
     }
     let valid = reg.validate(&plan)?;
-    for w in &valid.warnings {
-        eprintln!("sluice: warning: {w}");
+    if !spec.quiet {
+        for w in &valid.warnings {
+            eprintln!("sluice: warning: {w}");
+        }
     }
     Ok(Arc::new(Injector::new(valid)))
+}
+
+/// Longest path a Unix socket address holds (`sun_path` is 108 bytes with the NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Where the guest.sym plugin's socket goes: in the run directory when the path fits a Unix
+/// socket address, else in the temporary directory (harness runs are named after their case,
+/// and a sweep cell's name alone can be 60 characters). The server removes it when dropped.
+fn plugin_socket_path(run_dir: &std::path::Path) -> PathBuf {
+    let inside = run_dir.join("plugin.sock");
+    if inside.as_os_str().len() <= SUN_PATH_MAX {
+        return inside;
+    }
+    // Unique per process and run, so parallel harness jobs never share a socket.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("sluice-plugin-{}-{n}.sock", std::process::id()))
 }
 
 /// Every injection point of a run with `disks` disks and `iommu`.
@@ -679,6 +703,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         inject_seed: args.inject_seed,
         system_map: args.system_map.clone(),
         cpuid_mask: args.cpuid_mask.clone(),
+        quiet: false,
     };
     let rec = execute(&spec)?;
     if !spec.inject.is_empty() || spec.inject_file.is_some() {
@@ -718,6 +743,22 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plugin_socket_fits_a_unix_address() {
+        let short = std::path::Path::new("/tmp/run-1");
+        assert_eq!(plugin_socket_path(short), short.join("plugin.sock"));
+        let long = std::path::Path::new("/work/wt/target/sluice-harness/sweep-1").join(
+            "registration-window-sweep--c02-guest.sym.bus_iommu_probe@10ms-stall--6.12-regwin--s1",
+        );
+        let (a, b) = (plugin_socket_path(&long), plugin_socket_path(&long));
+        assert!(a.as_os_str().len() <= SUN_PATH_MAX, "{}", a.display());
+        assert_ne!(a, b, "two runs never share a socket");
+        // The real constraint: binding works.
+        let listener = std::os::unix::net::UnixListener::bind(&a).unwrap();
+        drop(listener);
+        let _ = std::fs::remove_file(&a);
+    }
 
     #[test]
     fn sizes_and_disk_specs() {
