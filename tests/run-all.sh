@@ -43,3 +43,7 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode; the regi
     --out target/ci-harness/race --junit target/ci-harness/race.xml
 ./target/release/sluice harness run scenarios/race1-probe-phases.toml --seeds 3 \
     --out target/ci-harness/race1 --junit target/ci-harness/race1.xml
+# A two-cell sweep (baseline vs the stall), bounded: proves the sweep driver end to end.
+./target/release/sluice harness sweep scenarios/registration-window.toml --variant 6.12 \
+    --point guest.sym.bus_iommu_probe --delays 0ms,300ms --seeds 1 --replace --budget 3m \
+    --out target/ci-harness/sweep --junit target/ci-harness/sweep.xml
