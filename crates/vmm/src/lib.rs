@@ -35,6 +35,7 @@ mod boot;
 mod cpuid;
 mod doorbell;
 mod fast_paths;
+mod guest_debug;
 mod irq;
 pub mod layout;
 mod msi_routes;
@@ -69,6 +70,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 pub use acpi::AcpiError;
 pub use boot::BootError;
 pub use cpuid::{UnknownFeature, known_features};
+pub use guest_debug::{GuestDebugError, MAX_BREAKPOINTS, StepOver};
 pub use pci::PciBusError;
 pub use stats::{VmmCounters, VmmStats};
 
@@ -159,6 +161,9 @@ pub enum VmmError {
     /// `cpuid_mask`.
     #[error(transparent)]
     Cpuid(#[from] UnknownFeature),
+    /// `guest.sym` rules (hardware breakpoints).
+    #[error(transparent)]
+    GuestDebug(#[from] GuestDebugError),
     /// The serial log.
     #[error("cannot write the serial log {path}: {source}")]
     SerialLog {
@@ -235,6 +240,7 @@ pub struct Vmm {
     elf_64bit: bool,
     ioeventfd: bool,
     injector: Option<Arc<Injector>>,
+    step_over: Option<StepOver>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -311,6 +317,7 @@ impl Vmm {
             elf_64bit: false,
             ioeventfd: true,
             injector: None,
+            step_over: None,
         })
     }
 
@@ -343,6 +350,13 @@ impl Vmm {
         self.injector = Some(injector);
     }
 
+    /// How vCPUs get past a `guest.sym` breakpoint (default: [`StepOver::SingleStep`] where KVM
+    /// has `KVM_GUESTDBG_BLOCKIRQ`, which it needs, else [`StepOver::ResumeFlag`]; see
+    /// `docs/kvm-backend.md`).
+    pub fn breakpoint_step(&mut self, step: StepOver) {
+        self.step_over = Some(step);
+    }
+
     /// Guest RAM (for tests and tools that inspect the guest).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -373,6 +387,7 @@ impl Vmm {
     /// Boots the guest with `devices` (and any added functions) and waits until it powers
     /// off, resets, fails or times out.
     pub fn run(self, devices: &DeviceSet) -> Result<RunOutcome, VmmError> {
+        let guest_debug = self.guest_debug()?;
         let mut serial =
             File::create(&self.cfg.serial_log).map_err(|source| VmmError::SerialLog {
                 path: self.cfg.serial_log.clone(),
@@ -461,6 +476,9 @@ impl Vmm {
             let mut c = supported.clone();
             cpuid::filter(&mut c, id, cpus, &mask);
             vcpu::configure(&vcpu, id, &c, loaded.entry)?;
+            if let Some(d) = &guest_debug {
+                d.arm(&vcpu, id)?;
+            }
             vcpus.push(vcpu);
         }
         install_kick_handler();
@@ -473,11 +491,12 @@ impl Vmm {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let (p, s, t) = (platform.clone(), stop.clone(), tx.clone());
+            let d = guest_debug.clone();
             let id = id as u8;
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let why = vcpu::run_loop(vcpu, id, &p, &s);
+                    let why = vcpu::run_loop(vcpu, id, &p, &s, d.as_deref());
                     let _ = t.send(platform::Event::VcpuEnded(id, why));
                 })
                 .map_err(|e| VmmError::Io("spawn vCPU thread", e))?;
@@ -553,6 +572,34 @@ impl Vmm {
 }
 
 impl Vmm {
+    /// The `guest.sym` breakpoints of the injection plan, if it has any.
+    fn guest_debug(&self) -> Result<Option<Arc<guest_debug::GuestDebug>>, VmmError> {
+        let Some(injector) = &self.injector else {
+            return Ok(None);
+        };
+        let breakpoints = guest_debug::Breakpoints::from_watch(&injector.guest_watch())?;
+        if breakpoints.is_empty() {
+            return Ok(None);
+        }
+        let step_flags = guest_debug::step_flags(&self.vm);
+        let step = self
+            .step_over
+            .unwrap_or_else(|| StepOver::default_for(step_flags));
+        if step == StepOver::SingleStep && step_flags == 0 {
+            return Err(VmmError::Config(
+                "breakpoint single-step needs KVM_GUESTDBG_BLOCKIRQ, which this KVM lacks".into(),
+            ));
+        }
+        log::info!("guest.sym breakpoints: {breakpoints:?}, past them by {step:?}");
+        Ok(Some(Arc::new(guest_debug::GuestDebug {
+            breakpoints,
+            injector: injector.clone(),
+            stats: self.stats.clone(),
+            step,
+            step_flags,
+        })))
+    }
+
     /// Tracks every function's doorbells and MSI-X vectors and hooks the bus so that KVM's
     /// ioeventfds and MSI routes follow the guest's programming; starts the doorbell loop.
     fn follow_guest_programming(

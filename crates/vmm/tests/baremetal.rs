@@ -12,7 +12,9 @@ use sluice_host::{DeviceSet, DiskSpec, GuestExit, IntxRelay};
 use sluice_inject::{Injector, Plan, PointRegistry, VirtioKind};
 use sluice_pci::msix::{CAP_ID_MSIX, MsixTable};
 use sluice_pci::{BarKind, BarSpec, ConfigSpace, PciFunction, PciIds, PciInterrupt};
-use sluice_vmm::{KvmStatus, Vmm, VmmConfig, VmmCounters, kvm_status};
+use sluice_vmm::{
+    GuestDebugError, KvmStatus, StepOver, Vmm, VmmConfig, VmmCounters, VmmError, kvm_status,
+};
 
 const TABLE_OFFSET: u32 = 0x800;
 const PBA_OFFSET: u32 = 0xc00;
@@ -114,6 +116,8 @@ struct GuestRun {
     ioeventfd: bool,
     /// A race-injection plan (one-line form) for the device set and the VMM.
     inject: Option<&'static str>,
+    /// How vCPUs get past `guest.sym` breakpoints (the VMM's default when `None`).
+    step: Option<StepOver>,
 }
 
 impl GuestRun {
@@ -124,6 +128,7 @@ impl GuestRun {
             timeout: Duration::from_secs(120),
             ioeventfd: true,
             inject: None,
+            step: None,
         }
     }
 }
@@ -149,6 +154,11 @@ const SECTOR0: [u8; 4] = *b"SLU!";
 /// Runs the test guest with a virtio-blk from the device set (00:03.0) and the doorbell device
 /// at 00:02.0.
 fn run_guest(run: &GuestRun) -> Option<Ran> {
+    try_run_guest(run).map(|r| r.expect("run"))
+}
+
+/// As [`run_guest`], handing back the VMM's error.
+fn try_run_guest(run: &GuestRun) -> Option<Result<Ran, VmmError>> {
     if kvm_status() == KvmStatus::Absent {
         println!("SKIPPED: no /dev/kvm");
         return None;
@@ -177,6 +187,9 @@ fn run_guest(run: &GuestRun) -> Option<Ran> {
     };
     let mut vmm = Vmm::new(&cfg).expect("VM");
     vmm.use_ioeventfd(run.ioeventfd);
+    if let Some(step) = run.step {
+        vmm.breakpoint_step(step);
+    }
     let injector = run.inject.map(|rules| {
         let mut reg = PointRegistry::sluice_models();
         reg.add_virtio_device("blk0", VirtioKind::Block);
@@ -209,7 +222,10 @@ fn run_guest(run: &GuestRun) -> Option<Ran> {
     let dev = Arc::new(DoorbellDevice::new(relay.clone(), run.mute));
     vmm.add_function(Bdf::new(0, 2, 0), dev, Some(relay.clone()));
     let stats = vmm.stats();
-    let out = vmm.run(&devices).expect("run");
+    let out = match vmm.run(&devices) {
+        Ok(out) => out,
+        Err(e) => return Some(Err(e)),
+    };
     for l in &out.console {
         println!("guest: {l}");
     }
@@ -221,13 +237,13 @@ fn run_guest(run: &GuestRun) -> Option<Ran> {
         relay.msi_sent(),
         relay.raised()
     );
-    Some(Ran {
+    Some(Ok(Ran {
         out,
         relay,
         counters,
         injector,
         dir,
-    })
+    }))
 }
 
 /// The lines every complete run prints.
@@ -312,6 +328,64 @@ fn without_ioeventfds_doorbells_are_exits() {
     std::fs::remove_dir_all(&r.dir).unwrap();
 }
 
+/// `guest.sym.sluice_tg_probe` through a hardware breakpoint: the function is called three
+/// times, the rule stalls the first two calls by 100 ms each, and the guest runs on after
+/// each hit (the third call is a hit without a stall; the function still ran three times).
+fn breakpoint_stall(name: &'static str, step: StepOver) {
+    let mut run = GuestRun::new(name);
+    run.inject = Some("guest.sym.sluice_tg_probe:delay=100ms,count=2");
+    run.step = Some(step);
+    let r = match try_run_guest(&run) {
+        None => return,
+        Some(Err(VmmError::GuestDebug(GuestDebugError::Kvm { reason, .. }))) => {
+            println!("SKIPPED: KVM_SET_GUEST_DEBUG does not work on this host: {reason}");
+            return;
+        }
+        Some(r) => r.expect("run"),
+    };
+    assert_complete(&r);
+    let c = r.counters;
+    assert_eq!((c.breakpoint_hits, c.breakpoint_stalls), (3, 2), "{c:?}");
+    assert!(c.breakpoint_stalled_us >= 200_000, "{c:?}");
+    assert!(c.breakpoint_stalled_us < 1_000_000, "{c:?}");
+    assert_eq!(r.injector.as_ref().unwrap().fired(), vec![2]);
+    assert!(r.out.wall >= Duration::from_millis(200), "{:?}", r.out.wall);
+    std::fs::remove_dir_all(&r.dir).unwrap();
+}
+
+#[test]
+fn a_guest_sym_rule_stalls_at_a_hardware_breakpoint_resume_flag() {
+    breakpoint_stall("bp-rf", StepOver::ResumeFlag);
+}
+
+#[test]
+fn a_guest_sym_rule_stalls_at_a_hardware_breakpoint_single_step() {
+    breakpoint_stall("bp-step", StepOver::SingleStep);
+}
+
+/// DR0-DR3 are four breakpoints: a fifth distinct address is refused before the guest runs.
+#[test]
+fn more_than_four_guest_sym_addresses_are_refused() {
+    let mut run = GuestRun::new("bp-five");
+    run.inject = Some(
+        "guest.sym.sluice_tg_probe:delay=1ms;guest.sym.sluice_tg_probe+1:delay=1ms;\
+         guest.sym.sluice_tg_probe+2:delay=1ms;guest.sym.sluice_tg_probe+3:delay=1ms;\
+         guest.sym.sluice_tg_probe+4:delay=1ms",
+    );
+    let Some(r) = try_run_guest(&run) else {
+        return;
+    };
+    let e = r.err().expect("refused");
+    assert!(
+        matches!(
+            e,
+            VmmError::GuestDebug(GuestDebugError::TooMany { count: 5, .. })
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("DR0-DR3"), "{e}");
+}
+
 /// The guest waits in HLT for an interrupt that never comes: the timeout ends the run and the
 /// vCPU thread is kicked out of KVM_RUN.
 #[test]
@@ -343,7 +417,7 @@ fn missing_kernel_and_bad_mask_are_clear_errors() {
         cmdline: String::new(),
         cpus: 1,
         mem_mib: 32,
-        timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(120),
         serial_log: std::env::temp_dir().join(format!("sluice-vmm-err-{}.log", std::process::id())),
         cpuid_mask: vec!["popcnt".into()],
         acpi_tables: Vec::new(),
