@@ -111,3 +111,56 @@ impl DoorbellLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_host::{DeviceSet, DiskSpec, HostOptions, IommuChoice};
+    use sluice_inject::{Plan, PointRegistry, VirtioKind};
+
+    fn injector(rules: &str) -> Injector {
+        let mut reg = PointRegistry::sluice_models();
+        reg.add_virtio_device("blk0", VirtioKind::Block);
+        reg.add_virtio_device("viommu0", VirtioKind::Iommu);
+        Injector::new(reg.validate(&Plan::parse_cli(rules).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn rules_inside_a_doorbell_write_keep_that_device_on_exits() {
+        let (_, dir) = crate::testing::blk_set("rules", 0);
+        let disk = DiskSpec {
+            path: dir.join("d.img"),
+            read_only: false,
+            iommu: true,
+        };
+        let opts = HostOptions {
+            iommu: Some(IommuChoice::Virtio(Default::default())),
+            ..Default::default()
+        };
+        let set =
+            DeviceSet::with_options(&[disk], Arc::new(sluice_devapi::NoHooks), &opts).unwrap();
+        let (viommu, blk) = (&set.devices[0], &set.devices[1]);
+        assert_eq!((viommu.kind, blk.name.as_str()), ("virtio-iommu", "blk0"));
+
+        let notify = injector("virtio.blk0.notify:delay=1ms,count=1");
+        assert_eq!(rules_needing_exits(&notify, blk).len(), 1);
+        assert!(rules_needing_exits(&notify, viommu).is_empty());
+
+        // virtio-iommu answers requests inside the doorbell write (stall or defer alike).
+        let attach = injector(
+            "virtio-iommu.req.attach:delay=1ms,count=1;\
+             virtio-iommu.req.map:delay=1ms,count=1,mode=defer",
+        );
+        assert_eq!(rules_needing_exits(&attach, viommu).len(), 2);
+        assert!(rules_needing_exits(&attach, blk).is_empty());
+
+        // Points reached elsewhere leave the fast path alone.
+        let elsewhere = injector(
+            "virtio.blk0.complete:delay=1ms,count=1,mode=defer;\
+             virtio.blk0.status:delay=1ms,count=1;virtio-iommu.config.write:delay=1ms,count=1",
+        );
+        assert!(rules_needing_exits(&elsewhere, blk).is_empty());
+        assert!(rules_needing_exits(&elsewhere, viommu).is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

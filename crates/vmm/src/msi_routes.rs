@@ -193,6 +193,9 @@ pub struct MsiRouter {
     routing: Mutex<Routing>,
     /// Delivery lookup: routed message → the irqfd of a GSI routed to it.
     by_message: RwLock<HashMap<(u64, u32), Arc<EventFd>>>,
+    /// Where each tracked function's table is: checked on every BAR write, so kept out of
+    /// the `routing` mutex.
+    tables: RwLock<Vec<(Bdf, MsixLayout)>>,
     /// Routing or irqfd registration failed once: every message is signalled from then on.
     broken: AtomicBool,
 }
@@ -208,6 +211,7 @@ impl MsiRouter {
                 functions: Vec::new(),
             }),
             by_message: RwLock::new(HashMap::new()),
+            tables: RwLock::new(Vec::new()),
             broken: AtomicBool::new(false),
         }
     }
@@ -255,6 +259,10 @@ impl MsiRouter {
             layout,
             vectors,
         });
+        self.tables
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((bdf, layout));
     }
 
     /// The guest wrote configuration space of `bdf` (MSI-X Enable / Function Mask).
@@ -265,10 +273,11 @@ impl MsiRouter {
     /// The guest wrote BAR `bar` of `bdf` at `offset`; a write into the table is followed.
     pub fn bar_written(&self, bdf: Bdf, bar: u8, offset: u64) {
         let in_table = self
-            .lock()
-            .functions
+            .tables
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|t| t.bdf == bdf && t.layout.in_table(bar, offset));
+            .any(|(b, layout)| *b == bdf && layout.in_table(bar, offset));
         if in_table {
             self.resync(bdf);
         }
