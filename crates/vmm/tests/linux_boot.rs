@@ -232,7 +232,7 @@ fn pvm_opt_in_linux_progress() {
     };
     let dir = scratch("pvm");
     // gunzip under PVM's instruction emulator is the slowest step of the boot (89 s for the
-    // 1 MiB initramfs on a loaded host, 28 s to copy it uncompressed): hand Linux the plain
+    // 1 MiB initramfs on a loaded host, 25-28 s to copy it uncompressed): hand Linux the plain
     // cpio archive, which it accepts as well.
     let initrd = if initrd.extension().is_some_and(|e| e == "gz") {
         let plain = dir.join("initramfs.cpio");
