@@ -270,7 +270,9 @@ impl DoorbellSet {
         if let Some(old) = at.take() {
             for d in &t.doorbells {
                 if let Err(e) = self.unregister(d, old) {
-                    log::warn!("{}: KVM_IOEVENTFD unregister q{}: {e}", t.bdf, d.queue);
+                    self.refused(|| {
+                        format!("{}: KVM_IOEVENTFD unregister of q{}: {e}", t.bdf, d.queue)
+                    });
                 }
             }
             log::debug!("{}: doorbells unregistered from {old:#x}", t.bdf);
@@ -278,13 +280,15 @@ impl DoorbellSet {
         let Some(base) = want else { return };
         for (i, d) in t.doorbells.iter().enumerate() {
             if let Err(e) = self.register(d, base) {
-                bump(&self.stats.ioeventfd_failures);
-                log::warn!(
-                    "{}: KVM_IOEVENTFD for q{} at {:#x} refused ({e}); its doorbells stay MMIO exits",
-                    t.bdf,
-                    d.queue,
-                    base + d.offset
-                );
+                self.refused(|| {
+                    format!(
+                        "{}: KVM_IOEVENTFD for q{} at {:#x} refused ({e}); its doorbells stay \
+                         MMIO exits",
+                        t.bdf,
+                        d.queue,
+                        base + d.offset
+                    )
+                });
                 for done in t.doorbells.iter().take(i) {
                     let _ = self.unregister(done, base);
                 }
@@ -299,6 +303,20 @@ impl DoorbellSet {
             base + t.layout.notify_offset
         );
         *at = Some(base);
+    }
+
+    /// Counts a refused ioctl; logs only the first few (the guest decides how often it
+    /// moves BARs, e.g. onto another function's doorbells).
+    fn refused(&self, what: impl FnOnce() -> String) {
+        const LOGGED: u64 = 8;
+        if self
+            .stats
+            .ioeventfd_failures
+            .fetch_add(1, Ordering::Relaxed)
+            < LOGGED
+        {
+            log::warn!("{}", what());
+        }
     }
 
     fn register(&self, d: &Doorbell, base: u64) -> Result<(), kvm_ioctls::Error> {
@@ -488,5 +506,33 @@ mod tests {
         let s = stats.snapshot();
         assert_eq!((s.ioeventfd_registrations, s.ioeventfd_failures), (3, 0));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Two functions whose BARs the guest put at one address: KVM refuses the second set of
+    /// doorbells (the address is taken), which then stays on the exit path.
+    #[test]
+    fn a_refused_registration_leaves_the_exit_path() {
+        let Some(vm) = crate::testing::vm_or_skip() else {
+            return;
+        };
+        let (a, dir_a) = virtio_blk("kvm-clash-a", 0);
+        let (b, dir_b) = virtio_blk("kvm-clash-b", 0);
+        let stats = Arc::new(VmmStats::default());
+        let mut set = DoorbellSet::new(vm, stats.clone());
+        let (bdf_a, bdf_b) = (Bdf::new(0, 3, 0), Bdf::new(0, 4, 0));
+        set.track(bdf_a, a.clone(), true).unwrap();
+        set.track(bdf_b, b.clone(), true).unwrap();
+        for f in [&a, &b] {
+            f.config_write(0x10, &0xc000_0000u32.to_le_bytes());
+            f.config_write(0x04, &sluice_pci::config::CMD_MEMORY.to_le_bytes());
+            crate::testing::drive_to_driver_ok(f.as_ref());
+        }
+        set.resync_all();
+        assert_eq!(set.registered_at(bdf_a), Some(0xc000_0000));
+        assert_eq!(set.registered_at(bdf_b), None, "refused: exits");
+        let s = stats.snapshot();
+        assert_eq!((s.ioeventfd_registrations, s.ioeventfd_failures), (1, 1));
+        std::fs::remove_dir_all(dir_a).unwrap();
+        std::fs::remove_dir_all(dir_b).unwrap();
     }
 }

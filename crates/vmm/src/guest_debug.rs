@@ -138,8 +138,10 @@ impl Breakpoints {
             ..Default::default()
         };
         let mut dr7 = DR7_GE;
-        for (i, (addr, _)) in self.slots.iter().enumerate() {
-            dbg.arch.debugreg[i] = *addr;
+        for (i, (addr, _)) in self.slots.iter().enumerate().take(MAX_BREAKPOINTS) {
+            if let Some(dr) = dbg.arch.debugreg.get_mut(i) {
+                *dr = *addr;
+            }
             if step_over != Some(i) {
                 dr7 |= 1 << (2 * i + 1);
             }

@@ -33,7 +33,8 @@ pub struct VmmCounters {
     pub doorbell_eventfds: u64,
     /// Times a function's doorbells were registered with KVM (BAR placed, DRIVER_OK, moves).
     pub ioeventfd_registrations: u64,
-    /// Registrations KVM refused (those doorbells stay on the MMIO-exit path).
+    /// `KVM_IOEVENTFD` calls KVM refused, registrations (those doorbells stay on the MMIO-exit
+    /// path) or removals.
     pub ioeventfd_failures: u64,
     /// MSI messages delivered by writing a vector's irqfd.
     pub msi_irqfd: u64,
