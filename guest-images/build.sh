@@ -117,6 +117,26 @@ kernel_find_module() {
 }
 #@@ kernel-key end ---------------------------------------------------------
 
+# A variant may ship another module list: variants/<name>/variant.conf sets
+# VARIANT_MODULES="a b", or "" for none (6.12-pvm builds every driver in).
+# Outside the kernel key on purpose: which .ko files are shipped does not
+# change the kernel, and the other variants keep their cached builds.
+if [ -n "${VARIANT_MODULES+set}" ]; then
+    read -r -a GUEST_MODULES <<< "$VARIANT_MODULES"
+fi
+
+# effective_fragment FILE... : the fragment lines in force after merging, one
+# per symbol, a later file winning as in merge_config.sh, so that a variant may
+# override an option of fragments/common.config (e.g. =m -> =y).
+effective_fragment() {
+    awk '
+        /^CONFIG_[A-Za-z0-9_]+=/ { sym = $0; sub(/=.*/, "", sym) }
+        /^# CONFIG_[A-Za-z0-9_]+ is not set$/ { sym = $2 }
+        sym != "" { if (!(sym in line)) order[++n] = sym; line[sym] = $0; sym = "" }
+        END { for (i = 1; i <= n; i++) print line[order[i]] }
+    ' "$@"
+}
+
 KEY=$( {
     echo "source $SOURCE_PKG $SRCVER"
     for f in "${FRAGMENTS[@]}" "${VERIFY_ONLY[@]}" "${PATCHES[@]}"; do
@@ -192,7 +212,7 @@ else
         tail -n 30 "$OUT/configure.log" >&2
         die "kernel configuration failed (log: $OUT/configure.log)"
     fi
-    kernel_verify "${FRAGMENTS[@]}" "${VERIFY_ONLY[@]}" \
+    kernel_verify <(effective_fragment "${FRAGMENTS[@]}" "${VERIFY_ONLY[@]}") \
         || die "the merged fragments did not survive olddefconfig (see above); fix variants/$VARIANT or fragments/"
     log "      config OK: $(grep -cE '^CONFIG_[A-Z0-9_]+=y$' "$OUT/.config") =y, $(grep -cE '^CONFIG_[A-Z0-9_]+=m$' "$OUT/.config") =m; every fragment line verified"
 

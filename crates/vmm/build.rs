@@ -1,7 +1,8 @@
 //! Builds the bare-metal test guest (`firmware/testguest/testguest.s`) with GNU `as` and `ld`
 //! (binutils, present wherever gcc is) into `$OUT_DIR/testguest.elf`, and tells the tests where
-//! it is through `SLUICE_TESTGUEST`. Without binutils the variable is empty and the guest tests
-//! say so and skip.
+//! it is through `SLUICE_TESTGUEST`, and lists its symbols with `nm` in the System.map format
+//! (`$OUT_DIR/testguest.map`, `SLUICE_TESTGUEST_MAP`) for `guest.sym.*` injection rules.
+//! Without binutils both variables are empty and the guest tests say so and skip.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,6 +25,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_default());
     let obj = out.join("testguest.o");
     let elf = out.join("testguest.elf");
+    let map = out.join("testguest.map");
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-changed=build.rs");
     let built = run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src)).and_then(|()| {
@@ -33,11 +35,28 @@ fn main() {
             .arg(&elf)
             .arg(&obj))
     });
-    match built {
-        Ok(()) => println!("cargo:rustc-env=SLUICE_TESTGUEST={}", elf.display()),
+    let mapped = built.and_then(|()| {
+        let out = Command::new("nm")
+            .arg(&elf)
+            .output()
+            .map_err(|e| format!("nm: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "nm failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::fs::write(&map, &out.stdout).map_err(|e| format!("{}: {e}", map.display()))
+    });
+    match mapped {
+        Ok(()) => {
+            println!("cargo:rustc-env=SLUICE_TESTGUEST={}", elf.display());
+            println!("cargo:rustc-env=SLUICE_TESTGUEST_MAP={}", map.display());
+        }
         Err(e) => {
             println!("cargo:warning=bare-metal test guest not built: {e}");
             println!("cargo:rustc-env=SLUICE_TESTGUEST=");
+            println!("cargo:rustc-env=SLUICE_TESTGUEST_MAP=");
         }
     }
 }

@@ -568,11 +568,6 @@ fn execute_kvm(
         KvmStatus::Pvm => eprintln!("sluice: warning: {}", status.message()),
         KvmStatus::Hardware => {}
     }
-    if !injector.guest_watch().is_empty() {
-        bail!(
-            "guest.sym points need the qemu backend for now (the kvm backend's hardware breakpoints are not built yet)"
-        );
-    }
     let pvm = status == KvmStatus::Pvm;
     let mut cmdline = format!(
         "console=ttyS0 panic=-1 nokaslr sluice.workload={} sluice.seed={} {}",
@@ -588,7 +583,7 @@ fn execute_kvm(
         .serial_log
         .clone()
         .unwrap_or_else(|| spec.run_dir.join("serial.log"));
-    let vmm = Vmm::new(&VmmConfig {
+    let mut vmm = Vmm::new(&VmmConfig {
         // Under PVM the bzImage decompressor is far too slow; boot the PVH vmlinux.
         kernel: if pvm { vmlinux } else { kernel },
         initrd: Some(initrd),
@@ -600,6 +595,8 @@ fn execute_kvm(
         cpuid_mask,
         acpi_tables: vec![],
     })?;
+    // guest.sym rules become hardware breakpoints; doorbell-point rules keep MMIO exits.
+    vmm.set_injector(injector.clone());
     let opts = HostOptions {
         iommu: host_opts.iommu,
         ..vmm.host_options()

@@ -1,52 +1,11 @@
-//! Interrupt plumbing: MSI through `KVM_SIGNAL_MSI`, INTx through irqfds with resamplefds
-//! (the contract [`sluice_host::IntxRelay`] was written for).
+//! INTx plumbing: irqfds with resamplefds (the contract [`sluice_host::IntxRelay`] was written
+//! for). MSI-X is in [`crate::msi_routes`].
 
+use kvm_ioctls::VmFd;
+use sluice_host::IntxRelay;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use kvm_bindings::kvm_msi;
-use kvm_ioctls::VmFd;
-use sluice_host::{IntxRelay, MsiDelivery};
 use vmm_sys_util::eventfd::EventFd;
-
-/// Delivers MSI messages with `KVM_SIGNAL_MSI` (the in-kernel LAPICs decode address/data).
-pub struct KvmMsi {
-    vm: Arc<VmFd>,
-    failed: AtomicU64,
-}
-
-impl KvmMsi {
-    /// For `vm`, which must already have its in-kernel irqchip.
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        KvmMsi {
-            vm,
-            failed: AtomicU64::new(0),
-        }
-    }
-
-    /// Messages KVM refused.
-    pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
-    }
-}
-
-impl MsiDelivery for KvmMsi {
-    fn deliver(&self, address: u64, data: u32) {
-        let msi = kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        if let Err(e) = self.vm.signal_msi(msi) {
-            let n = self.failed.fetch_add(1, Ordering::Relaxed);
-            if n < 8 {
-                log::warn!("KVM_SIGNAL_MSI {address:#x}={data:#x} failed: {e}");
-            }
-        }
-    }
-}
 
 /// Resample eventfds of level-triggered INTx lines and the relays to re-assert.
 pub struct ResampleSet {

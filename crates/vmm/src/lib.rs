@@ -4,8 +4,10 @@
 //! provides guest RAM, kernel loading (ELF/PVH `vmlinux`, bzImage, or a bare-metal ELF), CPUID
 //! and boot state, a 16550 at 0x3f8, ACPI (RSDP, XSDT, FADT, FACS, MADT, DSDT, MCFG plus the
 //! caller's extra tables such as the VIOT), ACPI S5 / 0xCF9 / i8042 shutdown and reset, and a
-//! PCI host bridge (0xCF8/0xCFC and ECAM) serving the device host's [`PciFunction`]s. MSI(-X)
-//! messages go to KVM with `KVM_SIGNAL_MSI`; INTx through irqfds with resamplefds.
+//! PCI host bridge (0xCF8/0xCFC and ECAM) serving the device host's [`PciFunction`]s. MSI-X
+//! vectors go through KVM irq routes and irqfds (`KVM_SIGNAL_MSI` as the fallback), INTx
+//! through irqfds with resamplefds, virtio doorbells through ioeventfds (MMIO exits as the
+//! fallback), and `guest.sym.*` injection rules through hardware breakpoints.
 //!
 //! # Use
 //!
@@ -17,7 +19,7 @@
 //! # let cfg: sluice_vmm::VmmConfig = unimplemented!();
 //! # let disks = []; let hooks = std::sync::Arc::new(sluice_devapi::NoHooks);
 //! let vmm = sluice_vmm::Vmm::new(&cfg)?;
-//! // MSI-X vectors and KVM_SIGNAL_MSI; the caller adds its IOMMU choice.
+//! // MSI-X vectors and their KVM routes; the caller adds its IOMMU choice.
 //! let opts = sluice_host::HostOptions { iommu: None, ..vmm.host_options() };
 //! let devices = sluice_host::DeviceSet::with_options(&disks, hooks, &opts)?;
 //! // The VIOT is added automatically when `devices.iommu` is set.
@@ -31,10 +33,18 @@
 mod acpi;
 mod boot;
 mod cpuid;
+mod doorbell;
+mod fast_paths;
+mod guest_debug;
 mod irq;
 pub mod layout;
+mod msi_routes;
 mod pci;
+mod pci_caps;
 mod platform;
+mod stats;
+#[cfg(test)]
+mod testing;
 mod vcpu;
 
 use std::fs::File;
@@ -50,6 +60,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config}
 use kvm_ioctls::{Kvm, VmFd};
 use sluice_devapi::Bdf;
 use sluice_host::{DeviceSet, GuestExit, HostOptions, IntxRelay, RunOutcome};
+use sluice_inject::Injector;
 use sluice_pci::PciFunction;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -59,7 +70,9 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 pub use acpi::AcpiError;
 pub use boot::BootError;
 pub use cpuid::{UnknownFeature, known_features};
+pub use guest_debug::{GuestDebugError, MAX_BREAKPOINTS, StepOver};
 pub use pci::PciBusError;
+pub use stats::{VmmCounters, VmmStats};
 
 /// MSI-X vectors each function gets under this backend (queues + config for every current
 /// device, with room to spare).
@@ -148,6 +161,9 @@ pub enum VmmError {
     /// `cpuid_mask`.
     #[error(transparent)]
     Cpuid(#[from] UnknownFeature),
+    /// `guest.sym` rules (hardware breakpoints).
+    #[error(transparent)]
+    GuestDebug(#[from] GuestDebugError),
     /// The serial log.
     #[error("cannot write the serial log {path}: {source}")]
     SerialLog {
@@ -218,9 +234,13 @@ pub struct Vmm {
     kvm: Kvm,
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
-    msi: Arc<irq::KvmMsi>,
+    msi: Arc<msi_routes::MsiRouter>,
+    stats: Arc<VmmStats>,
     extra: Vec<ExtraFunction>,
     elf_64bit: bool,
+    ioeventfd: bool,
+    injector: Option<Arc<Injector>>,
+    step_over: Option<StepOver>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -285,18 +305,23 @@ impl Vmm {
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         let vm = Arc::new(vm);
+        let stats = Arc::new(VmmStats::default());
         Ok(Vmm {
             cfg: cfg.clone(),
             kvm,
-            msi: Arc::new(irq::KvmMsi::new(vm.clone())),
+            msi: Arc::new(msi_routes::MsiRouter::new(vm.clone(), stats.clone())),
+            stats,
             vm,
             mem,
             extra: Vec::new(),
             elf_64bit: false,
+            ioeventfd: true,
+            injector: None,
+            step_over: None,
         })
     }
 
-    /// What devices built for this VM may use: MSI-X through `KVM_SIGNAL_MSI`.
+    /// What devices built for this VM may use: MSI-X, delivered through KVM irq routes.
     pub fn host_options(&self) -> HostOptions {
         HostOptions {
             msix_vectors: MSIX_VECTORS,
@@ -304,6 +329,32 @@ impl Vmm {
             iommu: None,
             marker: None,
         }
+    }
+
+    /// The run's counters (doorbell and MSI paths, breakpoint hits); live while it runs.
+    pub fn stats(&self) -> Arc<VmmStats> {
+        self.stats.clone()
+    }
+
+    /// Serve virtio doorbells through ioeventfds (default: yes). With `false` every doorbell is
+    /// an MMIO exit, as before ioeventfds existed (to compare, or to rule them out).
+    pub fn use_ioeventfd(&mut self, yes: bool) {
+        self.ioeventfd = yes;
+    }
+
+    /// The run's race-injection plan. Its `guest.sym.*` rules become hardware breakpoints
+    /// (at most 4 distinct addresses); a device with any rule at a point reached inside its
+    /// doorbell write keeps MMIO-exit doorbells so that the stall holds the vCPU that rang
+    /// (see `docs/backends.md`). Device points themselves are served by the device set's hooks.
+    pub fn set_injector(&mut self, injector: Arc<Injector>) {
+        self.injector = Some(injector);
+    }
+
+    /// How vCPUs get past a `guest.sym` breakpoint (default: [`StepOver::SingleStep`] where KVM
+    /// has `KVM_GUESTDBG_BLOCKIRQ`, which it needs, else [`StepOver::ResumeFlag`]; see
+    /// `docs/kvm-backend.md`).
+    pub fn breakpoint_step(&mut self, step: StepOver) {
+        self.step_over = Some(step);
     }
 
     /// Guest RAM (for tests and tools that inspect the guest).
@@ -336,6 +387,7 @@ impl Vmm {
     /// Boots the guest with `devices` (and any added functions) and waits until it powers
     /// off, resets, fails or times out.
     pub fn run(self, devices: &DeviceSet) -> Result<RunOutcome, VmmError> {
+        let guest_debug = self.guest_debug()?;
         let mut serial =
             File::create(&self.cfg.serial_log).map_err(|source| VmmError::SerialLog {
                 path: self.cfg.serial_log.clone(),
@@ -359,6 +411,7 @@ impl Vmm {
         for (bdf, bar, base, size) in bus.assign_resources()? {
             log::info!("{bdf} BAR{bar}: {base:#x} ({size:#x} bytes)");
         }
+        let doorbell_loop = self.follow_guest_programming(devices, &mut bus)?;
         let mut resample = irq::ResampleSet::new().map_err(|e| VmmError::Io("eventfd", e))?;
         for (bdf, relay) in intx_lines {
             resample.connect(&self.vm, relay, pci::intx_gsi(bdf))?;
@@ -423,6 +476,9 @@ impl Vmm {
             let mut c = supported.clone();
             cpuid::filter(&mut c, id, cpus, &mask);
             vcpu::configure(&vcpu, id, &c, loaded.entry)?;
+            if let Some(d) = &guest_debug {
+                d.arm(&vcpu, id)?;
+            }
             vcpus.push(vcpu);
         }
         install_kick_handler();
@@ -435,11 +491,12 @@ impl Vmm {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let (p, s, t) = (platform.clone(), stop.clone(), tx.clone());
+            let d = guest_debug.clone();
             let id = id as u8;
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let why = vcpu::run_loop(vcpu, id, &p, &s);
+                    let why = vcpu::run_loop(vcpu, id, &p, &s, d.as_deref());
                     let _ = t.send(platform::Event::VcpuEnded(id, why));
                 })
                 .map_err(|e| VmmError::Io("spawn vCPU thread", e))?;
@@ -456,12 +513,15 @@ impl Vmm {
         }
         let _ = resample_stop.write(1);
         let _ = resample_thread.join();
+        doorbell_loop.stop();
         platform.flush_console();
-        if platform.unclaimed() > 0 || self.msi.failed() > 0 {
+        let counters = self.stats.snapshot();
+        log::info!("{counters:?}");
+        if platform.unclaimed() > 0 || counters.msi_refused > 0 {
             log::info!(
                 "{} unclaimed port/MMIO accesses, {} MSI messages refused by KVM",
                 platform.unclaimed(),
-                self.msi.failed()
+                counters.msi_refused
             );
         }
         let mut console = console;
@@ -508,6 +568,86 @@ impl Vmm {
             boot_to_init: init_at,
             console,
         })
+    }
+}
+
+impl Vmm {
+    /// The `guest.sym` breakpoints of the injection plan, if it has any.
+    fn guest_debug(&self) -> Result<Option<Arc<guest_debug::GuestDebug>>, VmmError> {
+        let Some(injector) = &self.injector else {
+            return Ok(None);
+        };
+        let breakpoints = guest_debug::Breakpoints::from_watch(&injector.guest_watch())?;
+        if breakpoints.is_empty() {
+            return Ok(None);
+        }
+        let step_flags = guest_debug::step_flags(&self.vm);
+        let step = self
+            .step_over
+            .unwrap_or_else(|| StepOver::default_for(step_flags));
+        if step == StepOver::SingleStep && step_flags == 0 {
+            return Err(VmmError::Config(
+                "breakpoint single-step needs KVM_GUESTDBG_BLOCKIRQ, which this KVM lacks".into(),
+            ));
+        }
+        log::info!("guest.sym breakpoints: {breakpoints:?}, past them by {step:?}");
+        Ok(Some(Arc::new(guest_debug::GuestDebug {
+            breakpoints,
+            injector: injector.clone(),
+            stats: self.stats.clone(),
+            step,
+            step_flags,
+        })))
+    }
+
+    /// Tracks every function's doorbells and MSI-X vectors and hooks the bus so that KVM's
+    /// ioeventfds and MSI routes follow the guest's programming; starts the doorbell loop.
+    fn follow_guest_programming(
+        &self,
+        devices: &DeviceSet,
+        bus: &mut pci::PciBus,
+    ) -> Result<fast_paths::DoorbellLoop, VmmError> {
+        let io = |e| VmmError::Io("doorbell eventfd", e);
+        let mut doorbells = doorbell::DoorbellSet::new(self.vm.clone(), self.stats.clone());
+        for d in &devices.devices {
+            let ruled = self
+                .injector
+                .as_ref()
+                .map(|i| fast_paths::rules_needing_exits(i, d))
+                .unwrap_or_default();
+            if !ruled.is_empty() {
+                log::info!(
+                    "{} keeps MMIO-exit doorbells for the injection rules `{}`",
+                    d.name,
+                    ruled.join("`, `")
+                );
+            }
+            let absorb = self.ioeventfd && ruled.is_empty();
+            doorbells
+                .track(d.bdf, d.function.clone(), absorb)
+                .map_err(io)?;
+        }
+        for e in &self.extra {
+            doorbells
+                .track(e.bdf, e.function.clone(), self.ioeventfd)
+                .map_err(io)?;
+        }
+        let functions: Vec<_> = bus
+            .functions()
+            .skip(1)
+            .map(|(b, f)| (b, f.clone()))
+            .collect();
+        for (bdf, f) in functions {
+            self.msi.track(bdf, f);
+        }
+        let doorbells = Arc::new(doorbells);
+        doorbells.resync_all();
+        bus.set_observer(Arc::new(fast_paths::Followers {
+            doorbells: doorbells.clone(),
+            msi: self.msi.clone(),
+        }));
+        fast_paths::DoorbellLoop::start(doorbells)
+            .map_err(|e| VmmError::Io("spawn the doorbell thread", e))
     }
 }
 

@@ -88,10 +88,21 @@ struct Slot {
     function: Arc<dyn PciFunction>,
 }
 
+/// Told about guest writes after the function has seen them, so that KVM state derived from a
+/// function's registers (ioeventfd doorbells, MSI routes) can follow them. Called on the vCPU
+/// thread that made the access, with no function lock held.
+pub trait BusObserver: Send + Sync {
+    /// The guest wrote configuration space of `bdf`.
+    fn config_written(&self, bdf: Bdf);
+    /// The guest wrote BAR `bar` of `bdf` at `offset` (an MMIO or port exit).
+    fn bar_written(&self, bdf: Bdf, bar: u8, offset: u64);
+}
+
 /// Bus 0 with its functions.
 pub struct PciBus {
     slots: Vec<Slot>,
     address: AtomicU32,
+    observer: Option<Arc<dyn BusObserver>>,
 }
 
 impl Default for PciBus {
@@ -102,6 +113,7 @@ impl Default for PciBus {
                 function: Arc::new(HostBridge::default()),
             }],
             address: AtomicU32::new(0),
+            observer: None,
         }
     }
 }
@@ -122,15 +134,31 @@ impl PciBus {
         Ok(())
     }
 
-    fn find(&self, bus: u8, dev: u8, func: u8) -> Option<&Arc<dyn PciFunction>> {
+    /// Tells `observer` about every guest write from now on.
+    pub fn set_observer(&mut self, observer: Arc<dyn BusObserver>) {
+        self.observer = Some(observer);
+    }
+
+    /// The functions on the bus, host bridge first.
+    pub fn functions(&self) -> impl Iterator<Item = (Bdf, &Arc<dyn PciFunction>)> {
+        self.slots.iter().map(|s| (s.bdf, &s.function))
+    }
+
+    fn find(&self, bus: u8, dev: u8, func: u8) -> Option<&Slot> {
         self.slots
             .iter()
             .find(|s| s.bdf.bus() == bus && s.bdf.dev() == dev && s.bdf.func() == func)
-            .map(|s| &s.function)
+    }
+
+    fn bar_write_observed(&self, slot: &Slot, bar: u8, offset: u64, data: &[u8]) {
+        slot.function.bar_write(bar, offset, data);
+        if let Some(o) = &self.observer {
+            o.bar_written(slot.bdf, bar, offset);
+        }
     }
 
     fn cfg_read(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &mut [u8]) {
-        match self.find(bus, dev, func) {
+        match self.find(bus, dev, func).map(|s| &s.function) {
             Some(f) if usize::from(reg) + data.len() <= 256 => f.config_read(reg, data),
             Some(_) => data.fill(0),
             None => data.fill(0xff),
@@ -138,10 +166,13 @@ impl PciBus {
     }
 
     fn cfg_write(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &[u8]) {
-        if let Some(f) = self.find(bus, dev, func)
+        if let Some(slot) = self.find(bus, dev, func)
             && usize::from(reg) + data.len() <= 256
         {
-            f.config_write(reg, data);
+            slot.function.config_write(reg, data);
+            if let Some(o) = &self.observer {
+                o.config_written(slot.bdf);
+            }
         }
     }
 
@@ -226,7 +257,7 @@ impl PciBus {
         }
         for s in &self.slots {
             if let Some((bar, off)) = s.function.decode_bar(addr, true) {
-                s.function.bar_write(bar, off, data);
+                self.bar_write_observed(s, bar, off, data);
                 return true;
             }
         }
@@ -248,7 +279,7 @@ impl PciBus {
     pub fn io_bar_write(&self, port: u16, data: &[u8]) -> bool {
         for s in &self.slots {
             if let Some((bar, off)) = s.function.decode_bar(u64::from(port), false) {
-                s.function.bar_write(bar, off, data);
+                self.bar_write_observed(s, bar, off, data);
                 return true;
             }
         }

@@ -7,6 +7,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::VmmError;
 use crate::boot::{Entry, fpu, regs_for, sregs_for};
+use crate::guest_debug::{GuestDebug, VcpuDebug};
 use crate::platform::{PioAction, Platform, VcpuStop};
 
 const APIC_LVT0: usize = 0x350;
@@ -247,9 +248,17 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     )
 }
 
-/// Runs the vCPU until the guest powers off/resets, an error, or `stop`.
-pub fn run_loop(mut vcpu: VcpuFd, id: u8, platform: &Platform, stop: &AtomicBool) -> VcpuStop {
+/// Runs the vCPU until the guest powers off/resets, an error, or `stop`. `debug` serves
+/// `guest.sym` breakpoints (already armed on this vCPU).
+pub fn run_loop(
+    mut vcpu: VcpuFd,
+    id: u8,
+    platform: &Platform,
+    stop: &AtomicBool,
+    debug: Option<&GuestDebug>,
+) -> VcpuStop {
     let mut fixups = 0u64;
+    let mut debug_state = VcpuDebug::default();
     loop {
         if stop.load(Ordering::Acquire) {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -306,6 +315,20 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, platform: &Platform, stop: &AtomicBool
                     VcpuStop::PowerOff
                 };
             }
+            Ok(VcpuExit::Debug(exit)) => match debug {
+                Some(d) => {
+                    if let Err(e) = d.on_exit(&mut vcpu, id, &mut debug_state, &exit) {
+                        return VcpuStop::Error(e);
+                    }
+                    PioAction::None
+                }
+                None => {
+                    return VcpuStop::Error(format!(
+                        "vCPU {id}: debug exit at {:#x} with no breakpoints set",
+                        exit.pc
+                    ));
+                }
+            },
             Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => PioAction::None,
             Ok(other) => {
                 return VcpuStop::Error(format!("vCPU {id}: unexpected exit {other:?}"));
