@@ -167,7 +167,7 @@ impl PointRegistry {
             v.push("virtio.<dev>.{notify,status,complete} (per device; not yet resolved)".into());
         }
         v.push(format!(
-            "{GUEST_SYM_PREFIX}<kernel symbol>[+offset] (qemu backend; {})",
+            "{GUEST_SYM_PREFIX}<kernel symbol>[+offset] (TCG plugin or kvm breakpoints; {})",
             match &self.symbols {
                 Some(s) => format!("{} text symbols from System.map", s.len()),
                 None => "needs the guest's System.map".into(),
@@ -215,8 +215,8 @@ impl PointRegistry {
         };
         let syms = self.symbols.as_ref().ok_or_else(|| {
             PlanError::Symbol(format!(
-                "`{point}`: guest.sym points need the guest's System.map (qemu backend, \
-                 guest booted with nokaslr)"
+                "`{point}`: guest.sym points need the guest's System.map (guest \
+                 booted with nokaslr)"
             ))
         })?;
         let addr = syms.get(sym).ok_or_else(|| {
