@@ -284,7 +284,11 @@ mod tests {
             last: 0xfff,
         });
         for p in [&yes, &no] {
-            assert_eq!(p.dmas.load(Ordering::Relaxed), 1, "dma_cached defaults to dma");
+            assert_eq!(
+                p.dmas.load(Ordering::Relaxed),
+                1,
+                "dma_cached defaults to dma"
+            );
             assert_eq!(p.events.load(Ordering::Relaxed), 2);
         }
     }
