@@ -34,10 +34,13 @@ mod oracle;
 pub mod render;
 pub mod report;
 mod shadow;
+mod stale;
 pub mod timeline;
 pub mod topology;
 
-pub use oracle::{CONSOLE_MARKER_PREFIX, Oracle, OracleConfig, OracleError, TIMELINE_FILE};
+pub use oracle::{
+    CONSOLE_MARKER_PREFIX, DEFAULT_RECHECK_EVERY, Oracle, OracleConfig, OracleError, TIMELINE_FILE,
+};
 pub use render::{RenderError, render_report};
 pub use report::{ClassCounts, EndpointReport, EscapeReport, OracleReport, TimelineSummary};
 pub use shadow::{ConfigProbe, ZPCI_AFTER_RELEASE};

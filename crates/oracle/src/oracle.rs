@@ -1,24 +1,33 @@
 //! The oracle itself: a `Hooks` implementation with a lock-free fast path for legitimate DMAs, a
 //! slow path that applies the rules, and a bounded lock-free timeline drained by a writer thread.
 
+mod provenance;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
-use sluice_devapi::{DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, PointCtx, StateEvent};
+use sluice_devapi::{
+    CachedTranslation, DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, Invalidation,
+    MapEvent, PointCtx, StateEvent,
+};
 use thiserror::Error;
 
 use crate::report::{ClassCounts, EndpointReport, EscapeReport, OracleReport, TimelineSummary};
-use crate::shadow::{ConfigProbe, FAST_ANY_TRANSLATED, FAST_BYPASS, FAST_DOMAIN, Shadow};
+use crate::shadow::{
+    Classified, ConfigProbe, FAST_ANY_TRANSLATED, FAST_BYPASS, FAST_DOMAIN, Shadow,
+};
+use crate::stale::{DEFAULT_CONTEXTS, DEFAULT_RANGES_PER_CONTEXT, StaleStore};
 use crate::timeline::{
     DmaEvent, EscapeClass, EventKind, TIMELINE_VERSION, TimelineEvent, Verdict, thread_id,
     thread_name,
 };
 use crate::topology::{IommuTopo, Key, Topology};
+use provenance::Finding;
 
 /// File name of the timeline inside a run directory.
 pub const TIMELINE_FILE: &str = "timeline.jsonl";
@@ -38,6 +47,15 @@ pub struct OracleConfig {
     pub max_escape_reports: usize,
     /// Upper bound of the in-memory timeline, in bytes (records beyond it are counted as dropped).
     pub max_timeline_bytes: usize,
+    /// Ask a model to re-derive one of every `recheck_every` translations it serves from its
+    /// caches per endpoint (`Hooks::recheck_cached`, the `unsynced-config` check; 1: all).
+    pub recheck_every: u64,
+    /// Ask for every cached translation to be re-derived (see [`Oracle::set_paranoid`]).
+    pub paranoid: bool,
+    /// Invalidated ranges kept per IOMMU context for `stale-config` (oldest dropped beyond).
+    pub stale_ranges_per_context: usize,
+    /// IOMMU contexts (domains, ASIDs, ...) with invalidated ranges kept.
+    pub stale_contexts: usize,
 }
 
 impl Default for OracleConfig {
@@ -48,6 +66,10 @@ impl Default for OracleConfig {
             context_events: 40,
             max_escape_reports: 100,
             max_timeline_bytes: 256 << 20,
+            recheck_every: DEFAULT_RECHECK_EVERY,
+            paranoid: false,
+            stale_ranges_per_context: DEFAULT_RANGES_PER_CONTEXT,
+            stale_contexts: DEFAULT_CONTEXTS,
         }
     }
 }
@@ -69,20 +91,34 @@ pub enum OracleError {
     },
 }
 
+/// Default of [`OracleConfig::recheck_every`] (chosen from `benches/oracle.rs`, see
+/// `docs/escape-oracle.md`, "Overhead").
+pub const DEFAULT_RECHECK_EVERY: u64 = 64;
+
+/// The IOMMU firmware declares an endpoint behind.
+#[derive(Debug, Clone)]
+struct IommuRef {
+    index: usize,
+    name: String,
+    virtio: bool,
+}
+
 /// Counters and fast-path word of one endpoint.
 struct EpEntry {
     key: Key,
-    iommu: Option<String>,
+    iommu: Option<IommuRef>,
     fast: AtomicU64,
     translated: AtomicU64,
     bypassed: AtomicU64,
     faulted: AtomicU64,
     escapes: [AtomicU64; 5],
     legit: AtomicU64,
+    /// Translations served from a model's caches (sampling of `recheck_cached`).
+    cache_served: AtomicU64,
 }
 
 impl EpEntry {
-    fn new(key: Key, iommu: Option<String>, fast: u64) -> Self {
+    fn new(key: Key, iommu: Option<IommuRef>, fast: u64) -> Self {
         EpEntry {
             key,
             iommu,
@@ -92,6 +128,7 @@ impl EpEntry {
             faulted: AtomicU64::new(0),
             escapes: Default::default(),
             legit: AtomicU64::new(0),
+            cache_served: AtomicU64::new(0),
         }
     }
 
@@ -99,7 +136,7 @@ impl EpEntry {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EndpointReport {
             endpoint: self.key.to_string(),
-            iommu: self.iommu.clone(),
+            iommu: self.iommu.as_ref().map(|i| i.name.clone()),
             translated: l(&self.translated),
             bypassed: l(&self.bypassed),
             faulted: l(&self.faulted),
@@ -140,6 +177,16 @@ pub struct Oracle {
     finished: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
     writer_thread: OnceLock<std::thread::Thread>,
+    /// Invalidated ranges (`stale-config`); `stale_live` mirrors its size so that DMAs skip the
+    /// lock while nothing is kept.
+    stale: RwLock<StaleStore>,
+    stale_live: AtomicUsize,
+    paranoid: AtomicBool,
+    /// The IOMMUs of the topology, to resolve a report's `source`.
+    topology: Topology,
+    /// virtio-iommu models' names (their `StateEvent::source`) → topology index, learned from
+    /// their ATTACH events.
+    model_names: RwLock<HashMap<String, usize>>,
 }
 
 static NEXT_ORACLE: AtomicU64 = AtomicU64::new(1);
@@ -168,15 +215,22 @@ impl Oracle {
             .declared()
             .into_iter()
             .map(|(k, i)| {
-                let name = topology.iommus.get(i).map(describe);
-                Arc::new(EpEntry::new(k, name, shadow.fast_word(k)))
+                let iommu = topology.iommus.get(i).map(|t| IommuRef {
+                    index: i,
+                    name: describe(t),
+                    virtio: matches!(t, IommuTopo::Virtio { .. }),
+                });
+                Arc::new(EpEntry::new(k, iommu, shadow.fast_word(k)))
             })
             .collect();
         let cfg = OracleConfig {
             queue_capacity: cfg.queue_capacity.max(16),
             sample_every: cfg.sample_every.max(1),
+            recheck_every: cfg.recheck_every.max(1),
             ..cfg
         };
+        let stale = StaleStore::new(cfg.stale_ranges_per_context, cfg.stale_contexts);
+        let paranoid = cfg.paranoid;
         let oracle = Arc::new(Oracle {
             id: NEXT_ORACLE.fetch_add(1, Ordering::Relaxed),
             start: Instant::now(),
@@ -195,6 +249,11 @@ impl Oracle {
             finished: AtomicBool::new(false),
             writer: Mutex::new(None),
             writer_thread: OnceLock::new(),
+            stale: RwLock::new(stale),
+            stale_live: AtomicUsize::new(0),
+            paranoid: AtomicBool::new(paranoid),
+            topology,
+            model_names: RwLock::new(HashMap::new()),
         });
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -316,6 +375,7 @@ impl Oracle {
         let mut d = lock(&self.drain);
         self.drain_into(&mut d);
         let mut summary = TimelineSummary {
+            stale_ranges_dropped: self.stale_dropped(),
             events: d.events + 1,
             dropped: self.dropped.load(Ordering::Relaxed) + d.over_budget,
             unsampled_dmas: self.unsampled.load(Ordering::Relaxed),
@@ -348,6 +408,12 @@ impl Oracle {
     }
 
     fn push(&self, t: u64, kind: EventKind) {
+        let tid = self.thread_tid(t);
+        self.push_raw(TimelineEvent { t, tid, kind });
+    }
+
+    /// This thread's id, announcing its name the first time this oracle sees it.
+    fn thread_tid(&self, t: u64) -> u32 {
         let (tid, first) = thread_id(self.id);
         if first {
             self.push_raw(TimelineEvent {
@@ -358,7 +424,17 @@ impl Oracle {
                 },
             });
         }
-        self.push_raw(TimelineEvent { t, tid, kind });
+        tid
+    }
+
+    /// Whether this arrival of a high-frequency event is written (one in `sample_every`).
+    fn sample_hot(&self) -> bool {
+        let n = self.hot_points.fetch_add(1, Ordering::Relaxed);
+        let write = n.is_multiple_of(self.cfg.sample_every);
+        if !write {
+            self.unsampled_points.fetch_add(1, Ordering::Relaxed);
+        }
+        write
     }
 
     fn push_raw(&self, ev: TimelineEvent) {
@@ -433,6 +509,7 @@ impl Oracle {
             class: None,
             message: None,
             sampled: None,
+            cause: None,
         }
     }
 
@@ -447,10 +524,19 @@ impl Oracle {
         }
     }
 
-    fn slow_dma(&self, entry: &EpEntry, rec: &DmaRecord) {
+    /// The slow path: the shadow's rules first (they name the more basic failure), then what the
+    /// cache provenance found.
+    fn slow_dma(&self, entry: &EpEntry, rec: &DmaRecord, finding: Option<Finding>) {
         let sh = lock(&self.shadow);
         let t = self.now_ns();
-        let c = sh.classify(entry.key, rec);
+        let mut c = sh.classify(entry.key, rec);
+        let mut cause = None;
+        if c.verdict != Verdict::Escape
+            && let Some(f) = finding
+        {
+            c = Classified::escape(f.class, entry.key, rec, &f.why);
+            cause = f.cause;
+        }
         match c.verdict {
             Verdict::Ok => self.legit(entry, rec, Some(t)),
             Verdict::Fault | Verdict::Escape => {
@@ -460,6 +546,7 @@ impl Oracle {
                 let mut ev = self.dma_event(rec, c.verdict);
                 ev.class = c.class;
                 ev.message = c.message;
+                ev.cause = cause.map(|c| Box::new((*c).clone()));
                 self.push(t, EventKind::Dma(ev));
             }
         }
@@ -533,8 +620,21 @@ fn escape_report(ev: &TimelineEvent, dma: &DmaEvent, d: &Drain) -> EscapeReport 
             .cloned()
             .unwrap_or_else(|| format!("tid {}", ev.tid)),
         message: dma.message.clone().unwrap_or_default(),
-        preceding: d.ring.iter().cloned().collect(),
+        preceding: preceding(dma, d),
     }
+}
+
+/// The events kept before an escape, with the invalidation it contradicts in its place by time
+/// when that one is older than the ring.
+fn preceding(dma: &DmaEvent, d: &Drain) -> Vec<TimelineEvent> {
+    let mut out: Vec<TimelineEvent> = d.ring.iter().cloned().collect();
+    if let Some(cause) = &dma.cause
+        && !out.contains(cause)
+    {
+        let at = out.partition_point(|e| e.t <= cause.t);
+        out.insert(at, (**cause).clone());
+    }
+    out
 }
 
 fn write_line(out: &mut Vec<u8>, ev: &TimelineEvent) {
@@ -568,12 +668,8 @@ impl Hooks for Oracle {
         // Doorbells, request completions and MAP/UNMAP fire thousands of times per second of
         // guest I/O; writing each costs two allocations and a JSON line, which measurably slowed
         // guest I/O. They are sampled like legitimate DMAs; rare points stay in full.
-        if !relevant && is_hot_point(ctx.point) {
-            let n = self.hot_points.fetch_add(1, Ordering::Relaxed);
-            if !n.is_multiple_of(self.cfg.sample_every) {
-                self.unsampled_points.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        if !relevant && is_hot_point(ctx.point) && !self.sample_hot() {
+            return;
         }
         let ev = EventKind::Point {
             name: ctx.point.to_string(),
@@ -594,12 +690,44 @@ impl Hooks for Oracle {
     fn dma(&self, rec: &DmaRecord) {
         let key = Key::of(rec.endpoint);
         match self.fixed.iter().find(|e| e.key == key) {
-            Some(e) => self.dma_on(e, rec),
-            None => self.dma_on(&self.entry(key), rec),
+            Some(e) => self.dma_on(e, rec, None),
+            None => self.dma_on(&self.entry(key), rec, None),
         }
     }
 
+    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
+        let key = Key::of(rec.endpoint);
+        let dynamic;
+        let entry = match self.fixed.iter().find(|e| e.key == key) {
+            Some(e) => e,
+            None => {
+                dynamic = self.entry(key);
+                &dynamic
+            }
+        };
+        let finding = self.cache_finding(entry, rec, via);
+        self.dma_on(entry, rec, finding);
+    }
+
+    fn recheck_cached(&self, endpoint: Endpoint) -> bool {
+        let key = Key::of(endpoint);
+        let n = match self.fixed.iter().find(|e| e.key == key) {
+            Some(e) => e.cache_served.fetch_add(1, Ordering::Relaxed),
+            None => self.entry(key).cache_served.fetch_add(1, Ordering::Relaxed),
+        };
+        self.paranoid.load(Ordering::Relaxed) || n.is_multiple_of(self.cfg.recheck_every)
+    }
+
+    fn invalidated(&self, inv: &Invalidation<'_>) {
+        self.on_invalidated(inv);
+    }
+
+    fn mapped(&self, map: &MapEvent<'_>) {
+        self.on_mapped(map);
+    }
+
     fn state(&self, ev: &StateEvent<'_>) {
+        self.learn_model_name(ev);
         let mut sh = lock(&self.shadow);
         let t = self.now_ns();
         sh.on_state(ev, t);
@@ -624,8 +752,12 @@ fn is_hot_point(name: &str) -> bool {
 }
 
 impl Oracle {
-    /// The DMA hot path: one atomic load decides whether the rules need to look.
-    fn dma_on(&self, entry: &EpEntry, rec: &DmaRecord) {
+    /// The DMA hot path: one atomic load decides whether the rules need to look, one more
+    /// whether any invalidated range is kept (`stale-config`).
+    fn dma_on(&self, entry: &EpEntry, rec: &DmaRecord, mut finding: Option<Finding>) {
+        if finding.is_none() {
+            finding = self.unmapped_finding(entry, rec);
+        }
         let w = entry.fast.load(Ordering::Acquire);
         let (counter, fast_ok) = match rec.outcome {
             DmaOutcome::Translated { domain, .. } => (
@@ -636,10 +768,10 @@ impl Oracle {
             DmaOutcome::Faulted { .. } => (&entry.faulted, false),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if fast_ok {
+        if fast_ok && finding.is_none() {
             self.legit(entry, rec, None);
         } else {
-            self.slow_dma(entry, rec);
+            self.slow_dma(entry, rec, finding);
         }
     }
 }
