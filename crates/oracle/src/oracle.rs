@@ -715,7 +715,9 @@ impl Hooks for Oracle {
             Some(e) => e.cache_served.fetch_add(1, Ordering::Relaxed),
             None => self.entry(key).cache_served.fetch_add(1, Ordering::Relaxed),
         };
-        self.paranoid.load(Ordering::Relaxed) || n.is_multiple_of(self.cfg.recheck_every)
+        // The N-th, 2N-th, ... cached translation of the endpoint is re-derived.
+        self.paranoid.load(Ordering::Relaxed)
+            || n.wrapping_add(1).is_multiple_of(self.cfg.recheck_every)
     }
 
     fn invalidated(&self, inv: &Invalidation<'_>) {
