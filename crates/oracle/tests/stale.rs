@@ -236,6 +236,15 @@ mod smmu {
 
     impl Bed {
         pub fn new(faults: FaultInjection, cfg: OracleConfig) -> Bed {
+            Self::with(faults, cfg, None)
+        }
+
+        /// With `first` called before the oracle for every hook.
+        pub fn with(
+            faults: FaultInjection,
+            cfg: OracleConfig,
+            first: Option<Arc<dyn Hooks>>,
+        ) -> Bed {
             let topo = Topology {
                 iommus: vec![IommuTopo::Smmu {
                     source: "smmuv3".into(),
@@ -243,10 +252,14 @@ mod smmu {
                 }],
             };
             let oracle = Oracle::new(topo, cfg);
+            let hooks: Arc<dyn Hooks> = match first {
+                Some(h) => Arc::new(sluice_devapi::Fanout(vec![h, oracle.clone()])),
+                None => oracle.clone(),
+            };
             let smmu = SmmuV3::new(
                 SmmuConfig::default(),
                 Arc::new(RecordingInterrupts::default()),
-                oracle.clone(),
+                hooks,
             );
             smmu.set_fault_injection(faults);
             let b = Bed {
@@ -339,7 +352,11 @@ fn stale_config_fires_when_an_smmu_tlbi_leaves_the_iotlb_entry() {
     // Executed but not yet completed: the old entry may still be used.
     assert_eq!(b.dma(VA), Some(PA));
     b.sync();
-    assert_eq!(b.dma(VA), Some(PA), "the broken model still uses the old entry");
+    assert_eq!(
+        b.dma(VA),
+        Some(PA),
+        "the broken model still uses the old entry"
+    );
     let r = finish(&b.oracle, "smmu-broken");
     escapes_of(
         &r,
@@ -366,7 +383,11 @@ fn smmu_invalidate_then_fresh_walk_is_not_stale() {
     b.tlbi_va(VA);
     b.sync();
     assert_eq!(b.dma(VA), Some(PA2), "fresh walk after the invalidation");
-    assert_eq!(b.dma(VA), Some(PA2), "its entry, filled after the invalidation");
+    assert_eq!(
+        b.dma(VA),
+        Some(PA2),
+        "its entry, filled after the invalidation"
+    );
     // Unmap: the next access faults, which is not an escape.
     b.set_pte(VA, None);
     b.tlbi_va(VA);
@@ -375,6 +396,61 @@ fn smmu_invalidate_then_fresh_walk_is_not_stale() {
     let r = finish(&b.oracle, "smmu-fresh");
     assert_eq!(r.escape_count, 0, "{:#?}", r.escapes);
     assert_eq!(r.endpoints[0].faulted, 1);
+}
+
+/// Parks the next DMA served from the caches (at `recheck_cached`, after its lookups and before
+/// its report) until the test lets it go.
+struct Gate {
+    armed: std::sync::atomic::AtomicBool,
+    arrived: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Hooks for Gate {
+    fn recheck_cached(&self, _: Endpoint) -> bool {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.arrived.lock().unwrap().send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+        }
+        false
+    }
+}
+
+#[test]
+fn smmu_dma_that_began_before_the_sync_is_not_stale() {
+    use smmu::*;
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate {
+        armed: Default::default(),
+        arrived: std::sync::Mutex::new(arrived_tx),
+        go: std::sync::Mutex::new(go_rx),
+    });
+    let b = Bed::with(
+        Default::default(),
+        OracleConfig::default(),
+        Some(gate.clone()),
+    );
+    assert_eq!(b.dma(VA), Some(PA), "walk and fill");
+    gate.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let dma = s.spawn(|| b.dma(VA));
+        // The DMA has looked its entry up and is parked before reporting; the guest now
+        // remaps the page, invalidates and syncs.
+        arrived.recv().unwrap();
+        b.set_pte(VA, Some(PA2));
+        b.tlbi_va(VA);
+        b.sync();
+        go.send(()).unwrap();
+        assert_eq!(
+            dma.join().unwrap(),
+            Some(PA),
+            "it used the translation it began with"
+        );
+    });
+    assert_eq!(b.dma(VA), Some(PA2));
+    let r = finish(&b.oracle, "smmu-inflight");
+    assert_eq!(r.escape_count, 0, "{:#?}", r.escapes);
 }
 
 #[test]
@@ -415,7 +491,12 @@ fn stale_config_fires_when_an_smmu_cfgi_leaves_the_cd_cached() {
         &r,
         EscapeClass::StaleConfig,
         1,
-        &["sid:0x3", "iova 0x10000000", "CFGI_CD", "config slot 1 (CD)"],
+        &[
+            "sid:0x3",
+            "iova 0x10000000",
+            "CFGI_CD",
+            "config slot 1 (CD)",
+        ],
     );
     cause_is_preceding(&r, "CFGI_CD");
 }
@@ -426,7 +507,11 @@ fn unsynced_config_fires_when_a_pte_is_rewritten_without_tlbi() {
     let b = Bed::new(Default::default(), paranoid());
     assert_eq!(b.dma(VA), Some(PA));
     b.set_pte(VA, Some(PA2));
-    assert_eq!(b.dma(VA), Some(PA), "the IOTLB still holds the old translation");
+    assert_eq!(
+        b.dma(VA),
+        Some(PA),
+        "the IOTLB still holds the old translation"
+    );
     b.tlbi_va(VA);
     b.sync();
     assert_eq!(b.dma(VA), Some(PA2));
@@ -453,7 +538,11 @@ fn unsynced_config_is_sampled_outside_paranoid_mode() {
         ..OracleConfig::default()
     };
     let b = Bed::new(Default::default(), cfg);
-    assert_eq!(b.dma(VA), Some(PA), "walk: nothing cached, nothing to recheck");
+    assert_eq!(
+        b.dma(VA),
+        Some(PA),
+        "walk: nothing cached, nothing to recheck"
+    );
     b.set_pte(VA, Some(PA2));
     for _ in 0..8 {
         assert_eq!(b.dma(VA), Some(PA));
@@ -470,7 +559,7 @@ mod zpci {
     use sluice_zpci::clp::SetPciFnOp;
     use sluice_zpci::guest::GuestTables;
     use sluice_zpci::{
-        Fib, FaultInjection, FunctionConfig, InsnStatus, MpcifcOp, Zpci, ZpciOptions,
+        FaultInjection, Fib, FunctionConfig, InsnStatus, MpcifcOp, Zpci, ZpciOptions,
     };
 
     pub const FID: u32 = 0x42;
@@ -543,7 +632,10 @@ mod zpci {
         }
 
         pub fn refresh(&self) {
-            assert_eq!(self.z.rpcit(&self.mem, self.fh, IOVA, 0x1000), InsnStatus::OK);
+            assert_eq!(
+                self.z.rpcit(&self.mem, self.fh, IOVA, 0x1000),
+                InsnStatus::OK
+            );
         }
 
         pub fn dma(&self) -> Option<u64> {
@@ -569,7 +661,11 @@ fn stale_config_fires_when_a_zpci_rpcit_keeps_an_unmapped_frame() {
         &r,
         EscapeClass::StaleConfig,
         1,
-        &["zpci:0x0000", "iova 0x100005000", "RPCIT of [0x100005000, 0x100005fff]"],
+        &[
+            "zpci:0x0000",
+            "iova 0x100005000",
+            "RPCIT of [0x100005000, 0x100005fff]",
+        ],
     );
     cause_is_preceding(&r, "RPCIT");
 }

@@ -41,10 +41,7 @@ impl Oracle {
 
     /// Invalidated ranges not kept (evicted or no room), so far.
     pub(super) fn stale_dropped(&self) -> u64 {
-        self.stale
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .dropped
+        self.stale.read().unwrap_or_else(|p| p.into_inner()).dropped
     }
 
     /// A virtio-iommu model names itself in its state events; its ATTACH events tie the name to
