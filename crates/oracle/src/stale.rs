@@ -369,10 +369,7 @@ mod tests {
             pieces(&s),
             vec![(0x1000, 0x1fff), (0x2000, 0x2fff), (0x3000, 0x4fff)]
         );
-        let gens: Vec<_> = s
-            .overlapping(0, u64::MAX)
-            .map(|m| m.generation)
-            .collect();
+        let gens: Vec<_> = s.overlapping(0, u64::MAX).map(|m| m.generation).collect();
         assert_eq!(gens, vec![Some(5), Some(9), Some(5)]);
         // The same invalidation arriving again next door merges with itself.
         s.insert(0x5000, 0x5fff, Meta::new(Some(5), 1, cause(3)));
@@ -398,7 +395,12 @@ mod tests {
         let mut st = StaleStore::new(16, 16);
         let key = (0, CacheKind::Translation);
         let tlbi = ContextSel::exact(7);
-        st.invalidate(key, tlbi, (0x1000, 0x1fff), Meta::new(Some(10), 3, cause(1)));
+        st.invalidate(
+            key,
+            tlbi,
+            (0x1000, 0x1fff),
+            Meta::new(Some(10), 3, cause(1)),
+        );
         let u = |filled| CacheUse {
             cache: CacheKind::Translation,
             context: 7,
@@ -406,9 +408,15 @@ mod tests {
             last: 0x1fff,
             filled,
         };
-        assert!(st.stale_use(0, &u(9), 3).is_some(), "old entry after the sync");
+        assert!(
+            st.stale_use(0, &u(9), 3).is_some(),
+            "old entry after the sync"
+        );
         assert!(st.stale_use(0, &u(10), 3).is_none(), "fresh walk");
-        assert!(st.stale_use(0, &u(9), 2).is_none(), "DMA began before the sync");
+        assert!(
+            st.stale_use(0, &u(9), 2).is_none(),
+            "DMA began before the sync"
+        );
         assert!(st.stale_use(1, &u(9), 3).is_none(), "another IOMMU");
         let other = CacheUse { context: 8, ..u(9) };
         assert!(st.stale_use(0, &other, 3).is_none(), "another context");
