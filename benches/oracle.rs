@@ -100,10 +100,12 @@ fn translate_hit(c: &mut Criterion) {
     let o2 = oracle();
     let o3 = oracle();
     let fan: Arc<dyn Hooks> = Arc::new(Fanout(vec![o2.clone(), Arc::new(sluice_devapi::NoHooks)]));
-    let cases: [(&str, Arc<dyn Hooks>, bool); 4] = [
+    let cases: [(&str, Arc<dyn Hooks>, bool); 5] = [
         ("nohooks", Arc::new(NoHooks), false),
         ("oracle", o1.clone(), false),
         ("fanout-oracle", fan, false),
+        // The same MAP/UNMAP history without the oracle: what the seam itself costs after it.
+        ("nohooks-1000-unmapped", Arc::new(NoHooks), true),
         ("oracle-1000-unmapped", o3.clone(), true),
     ];
     for (name, hooks, unmapped) in cases {
@@ -227,6 +229,7 @@ fn smmu_hit(c: &mut Criterion) {
         ("oracle-recheck-every-1".to_string(), 1, false),
         ("oracle-recheck-every-16".to_string(), 16, false),
         ("oracle-recheck-every-64".to_string(), 64, false),
+        ("oracle-recheck-every-128".to_string(), 128, false),
         ("oracle-recheck-every-256".to_string(), 256, false),
     ] {
         let o = smmu_oracle(every);

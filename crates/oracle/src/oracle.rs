@@ -93,7 +93,7 @@ pub enum OracleError {
 
 /// Default of [`OracleConfig::recheck_every`] (chosen from `benches/oracle.rs`, see
 /// `docs/escape-oracle.md`, "Overhead").
-pub const DEFAULT_RECHECK_EVERY: u64 = 64;
+pub const DEFAULT_RECHECK_EVERY: u64 = 128;
 
 /// The IOMMU firmware declares an endpoint behind.
 #[derive(Debug, Clone)]

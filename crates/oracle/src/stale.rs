@@ -22,7 +22,7 @@
 //! invalidations overwrite each other's pieces (the newer one is the stronger claim for every
 //! use after it completed); adjacent pieces merge only when merging cannot change a verdict.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use sluice_devapi::{CacheKind, CacheUse, ContextSel};
@@ -198,7 +198,9 @@ type SetKey = (usize, CacheKind);
 /// Every kept range, by IOMMU, cache and context.
 #[derive(Debug)]
 pub(crate) struct StaleStore {
-    exact: HashMap<(SetKey, u64), RangeSet>,
+    /// Ordered, not hashed: a DMA looks one up, and a B-tree probe of a few keys is cheaper
+    /// than hashing the key.
+    exact: BTreeMap<(SetKey, u64), RangeSet>,
     wildcard: Vec<(SetKey, ContextSel, RangeSet)>,
     ranges_per_context: usize,
     max_contexts: usize,
@@ -214,7 +216,7 @@ pub(crate) type Verdict = Arc<TimelineEvent>;
 impl StaleStore {
     pub(crate) fn new(ranges_per_context: usize, max_contexts: usize) -> Self {
         StaleStore {
-            exact: HashMap::new(),
+            exact: BTreeMap::new(),
             wildcard: Vec::new(),
             ranges_per_context,
             max_contexts,
@@ -232,11 +234,11 @@ impl StaleStore {
         let cap = self.ranges_per_context;
         if contexts.mask == u64::MAX {
             return match self.exact.entry((key, contexts.value)) {
-                std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
-                std::collections::hash_map::Entry::Vacant(v) if room => {
+                std::collections::btree_map::Entry::Occupied(e) => Some(e.into_mut()),
+                std::collections::btree_map::Entry::Vacant(v) if room => {
                     Some(v.insert(RangeSet::new(cap)))
                 }
-                std::collections::hash_map::Entry::Vacant(_) => None,
+                std::collections::btree_map::Entry::Vacant(_) => None,
             };
         }
         let normal = |c: ContextSel| (c.value & c.mask, c.mask);
