@@ -103,6 +103,29 @@ struct IommuRef {
     virtio: bool,
 }
 
+/// "One in `n`" for a counter, without a division on the hot path when `n` is a power of two (a
+/// 64-bit division costs tens of cycles, more than the rest of a legitimate DMA's path).
+#[derive(Debug, Clone, Copy)]
+struct Period {
+    n: u64,
+}
+
+impl Period {
+    fn new(n: u64) -> Self {
+        Period { n: n.max(1) }
+    }
+
+    /// Whether the `count`-th arrival (0-based) is the first of its period.
+    #[inline]
+    fn starts(self, count: u64) -> bool {
+        if self.n.is_power_of_two() {
+            count & (self.n - 1) == 0
+        } else {
+            count.is_multiple_of(self.n)
+        }
+    }
+}
+
 /// Counters and fast-path word of one endpoint.
 struct EpEntry {
     key: Key,
@@ -115,6 +138,12 @@ struct EpEntry {
     legit: AtomicU64,
     /// Translations served from a model's caches (sampling of `recheck_cached`).
     cache_served: AtomicU64,
+    /// The last cached translation found not stale: the low 32 bits of the invalidated-range
+    /// store's version, and a 32-bit digest of its entries and completion number. A DMA with the
+    /// same digest while the store did not change needs no look (the lock's two atomic
+    /// operations were most of the oracle's cost on the SMMUv3 hit path). A digest collision can
+    /// only skip a check, never invent an escape.
+    clean: AtomicU64,
 }
 
 impl EpEntry {
@@ -129,6 +158,7 @@ impl EpEntry {
             escapes: Default::default(),
             legit: AtomicU64::new(0),
             cache_served: AtomicU64::new(0),
+            clean: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -166,7 +196,9 @@ pub struct Oracle {
     shadow: Mutex<Shadow>,
     queue: ArrayQueue<TimelineEvent>,
     dropped: AtomicU64,
-    unsampled: AtomicU64,
+    /// Legitimate DMAs written to the timeline (the unsampled ones are the endpoints' `legit`
+    /// counts minus these: one atomic increment per DMA fewer).
+    sampled: AtomicU64,
     /// Arrivals at high-frequency points (doorbells, completions, MAP/UNMAP), for sampling.
     hot_points: AtomicU64,
     /// High-frequency point arrivals not written to the timeline.
@@ -178,9 +210,10 @@ pub struct Oracle {
     writer: Mutex<Option<JoinHandle<()>>>,
     writer_thread: OnceLock<std::thread::Thread>,
     /// Invalidated ranges (`stale-config`); `stale_live` mirrors its size so that DMAs skip the
-    /// lock while nothing is kept.
+    /// lock while nothing is kept, `stale_version` counts its changes (see `EpEntry::clean`).
     stale: RwLock<StaleStore>,
     stale_live: AtomicUsize,
+    stale_version: AtomicU64,
     paranoid: AtomicBool,
     /// The IOMMUs of the topology, to resolve a report's `source`.
     topology: Topology,
@@ -240,7 +273,7 @@ impl Oracle {
             dynamic: RwLock::new(Vec::new()),
             shadow: Mutex::new(shadow),
             dropped: AtomicU64::new(0),
-            unsampled: AtomicU64::new(0),
+            sampled: AtomicU64::new(0),
             hot_points: AtomicU64::new(0),
             unsampled_points: AtomicU64::new(0),
             escapes_total: AtomicU64::new(0),
@@ -251,6 +284,7 @@ impl Oracle {
             writer_thread: OnceLock::new(),
             stale: RwLock::new(stale),
             stale_live: AtomicUsize::new(0),
+            stale_version: AtomicU64::new(0),
             paranoid: AtomicBool::new(paranoid),
             topology,
             model_names: RwLock::new(HashMap::new()),
@@ -378,7 +412,7 @@ impl Oracle {
             stale_ranges_dropped: self.stale_dropped(),
             events: d.events + 1,
             dropped: self.dropped.load(Ordering::Relaxed) + d.over_budget,
-            unsampled_dmas: self.unsampled.load(Ordering::Relaxed),
+            unsampled_dmas: self.unsampled_dmas(),
             unsampled_points: self.unsampled_points.load(Ordering::Relaxed),
             sample_every: self.cfg.sample_every,
             endpoints: endpoints.clone(),
@@ -430,7 +464,7 @@ impl Oracle {
     /// Whether this arrival of a high-frequency event is written (one in `sample_every`).
     fn sample_hot(&self) -> bool {
         let n = self.hot_points.fetch_add(1, Ordering::Relaxed);
-        let write = n.is_multiple_of(self.cfg.sample_every);
+        let write = Period::new(self.cfg.sample_every).starts(n);
         if !write {
             self.unsampled_points.fetch_add(1, Ordering::Relaxed);
         }
@@ -515,13 +549,24 @@ impl Oracle {
 
     fn legit(&self, entry: &EpEntry, rec: &DmaRecord, t: Option<u64>) {
         let n = entry.legit.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(self.cfg.sample_every) {
+        if Period::new(self.cfg.sample_every).starts(n) {
+            self.sampled.fetch_add(1, Ordering::Relaxed);
             let mut ev = self.dma_event(rec, Verdict::Ok);
             ev.sampled = Some(self.cfg.sample_every);
             self.push(t.unwrap_or_else(|| self.now_ns()), EventKind::Dma(ev));
-        } else {
-            self.unsampled.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Legitimate DMAs counted but not written to the timeline.
+    fn unsampled_dmas(&self) -> u64 {
+        let dynamic = self.dynamic.read().unwrap_or_else(|p| p.into_inner());
+        let legit: u64 = self
+            .fixed
+            .iter()
+            .chain(dynamic.iter())
+            .map(|e| e.legit.load(Ordering::Relaxed))
+            .sum();
+        legit.saturating_sub(self.sampled.load(Ordering::Relaxed))
     }
 
     /// The slow path: the shadow's rules first (they name the more basic failure), then what the
@@ -711,13 +756,20 @@ impl Hooks for Oracle {
 
     fn recheck_cached(&self, endpoint: Endpoint) -> bool {
         let key = Key::of(endpoint);
+        // A load and a store, not an atomic increment: this only paces sampling, and two DMAs
+        // of one endpoint racing here may at worst share a sample slot.
+        let bump = |c: &AtomicU64| {
+            let n = c.load(Ordering::Relaxed);
+            c.store(n.wrapping_add(1), Ordering::Relaxed);
+            n
+        };
         let n = match self.fixed.iter().find(|e| e.key == key) {
-            Some(e) => e.cache_served.fetch_add(1, Ordering::Relaxed),
-            None => self.entry(key).cache_served.fetch_add(1, Ordering::Relaxed),
+            Some(e) => bump(&e.cache_served),
+            None => bump(&self.entry(key).cache_served),
         };
         // The N-th, 2N-th, ... cached translation of the endpoint is re-derived.
         self.paranoid.load(Ordering::Relaxed)
-            || n.wrapping_add(1).is_multiple_of(self.cfg.recheck_every)
+            || Period::new(self.cfg.recheck_every).starts(n.wrapping_add(1))
     }
 
     fn invalidated(&self, inv: &Invalidation<'_>) {

@@ -137,6 +137,7 @@ impl Oracle {
             meta,
         );
         self.stale_live.store(st.live, Ordering::Release);
+        self.stale_version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A mapping is about to be visible: its range is no longer stale.
@@ -163,6 +164,7 @@ impl Oracle {
             (map.first, map.last),
         );
         self.stale_live.store(st.live, Ordering::Release);
+        self.stale_version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// virtio-iommu: a translated DMA at an address its domain unmapped and did not map again.
@@ -208,7 +210,11 @@ impl Oracle {
             return None;
         }
         let iommu = entry.iommu.as_ref()?.index;
-        if self.stale_live.load(Ordering::Acquire) > 0 {
+        let version = self.stale_version.load(Ordering::Acquire);
+        let memo = ((version & 0xffff_ffff) << 32) | digest(via.uses, via.completions_seen);
+        if self.stale_live.load(Ordering::Acquire) > 0
+            && entry.clean.load(Ordering::Relaxed) != memo
+        {
             let st = self.stale.read().unwrap_or_else(|p| p.into_inner());
             for u in via.uses {
                 if let Some(cause) = st.stale_use(iommu, u, via.completions_seen) {
@@ -225,6 +231,7 @@ impl Oracle {
                     });
                 }
             }
+            entry.clean.store(memo, Ordering::Relaxed);
         }
         let d = via.divergence?;
         Some(Finding {
@@ -233,6 +240,25 @@ impl Oracle {
             cause: None,
         })
     }
+}
+
+/// A 32-bit digest of the entries a DMA used and the completion number it saw (FNV-1a over
+/// their words; only equality matters).
+fn digest(uses: &[CacheUse], seen: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |w: u64| {
+        h ^= w;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    mix(seen);
+    for u in uses {
+        mix(u.cache as u64);
+        mix(u.context);
+        mix(u.first);
+        mix(u.last);
+        mix(u.filled);
+    }
+    (h ^ (h >> 32)) & 0xffff_ffff
 }
 
 fn describe_use(u: &CacheUse) -> String {
