@@ -2,11 +2,12 @@
 //! slow path that applies the rules, and a bounded lock-free timeline drained by a writer thread.
 
 mod provenance;
+mod writer;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +18,7 @@ use sluice_devapi::{
 };
 use thiserror::Error;
 
-use crate::report::{ClassCounts, EndpointReport, EscapeReport, OracleReport, TimelineSummary};
+use crate::report::{ClassCounts, EndpointReport, OracleReport, TimelineSummary};
 use crate::shadow::{
     Classified, ConfigProbe, FAST_ANY_TRANSLATED, FAST_BYPASS, FAST_DOMAIN, Shadow,
 };
@@ -28,6 +29,7 @@ use crate::timeline::{
 };
 use crate::topology::{IommuTopo, Key, Topology};
 use provenance::Finding;
+use writer::{Drain, write_line, writer_loop};
 
 /// File name of the timeline inside a run directory.
 pub const TIMELINE_FILE: &str = "timeline.jsonl";
@@ -173,17 +175,6 @@ impl EpEntry {
             escapes: ClassCounts::from_array(self.escapes.each_ref().map(l)),
         }
     }
-}
-
-/// The writer's state: serialized lines, the context ring, escapes in full.
-#[derive(Default)]
-struct Drain {
-    out: Vec<u8>,
-    events: u64,
-    over_budget: u64,
-    ring: VecDeque<TimelineEvent>,
-    threads: HashMap<u32, String>,
-    escapes: Vec<EscapeReport>,
 }
 
 /// The DMA escape oracle. Compose it with other hooks through `sluice_devapi::Fanout`.
@@ -603,103 +594,6 @@ impl Oracle {
             c.fetch_add(1, Ordering::Relaxed);
         }
         self.escapes_total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn drain_into(&self, d: &mut Drain) {
-        while let Some(ev) = self.queue.pop() {
-            self.handle_drained(d, ev);
-        }
-    }
-
-    fn handle_drained(&self, d: &mut Drain, ev: TimelineEvent) {
-        if d.out.len() < self.cfg.max_timeline_bytes {
-            write_line(&mut d.out, &ev);
-            d.events += 1;
-        } else {
-            d.over_budget += 1;
-        }
-        match &ev.kind {
-            EventKind::Thread { name } => {
-                d.threads.insert(ev.tid, name.clone());
-                return;
-            }
-            EventKind::Meta { .. } | EventKind::Summary(_) => return,
-            EventKind::Dma(dma) if dma.sampled.is_some() => return,
-            EventKind::Dma(dma)
-                if dma.verdict == Verdict::Escape
-                    && d.escapes.len() < self.cfg.max_escape_reports =>
-            {
-                let rep = escape_report(&ev, dma, d);
-                d.escapes.push(rep);
-            }
-            _ => {}
-        }
-        if self.cfg.context_events > 0 {
-            if d.ring.len() >= self.cfg.context_events {
-                d.ring.pop_front();
-            }
-            d.ring.push_back(ev);
-        }
-    }
-}
-
-fn escape_report(ev: &TimelineEvent, dma: &DmaEvent, d: &Drain) -> EscapeReport {
-    let reached = dma.outcome != "faulted";
-    EscapeReport {
-        class: dma.class.unwrap_or(EscapeClass::StaleConfig),
-        endpoint: dma.endpoint.clone(),
-        iova: dma.iova,
-        gpa: match dma.outcome.as_str() {
-            "translated" => dma.gpa,
-            "bypassed" | "direct" => Some(dma.iova),
-            _ => None,
-        },
-        len: dma.len,
-        direction: dma.dir.clone(),
-        outcome: dma.outcome.clone(),
-        reached_memory: reached,
-        t_ns: ev.t,
-        thread: d
-            .threads
-            .get(&ev.tid)
-            .cloned()
-            .unwrap_or_else(|| format!("tid {}", ev.tid)),
-        message: dma.message.clone().unwrap_or_default(),
-        preceding: preceding(dma, d),
-    }
-}
-
-/// The events kept before an escape, with the invalidation it contradicts in its place by time
-/// when that one is older than the ring.
-fn preceding(dma: &DmaEvent, d: &Drain) -> Vec<TimelineEvent> {
-    let mut out: Vec<TimelineEvent> = d.ring.iter().cloned().collect();
-    if let Some(cause) = &dma.cause
-        && !out.contains(cause)
-    {
-        let at = out.partition_point(|e| e.t <= cause.t);
-        out.insert(at, (**cause).clone());
-    }
-    out
-}
-
-fn write_line(out: &mut Vec<u8>, ev: &TimelineEvent) {
-    if serde_json::to_writer(&mut *out, ev).is_ok() {
-        out.push(b'\n');
-    }
-}
-
-fn writer_loop(weak: Weak<Oracle>) {
-    loop {
-        let Some(o) = weak.upgrade() else { return };
-        {
-            let mut d = lock(&o.drain);
-            o.drain_into(&mut d);
-        }
-        if o.stop.load(Ordering::Acquire) {
-            return;
-        }
-        drop(o);
-        std::thread::park_timeout(Duration::from_millis(10));
     }
 }
 
