@@ -10,7 +10,7 @@ use sluice_zpci::*;
 
 const IOVA: u64 = PBA + 0x5000;
 
-fn invalidations(r: &Rig) -> Vec<(String, u64, u64, u64, Option<u64>, u64)> {
+fn invalidations(r: &Rig) -> Vec<Inv> {
     r.rec.invalidations.lock().unwrap().clone()
 }
 

@@ -24,13 +24,15 @@ pub fn mem() -> Mem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
 }
 
+/// An `invalidated` report: (kind, context value, first, last, generation, completion).
+pub type Inv = (String, u64, u64, u64, Option<u64>, u64);
+
 #[derive(Default)]
 pub struct Recorder {
     pub dmas: Mutex<Vec<DmaRecord>>,
     pub states: Mutex<Vec<(String, u64)>>,
     pub points: Mutex<Vec<String>>,
-    /// `invalidated`: (kind, context value, first, last, generation, completion).
-    pub invalidations: Mutex<Vec<(String, u64, u64, u64, Option<u64>, u64)>>,
+    pub invalidations: Mutex<Vec<Inv>>,
     /// `dma_cached`: (entries used, refresh count seen).
     pub cached: Mutex<Vec<(Vec<CacheUse>, u64)>>,
 }
