@@ -7,6 +7,7 @@
 //! calling it. Point names are stable strings (`virtio.blk0.notify`, `smmuv3.cmd.CMD_SYNC`, ...).
 
 use crate::endpoint::Endpoint;
+use crate::provenance::{CachedTranslation, Invalidation, MapEvent};
 
 /// Context of one arrival at a named point.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +109,23 @@ pub trait Hooks: Send + Sync {
     fn dma(&self, _rec: &DmaRecord) {}
     /// Device or IOMMU state changed.
     fn state(&self, _ev: &StateEvent<'_>) {}
+    /// An invalidation or unmap *completed*: the guest may rely on it from now on. Must not
+    /// block.
+    fn invalidated(&self, _inv: &Invalidation<'_>) {}
+    /// A mapping is about to become visible to translation. Must not block.
+    fn mapped(&self, _map: &MapEvent<'_>) {}
+    /// A DMA that a model served (partly) from its caches, with the entries it used. Reported
+    /// *instead of* [`Hooks::dma`]; the default hands the record to `dma`, so hooks that only
+    /// count DMAs need not care.
+    fn dma_cached(&self, rec: &DmaRecord, _via: &CachedTranslation<'_>) {
+        self.dma(rec);
+    }
+    /// Asked by a model about to serve a DMA of `endpoint` from its caches: should it also
+    /// re-derive the translation from guest memory and report whether it differs
+    /// ([`CachedTranslation::divergence`])? Costly for the model; must not block.
+    fn recheck_cached(&self, _endpoint: Endpoint) -> bool {
+        false
+    }
 }
 
 /// Hooks that do nothing; production default and fuzzing.
@@ -135,6 +153,21 @@ impl Hooks for Fanout {
     }
     fn state(&self, ev: &StateEvent<'_>) {
         self.0.iter().for_each(|h| h.state(ev));
+    }
+    fn invalidated(&self, inv: &Invalidation<'_>) {
+        self.0.iter().for_each(|h| h.invalidated(inv));
+    }
+    fn mapped(&self, map: &MapEvent<'_>) {
+        self.0.iter().for_each(|h| h.mapped(map));
+    }
+    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
+        self.0.iter().for_each(|h| h.dma_cached(rec, via));
+    }
+    /// Every member is asked (each may keep its own sampling count); any "yes" wins.
+    fn recheck_cached(&self, endpoint: Endpoint) -> bool {
+        self.0
+            .iter()
+            .fold(false, |any, h| h.recheck_cached(endpoint) | any)
     }
 }
 
@@ -176,6 +209,88 @@ mod tests {
             Arc::new(Defer(7)),
         ]);
         assert_eq!(f.defer(&ctx), Some(std::time::Duration::from_millis(7)));
+    }
+
+    /// Counts `invalidated`/`mapped` and answers `recheck_cached` with a fixed value; leaves
+    /// `dma_cached` to its default.
+    #[derive(Default)]
+    struct Provenance {
+        dmas: AtomicUsize,
+        events: AtomicUsize,
+        asked: AtomicUsize,
+        recheck: bool,
+    }
+    impl Hooks for Provenance {
+        fn dma(&self, _: &DmaRecord) {
+            self.dmas.fetch_add(1, Ordering::Relaxed);
+        }
+        fn invalidated(&self, _: &crate::Invalidation<'_>) {
+            self.events.fetch_add(1, Ordering::Relaxed);
+        }
+        fn mapped(&self, _: &crate::MapEvent<'_>) {
+            self.events.fetch_add(1, Ordering::Relaxed);
+        }
+        fn recheck_cached(&self, _: Endpoint) -> bool {
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            self.recheck
+        }
+    }
+
+    #[test]
+    fn fanout_forwards_provenance_and_cached_dmas_reach_plain_dma_hooks() {
+        let yes = Arc::new(Provenance {
+            recheck: true,
+            ..Provenance::default()
+        });
+        let no = Arc::new(Provenance::default());
+        let f = Fanout(vec![no.clone(), yes.clone()]);
+        let ep = Endpoint::Stream { sid: 1, ssid: None };
+        assert!(f.recheck_cached(ep), "one member asking is enough");
+        assert!(!Fanout(vec![no.clone()]).recheck_cached(ep));
+        assert_eq!(no.asked.load(Ordering::Relaxed), 2, "every member is asked");
+        let rec = DmaRecord {
+            endpoint: ep,
+            iova: 0,
+            len: 1,
+            direction: DmaDirection::Read,
+            outcome: DmaOutcome::Bypassed,
+        };
+        f.dma_cached(
+            &rec,
+            &crate::CachedTranslation {
+                source: "m",
+                uses: &[],
+                completions_seen: 0,
+                divergence: None,
+                rechecked: false,
+            },
+        );
+        f.invalidated(&crate::Invalidation {
+            source: "m",
+            kind: "TLBI",
+            cache: crate::CacheKind::Translation,
+            endpoint: None,
+            contexts: crate::ContextSel::ALL,
+            first: 0,
+            last: u64::MAX,
+            generation: None,
+            completion: 0,
+            completed_at: std::time::Instant::now(),
+        });
+        f.mapped(&crate::MapEvent {
+            source: "m",
+            context: 1,
+            first: 0,
+            last: 0xfff,
+        });
+        for p in [&yes, &no] {
+            assert_eq!(
+                p.dmas.load(Ordering::Relaxed),
+                1,
+                "dma_cached defaults to dma"
+            );
+            assert_eq!(p.events.load(Ordering::Relaxed), 2);
+        }
     }
 
     #[test]

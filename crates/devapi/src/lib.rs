@@ -11,13 +11,17 @@
 //!   SMMU StreamID + SubstreamID, zPCI function handle).
 //! - [`Hooks`]: one trait object through which models announce named points (where race
 //!   injection may stall or defer) and report DMA outcomes and state changes (what the escape
-//!   oracle and the timeline consume). [`NoHooks`] is the zero-cost default.
+//!   oracle and the timeline consume). [`NoHooks`] is the zero-cost default. IOMMU models also
+//!   report completed invalidations, new mappings and which cached entries a DMA used
+//!   ([`Invalidation`], [`MapEvent`], [`CachedTranslation`]) for the oracle's `stale-config` and
+//!   `unsynced-config` rules.
 #![forbid(unsafe_code)]
 
 mod dma;
 mod endpoint;
 mod hooks;
 mod irq;
+mod provenance;
 
 pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
 pub use endpoint::{Bdf, Endpoint};
@@ -25,3 +29,6 @@ pub use hooks::{
     DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent,
 };
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
+pub use provenance::{
+    CacheKind, CacheUse, CachedTranslation, ContextSel, Derived, Divergence, Invalidation, MapEvent,
+};

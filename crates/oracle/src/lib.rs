@@ -8,14 +8,19 @@
 //!
 //! - legitimate DMAs take a lock-free fast path (one atomic load and two relaxed increments) and
 //!   are sampled into the timeline;
-//! - faults and escapes take the slow path, which applies the four rules and logs them in full.
+//! - faults and escapes take the slow path, which applies the four rules and logs them in full;
+//! - the models' cache-provenance reports (completed invalidations, new mappings, the cached
+//!   entries a DMA used, re-derivations) feed the mapping-level `stale-config` and the
+//!   re-derivation `unsynced-config` checks.
 //!
 //! Module map:
 //! - [`topology`]: which endpoints firmware declares behind which IOMMU;
 //! - `shadow`: the shadow state and the rules;
+//! - `stale`: the invalidated IOVA ranges per IOMMU context, bounded, and the stale-use tests;
 //! - [`marker`]: guest marker lines;
 //! - [`timeline`]: record types of `timeline.jsonl`;
-//! - `oracle`: the `Hooks` implementation, the bounded queue and its writer;
+//! - `oracle`: the `Hooks` implementation, the bounded queue and its writer (`oracle::provenance`:
+//!   its cache-provenance side);
 //! - [`report`]: what `finish` returns (serde, embedded in `sluice run --report`);
 //! - [`render`]: `sluice report RUN_DIR` (table + SVG timelines).
 #![forbid(unsafe_code)]
@@ -34,10 +39,13 @@ mod oracle;
 pub mod render;
 pub mod report;
 mod shadow;
+mod stale;
 pub mod timeline;
 pub mod topology;
 
-pub use oracle::{CONSOLE_MARKER_PREFIX, Oracle, OracleConfig, OracleError, TIMELINE_FILE};
+pub use oracle::{
+    CONSOLE_MARKER_PREFIX, DEFAULT_RECHECK_EVERY, Oracle, OracleConfig, OracleError, TIMELINE_FILE,
+};
 pub use render::{RenderError, render_report};
 pub use report::{ClassCounts, EndpointReport, EscapeReport, OracleReport, TimelineSummary};
 pub use shadow::{ConfigProbe, ZPCI_AFTER_RELEASE};

@@ -1,24 +1,35 @@
 //! The oracle itself: a `Hooks` implementation with a lock-free fast path for legitimate DMAs, a
 //! slow path that applies the rules, and a bounded lock-free timeline drained by a writer thread.
 
-use std::collections::{HashMap, VecDeque};
+mod provenance;
+mod writer;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
-use sluice_devapi::{DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, PointCtx, StateEvent};
+use sluice_devapi::{
+    CachedTranslation, DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, Invalidation,
+    MapEvent, PointCtx, StateEvent,
+};
 use thiserror::Error;
 
-use crate::report::{ClassCounts, EndpointReport, EscapeReport, OracleReport, TimelineSummary};
-use crate::shadow::{ConfigProbe, FAST_ANY_TRANSLATED, FAST_BYPASS, FAST_DOMAIN, Shadow};
+use crate::report::{ClassCounts, EndpointReport, OracleReport, TimelineSummary};
+use crate::shadow::{
+    Classified, ConfigProbe, FAST_ANY_TRANSLATED, FAST_BYPASS, FAST_DOMAIN, Shadow,
+};
+use crate::stale::{DEFAULT_CONTEXTS, DEFAULT_RANGES_PER_CONTEXT, StaleStore};
 use crate::timeline::{
     DmaEvent, EscapeClass, EventKind, TIMELINE_VERSION, TimelineEvent, Verdict, thread_id,
     thread_name,
 };
 use crate::topology::{IommuTopo, Key, Topology};
+use provenance::Finding;
+use writer::{Drain, write_line, writer_loop};
 
 /// File name of the timeline inside a run directory.
 pub const TIMELINE_FILE: &str = "timeline.jsonl";
@@ -38,6 +49,15 @@ pub struct OracleConfig {
     pub max_escape_reports: usize,
     /// Upper bound of the in-memory timeline, in bytes (records beyond it are counted as dropped).
     pub max_timeline_bytes: usize,
+    /// Ask a model to re-derive one of every `recheck_every` translations it serves from its
+    /// caches per endpoint (`Hooks::recheck_cached`, the `unsynced-config` check; 1: all).
+    pub recheck_every: u64,
+    /// Ask for every cached translation to be re-derived (see [`Oracle::set_paranoid`]).
+    pub paranoid: bool,
+    /// Invalidated ranges kept per IOMMU context for `stale-config` (oldest dropped beyond).
+    pub stale_ranges_per_context: usize,
+    /// IOMMU contexts (domains, ASIDs, ...) with invalidated ranges kept.
+    pub stale_contexts: usize,
 }
 
 impl Default for OracleConfig {
@@ -48,6 +68,10 @@ impl Default for OracleConfig {
             context_events: 40,
             max_escape_reports: 100,
             max_timeline_bytes: 256 << 20,
+            recheck_every: DEFAULT_RECHECK_EVERY,
+            paranoid: false,
+            stale_ranges_per_context: DEFAULT_RANGES_PER_CONTEXT,
+            stale_contexts: DEFAULT_CONTEXTS,
         }
     }
 }
@@ -69,20 +93,63 @@ pub enum OracleError {
     },
 }
 
+/// Default of [`OracleConfig::recheck_every`] (chosen from `benches/oracle.rs`, see
+/// `docs/escape-oracle.md`, "Overhead").
+pub const DEFAULT_RECHECK_EVERY: u64 = 128;
+
+/// The IOMMU firmware declares an endpoint behind.
+#[derive(Debug, Clone)]
+struct IommuRef {
+    index: usize,
+    name: String,
+    virtio: bool,
+}
+
+/// "One in `n`" for a counter, without a division on the hot path when `n` is a power of two (a
+/// 64-bit division costs tens of cycles, more than the rest of a legitimate DMA's path).
+#[derive(Debug, Clone, Copy)]
+struct Period {
+    n: u64,
+}
+
+impl Period {
+    fn new(n: u64) -> Self {
+        Period { n: n.max(1) }
+    }
+
+    /// Whether the `count`-th arrival (0-based) is the first of its period.
+    #[inline]
+    fn starts(self, count: u64) -> bool {
+        if self.n.is_power_of_two() {
+            count & (self.n - 1) == 0
+        } else {
+            count.is_multiple_of(self.n)
+        }
+    }
+}
+
 /// Counters and fast-path word of one endpoint.
 struct EpEntry {
     key: Key,
-    iommu: Option<String>,
+    iommu: Option<IommuRef>,
     fast: AtomicU64,
     translated: AtomicU64,
     bypassed: AtomicU64,
     faulted: AtomicU64,
     escapes: [AtomicU64; 5],
     legit: AtomicU64,
+    /// Translations served from a model's caches (sampling of `recheck_cached`).
+    cache_served: AtomicU64,
+    /// The last cached translation found not stale: the low 32 bits of the invalidated-range
+    /// store's version, and a 32-bit digest of its entries and completion number. A DMA with the
+    /// same digest while the store did not change needs no look (the lock's two atomic
+    /// operations were most of the oracle's cost on the SMMUv3 hit path). A digest collision can
+    /// only skip a check, never invent an escape.
+    clean: AtomicU64,
 }
 
 impl EpEntry {
-    fn new(key: Key, iommu: Option<String>, fast: u64) -> Self {
+    fn new(key: Key, iommu: Option<IommuRef>, fast: u64) -> Self {
         EpEntry {
             key,
             iommu,
@@ -92,6 +159,8 @@ impl EpEntry {
             faulted: AtomicU64::new(0),
             escapes: Default::default(),
             legit: AtomicU64::new(0),
+            cache_served: AtomicU64::new(0),
+            clean: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -99,24 +168,13 @@ impl EpEntry {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EndpointReport {
             endpoint: self.key.to_string(),
-            iommu: self.iommu.clone(),
+            iommu: self.iommu.as_ref().map(|i| i.name.clone()),
             translated: l(&self.translated),
             bypassed: l(&self.bypassed),
             faulted: l(&self.faulted),
             escapes: ClassCounts::from_array(self.escapes.each_ref().map(l)),
         }
     }
-}
-
-/// The writer's state: serialized lines, the context ring, escapes in full.
-#[derive(Default)]
-struct Drain {
-    out: Vec<u8>,
-    events: u64,
-    over_budget: u64,
-    ring: VecDeque<TimelineEvent>,
-    threads: HashMap<u32, String>,
-    escapes: Vec<EscapeReport>,
 }
 
 /// The DMA escape oracle. Compose it with other hooks through `sluice_devapi::Fanout`.
@@ -129,7 +187,9 @@ pub struct Oracle {
     shadow: Mutex<Shadow>,
     queue: ArrayQueue<TimelineEvent>,
     dropped: AtomicU64,
-    unsampled: AtomicU64,
+    /// Legitimate DMAs written to the timeline (the unsampled ones are the endpoints' `legit`
+    /// counts minus these: one atomic increment per DMA fewer).
+    sampled: AtomicU64,
     /// Arrivals at high-frequency points (doorbells, completions, MAP/UNMAP), for sampling.
     hot_points: AtomicU64,
     /// High-frequency point arrivals not written to the timeline.
@@ -140,6 +200,17 @@ pub struct Oracle {
     finished: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
     writer_thread: OnceLock<std::thread::Thread>,
+    /// Invalidated ranges (`stale-config`); `stale_live` mirrors its size so that DMAs skip the
+    /// lock while nothing is kept, `stale_version` counts its changes (see `EpEntry::clean`).
+    stale: RwLock<StaleStore>,
+    stale_live: AtomicUsize,
+    stale_version: AtomicU64,
+    paranoid: AtomicBool,
+    /// The IOMMUs of the topology, to resolve a report's `source`.
+    topology: Topology,
+    /// virtio-iommu models' names (their `StateEvent::source`) → topology index, learned from
+    /// their ATTACH events.
+    model_names: RwLock<HashMap<String, usize>>,
 }
 
 static NEXT_ORACLE: AtomicU64 = AtomicU64::new(1);
@@ -168,15 +239,22 @@ impl Oracle {
             .declared()
             .into_iter()
             .map(|(k, i)| {
-                let name = topology.iommus.get(i).map(describe);
-                Arc::new(EpEntry::new(k, name, shadow.fast_word(k)))
+                let iommu = topology.iommus.get(i).map(|t| IommuRef {
+                    index: i,
+                    name: describe(t),
+                    virtio: matches!(t, IommuTopo::Virtio { .. }),
+                });
+                Arc::new(EpEntry::new(k, iommu, shadow.fast_word(k)))
             })
             .collect();
         let cfg = OracleConfig {
             queue_capacity: cfg.queue_capacity.max(16),
             sample_every: cfg.sample_every.max(1),
+            recheck_every: cfg.recheck_every.max(1),
             ..cfg
         };
+        let stale = StaleStore::new(cfg.stale_ranges_per_context, cfg.stale_contexts);
+        let paranoid = cfg.paranoid;
         let oracle = Arc::new(Oracle {
             id: NEXT_ORACLE.fetch_add(1, Ordering::Relaxed),
             start: Instant::now(),
@@ -186,7 +264,7 @@ impl Oracle {
             dynamic: RwLock::new(Vec::new()),
             shadow: Mutex::new(shadow),
             dropped: AtomicU64::new(0),
-            unsampled: AtomicU64::new(0),
+            sampled: AtomicU64::new(0),
             hot_points: AtomicU64::new(0),
             unsampled_points: AtomicU64::new(0),
             escapes_total: AtomicU64::new(0),
@@ -195,6 +273,12 @@ impl Oracle {
             finished: AtomicBool::new(false),
             writer: Mutex::new(None),
             writer_thread: OnceLock::new(),
+            stale: RwLock::new(stale),
+            stale_live: AtomicUsize::new(0),
+            stale_version: AtomicU64::new(0),
+            paranoid: AtomicBool::new(paranoid),
+            topology,
+            model_names: RwLock::new(HashMap::new()),
         });
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -316,9 +400,10 @@ impl Oracle {
         let mut d = lock(&self.drain);
         self.drain_into(&mut d);
         let mut summary = TimelineSummary {
+            stale_ranges_dropped: self.stale_dropped(),
             events: d.events + 1,
             dropped: self.dropped.load(Ordering::Relaxed) + d.over_budget,
-            unsampled_dmas: self.unsampled.load(Ordering::Relaxed),
+            unsampled_dmas: self.unsampled_dmas(),
             unsampled_points: self.unsampled_points.load(Ordering::Relaxed),
             sample_every: self.cfg.sample_every,
             endpoints: endpoints.clone(),
@@ -348,6 +433,12 @@ impl Oracle {
     }
 
     fn push(&self, t: u64, kind: EventKind) {
+        let tid = self.thread_tid(t);
+        self.push_raw(TimelineEvent { t, tid, kind });
+    }
+
+    /// This thread's id, announcing its name the first time this oracle sees it.
+    fn thread_tid(&self, t: u64) -> u32 {
         let (tid, first) = thread_id(self.id);
         if first {
             self.push_raw(TimelineEvent {
@@ -358,7 +449,17 @@ impl Oracle {
                 },
             });
         }
-        self.push_raw(TimelineEvent { t, tid, kind });
+        tid
+    }
+
+    /// Whether this arrival of a high-frequency event is written (one in `sample_every`).
+    fn sample_hot(&self) -> bool {
+        let n = self.hot_points.fetch_add(1, Ordering::Relaxed);
+        let write = Period::new(self.cfg.sample_every).starts(n);
+        if !write {
+            self.unsampled_points.fetch_add(1, Ordering::Relaxed);
+        }
+        write
     }
 
     fn push_raw(&self, ev: TimelineEvent) {
@@ -433,24 +534,45 @@ impl Oracle {
             class: None,
             message: None,
             sampled: None,
+            cause: None,
         }
     }
 
     fn legit(&self, entry: &EpEntry, rec: &DmaRecord, t: Option<u64>) {
         let n = entry.legit.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(self.cfg.sample_every) {
+        if Period::new(self.cfg.sample_every).starts(n) {
+            self.sampled.fetch_add(1, Ordering::Relaxed);
             let mut ev = self.dma_event(rec, Verdict::Ok);
             ev.sampled = Some(self.cfg.sample_every);
             self.push(t.unwrap_or_else(|| self.now_ns()), EventKind::Dma(ev));
-        } else {
-            self.unsampled.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    fn slow_dma(&self, entry: &EpEntry, rec: &DmaRecord) {
+    /// Legitimate DMAs counted but not written to the timeline.
+    fn unsampled_dmas(&self) -> u64 {
+        let dynamic = self.dynamic.read().unwrap_or_else(|p| p.into_inner());
+        let legit: u64 = self
+            .fixed
+            .iter()
+            .chain(dynamic.iter())
+            .map(|e| e.legit.load(Ordering::Relaxed))
+            .sum();
+        legit.saturating_sub(self.sampled.load(Ordering::Relaxed))
+    }
+
+    /// The slow path: the shadow's rules first (they name the more basic failure), then what the
+    /// cache provenance found.
+    fn slow_dma(&self, entry: &EpEntry, rec: &DmaRecord, finding: Option<Finding>) {
         let sh = lock(&self.shadow);
         let t = self.now_ns();
-        let c = sh.classify(entry.key, rec);
+        let mut c = sh.classify(entry.key, rec);
+        let mut cause = None;
+        if c.verdict != Verdict::Escape
+            && let Some(f) = finding
+        {
+            c = Classified::escape(f.class, entry.key, rec, &f.why);
+            cause = f.cause;
+        }
         match c.verdict {
             Verdict::Ok => self.legit(entry, rec, Some(t)),
             Verdict::Fault | Verdict::Escape => {
@@ -460,6 +582,7 @@ impl Oracle {
                 let mut ev = self.dma_event(rec, c.verdict);
                 ev.class = c.class;
                 ev.message = c.message;
+                ev.cause = cause.map(|c| Box::new((*c).clone()));
                 self.push(t, EventKind::Dma(ev));
             }
         }
@@ -471,90 +594,6 @@ impl Oracle {
             c.fetch_add(1, Ordering::Relaxed);
         }
         self.escapes_total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn drain_into(&self, d: &mut Drain) {
-        while let Some(ev) = self.queue.pop() {
-            self.handle_drained(d, ev);
-        }
-    }
-
-    fn handle_drained(&self, d: &mut Drain, ev: TimelineEvent) {
-        if d.out.len() < self.cfg.max_timeline_bytes {
-            write_line(&mut d.out, &ev);
-            d.events += 1;
-        } else {
-            d.over_budget += 1;
-        }
-        match &ev.kind {
-            EventKind::Thread { name } => {
-                d.threads.insert(ev.tid, name.clone());
-                return;
-            }
-            EventKind::Meta { .. } | EventKind::Summary(_) => return,
-            EventKind::Dma(dma) if dma.sampled.is_some() => return,
-            EventKind::Dma(dma)
-                if dma.verdict == Verdict::Escape
-                    && d.escapes.len() < self.cfg.max_escape_reports =>
-            {
-                let rep = escape_report(&ev, dma, d);
-                d.escapes.push(rep);
-            }
-            _ => {}
-        }
-        if self.cfg.context_events > 0 {
-            if d.ring.len() >= self.cfg.context_events {
-                d.ring.pop_front();
-            }
-            d.ring.push_back(ev);
-        }
-    }
-}
-
-fn escape_report(ev: &TimelineEvent, dma: &DmaEvent, d: &Drain) -> EscapeReport {
-    let reached = dma.outcome != "faulted";
-    EscapeReport {
-        class: dma.class.unwrap_or(EscapeClass::StaleConfig),
-        endpoint: dma.endpoint.clone(),
-        iova: dma.iova,
-        gpa: match dma.outcome.as_str() {
-            "translated" => dma.gpa,
-            "bypassed" | "direct" => Some(dma.iova),
-            _ => None,
-        },
-        len: dma.len,
-        direction: dma.dir.clone(),
-        outcome: dma.outcome.clone(),
-        reached_memory: reached,
-        t_ns: ev.t,
-        thread: d
-            .threads
-            .get(&ev.tid)
-            .cloned()
-            .unwrap_or_else(|| format!("tid {}", ev.tid)),
-        message: dma.message.clone().unwrap_or_default(),
-        preceding: d.ring.iter().cloned().collect(),
-    }
-}
-
-fn write_line(out: &mut Vec<u8>, ev: &TimelineEvent) {
-    if serde_json::to_writer(&mut *out, ev).is_ok() {
-        out.push(b'\n');
-    }
-}
-
-fn writer_loop(weak: Weak<Oracle>) {
-    loop {
-        let Some(o) = weak.upgrade() else { return };
-        {
-            let mut d = lock(&o.drain);
-            o.drain_into(&mut d);
-        }
-        if o.stop.load(Ordering::Acquire) {
-            return;
-        }
-        drop(o);
-        std::thread::park_timeout(Duration::from_millis(10));
     }
 }
 
@@ -568,12 +607,8 @@ impl Hooks for Oracle {
         // Doorbells, request completions and MAP/UNMAP fire thousands of times per second of
         // guest I/O; writing each costs two allocations and a JSON line, which measurably slowed
         // guest I/O. They are sampled like legitimate DMAs; rare points stay in full.
-        if !relevant && is_hot_point(ctx.point) {
-            let n = self.hot_points.fetch_add(1, Ordering::Relaxed);
-            if !n.is_multiple_of(self.cfg.sample_every) {
-                self.unsampled_points.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        if !relevant && is_hot_point(ctx.point) && !self.sample_hot() {
+            return;
         }
         let ev = EventKind::Point {
             name: ctx.point.to_string(),
@@ -594,12 +629,53 @@ impl Hooks for Oracle {
     fn dma(&self, rec: &DmaRecord) {
         let key = Key::of(rec.endpoint);
         match self.fixed.iter().find(|e| e.key == key) {
-            Some(e) => self.dma_on(e, rec),
-            None => self.dma_on(&self.entry(key), rec),
+            Some(e) => self.dma_on(e, rec, None),
+            None => self.dma_on(&self.entry(key), rec, None),
         }
     }
 
+    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
+        let key = Key::of(rec.endpoint);
+        let dynamic;
+        let entry = match self.fixed.iter().find(|e| e.key == key) {
+            Some(e) => e,
+            None => {
+                dynamic = self.entry(key);
+                &dynamic
+            }
+        };
+        let finding = self.cache_finding(entry, rec, via);
+        self.dma_on(entry, rec, finding);
+    }
+
+    fn recheck_cached(&self, endpoint: Endpoint) -> bool {
+        let key = Key::of(endpoint);
+        // A load and a store, not an atomic increment: this only paces sampling, and two DMAs
+        // of one endpoint racing here may at worst share a sample slot.
+        let bump = |c: &AtomicU64| {
+            let n = c.load(Ordering::Relaxed);
+            c.store(n.wrapping_add(1), Ordering::Relaxed);
+            n
+        };
+        let n = match self.fixed.iter().find(|e| e.key == key) {
+            Some(e) => bump(&e.cache_served),
+            None => bump(&self.entry(key).cache_served),
+        };
+        // The N-th, 2N-th, ... cached translation of the endpoint is re-derived.
+        self.paranoid.load(Ordering::Relaxed)
+            || Period::new(self.cfg.recheck_every).starts(n.wrapping_add(1))
+    }
+
+    fn invalidated(&self, inv: &Invalidation<'_>) {
+        self.on_invalidated(inv);
+    }
+
+    fn mapped(&self, map: &MapEvent<'_>) {
+        self.on_mapped(map);
+    }
+
     fn state(&self, ev: &StateEvent<'_>) {
+        self.learn_model_name(ev);
         let mut sh = lock(&self.shadow);
         let t = self.now_ns();
         sh.on_state(ev, t);
@@ -624,8 +700,12 @@ fn is_hot_point(name: &str) -> bool {
 }
 
 impl Oracle {
-    /// The DMA hot path: one atomic load decides whether the rules need to look.
-    fn dma_on(&self, entry: &EpEntry, rec: &DmaRecord) {
+    /// The DMA hot path: one atomic load decides whether the rules need to look, one more
+    /// whether any invalidated range is kept (`stale-config`).
+    fn dma_on(&self, entry: &EpEntry, rec: &DmaRecord, mut finding: Option<Finding>) {
+        if finding.is_none() {
+            finding = self.unmapped_finding(entry, rec);
+        }
         let w = entry.fast.load(Ordering::Acquire);
         let (counter, fast_ok) = match rec.outcome {
             DmaOutcome::Translated { domain, .. } => (
@@ -636,10 +716,10 @@ impl Oracle {
             DmaOutcome::Faulted { .. } => (&entry.faulted, false),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if fast_ok {
+        if fast_ok && finding.is_none() {
             self.legit(entry, rec, None);
         } else {
-            self.slow_dma(entry, rec);
+            self.slow_dma(entry, rec, finding);
         }
     }
 }

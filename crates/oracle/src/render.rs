@@ -292,6 +292,27 @@ fn lane_of(
             format!("{what} {value:#x}"),
             "#2e8b57",
         ),
+        EventKind::Invalidated {
+            source,
+            what,
+            first,
+            last,
+            ..
+        } => (
+            format!("device {source}"),
+            format!("{what} [{first:#x}, {last:#x}]"),
+            "#b8860b",
+        ),
+        EventKind::Mapped {
+            source,
+            context,
+            first,
+            last,
+        } => (
+            format!("device {source}"),
+            format!("MAP {context} [{first:#x}, {last:#x}]"),
+            "#2e8b57",
+        ),
         EventKind::Dma(d) => (
             format!("device {}", d.endpoint),
             format!("{} {} {:#x}", d.dir, d.outcome, d.iova),
@@ -471,7 +492,10 @@ pub fn escape_svg(events: &[TimelineEvent], at: usize) -> String {
         );
         let labelled = matches!(
             &e.kind,
-            EventKind::State { .. } | EventKind::Marker { .. } | EventKind::Delay { .. }
+            EventKind::State { .. }
+                | EventKind::Marker { .. }
+                | EventKind::Delay { .. }
+                | EventKind::Invalidated { .. }
         ) || matches!(&e.kind, EventKind::Dma(d) if d.verdict == Verdict::Fault);
         if labelled {
             // Alternate above / below the mark so neighbours do not overprint each other.

@@ -123,6 +123,10 @@ pub struct TimelineSummary {
     pub endpoints: Vec<EndpointReport>,
     /// Escapes over all endpoints.
     pub escape_count: u64,
+    /// Invalidated ranges (`stale-config`) evicted or never kept for lack of room: the rule
+    /// could not look at them.
+    #[serde(default)]
+    pub stale_ranges_dropped: u64,
 }
 
 /// What [`crate::Oracle::finish`] returns; the lead embeds `escapes` and `endpoints` in the

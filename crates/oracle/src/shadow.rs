@@ -107,6 +107,23 @@ pub(crate) struct Classified {
 }
 
 impl Classified {
+    /// An escape of `class` by `rec` of `key`: the message names the rule, the endpoint, the
+    /// direction, the address, the length and the outcome, then says why.
+    pub(crate) fn escape(class: EscapeClass, key: Key, rec: &DmaRecord, why: &str) -> Self {
+        Classified {
+            verdict: Verdict::Escape,
+            class: Some(class),
+            message: Some(format!(
+                "{class}: {} {} iova {:#x} len {} {}: {why}",
+                key,
+                dir(rec),
+                rec.iova,
+                rec.len,
+                outcome_words(rec.outcome)
+            )),
+        }
+    }
+
     fn ok() -> Self {
         Classified {
             verdict: Verdict::Ok,
@@ -475,18 +492,7 @@ impl Shadow {
         let empty = EpShadow::default();
         let ep = self.eps.get(&key).unwrap_or(&empty);
         let io = self.kind_of(ep);
-        let what = |class: EscapeClass, why: String| Classified {
-            verdict: Verdict::Escape,
-            class: Some(class),
-            message: Some(format!(
-                "{class}: {} {} iova {:#x} len {} {}: {why}",
-                key,
-                dir(rec),
-                rec.iova,
-                rec.len,
-                outcome_words(rec.outcome)
-            )),
-        };
+        let what = |class: EscapeClass, why: String| Classified::escape(class, key, rec, &why);
         if let DmaOutcome::Faulted { reason } = rec.outcome {
             let zpci = matches!(key, Key::Zpci(_));
             return match &ep.released {

@@ -153,6 +153,42 @@ pub enum EventKind {
         /// Length of the stall.
         dur_ns: u64,
     },
+    /// An invalidation or unmap completed (`Hooks::invalidated`).
+    Invalidated {
+        /// The model.
+        source: String,
+        /// What the guest asked for (`UNMAP`, `TLBI_NH_VA`, `CFGI_STE`, `RPCIT`, ...).
+        what: String,
+        /// `translation` or `config`.
+        cache: String,
+        /// Endpoint concerned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+        /// Contexts covered: those with `tag & context_mask == context & context_mask`.
+        context: u64,
+        /// See `context`.
+        context_mask: u64,
+        /// First address (or config slot) covered.
+        first: u64,
+        /// Last one, inclusive.
+        last: u64,
+        /// The model's cache generation at which it took effect, if it reports them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+        /// The model's completion number.
+        completion: u64,
+    },
+    /// A mapping about to become visible (`Hooks::mapped`).
+    Mapped {
+        /// The model.
+        source: String,
+        /// Context (domain).
+        context: u64,
+        /// First IOVA.
+        first: u64,
+        /// Last IOVA, inclusive.
+        last: u64,
+    },
     /// Last record: counters and losses.
     Summary(Box<crate::report::TimelineSummary>),
 }
@@ -190,6 +226,10 @@ pub struct DmaEvent {
     /// For sampled legitimate DMAs: the sampling period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled: Option<u64>,
+    /// For `stale-config` escapes: the invalidation the DMA contradicts (also when it is older
+    /// than the events kept before the escape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Box<TimelineEvent>>,
 }
 
 static NEXT_TID: AtomicU32 = AtomicU32::new(1);

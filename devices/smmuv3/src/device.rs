@@ -1,14 +1,15 @@
 //! The SMMU object: construction, the MMIO register interface, GERROR, interrupts and the event
 //! queue. Command processing is in `exec.rs`, translation in `translate.rs`.
 
+use crate::cfgcache::ConfigCache;
 use crate::evtq::{Delivery, Event, QueuePtrs};
 use crate::guest::{write_dwords, write_u32};
 use crate::iotlb::Iotlb;
+use crate::provenance::{FaultInjection, Provenance};
 use crate::regs::{
     self, IdRegs, MMIO_SIZE, MSI_ADDR_MASK, PAGE1, Part, REG64, RegFile, STRTAB_BASE_CFG_MASK,
     STRTAB_BASE_MASK, Snapshot, StrtabCfg, cr0, gbpa, gerror, irq_ctrl, off, q,
 };
-use crate::translate::ConfigCache;
 use sluice_devapi::{Hooks, InterruptSink, PointCtx, StateEvent};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -84,6 +85,7 @@ pub struct SmmuV3 {
     pub(crate) iotlb: Iotlb,
     pub(crate) irq: Arc<dyn InterruptSink>,
     pub(crate) hooks: Arc<dyn Hooks>,
+    pub(crate) provenance: Provenance,
 }
 
 impl std::fmt::Debug for SmmuV3 {
@@ -112,7 +114,18 @@ impl SmmuV3 {
             iotlb: Iotlb::new(cfg.iotlb_capacity),
             irq,
             hooks,
+            provenance: Provenance::default(),
         }
+    }
+
+    /// Breaks the model on purpose, for escape-oracle tests only (see [`FaultInjection`]).
+    pub fn set_fault_injection(&self, faults: FaultInjection) {
+        self.provenance.set_faults(faults);
+    }
+
+    /// Invalidations not reported to the hooks because too many were waiting for a CMD_SYNC.
+    pub fn unreported_invalidations(&self) -> u64 {
+        self.provenance.dropped()
     }
 
     /// The ID registers presented.
@@ -126,6 +139,7 @@ impl SmmuV3 {
             gbpa: self.gbpa_reset,
             ..RegFile::default()
         };
+        self.provenance.forget();
         self.flush_caches();
     }
 

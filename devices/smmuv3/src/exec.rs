@@ -5,9 +5,10 @@ use crate::device::{IRQ_CMD_SYNC, Irq, SmmuV3};
 use crate::evtq::QueuePtrs;
 use crate::guest::{read_dwords, read_u64};
 use crate::iotlb::{ASID_NONE, Tag, TagSel};
+use crate::provenance::{Pending, cd_slot, tlb_contexts};
 use crate::regs::{cerror, cr0, gerror, q};
 use crate::ste::ste_address;
-use sluice_devapi::{Endpoint, PointCtx};
+use sluice_devapi::{CacheKind, ContextSel, Endpoint, PointCtx};
 use std::sync::atomic::Ordering;
 use vm_memory::GuestMemoryBackend;
 
@@ -143,12 +144,12 @@ impl SmmuV3 {
             | Command::Resume { .. }
             | Command::StallTerm { .. } => {}
             Command::CfgiSte { sid, .. } => {
-                self.cfg_cache.invalidate_sids(sid, sid);
-                self.state(
-                    "cfgi_ste",
-                    Some(Endpoint::Stream { sid, ssid: None }),
-                    self.ste_config_now(mem, sid),
-                );
+                let removal = self.provenance.config_removal();
+                let generation = self.cfg_cache.invalidate_sids(sid, sid, removal);
+                let endpoint = Endpoint::Stream { sid, ssid: None };
+                let contexts = ContextSel::exact(sid.into());
+                self.note_config("CFGI_STE", Some(endpoint), contexts, (0, 0), generation);
+                self.state("cfgi_ste", Some(endpoint), self.ste_config_now(mem, sid));
             }
             Command::CfgiSteRange { sid, range } => {
                 let mask = if range >= 31 {
@@ -156,7 +157,15 @@ impl SmmuV3 {
                 } else {
                     (1u32 << (range + 1)) - 1
                 };
-                self.cfg_cache.invalidate_sids(sid & !mask, sid | mask);
+                let removal = self.provenance.config_removal();
+                let generation = self
+                    .cfg_cache
+                    .invalidate_sids(sid & !mask, sid | mask, removal);
+                let contexts = ContextSel {
+                    value: u64::from(sid & !mask),
+                    mask: !u64::from(mask),
+                };
+                self.note_config("CFGI_STE_RANGE", None, contexts, (0, 0), generation);
                 self.state(
                     "cfgi_ste_range",
                     Some(Endpoint::Stream { sid, ssid: None }),
@@ -164,63 +173,125 @@ impl SmmuV3 {
                 );
             }
             Command::CfgiCd { sid, ssid, .. } => {
-                self.cfg_cache.invalidate_cd(sid, Some(ssid));
-                self.state(
-                    "cfgi_cd",
-                    Some(Endpoint::Stream {
-                        sid,
-                        ssid: Some(ssid),
-                    }),
-                    0,
+                let removal = self.provenance.config_removal();
+                let generation = self.cfg_cache.invalidate_cd(sid, Some(ssid), removal);
+                let endpoint = Endpoint::Stream {
+                    sid,
+                    ssid: Some(ssid),
+                };
+                let contexts = ContextSel::exact(sid.into());
+                let slot = cd_slot(ssid);
+                self.note_config(
+                    "CFGI_CD",
+                    Some(endpoint),
+                    contexts,
+                    (slot, slot),
+                    generation,
                 );
+                self.state("cfgi_cd", Some(endpoint), 0);
             }
             Command::CfgiCdAll { sid } => {
-                self.cfg_cache.invalidate_cd(sid, None);
-                self.state("cfgi_cd_all", Some(Endpoint::Stream { sid, ssid: None }), 0);
+                let removal = self.provenance.config_removal();
+                let generation = self.cfg_cache.invalidate_cd(sid, None, removal);
+                let endpoint = Endpoint::Stream { sid, ssid: None };
+                let contexts = ContextSel::exact(sid.into());
+                let slots = (cd_slot(0), u64::MAX);
+                self.note_config("CFGI_CD_ALL", Some(endpoint), contexts, slots, generation);
+                self.state("cfgi_cd_all", Some(endpoint), 0);
             }
             Command::TlbiNhAll { vmid } => {
-                self.iotlb.invalidate(TagSel::VmidS1(self.vmid(vmid)));
+                self.tlbi("TLBI_NH_ALL", TagSel::VmidS1(self.vmid(vmid)), None);
             }
             Command::TlbiNhAsid { vmid, asid } => {
                 let tag = Tag {
                     vmid: self.vmid(vmid),
                     asid: u32::from(asid),
                 };
-                self.iotlb.invalidate(TagSel::One(tag));
+                self.tlbi("TLBI_NH_ASID", TagSel::One(tag), None);
             }
             Command::TlbiNhVa { vmid, asid, range } => {
                 let tag = Tag {
                     vmid: self.vmid(vmid),
                     asid: u32::from(asid),
                 };
-                self.iotlb
-                    .invalidate_range(TagSel::One(tag), canonical(range.addr), range.len);
+                let span = (canonical(range.addr), range.len);
+                self.tlbi("TLBI_NH_VA", TagSel::One(tag), Some(span));
             }
             Command::TlbiNhVaa { vmid, range } => {
                 let sel = TagSel::VmidS1(self.vmid(vmid));
-                self.iotlb
-                    .invalidate_range(sel, canonical(range.addr), range.len);
+                self.tlbi("TLBI_NH_VAA", sel, Some((canonical(range.addr), range.len)));
             }
-            // EL2 streams are not distinguished from EL1 ones: over-invalidate.
+            // EL2 streams are not distinguished from EL1 ones: over-invalidate, claim nothing
+            // (the guest may rely on these only for EL2 streams, which this model has none of).
             Command::TlbiEl2 { .. } => {
                 self.iotlb.invalidate(TagSel::All);
             }
             Command::TlbiS12Vmall { vmid } => {
-                self.iotlb.invalidate(TagSel::Vmid(self.vmid(vmid)));
+                self.tlbi("TLBI_S12_VMALL", TagSel::Vmid(self.vmid(vmid)), None);
             }
             Command::TlbiS2Ipa { vmid, range } => {
                 let tag = Tag {
                     vmid: self.vmid(vmid),
                     asid: ASID_NONE,
                 };
-                self.iotlb
-                    .invalidate_range(TagSel::One(tag), range.addr, range.len);
+                self.tlbi(
+                    "TLBI_S2_IPA",
+                    TagSel::One(tag),
+                    Some((range.addr, range.len)),
+                );
             }
             Command::TlbiNsnhAll => {
-                self.iotlb.invalidate(TagSel::All);
+                self.tlbi("TLBI_NSNH_ALL", TagSel::All, None);
             }
-            Command::Sync { .. } => {}
+            Command::Sync { .. } => self.complete_invalidations(),
         }
+    }
+
+    /// A TLBI of `sel`, of the whole address space or of `(start, len)`: the IOTLB generation
+    /// moves on, the covered entries go, and the invalidation waits for its CMD_SYNC.
+    fn tlbi(&self, kind: &'static str, sel: TagSel, span: Option<(u64, u64)>) {
+        let generation = self.iotlb.advance();
+        if self.provenance.tlb_removal() {
+            match span {
+                Some((start, len)) => self.iotlb.remove_range(sel, start, len),
+                None => self.iotlb.remove(sel),
+            };
+        }
+        let (first, last) = match span {
+            // `remove_range` covers at least one byte and saturates at the top.
+            Some((start, len)) => (start, start.saturating_add(len.max(1) - 1)),
+            None => (0, u64::MAX),
+        };
+        self.provenance.note(Pending {
+            kind,
+            cache: CacheKind::Translation,
+            endpoint: None,
+            contexts: tlb_contexts(sel),
+            first,
+            last,
+            generation,
+        });
+    }
+
+    /// A CFGI of config-cache `slots` (0: the STE, `SSID + 1`: a CD) of `contexts`, effective
+    /// at `generation`, waiting for its CMD_SYNC.
+    fn note_config(
+        &self,
+        kind: &'static str,
+        endpoint: Option<Endpoint>,
+        contexts: ContextSel,
+        slots: (u64, u64),
+        generation: u64,
+    ) {
+        self.provenance.note(Pending {
+            kind,
+            cache: CacheKind::Config,
+            endpoint,
+            contexts,
+            first: slots.0,
+            last: slots.1,
+            generation,
+        });
     }
 
     fn vmid(&self, vmid: u16) -> u16 {

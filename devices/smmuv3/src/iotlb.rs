@@ -74,6 +74,8 @@ struct Slot {
     e: TlbEntry,
     referenced: bool,
     stamp: u64,
+    /// The invalidation epoch at which the walk that produced the entry began.
+    filled: u64,
 }
 
 type Key = (Tag, u64);
@@ -94,19 +96,19 @@ impl Shard {
         self.classes.entry(size).or_default()
     }
 
-    fn lookup(&mut self, tag: Tag, iova: u64) -> Option<TlbEntry> {
+    fn lookup(&mut self, tag: Tag, iova: u64) -> Option<(TlbEntry, u64)> {
         for (size, map) in self.classes.iter_mut() {
             let base = iova & !low_mask(*size);
             if let Some(slot) = map.get_mut(&(tag, base)) {
                 slot.referenced = true;
-                return Some(slot.e);
+                return Some((slot.e, slot.filled));
             }
         }
         None
     }
 
     /// Inserts or replaces; returns true if the entry is new.
-    fn insert(&mut self, tag: Tag, e: TlbEntry, stamp: u64) -> bool {
+    fn insert(&mut self, tag: Tag, e: TlbEntry, stamp: u64, filled: u64) -> bool {
         let key = (tag, e.iova);
         let size = e.size_log2;
         let old = self.class_mut(size).insert(
@@ -115,6 +117,7 @@ impl Shard {
                 e,
                 referenced: false,
                 stamp,
+                filled,
             },
         );
         self.fifo.push_back((size, key, stamp));
@@ -297,6 +300,11 @@ impl Iotlb {
 
     /// Finds the entry of `tag` containing `iova`.
     pub fn lookup(&self, tag: Tag, iova: u64) -> Option<TlbEntry> {
+        self.lookup_filled(tag, iova).map(|(e, _)| e)
+    }
+
+    /// Like [`Iotlb::lookup`], with the epoch at which the entry's walk began.
+    pub fn lookup_filled(&self, tag: Tag, iova: u64) -> Option<(TlbEntry, u64)> {
         Self::lock(self.shard_of(tag)).lookup(tag, iova)
     }
 
@@ -313,7 +321,7 @@ impl Iotlb {
                 self.count.fetch_sub(1, Ordering::Relaxed);
                 full = false;
             }
-            if sh.insert(tag, e, stamp) {
+            if sh.insert(tag, e, stamp, epoch) {
                 self.count.fetch_add(1, Ordering::Relaxed);
             }
             full
@@ -330,13 +338,22 @@ impl Iotlb {
         true
     }
 
-    fn bump(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Moves the invalidation epoch on and returns the new value: the generation at which an
+    /// invalidation takes effect. Walks that began earlier can no longer insert; entries they
+    /// inserted before are removed by the `remove_*` call that follows.
+    pub fn advance(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Removes every entry selected by `sel` that overlaps `[start, start+len)`.
     pub fn invalidate_range(&self, sel: TagSel, start: u64, len: u64) -> usize {
-        self.bump();
+        self.advance();
+        self.remove_range(sel, start, len)
+    }
+
+    /// The removal half of [`Iotlb::invalidate_range`], for callers that moved the epoch on
+    /// themselves with [`Iotlb::advance`].
+    pub fn remove_range(&self, sel: TagSel, start: u64, len: u64) -> usize {
         let end = start.saturating_add(len.max(1));
         let mut removed = 0;
         let mut each = |sh: &mut Shard| {
@@ -357,7 +374,12 @@ impl Iotlb {
 
     /// Removes every entry selected by `sel`.
     pub fn invalidate(&self, sel: TagSel) -> usize {
-        self.bump();
+        self.advance();
+        self.remove(sel)
+    }
+
+    /// The removal half of [`Iotlb::invalidate`] (see [`Iotlb::remove_range`]).
+    pub fn remove(&self, sel: TagSel) -> usize {
         let mut removed = 0;
         let mut each = |sh: &mut Shard| {
             if sel == TagSel::All {
@@ -424,6 +446,22 @@ mod tests {
         assert_eq!(tlb.len(), 5);
         assert_eq!(tlb.invalidate(TagSel::Vmid(1)), 5);
         assert!(tlb.is_empty());
+    }
+
+    #[test]
+    fn entries_remember_the_epoch_their_walk_began_at() {
+        let tlb = Iotlb::new(10);
+        let before = tlb.epoch();
+        assert!(tlb.insert(T, entry(0x1000, 12), before));
+        let generation = tlb.advance();
+        assert!(generation > before);
+        assert_eq!(tlb.lookup_filled(T, 0x1000).map(|(_, f)| f), Some(before));
+        assert_eq!(tlb.remove_range(TagSel::One(T), 0x1000, 1), 1);
+        assert!(tlb.insert(T, entry(0x1000, 12), tlb.epoch()));
+        assert_eq!(
+            tlb.lookup_filled(T, 0x1000).map(|(_, f)| f),
+            Some(generation)
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cd;
+mod cfgcache;
 pub mod cmdq;
 mod device;
 pub mod evtq;
@@ -29,6 +30,7 @@ mod exec;
 pub mod fuzzing;
 pub mod guest;
 pub mod iotlb;
+mod provenance;
 pub mod regs;
 pub mod ste;
 mod translate;
@@ -37,6 +39,7 @@ pub mod walk;
 pub use device::{CacheMode, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig, SmmuV3};
 pub use evtq::{Delivery, Event, EventType, FaultClass};
 pub use exec::ILLEGAL_POINT;
+pub use provenance::{FaultInjection, MAX_LISTED_USES, MAX_PENDING_INVALIDATIONS, SOURCE};
 pub use regs::IdRegs;
 pub use translate::{AbortCause, Access, Fault, Segment, Translation};
 

@@ -7,13 +7,14 @@ use crate::evtq::{Delivery, Event, EventType, FaultClass};
 use crate::exec::canonical;
 use crate::guest::{read_dwords, read_u64};
 use crate::iotlb::{ASID_NONE, Tag, TlbEntry};
+use crate::provenance::{Trace, cd_slot, first_divergence, tlb_context};
 use crate::regs::Snapshot;
 use crate::ste::{S1Ste, S2Ste, Ste, SteError, ste_address};
 use crate::walk::{Leaf, WalkCfg, WalkFault, attr, perm, s1_perms, s2_perms, walk};
-use sluice_devapi::{DmaDirection, DmaOutcome, DmaRecord, Endpoint};
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use sluice_devapi::{
+    CacheKind, CacheUse, CachedTranslation, DmaDirection, DmaOutcome, DmaRecord, Endpoint,
+};
+use std::sync::atomic::Ordering;
 use vm_memory::GuestMemoryBackend;
 
 /// The kind of a DMA access.
@@ -109,102 +110,9 @@ impl Fault {
 }
 
 /// Internal stop reason before the event is posted.
-enum Stop {
+pub(crate) enum Stop {
     Abort(AbortCause),
     Event { ev: Event, record: bool },
-}
-
-/// Decoded STEs and CDs, kept until the matching CFGI.
-#[derive(Debug)]
-pub(crate) struct ConfigCache {
-    stes: RwLock<HashMap<u32, Ste>>,
-    cds: RwLock<HashMap<(u32, u32), Cd>>,
-    epoch: AtomicU64,
-    capacity: usize,
-}
-
-impl ConfigCache {
-    pub(crate) fn new(capacity: usize) -> Self {
-        ConfigCache {
-            stes: RwLock::new(HashMap::new()),
-            cds: RwLock::new(HashMap::new()),
-            epoch: AtomicU64::new(0),
-            capacity: capacity.max(1),
-        }
-    }
-
-    fn ste(&self, sid: u32) -> Option<Ste> {
-        self.stes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&sid)
-            .copied()
-    }
-
-    fn cd(&self, sid: u32, ssid: u32) -> Option<Cd> {
-        self.cds
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(sid, ssid))
-            .copied()
-    }
-
-    fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    fn put_ste(&self, sid: u32, ste: Ste, epoch: u64) {
-        let mut m = self.stes.write().unwrap_or_else(|p| p.into_inner());
-        if self.epoch() == epoch {
-            if m.len() >= self.capacity {
-                m.clear();
-            }
-            m.insert(sid, ste);
-        }
-    }
-
-    fn put_cd(&self, sid: u32, ssid: u32, cd: Cd, epoch: u64) {
-        let mut m = self.cds.write().unwrap_or_else(|p| p.into_inner());
-        if self.epoch() == epoch {
-            if m.len() >= self.capacity {
-                m.clear();
-            }
-            m.insert((sid, ssid), cd);
-        }
-    }
-
-    /// Invalidates the STEs (and their CDs) of SIDs in `[lo, hi]`.
-    pub(crate) fn invalidate_sids(&self, lo: u32, hi: u32) {
-        let mut s = self.stes.write().unwrap_or_else(|p| p.into_inner());
-        let mut c = self.cds.write().unwrap_or_else(|p| p.into_inner());
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        if lo == hi {
-            s.remove(&lo);
-        } else {
-            s.retain(|sid, _| !(lo..=hi).contains(sid));
-        }
-        c.retain(|(sid, _), _| !(lo..=hi).contains(sid));
-    }
-
-    /// Invalidates one CD, or all of a stream's.
-    pub(crate) fn invalidate_cd(&self, sid: u32, ssid: Option<u32>) {
-        let mut c = self.cds.write().unwrap_or_else(|p| p.into_inner());
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        match ssid {
-            Some(ssid) => {
-                c.remove(&(sid, ssid));
-            }
-            None => c.retain(|(s, _), _| *s != sid),
-        }
-    }
-
-    pub(crate) fn clear(&self) {
-        let mut s = self.stes.write().unwrap_or_else(|p| p.into_inner());
-        let mut c = self.cds.write().unwrap_or_else(|p| p.into_inner());
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        s.clear();
-        c.clear();
-    }
 }
 
 /// The resolved context of one transaction.
@@ -249,7 +157,19 @@ impl SmmuV3 {
         access: Access,
     ) -> Result<Translation, Fault> {
         let snap = self.snapshot();
-        let res = self.translate_inner(mem, &snap, sid, ssid, iova, len, access);
+        // Read before any cache lookup: a CMD_SYNC counted here completed before them.
+        let completions_seen = self.provenance.syncs.load(Ordering::Acquire);
+        let trace = Trace::cached();
+        let res = self.translate_inner(mem, &snap, sid, ssid, iova, len, access, &trace);
+        let endpoint = Endpoint::Stream { sid, ssid };
+        let recheck = match &res {
+            Ok((t, _)) if trace.used_cache() && self.hooks.recheck_cached(endpoint) => {
+                let fresh = Trace::fresh();
+                let again = self.translate_inner(mem, &snap, sid, ssid, iova, len, access, &fresh);
+                Some(first_divergence(iova, t, &again))
+            }
+            _ => None,
+        };
         let (res, domain) = match res {
             Ok((t, d)) => (Ok(t), d),
             Err(Stop::Abort(c)) => (Err(Fault::Abort(c)), 0),
@@ -278,8 +198,8 @@ impl SmmuV3 {
                 reason: f.event_type().map_or(0, |k| u32::from(k.code())),
             },
         };
-        self.hooks.dma(&DmaRecord {
-            endpoint: Endpoint::Stream { sid, ssid },
+        let rec = DmaRecord {
+            endpoint,
             iova,
             len,
             direction: if access.write {
@@ -288,7 +208,22 @@ impl SmmuV3 {
                 DmaDirection::Read
             },
             outcome,
-        });
+        };
+        if trace.used_cache() {
+            let uses = trace.uses();
+            self.hooks.dma_cached(
+                &rec,
+                &CachedTranslation {
+                    source: crate::provenance::SOURCE,
+                    uses: uses.as_slice(),
+                    completions_seen,
+                    divergence: recheck.flatten(),
+                    rechecked: recheck.is_some(),
+                },
+            );
+        } else {
+            self.hooks.dma(&rec);
+        }
         res
     }
 
@@ -302,6 +237,7 @@ impl SmmuV3 {
         iova: u64,
         len: u64,
         access: Access,
+        trace: &Trace,
     ) -> Result<(Translation, u32), Stop> {
         let bypass = || {
             let segments = if len == 0 {
@@ -330,7 +266,7 @@ impl SmmuV3 {
             };
         }
         let ev = |kind| Event::new(kind, sid, ssid);
-        let ste = self.stream(mem, snap, sid).map_err(|e| {
+        let ste = self.stream(mem, snap, sid, trace).map_err(|e| {
             let mut ev = ev(e.event_type());
             if let SteError::Fetch { addr } = e {
                 ev.addr2 = addr;
@@ -358,7 +294,7 @@ impl SmmuV3 {
             s2,
         };
         if let Some(s1) = s1 {
-            ctx.cd = self.context(mem, &ctx, &s1, iova)?;
+            ctx.cd = self.context(mem, &ctx, &s1, iova, trace)?;
         } else if ssid.is_some() {
             return Err(Stop::Event {
                 ev: ev(EventType::CBadSubstreamid),
@@ -377,7 +313,7 @@ impl SmmuV3 {
         let end = iova.saturating_add(len.max(1));
         let mut cur = iova;
         while cur < end {
-            let e = self.entry(mem, &ctx, cur, access)?;
+            let e = self.entry(mem, &ctx, cur, access, trace)?;
             self.check_perms(&ctx, &e, cur, access)?;
             let off = canonical_if(&ctx, cur).wrapping_sub(e.iova);
             let chunk = (end - cur)
@@ -413,12 +349,20 @@ impl SmmuV3 {
         mem: &M,
         snap: &Snapshot,
         sid: u32,
+        trace: &Trace,
     ) -> Result<Ste, SteError> {
-        let caching = self.caching();
+        let caching = trace.caching(self);
         if let Some(s) = self.cfg_cache.ste(sid).filter(|_| caching) {
-            return Ok(s);
+            trace.record(CacheUse {
+                cache: CacheKind::Config,
+                context: u64::from(sid),
+                first: 0,
+                last: 0,
+                filled: s.filled,
+            });
+            return Ok(s.value);
         }
-        let epoch = self.cfg_cache.epoch();
+        let epoch = self.cfg_cache.generation();
         let addr = ste_address(mem, &snap.strtab, sid)?;
         let words = read_dwords::<M, 8>(mem, addr).map_err(|_| SteError::Fetch { addr })?;
         let ste = Ste::parse(&words, &self.idr)?;
@@ -435,6 +379,7 @@ impl SmmuV3 {
         ctx: &Ctx,
         s1: &S1Ste,
         iova: u64,
+        trace: &Trace,
     ) -> Result<Option<Cd>, Stop> {
         let ev = |kind| Event::new(kind, ctx.sid, ctx.ssid);
         let ssid = match ctx.ssid {
@@ -457,15 +402,23 @@ impl SmmuV3 {
                 _ => 0,
             },
         };
-        let caching = self.caching();
+        let caching = trace.caching(self);
         if let Some(cd) = self.cfg_cache.cd(ctx.sid, ssid).filter(|_| caching) {
-            return Ok(Some(cd));
+            let slot = cd_slot(ssid);
+            trace.record(CacheUse {
+                cache: CacheKind::Config,
+                context: u64::from(ctx.sid),
+                first: slot,
+                last: slot,
+                filled: cd.filled,
+            });
+            return Ok(Some(cd.value));
         }
-        let epoch = self.cfg_cache.epoch();
+        let epoch = self.cfg_cache.generation();
         // Reads a CD-table word, through stage 2 when it is enabled.
         let mut read = |addr: u64| -> Result<u64, Stop> {
             let pa = match &ctx.s2 {
-                Some(s2) => self.s2_fetch_addr(mem, ctx, s2, addr, iova, FaultClass::Cd)?,
+                Some(s2) => self.s2_fetch_addr(mem, ctx, s2, addr, iova, FaultClass::Cd, trace)?,
                 None => addr,
             };
             read_u64(mem, pa).map_err(|_| {
@@ -500,6 +453,7 @@ impl SmmuV3 {
 
     /// Stage-2 translation of an address the SMMU itself reads (CD or table descriptor):
     /// needs stage-2 read permission; faults are reported with `class`.
+    #[allow(clippy::too_many_arguments)]
     fn s2_fetch_addr<M: GuestMemoryBackend>(
         &self,
         mem: &M,
@@ -508,8 +462,9 @@ impl SmmuV3 {
         ipa: u64,
         iova: u64,
         class: FaultClass,
+        trace: &Trace,
     ) -> Result<u64, Stop> {
-        let out = self.s2_translate(mem, ctx, s2, ipa, iova, class)?;
+        let out = self.s2_translate(mem, ctx, s2, ipa, iova, class, trace)?;
         if out.perm & perm::R_PRIV == 0 {
             return Err(self.s2_fault(
                 ctx,
@@ -549,6 +504,7 @@ impl SmmuV3 {
     }
 
     /// Stage-2 translation of one IPA, through the IOTLB's stage-2-only entries.
+    #[allow(clippy::too_many_arguments)]
     fn s2_translate<M: GuestMemoryBackend>(
         &self,
         mem: &M,
@@ -557,13 +513,18 @@ impl SmmuV3 {
         ipa: u64,
         iova: u64,
         class: FaultClass,
+        trace: &Trace,
     ) -> Result<S2Out, Stop> {
         let tag = Tag {
             vmid: s2.vmid,
             asid: ASID_NONE,
         };
-        let caching = self.caching();
-        if let Some(e) = caching.then(|| self.iotlb.lookup(tag, ipa)).flatten() {
+        let caching = trace.caching(self);
+        if let Some((e, filled)) = caching
+            .then(|| self.iotlb.lookup_filled(tag, ipa))
+            .flatten()
+        {
+            trace.record_tlb(tlb_context(tag), &e, filled);
             return Ok(S2Out {
                 pa: e.oa + (ipa - e.iova),
                 size_log2: e.size_log2,
@@ -619,13 +580,14 @@ impl SmmuV3 {
         ctx: &Ctx,
         va: u64,
         access: Access,
+        trace: &Trace,
     ) -> Result<TlbEntry, Stop> {
         let Some(cd) = ctx.cd else {
             // Stage 2 only.
             let Some(s2) = ctx.s2 else {
                 return Ok(identity(va));
             };
-            let out = self.s2_translate(mem, ctx, &s2, va, va, FaultClass::In)?;
+            let out = self.s2_translate(mem, ctx, &s2, va, va, FaultClass::In, trace)?;
             let base = va & !low_mask(out.size_log2);
             return Ok(TlbEntry {
                 iova: base,
@@ -643,8 +605,12 @@ impl SmmuV3 {
             vmid: ctx.vmid,
             asid: u32::from(cd.asid),
         };
-        let caching = self.caching();
-        if let Some(e) = caching.then(|| self.iotlb.lookup(tag, key)).flatten() {
+        let caching = trace.caching(self);
+        if let Some((e, filled)) = caching
+            .then(|| self.iotlb.lookup_filled(tag, key))
+            .flatten()
+        {
+            trace.record_tlb(tlb_context(tag), &e, filled);
             return Ok(e);
         }
         let epoch = self.iotlb.epoch();
@@ -662,7 +628,7 @@ impl SmmuV3 {
         let Some((region, walk_addr)) = cd.select(va) else {
             return Err(s1_fault(EventType::FTranslation));
         };
-        let leaf = self.s1_walk(mem, ctx, &region.walk, walk_addr, va, &s1_fault)?;
+        let leaf = self.s1_walk(mem, ctx, &region.walk, walk_addr, va, &s1_fault, trace)?;
         if leaf.desc & attr::AF == 0 && !cd.affd {
             return Err(s1_fault(EventType::FAccess));
         }
@@ -693,7 +659,7 @@ impl SmmuV3 {
         };
         if let Some(s2) = &ctx.s2 {
             let ipa = oa + (key & low_mask(size_log2));
-            let out = self.s2_translate(mem, ctx, s2, ipa, va, FaultClass::In)?;
+            let out = self.s2_translate(mem, ctx, s2, ipa, va, FaultClass::In, trace)?;
             let size = size_log2.min(out.size_log2);
             let off = key & low_mask(size);
             e.iova = key - off;
@@ -708,6 +674,7 @@ impl SmmuV3 {
         Ok(e)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn s1_walk<M: GuestMemoryBackend>(
         &self,
         mem: &M,
@@ -716,10 +683,13 @@ impl SmmuV3 {
         walk_addr: u64,
         va: u64,
         s1_fault: &dyn Fn(EventType) -> Stop,
+        trace: &Trace,
     ) -> Result<Leaf, Stop> {
         let mut fetch = |desc_addr: u64, _level: u32| -> Result<u64, Stop> {
             let pa = match &ctx.s2 {
-                Some(s2) => self.s2_fetch_addr(mem, ctx, s2, desc_addr, va, FaultClass::Tt)?,
+                Some(s2) => {
+                    self.s2_fetch_addr(mem, ctx, s2, desc_addr, va, FaultClass::Tt, trace)?
+                }
                 None => desc_addr,
             };
             read_u64(mem, pa).map_err(|_| {

@@ -137,6 +137,14 @@ impl VirtioIommu {
             .and_then(|m| m.attached(endpoint_id))
     }
 
+    /// Breaks the model on purpose, for escape-oracle tests only (see
+    /// [`crate::model::FaultInjection`]).
+    pub fn set_fault_injection(&self, faults: crate::model::FaultInjection) {
+        if let Ok(mut m) = self.engine.model.lock() {
+            m.set_fault_injection(faults);
+        }
+    }
+
     /// Records the features the driver accepted. Activation does this; tests, benches and the
     /// fuzzer that drive the device without a transport call it directly.
     pub fn set_acked_features(&self, acked: u64) {

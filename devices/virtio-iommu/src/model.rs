@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
-use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, StateEvent};
+use sluice_devapi::{
+    Bdf, CacheKind, ContextSel, Endpoint, EndpointIommu, Hooks, Invalidation, MapEvent, StateEvent,
+};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::config::ViommuConfig;
@@ -67,6 +69,15 @@ impl ApplyCtx<'_> {
     }
 }
 
+/// Deliberate model bugs, for tests of the escape oracle only. Every other step of the request
+/// runs the real code path, so the oracle sees exactly what a buggy model would produce.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultInjection {
+    /// UNMAP removes the mappings but leaves the endpoints' translation caches alone, so a
+    /// cached translation outlives the UNMAP's completion.
+    pub skip_unmap_invalidation: bool,
+}
+
 /// The device's translation state.
 pub struct Model {
     name: String,
@@ -77,6 +88,7 @@ pub struct Model {
     domains: BTreeMap<u32, DomainEntry>,
     ep_domain: BTreeMap<u32, u32>,
     total_mappings: usize,
+    faults: FaultInjection,
 }
 
 fn wlock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
@@ -105,7 +117,13 @@ impl Model {
             domains: BTreeMap::new(),
             ep_domain: BTreeMap::new(),
             total_mappings: 0,
+            faults: FaultInjection::default(),
         }
+    }
+
+    /// Breaks the model on purpose (oracle tests only; see [`FaultInjection`]).
+    pub fn set_fault_injection(&mut self, faults: FaultInjection) {
+        self.faults = faults;
     }
 
     /// Number of live domains.
@@ -323,6 +341,14 @@ impl Model {
         {
             return Status::Fault;
         }
+        // Announced before the mapping is visible (the store's write lock is held), so no
+        // translation through it can reach the oracle before the oracle knows it is legitimate.
+        self.hooks.mapped(&MapEvent {
+            source: &self.name,
+            context: u64::from(domain),
+            first: start,
+            last: end,
+        });
         if store.insert(start, Mapping { end, phys, flags }).is_err() {
             return Status::Inval;
         }
@@ -351,13 +377,28 @@ impl Model {
             .map(|e| &e.members)
             .into_iter()
             .flatten();
-        for ep in members {
+        for ep in members.filter(|_| !self.faults.skip_unmap_invalidation) {
             if let Some(slot) = self.endpoints.get(ep) {
                 for &(s, e) in &removed {
                     slot.iommu.invalidate(s, (e - s).saturating_add(1));
                 }
             }
         }
+        // Nothing in [start, end] is mapped any more and every cached translation of it is
+        // gone (in-flight accesses finished): the guest may rely on that once it sees the
+        // status, so the oracle hears it first.
+        self.hooks.invalidated(&Invalidation {
+            source: &self.name,
+            kind: "UNMAP",
+            cache: CacheKind::Translation,
+            endpoint: None,
+            contexts: ContextSel::exact(u64::from(domain)),
+            first: start,
+            last: end,
+            generation: None,
+            completion: 0,
+            completed_at: std::time::Instant::now(),
+        });
         Status::Ok
     }
 

@@ -182,7 +182,7 @@ impl Zpci {
                     }
                     g.transition(Transition::Disable)
                         .map_err(|_| ClpRc(rc::SETPCIFN_FHOP))?;
-                    let freed = g.drop_translations();
+                    let freed = g.drop_translations("DISABLE");
                     self.budget.give(freed);
                     g.irq = None;
                     g.fmb_addr = 0;
@@ -191,6 +191,7 @@ impl Zpci {
             }
         };
         self.emit_state(what, new_fh, epoch);
+        self.report_drops(s);
         Ok(new_fh)
     }
 }

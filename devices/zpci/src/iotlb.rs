@@ -33,7 +33,14 @@ impl Hasher for FrameHasher {
     }
 }
 
-type FrameMap = HashMap<u64, Entry, BuildHasherDefault<FrameHasher>>;
+type FrameMap = HashMap<u64, Cached, BuildHasherDefault<FrameHasher>>;
+
+/// An entry and the refresh that installed (or last confirmed) it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cached {
+    entry: Entry,
+    filled: u64,
+}
 
 /// One cached translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +58,9 @@ pub struct Hit {
     pub entry: Entry,
     /// Frame size.
     pub frame: Frame,
+    /// The function's refresh count when the RPCIT that installed or last confirmed the entry
+    /// committed (what the escape oracle compares with later refreshes of the frame).
+    pub filled: u64,
 }
 
 /// Per-function shadow translations.
@@ -75,18 +85,20 @@ impl Iotlb {
     /// Cached translation for `iova`.
     #[inline]
     pub fn lookup(&self, iova: u64) -> Option<Hit> {
-        if let Some(e) = self.pages.get(&(iova >> 12)) {
+        if let Some(c) = self.pages.get(&(iova >> 12)) {
             return Some(Hit {
-                entry: *e,
+                entry: c.entry,
                 frame: Frame::Page,
+                filled: c.filled,
             });
         }
         if self.segs.is_empty() {
             return None;
         }
-        self.segs.get(&(iova >> 20)).map(|e| Hit {
-            entry: *e,
+        self.segs.get(&(iova >> 20)).map(|c| Hit {
+            entry: c.entry,
             frame: Frame::Segment,
+            filled: c.filled,
         })
     }
 
@@ -116,9 +128,10 @@ impl Iotlb {
         }
     }
 
-    /// Installs `m`. Entries of the other size overlapping it are dropped; the number dropped
-    /// is returned with the outcome.
-    pub fn install(&mut self, m: &Mapping) -> (Install, usize) {
+    /// Installs `m` as confirmed by the refresh numbered `filled` (also when it is unchanged).
+    /// Entries of the other size overlapping it are dropped; the number dropped is returned
+    /// with the outcome.
+    pub fn install(&mut self, m: &Mapping, filled: u64) -> (Install, usize) {
         let e = Entry {
             gpa: m.gpa,
             writable: m.writable,
@@ -133,9 +146,9 @@ impl Iotlb {
                 (&mut self.segs, m.iova >> 20, d)
             }
         };
-        let how = match map.insert(key, e) {
+        let how = match map.insert(key, Cached { entry: e, filled }) {
             None => Install::Added,
-            Some(old) if old == e => Install::Unchanged,
+            Some(old) if old.entry == e => Install::Unchanged,
             Some(_) => Install::Replaced,
         };
         (how, dropped)
@@ -151,8 +164,12 @@ impl Iotlb {
         let mut v: Vec<_> = self
             .pages
             .iter()
-            .map(|(k, e)| (k << 12, *e, Frame::Page))
-            .chain(self.segs.iter().map(|(k, e)| (k << 20, *e, Frame::Segment)))
+            .map(|(k, c)| (k << 12, c.entry, Frame::Page))
+            .chain(
+                self.segs
+                    .iter()
+                    .map(|(k, c)| (k << 20, c.entry, Frame::Segment)),
+            )
             .collect();
         v.sort_by_key(|(k, _, _)| *k);
         v
@@ -250,17 +267,24 @@ mod tests {
     #[test]
     fn install_replace_remove() {
         let mut t = Iotlb::default();
-        assert_eq!(t.install(&page(0x1000, 0x5000)).0, Install::Added);
-        assert_eq!(t.install(&page(0x1000, 0x5000)).0, Install::Unchanged);
-        assert_eq!(t.install(&page(0x1000, 0x6000)).0, Install::Replaced);
+        assert_eq!(t.install(&page(0x1000, 0x5000), 1).0, Install::Added);
+        assert_eq!(t.install(&page(0x1000, 0x5000), 1).0, Install::Unchanged);
+        assert_eq!(t.install(&page(0x1000, 0x6000), 2).0, Install::Replaced);
         assert_eq!(t.lookup(0x1fff).map(|h| h.entry.gpa), Some(0x6000));
+        assert_eq!(t.lookup(0x1fff).map(|h| h.filled), Some(2));
+        t.install(&page(0x1000, 0x6000), 5);
+        assert_eq!(
+            t.lookup(0x1000).map(|h| h.filled),
+            Some(5),
+            "an unchanged entry is confirmed by the later refresh"
+        );
         let seg = Mapping {
             iova: 0,
             gpa: 0x10_0000,
             frame: Frame::Segment,
             writable: false,
         };
-        assert_eq!(t.install(&seg), (Install::Added, 1));
+        assert_eq!(t.install(&seg, 3), (Install::Added, 1));
         assert_eq!(t.lookup(0x1000).map(|h| h.frame), Some(Frame::Segment));
         assert_eq!(t.remove_range(0x8000, 0x9000), 1);
         assert!(t.is_empty());

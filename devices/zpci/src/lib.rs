@@ -37,6 +37,7 @@ pub mod iotlb;
 mod model;
 pub mod mpcifc;
 pub mod pcils;
+mod provenance;
 pub mod rpcit;
 mod translate;
 pub mod walk;
@@ -46,6 +47,7 @@ pub use fib::Fib;
 pub use function::{FunctionConfig, FunctionState, LifecycleError, Transition};
 pub use model::{BuildError, CommitOrdering, ErrorEvent, TlbMode, Zpci, ZpciOptions};
 pub use mpcifc::{MpcifcOp, MpcifcRequest};
+pub use provenance::{FaultInjection, MAX_LISTED_USES, SOURCE};
 pub use translate::{DmaRefusal, Piece, RefusalKind, Translation};
 
 /// Hook point of MPCIFC REG_INT.

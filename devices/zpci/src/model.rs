@@ -22,6 +22,7 @@ use crate::function::{
 };
 use crate::iotlb::{Budget, Entry, Iotlb};
 use crate::pcils::ConfigStore;
+use crate::provenance::FaultInjection;
 use crate::walk::{Frame, Iota};
 
 /// How DMA is translated.
@@ -56,6 +57,8 @@ pub struct ZpciOptions {
     pub ordering: CommitOrdering,
     /// Error events kept before older ones are dropped.
     pub max_error_events: usize,
+    /// Deliberate bugs, for escape-oracle tests only (default: none).
+    pub fault_injection: FaultInjection,
 }
 
 impl Default for ZpciOptions {
@@ -65,6 +68,7 @@ impl Default for ZpciOptions {
             mapping_budget: None,
             ordering: CommitOrdering::Revalidate,
             max_error_events: 4096,
+            fault_injection: FaultInjection::default(),
         }
     }
 }
@@ -125,6 +129,11 @@ pub(crate) struct FnInner {
     pub irq: Option<IrqReg>,
     pub fmb_addr: u64,
     pub store: ConfigStore,
+    /// Refreshes so far (RPCIT commits and drops of every shadow entry): the fill generation of
+    /// shadow entries and the completion number reported to the oracle (`provenance`).
+    pub refreshes: u64,
+    /// A drop of every shadow entry not yet reported: its refresh number and what caused it.
+    pub unreported_drop: Option<(u64, &'static str)>,
 }
 
 /// The lifecycle part of [`FnInner`] a pre-fix commit writes back.
@@ -164,10 +173,13 @@ impl FnInner {
         Ok(to)
     }
 
-    /// Drops the DMA address space and every shadow entry; returns entries freed.
-    pub fn drop_translations(&mut self) -> usize {
+    /// Drops the DMA address space and every shadow entry (`why`: the instruction or event, for
+    /// the report to the oracle, which `Zpci::report_drops` sends); returns entries freed.
+    pub fn drop_translations(&mut self, why: &'static str) -> usize {
         self.ioat = None;
         self.epoch += 1;
+        self.refreshes += 1;
+        self.unreported_drop = Some((self.refreshes, why));
         self.iotlb.clear()
     }
 }
@@ -244,6 +256,8 @@ impl Zpci {
                 irq: None,
                 fmb_addr: 0,
                 store: ConfigStore::new(&cfg),
+                refreshes: 0,
+                unreported_drop: None,
             };
             let idx = u16::try_from(i).map_err(|_| BuildError::TooMany(i))?;
             slots.push(Slot {
@@ -424,7 +438,11 @@ impl Zpci {
                 _ => {}
             }
             if reset {
-                let freed = g.drop_translations();
+                let freed = g.drop_translations(if cause == Transition::Reserve {
+                    "RESERVE"
+                } else {
+                    "DECONFIGURE"
+                });
                 self.budget.give(freed);
                 g.irq = None;
                 g.fmb_addr = 0;
@@ -432,6 +450,7 @@ impl Zpci {
             (to, g.fh(slot.idx), g.epoch)
         };
         self.emit_state(what, fh, epoch);
+        self.report_drops(slot);
         Ok(to)
     }
 

@@ -220,6 +220,7 @@ impl Zpci {
         if let Some(ev) = event {
             self.emit_error(ev);
         }
+        self.report_drops(slot);
         if let (
             Some(what),
             Ok(InsnStatus {
@@ -236,18 +237,18 @@ impl Zpci {
         let ok = |what| (Ok(InsnStatus::OK), None, Some(what));
         match p {
             Plan::SetIoat(r) => {
-                let freed = g.drop_translations();
+                let freed = g.drop_translations("REG_IOAT");
                 self.budget.give(freed);
                 g.ioat = Some(r);
                 ok("reg-ioat")
             }
             Plan::ClearIoat => {
-                let freed = g.drop_translations();
+                let freed = g.drop_translations("DEREG_IOAT");
                 self.budget.give(freed);
                 ok("dereg-ioat")
             }
             Plan::ReplaceIoat(r) => {
-                let freed = g.drop_translations();
+                let freed = g.drop_translations("REREG_IOAT");
                 self.budget.give(freed);
                 g.ioat = Some(r);
                 ok("rereg-ioat")

@@ -62,7 +62,9 @@ struct Plan {
     end: u64,
 }
 
-type Answer = (InsnStatus, Option<ErrorEvent>);
+/// The status, an error event to emit, and the refresh to report (range walked, refresh number)
+/// when the RPCIT completed with cc 0.
+type Answer = (InsnStatus, Option<ErrorEvent>, Option<((u64, u64), u64)>);
 
 /// Why RPCIT does not walk.
 #[derive(Clone, Copy)]
@@ -108,7 +110,7 @@ impl Zpci {
             value: start,
         });
         let walked = first.as_ref().ok().map(walk);
-        let (answer, event) = {
+        let (answer, event, refreshed) = {
             let mut g = slot.write();
             let (plan, walked) = if g.epoch == epoch0 {
                 (first, walked)
@@ -127,18 +129,24 @@ impl Zpci {
                     }
                 }
             };
-            match (plan, walked) {
-                (Ok(_), Some(w)) => self.rpcit_apply(slot, &mut g, w),
-                (Err(Reject::Plain(st)), _) => (st, None),
+            let fh_now = g.fh(slot.idx);
+            let answer = match (plan, walked) {
+                (Ok(p), Some(w)) => self.rpcit_apply(slot, &mut g, &p, w),
+                (Err(Reject::Plain(st)), _) => (st, None, None),
                 (Err(Reject::Fault { pec, addr }), _) => (
                     InsnStatus::error(status::PCI_FUNC_IN_ERR),
                     Some(Zpci::fault_locked(slot, &mut g, pec, addr)),
+                    None,
                 ),
-                (Ok(_), None) => (InsnStatus::INVALID_HANDLE, None),
-            }
+                (Ok(_), None) => (InsnStatus::INVALID_HANDLE, None, None),
+            };
+            (answer.0, answer.1, answer.2.map(|r| (r, fh_now)))
         };
         if let Some(ev) = event {
             self.emit_error(ev);
+        }
+        if let Some(((range, refresh), fh_now)) = refreshed {
+            self.report_refresh(slot, fh_now, "RPCIT", range, refresh);
         }
         answer
     }
@@ -177,9 +185,12 @@ impl Zpci {
         })
     }
 
-    fn rpcit_apply(&self, slot: &Slot, g: &mut FnInner, w: Walked) -> Answer {
+    fn rpcit_apply(&self, slot: &Slot, g: &mut FnInner, plan: &Plan, w: Walked) -> Answer {
+        g.refreshes += 1;
+        let refresh = g.refreshes;
         let mut freed = 0usize;
-        for s in &w.steps {
+        let drop_invalid = !self.opts.fault_injection.skip_rpcit_invalidation;
+        for s in w.steps.iter().filter(|_| drop_invalid) {
             if let Step::Invalid { start, len } = *s {
                 freed += g.iotlb.remove_range(start, start.saturating_add(len));
             }
@@ -192,18 +203,21 @@ impl Zpci {
                 deferred += 1;
                 continue;
             }
-            let (how, dropped) = g.iotlb.install(m);
+            let (how, dropped) = g.iotlb.install(m, refresh);
             let _ = how;
             self.budget.give(dropped);
         }
         if let Some((iova, err)) = w.error {
             // A malformed table puts the function into the error state.
             let ev = Zpci::fault_locked(slot, g, err.pec(), iova);
-            return (InsnStatus::error(status::PCI_FUNC_IN_ERR), Some(ev));
+            return (InsnStatus::error(status::PCI_FUNC_IN_ERR), Some(ev), None);
         }
         if deferred > 0 {
-            return (InsnStatus::error(status::RPCIT_INSUFF_RES), None);
+            return (InsnStatus::error(status::RPCIT_INSUFF_RES), None, None);
         }
-        (InsnStatus::OK, None)
+        // Every frame of the walked range was re-installed with this refresh number or
+        // removed; an empty range refreshes nothing.
+        let walked = (plan.end > plan.start).then(|| ((plan.start, plan.end - 1), refresh));
+        (InsnStatus::OK, None, walked)
     }
 }

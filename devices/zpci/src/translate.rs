@@ -5,13 +5,14 @@
 //! the lock is released; `Translated.domain` carries the low 32 bits of the function generation
 //! that translated it, so an oracle can order it against release events.
 
-use sluice_devapi::{DmaDirection, DmaOutcome, DmaRecord, Endpoint};
+use sluice_devapi::{CachedTranslation, DmaDirection, DmaOutcome, DmaRecord, Endpoint};
 use thiserror::Error;
 use vm_memory::GuestMemoryBackend;
 
 use crate::codes::{pec, reason};
 use crate::function::{FunctionState, fh};
 use crate::model::{FnInner, Slot, TlbMode, Zpci};
+use crate::provenance::{SOURCE, Uses};
 use crate::walk::{Step, walk_one};
 
 /// One contiguous guest-physical piece of a translated DMA.
@@ -81,6 +82,15 @@ impl DmaRefusal {
     }
 }
 
+/// What a DMA saw of the shadow IOTLB, for the oracle.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The function's refresh count when the lookups began.
+    refreshes: u64,
+    /// Shadow entries used.
+    uses: Uses,
+}
+
 /// A refusal that is also an error event (state → error).
 struct Fault {
     kind: RefusalKind,
@@ -120,7 +130,8 @@ impl Zpci {
         out: &mut Vec<Piece>,
     ) -> Result<u64, DmaRefusal> {
         let start_len = out.len();
-        let result = self.translate_checked(mem, fh, iova, len, write, out);
+        let mut seen = Seen::default();
+        let result = self.translate_checked(mem, fh, iova, len, write, out, &mut seen);
         let direction = if write {
             DmaDirection::Write
         } else {
@@ -136,16 +147,31 @@ impl Zpci {
                 DmaOutcome::Faulted { reason: r.reason }
             }
         };
-        self.hooks.dma(&DmaRecord {
+        let rec = DmaRecord {
             endpoint: Endpoint::Zpci { fh },
             iova,
             len,
             direction,
             outcome,
-        });
+        };
+        if seen.uses.as_slice().is_empty() {
+            self.hooks.dma(&rec);
+        } else {
+            self.hooks.dma_cached(
+                &rec,
+                &CachedTranslation {
+                    source: SOURCE,
+                    uses: seen.uses.as_slice(),
+                    completions_seen: seen.refreshes,
+                    divergence: None,
+                    rechecked: false,
+                },
+            );
+        }
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn translate_checked<M: GuestMemoryBackend>(
         &self,
         mem: &M,
@@ -154,6 +180,7 @@ impl Zpci {
         len: u64,
         write: bool,
         out: &mut Vec<Piece>,
+        seen: &mut Seen,
     ) -> Result<u64, DmaRefusal> {
         let Some(slot) = self.slot_by_fh(handle) else {
             return Err(DmaRefusal::new(
@@ -164,7 +191,8 @@ impl Zpci {
         };
         let (epoch, failure) = {
             let g = slot.read();
-            match self.translate_locked(mem, slot, &g, handle, iova, len, write, out) {
+            seen.refreshes = g.refreshes;
+            match self.translate_locked(mem, slot, &g, handle, iova, len, write, out, seen) {
                 Ok(()) => return Ok(g.epoch),
                 Err(Failure::Plain(r)) => return Err(r),
                 Err(Failure::Event(f)) => (g.epoch, f),
@@ -195,6 +223,7 @@ impl Zpci {
         len: u64,
         write: bool,
         out: &mut Vec<Piece>,
+        seen: &mut Seen,
     ) -> Result<(), Failure> {
         let plain = |kind, reason| Err(Failure::Plain(DmaRefusal::new(kind, reason, iova)));
         if handle & fh::INSTANCE != g.fh(slot.idx) & fh::INSTANCE {
@@ -232,7 +261,13 @@ impl Zpci {
         loop {
             let (gpa, size, writable) = match self.opts.tlb_mode {
                 TlbMode::Shadow => match g.iotlb.lookup(cur) {
-                    Some(h) => (h.entry.gpa, h.frame.size(), h.entry.writable),
+                    Some(h) => {
+                        let size = h.frame.size();
+                        let base = cur & !(size - 1);
+                        let context = u64::from(slot.idx);
+                        seen.uses.record(context, base, base + (size - 1), h.filled);
+                        (h.entry.gpa, size, h.entry.writable)
+                    }
                     None => return event(RefusalKind::NotMapped, pec::TPROTE, cur),
                 },
                 TlbMode::AlwaysWalk => {

@@ -1,11 +1,14 @@
 //! A small "driver" for tests: guest memory, queue helpers, STE/CD/page-table builders.
 #![allow(dead_code)]
 
-use sluice_devapi::{DmaRecord, Hooks, PointCtx, RecordingInterrupts, StateEvent};
+use sluice_devapi::{
+    CacheKind, CacheUse, CachedTranslation, ContextSel, Divergence, DmaRecord, Endpoint, Hooks,
+    Invalidation, PointCtx, RecordingInterrupts, StateEvent,
+};
 use sluice_smmuv3::regs::off;
 use sluice_smmuv3::walk::Granule;
 use sluice_smmuv3::{Event, SmmuConfig, SmmuV3};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -18,12 +21,38 @@ pub const EVTQ_LOG2: u64 = 5;
 pub const CDTAB: u64 = 0x30_0000;
 pub const PT_BASE: u64 = 0x40_0000;
 
-/// Records every hook call.
+/// An `Invalidation` as recorded (owned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inv {
+    pub kind: String,
+    pub cache: CacheKind,
+    pub endpoint: Option<Endpoint>,
+    pub contexts: ContextSel,
+    pub first: u64,
+    pub last: u64,
+    pub generation: Option<u64>,
+    pub completion: u64,
+}
+
+/// A `dma_cached` report as recorded.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub rec: DmaRecord,
+    pub uses: Vec<CacheUse>,
+    pub seen: u64,
+    pub divergence: Option<Divergence>,
+    pub rechecked: bool,
+}
+
+/// Records every hook call; answers `recheck_cached` with `recheck`.
 #[derive(Default)]
 pub struct RecHooks {
     pub points: Mutex<Vec<(String, u64)>>,
     pub dmas: Mutex<Vec<DmaRecord>>,
     pub states: Mutex<Vec<(String, u64)>>,
+    pub invalidations: Mutex<Vec<Inv>>,
+    pub cached: Mutex<Vec<Cached>>,
+    pub recheck: AtomicBool,
 }
 
 impl Hooks for RecHooks {
@@ -41,6 +70,32 @@ impl Hooks for RecHooks {
             .lock()
             .unwrap()
             .push((ev.what.to_string(), ev.value));
+    }
+    fn invalidated(&self, inv: &Invalidation<'_>) {
+        assert_eq!(inv.source, "smmuv3");
+        self.invalidations.lock().unwrap().push(Inv {
+            kind: inv.kind.to_string(),
+            cache: inv.cache,
+            endpoint: inv.endpoint,
+            contexts: inv.contexts,
+            first: inv.first,
+            last: inv.last,
+            generation: inv.generation,
+            completion: inv.completion,
+        });
+    }
+    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
+        self.dmas.lock().unwrap().push(*rec);
+        self.cached.lock().unwrap().push(Cached {
+            rec: *rec,
+            uses: via.uses.to_vec(),
+            seen: via.completions_seen,
+            divergence: via.divergence,
+            rechecked: via.rechecked,
+        });
+    }
+    fn recheck_cached(&self, _: Endpoint) -> bool {
+        self.recheck.load(Ordering::Relaxed)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use sluice_devapi::{DmaRecord, Hooks, NoHooks, PointCtx, StateEvent};
+use sluice_devapi::{DmaRecord, Hooks, Invalidation, MapEvent, NoHooks, PointCtx, StateEvent};
 use sluice_virtio_pci::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -16,6 +16,7 @@ use crate::spec::Status;
 mod defer;
 mod fuzz;
 mod model_prop;
+mod provenance;
 mod requests;
 mod ring;
 mod translation;
@@ -105,6 +106,8 @@ pub(crate) struct Recorder {
     pub points: Mutex<Vec<(String, Option<u32>, u64)>>,
     pub dmas: Mutex<Vec<DmaRecord>>,
     pub states: Mutex<Vec<(String, u64)>>,
+    /// Points, mappings and invalidations in the order they arrived.
+    pub order: Mutex<Vec<String>>,
 }
 
 impl Hooks for Recorder {
@@ -113,6 +116,20 @@ impl Hooks for Recorder {
             .lock()
             .unwrap()
             .push((ctx.point.to_string(), ctx.domain, ctx.value));
+        self.order.lock().unwrap().push(ctx.point.to_string());
+    }
+    fn mapped(&self, m: &MapEvent<'_>) {
+        self.order.lock().unwrap().push(format!(
+            "mapped {} {} {:#x}-{:#x}",
+            m.source, m.context, m.first, m.last
+        ));
+    }
+    fn invalidated(&self, i: &Invalidation<'_>) {
+        assert_eq!((i.generation, i.completion), (None, 0));
+        self.order.lock().unwrap().push(format!(
+            "{} {} {:?} {:#x}-{:#x}",
+            i.kind, i.source, i.contexts, i.first, i.last
+        ));
     }
     fn dma(&self, rec: &DmaRecord) {
         self.dmas.lock().unwrap().push(*rec);

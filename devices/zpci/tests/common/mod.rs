@@ -4,7 +4,9 @@
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
-use sluice_devapi::{DmaOutcome, DmaRecord, Hooks, PointCtx, StateEvent};
+use sluice_devapi::{
+    CacheUse, CachedTranslation, DmaOutcome, DmaRecord, Hooks, Invalidation, PointCtx, StateEvent,
+};
 use sluice_zpci::clp::SetPciFnOp;
 use sluice_zpci::guest::GuestTables;
 use sluice_zpci::{Fib, FunctionConfig, InsnStatus, MpcifcOp, Zpci, ZpciOptions};
@@ -22,11 +24,17 @@ pub fn mem() -> Mem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
 }
 
+/// An `invalidated` report: (kind, context value, first, last, generation, completion).
+pub type Inv = (String, u64, u64, u64, Option<u64>, u64);
+
 #[derive(Default)]
 pub struct Recorder {
     pub dmas: Mutex<Vec<DmaRecord>>,
     pub states: Mutex<Vec<(String, u64)>>,
     pub points: Mutex<Vec<String>>,
+    pub invalidations: Mutex<Vec<Inv>>,
+    /// `dma_cached`: (entries used, refresh count seen).
+    pub cached: Mutex<Vec<(Vec<CacheUse>, u64)>>,
 }
 
 impl Hooks for Recorder {
@@ -41,6 +49,23 @@ impl Hooks for Recorder {
             .lock()
             .unwrap()
             .push((ev.what.to_string(), ev.value));
+    }
+    fn invalidated(&self, inv: &Invalidation<'_>) {
+        self.invalidations.lock().unwrap().push((
+            inv.kind.to_string(),
+            inv.contexts.value,
+            inv.first,
+            inv.last,
+            inv.generation,
+            inv.completion,
+        ));
+    }
+    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
+        self.dmas.lock().unwrap().push(*rec);
+        self.cached
+            .lock()
+            .unwrap()
+            .push((via.uses.to_vec(), via.completions_seen));
     }
 }
 
