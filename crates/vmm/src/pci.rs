@@ -9,6 +9,7 @@ use sluice_pci::{ConfigSpace, PciFunction, PciIds, le_value, put_le};
 use thiserror::Error;
 
 use crate::layout::{ECAM_BASE, ECAM_SIZE, MMIO32_BAR_END, MMIO32_START, PCI_INTX_GSI_BASE};
+use crate::pci_caps::{cfg_u8, cfg_u16, cfg_u32};
 
 /// Legacy configuration address port.
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -300,9 +301,9 @@ impl PciBus {
             let mut i = 0u8;
             while i < 6 {
                 let reg = 0x10 + 4 * u16::from(i);
-                let orig = cfg32(f.as_ref(), reg);
+                let orig = cfg_u32(f.as_ref(), reg);
                 f.config_write(reg, &0xffff_ffffu32.to_le_bytes());
-                let probe = cfg32(f.as_ref(), reg);
+                let probe = cfg_u32(f.as_ref(), reg);
                 f.config_write(reg, &orig.to_le_bytes());
                 if probe == 0 || probe == 0xffff_ffff && orig == 0xffff_ffff {
                     i += 1;
@@ -313,9 +314,9 @@ impl PciBus {
                 let mut mask = u64::from(probe & if io { !3 } else { !0xf });
                 if is64 {
                     let hreg = reg + 4;
-                    let horig = cfg32(f.as_ref(), hreg);
+                    let horig = cfg_u32(f.as_ref(), hreg);
                     f.config_write(hreg, &0xffff_ffffu32.to_le_bytes());
-                    let hi = cfg32(f.as_ref(), hreg);
+                    let hi = cfg_u32(f.as_ref(), hreg);
                     f.config_write(hreg, &horig.to_le_bytes());
                     mask |= u64::from(hi) << 32;
                 } else {
@@ -357,26 +358,16 @@ impl PciBus {
         }
         for s in self.slots.iter().skip(1) {
             let f = &s.function;
-            let mut pin = [0u8; 1];
-            f.config_read(0x3d, &mut pin);
-            if pin[0] != 0 {
+            if cfg_u8(f.as_ref(), 0x3d) != 0 {
                 f.config_write(0x3c, &[intx_gsi(s.bdf) as u8]);
             }
-            let mut cmd = [0u8; 2];
-            f.config_read(0x04, &mut cmd);
-            let cmd = u16::from_le_bytes(cmd)
+            let cmd = cfg_u16(f.as_ref(), 0x04)
                 | sluice_pci::config::CMD_MEMORY
                 | sluice_pci::config::CMD_IO;
             f.config_write(0x04, &cmd.to_le_bytes());
         }
         Ok(assigned)
     }
-}
-
-fn cfg32(f: &dyn PciFunction, reg: u16) -> u32 {
-    let mut b = [0u8; 4];
-    f.config_read(reg, &mut b);
-    u32::from_le_bytes(b)
 }
 
 /// (bus, device, function, register) of a CONFIG_ADDRESS value.
