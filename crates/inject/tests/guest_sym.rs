@@ -6,7 +6,6 @@
 //! (`guest-images/build.sh 6.12`, `guest-images/qemu/build-qemu.sh`, both run here under the
 //! shared build lock). Prints `SKIPPED: <why>` and passes when they are unavailable.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,37 +17,8 @@ use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolM
 const SYMBOL: &str = "iommu_subsys_init";
 const STALL: Duration = Duration::from_millis(500);
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs a guest-images script under the shared build lock; its KEY=value stdout lines.
-fn script(args: &[&str]) -> Result<HashMap<String, String>, String> {
-    let cache = std::env::var("SLUICE_CACHE").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/sluice",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
-    let out = Command::new("flock")
-        .arg(format!("{cache}/.build.lock"))
-        .arg("bash")
-        .args(args)
-        .current_dir(root())
-        .output()
-        .map_err(|e| format!("cannot run {args:?}: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(5).collect();
-        return Err(format!("{args:?} failed: {tail:?}"));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
+mod common;
+use common::script;
 
 struct Boot {
     console: String,

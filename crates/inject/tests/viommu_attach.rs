@@ -7,9 +7,7 @@
 //! Needs the cached 6.12 guest and the patched QEMU (run here under the shared build lock).
 //! Prints `SKIPPED: <why>` and passes when they are unavailable.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,34 +17,8 @@ use sluice_inject::{Firing, Injector, Plan, PointRegistry, VirtioKind};
 use sluice_qemu::launcher::{Accel, QemuConfig};
 use sluice_virtio_iommu::ViommuConfig;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn script(args: &[&str]) -> Result<HashMap<String, String>, String> {
-    let cache = std::env::var("SLUICE_CACHE").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/sluice",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
-    let out = Command::new("flock")
-        .arg(format!("{cache}/.build.lock"))
-        .arg("bash")
-        .args(args)
-        .current_dir(root())
-        .output()
-        .map_err(|e| format!("cannot run {args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{args:?} failed"));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
+mod common;
+use common::script;
 
 struct Run {
     pass: bool,
