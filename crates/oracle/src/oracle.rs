@@ -476,6 +476,15 @@ impl Oracle {
         }
     }
 
+    /// Runs `f` on the endpoint's entry; endpoints known at construction (the hot case) are
+    /// found without a lock or a reference-count update.
+    fn with_entry<R>(&self, key: Key, f: impl FnOnce(&Arc<EpEntry>) -> R) -> R {
+        match self.fixed.iter().find(|e| e.key == key) {
+            Some(e) => f(e),
+            None => f(&self.entry(key)),
+        }
+    }
+
     fn entry(&self, key: Key) -> Arc<EpEntry> {
         if let Some(e) = self.fixed.iter().find(|e| e.key == key) {
             return e.clone();
@@ -627,25 +636,14 @@ impl Hooks for Oracle {
     }
 
     fn dma(&self, rec: &DmaRecord) {
-        let key = Key::of(rec.endpoint);
-        match self.fixed.iter().find(|e| e.key == key) {
-            Some(e) => self.dma_on(e, rec, None),
-            None => self.dma_on(&self.entry(key), rec, None),
-        }
+        self.with_entry(Key::of(rec.endpoint), |e| self.dma_on(e, rec, None));
     }
 
     fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
-        let key = Key::of(rec.endpoint);
-        let dynamic;
-        let entry = match self.fixed.iter().find(|e| e.key == key) {
-            Some(e) => e,
-            None => {
-                dynamic = self.entry(key);
-                &dynamic
-            }
-        };
-        let finding = self.cache_finding(entry, rec, via);
-        self.dma_on(entry, rec, finding);
+        self.with_entry(Key::of(rec.endpoint), |e| {
+            let finding = self.cache_finding(e, rec, via);
+            self.dma_on(e, rec, finding);
+        });
     }
 
     fn recheck_cached(&self, endpoint: Endpoint) -> bool {
@@ -657,10 +655,7 @@ impl Hooks for Oracle {
             c.store(n.wrapping_add(1), Ordering::Relaxed);
             n
         };
-        let n = match self.fixed.iter().find(|e| e.key == key) {
-            Some(e) => bump(&e.cache_served),
-            None => bump(&self.entry(key).cache_served),
-        };
+        let n = self.with_entry(key, |e| bump(&e.cache_served));
         // The N-th, 2N-th, ... cached translation of the endpoint is re-derived.
         self.paranoid.load(Ordering::Relaxed)
             || Period::new(self.cfg.recheck_every).starts(n.wrapping_add(1))
