@@ -34,6 +34,9 @@ cargo fmt --all -- --check
 stage "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 stage "tests"
+# Every SKIPPED test and its reason, printed last whatever happens after this point.
+rm -f target/nextest/default/junit.xml
+trap 'stage "skipped tests"; python3 tests/skip-summary.py target/nextest/default/junit.xml || true' EXIT
 cargo nextest run --workspace --no-fail-fast
 
 stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 over 3)"

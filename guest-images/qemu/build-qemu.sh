@@ -10,7 +10,8 @@
 # key = sha256(source version, patch, configure flags), first 16 hex digits.
 # Also builds the Sluice TCG plugin (plugin/sluice-stall.c, see
 # plugin/build-plugin.sh) against this QEMU's qemu-plugin.h and prints
-# QEMU_PLUGIN=<abs path> (a plugin build failure is a warning, not an error).
+# QEMU_PLUGIN=<abs path>. A plugin build failure fails this script: the
+# guest.sym.* points and their tests need the plugin.
 # Progress goes to stderr; the last line of stdout is QEMU=<abs path>.
 #
 # Environment:
@@ -29,7 +30,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/../lib/common.sh"
 
 case "${1:-}" in
-    -h|--help) sed -n '2,19p' "$HERE/build-qemu.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$HERE/build-qemu.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     '') ;;
     *) die "usage: build-qemu.sh (no arguments)" ;;
 esac
@@ -63,11 +64,10 @@ NINJA_TARGET=qemu-system-x86_64
 # build_plugin: the TCG plugin, next to the binary (keyed by its own sources).
 build_plugin() {
     local out
-    if out=$(bash "$HERE/plugin/build-plugin.sh" "$DEST"); then
-        printf '%s\n' "$out" | grep '^QEMU_PLUGIN=' || true
-    else
-        log "build-qemu.sh: WARNING: the Sluice TCG plugin did not build; guest.sym points unavailable"
-    fi
+    out=$(bash "$HERE/plugin/build-plugin.sh" "$DEST") \
+        || die "the Sluice TCG plugin did not build (guest.sym points need it)"
+    printf '%s\n' "$out" | grep '^QEMU_PLUGIN=' \
+        || die "plugin/build-plugin.sh printed no QEMU_PLUGIN= line"
 }
 
 # ---------------------------------------------------------------------------

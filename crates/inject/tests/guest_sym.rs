@@ -18,7 +18,7 @@ const SYMBOL: &str = "iommu_subsys_init";
 const STALL: Duration = Duration::from_millis(500);
 
 mod common;
-use common::script;
+use common::built;
 
 struct Boot {
     console: String,
@@ -101,27 +101,16 @@ fn uptime_at_done(console: &str) -> Option<f64> {
 
 #[test]
 fn guest_sym_stall_holds_one_vcpu_once() {
-    let img = match script(&["guest-images/build.sh", "6.12"]) {
-        Ok(v) => v,
-        Err(e) => return println!("SKIPPED: guest image unavailable: {e}"),
-    };
-    let q = match script(&["guest-images/qemu/build-qemu.sh"]) {
-        Ok(v) => v,
-        Err(e) => return println!("SKIPPED: QEMU unavailable: {e}"),
-    };
-    let (Some(kernel), Some(initrd), Some(map), Some(qemu)) = (
-        img.get("KERNEL"),
-        img.get("INITRD"),
-        img.get("SYSTEM_MAP"),
-        q.get("QEMU"),
-    ) else {
-        return println!("SKIPPED: build scripts printed no KERNEL/INITRD/SYSTEM_MAP/QEMU");
-    };
-    let Some(plugin) = q.get("QEMU_PLUGIN").map(PathBuf::from) else {
-        return println!("SKIPPED: build-qemu.sh printed no QEMU_PLUGIN (plugin not built)");
-    };
+    let img = built(
+        &["guest-images/build.sh", "6.12"],
+        &["KERNEL", "INITRD", "SYSTEM_MAP"],
+    );
+    let q = built(&["guest-images/qemu/build-qemu.sh"], &["QEMU", "QEMU_PLUGIN"]);
+    let as_str = |p: &PathBuf| p.to_str().expect("UTF-8 path").to_string();
+    let (kernel, initrd, map) = (as_str(&img[0]), as_str(&img[1]), img[2].clone());
+    let (qemu, plugin) = (q[0].clone(), q[1].clone());
     let mut reg = PointRegistry::new();
-    reg.set_symbols(SymbolMap::load(Path::new(map)).expect("System.map"));
+    reg.set_symbols(SymbolMap::load(&map).expect("System.map"));
     let plan = reg
         .validate(&Plan::parse_cli(&format!("guest.sym.{SYMBOL}:delay=500ms")).unwrap())
         .expect("plan");
@@ -135,8 +124,8 @@ fn guest_sym_stall_holds_one_vcpu_once() {
     std::fs::create_dir_all(&dir).unwrap();
     let srv = PluginServer::start(&dir.join("plugin.sock"), inj.clone()).expect("socket");
 
-    let base = boot(Path::new(qemu), kernel, initrd, &[]);
-    let run = boot(Path::new(qemu), kernel, initrd, &srv.qemu_args(&plugin));
+    let base = boot(&qemu, &kernel, &initrd, &[]);
+    let run = boot(&qemu, &kernel, &initrd, &srv.qemu_args(&plugin));
     srv_hits_report(&srv, &run, &base);
 
     assert!(

@@ -18,7 +18,7 @@ use sluice_qemu::launcher::{Accel, QemuConfig};
 use sluice_virtio_iommu::ViommuConfig;
 
 mod common;
-use common::script;
+use common::built;
 
 struct Run {
     pass: bool,
@@ -94,20 +94,9 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
 
 #[test]
 fn first_attach_delayed_stall_and_defer() {
-    let img = match script(&["guest-images/build.sh", "6.12"]) {
-        Ok(v) => v,
-        Err(e) => return println!("SKIPPED: guest image unavailable: {e}"),
-    };
-    let q = match script(&["guest-images/qemu/build-qemu.sh"]) {
-        Ok(v) => v,
-        Err(e) => return println!("SKIPPED: QEMU unavailable: {e}"),
-    };
-    let (Some(kernel), Some(initrd), Some(qemu)) =
-        (img.get("KERNEL"), img.get("INITRD"), q.get("QEMU"))
-    else {
-        return println!("SKIPPED: build scripts printed no KERNEL/INITRD/QEMU");
-    };
-    let (kernel, initrd, qemu) = (Path::new(kernel), Path::new(initrd), Path::new(qemu));
+    let img = built(&["guest-images/build.sh", "6.12"], &["KERNEL", "INITRD"]);
+    let q = built(&["guest-images/qemu/build-qemu.sh"], &["QEMU"]);
+    let (kernel, initrd, qemu) = (img[0].as_path(), img[1].as_path(), q[0].as_path());
     let dir = std::env::temp_dir().join(format!("sluice-inject-attach-{}", std::process::id()));
     let base = boot(qemu, kernel, initrd, &dir.join("base"), None);
     let stall = boot(

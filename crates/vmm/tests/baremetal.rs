@@ -163,11 +163,8 @@ fn try_run_guest(run: &GuestRun) -> Option<Result<Ran, VmmError>> {
         println!("SKIPPED: no /dev/kvm");
         return None;
     }
+    // build.rs fails the build when the guest cannot be assembled, so this is always a file.
     let guest = env!("SLUICE_TESTGUEST");
-    if guest.is_empty() {
-        println!("SKIPPED: the test guest was not built (binutils `as`/`ld`/`nm` missing)");
-        return None;
-    }
     let dir = std::env::temp_dir().join(format!("sluice-vmm-{}-{}", run.name, std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");

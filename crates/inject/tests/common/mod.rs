@@ -35,3 +35,16 @@ pub fn script(args: &[&str]) -> Result<HashMap<String, String>, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect())
 }
+
+/// Runs a guest-images script and returns the values of `keys` from its output. A failed build
+/// or a missing key fails the test: a guest, QEMU or plugin that did not build is a defect of this
+/// checkout, not a missing host capability, so it must never pass as a skip.
+pub fn built(args: &[&str], keys: &[&str]) -> Vec<PathBuf> {
+    let out = script(args).unwrap_or_else(|e| panic!("build failed: {e}"));
+    keys.iter()
+        .map(|k| match out.get(*k) {
+            Some(v) => PathBuf::from(v),
+            None => panic!("{args:?} printed no {k}= line"),
+        })
+        .collect()
+}
