@@ -105,7 +105,10 @@ fn guest_sym_stall_holds_one_vcpu_once() {
         &["guest-images/build.sh", "6.12"],
         &["KERNEL", "INITRD", "SYSTEM_MAP"],
     );
-    let q = built(&["guest-images/qemu/build-qemu.sh"], &["QEMU", "QEMU_PLUGIN"]);
+    let q = built(
+        &["guest-images/qemu/build-qemu.sh"],
+        &["QEMU", "QEMU_PLUGIN"],
+    );
     let as_str = |p: &PathBuf| p.to_str().expect("UTF-8 path").to_string();
     let (kernel, initrd, map) = (as_str(&img[0]), as_str(&img[1]), img[2].clone());
     let (qemu, plugin) = (q[0].clone(), q[1].clone());
