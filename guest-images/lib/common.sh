@@ -27,6 +27,11 @@ need_packages() {
     [ "$(id -u)" = 0 ] || die "missing packages (${missing[*]}) and not root; install them first"
     log "installing missing packages: ${missing[*]}"
     apt-get update -q >&2 || die "apt-get update failed"
+    # Never remove a user's packages to make room for ours: ask apt first, refuse if it would.
+    local removals
+    removals=$(apt-get install -s -q --no-install-recommends "${missing[@]}" 2>/dev/null \
+        | awk '/^Remv /{print $2}' | tr '\n' ' ')
+    [ -z "$removals" ] || die "installing ${missing[*]} would remove installed packages (${removals% }); refusing. Install them by hand if that is acceptable."
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
         || die "apt-get install ${missing[*]} failed"
 }

@@ -72,11 +72,13 @@ build_plugin() {
 
 # ---------------------------------------------------------------------------
 stage 1 $STAGES "host packages"
-# qemu-system-x86 (stock) runs the remote x-remote side and brings the
-# firmware (seabios, qemu-system-data) the patched binary loads at run time.
+# seabios and qemu-system-data bring the firmware and option ROMs the patched
+# binary loads at run time. Debian's stock qemu-system-x86 is not needed (the
+# patched binary also runs under KVM and as the x-remote side) and is not
+# installed: its qemu-system-common conflicts with newer qemu-utils.
 need_packages dpkg-dev build-essential pkg-config python3 meson ninja-build \
     libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev flex bison xz-utils \
-    seabios qemu-system-data qemu-system-x86
+    seabios qemu-system-data
 
 # ---------------------------------------------------------------------------
 stage 2 $STAGES "deb-src entry + qemu source version"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the patched QEMU's x-pci-proxy-dev under TCG, independent of
-# Sluice's own devices: a stock Debian `qemu-system-x86_64 -machine x-remote`
-# process serves a virtio-blk-pci; the guest QEMU attaches it through
+# Sluice's own devices: a second instance of GUEST_QEMU as `-machine x-remote`
+# serves QEMU's own virtio-blk-pci; the guest QEMU attaches it through
 # x-pci-proxy-dev over a socketpair; the guest runs the disk workload.
 #
 #   guest-images/qemu/proxy-smoke.sh GUEST_QEMU IMAGE_DIR [SEED]
@@ -23,7 +23,7 @@ import os, socket, subprocess, sys, time
 guest_qemu, image_dir, seed, scratch, tmo = sys.argv[1:6]
 guest_sock, remote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 remote = subprocess.Popen(
-    ['/usr/bin/qemu-system-x86_64', '-machine', 'x-remote,vfio-user=off',
+    [guest_qemu, '-machine', 'x-remote,vfio-user=off',
      '-nodefaults', '-display', 'none',
      '-device', 'virtio-blk-pci,id=vblk0,drive=d0,disable-legacy=on',
      '-drive', f'id=d0,file={scratch}/disk.img,format=raw,if=none',
