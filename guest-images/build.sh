@@ -36,7 +36,7 @@ SOURCE_PKG='' TARBALL='' DESCRIPTION='' EXPECTED_OBJS=1400
 [ -n "$SOURCE_PKG" ] && [ -n "$TARBALL" ] || die "$VDIR/variant.conf must set SOURCE_PKG and TARBALL"
 
 JOBS=$(nproc)
-STAGES=7
+STAGES=8
 HB_PID=
 trap 'if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
 T_START=$(now)
@@ -255,10 +255,36 @@ else
 fi
 
 # ---------------------------------------------------------------------------
+# Guest tools (tools/): the sluice_dma module, built against this kernel's
+# tree, and the static vfio-dma program. A few seconds; cached per kernel key
+# and tool sources, outside the kernel key so editing a tool never rebuilds a
+# kernel.
+TOOLS_KEY=$(cat "$HERE"/tools/sluice_dma/* "$HERE"/tools/vfio-dma/* | short_hash)
+TOOLS=$IMAGE_DIR/tools-$TOOLS_KEY
+if [ -s "$TOOLS/sluice_dma.ko" ] && [ -s "$TOOLS/vfio-dma" ]; then
+    stage 6 $STAGES "guest tools: cached ($TOOLS)"
+else
+    stage 6 $STAGES "guest tools (sluice_dma.ko against $VARIANT, static vfio-dma)"
+    [ -s "$OUT/Module.symvers" ] || die "$OUT has no Module.symvers: the kernel tree is gone; remove $IMAGE_DIR/.kernel-complete to rebuild it"
+    rm -rf "$TOOLS.tmp"
+    mkdir -p "$TOOLS.tmp/sluice_dma"
+    cp "$HERE"/tools/sluice_dma/* "$TOOLS.tmp/sluice_dma/"
+    kmake M="$TOOLS.tmp/sluice_dma" modules >"$TOOLS.tmp/build.log" 2>&1 \
+        || { tail -n 30 "$TOOLS.tmp/build.log" >&2; die "sluice_dma module build failed (log: $TOOLS.tmp/build.log)"; }
+    cp "$TOOLS.tmp/sluice_dma/sluice_dma.ko" "$TOOLS.tmp/sluice_dma.ko"
+    gcc -static -O2 -Wall -Wextra -Werror -o "$TOOLS.tmp/vfio-dma" "$HERE/tools/vfio-dma/vfio_dma.c" \
+        >>"$TOOLS.tmp/build.log" 2>&1 \
+        || { tail -n 30 "$TOOLS.tmp/build.log" >&2; die "vfio-dma build failed"; }
+    rm -rf "$TOOLS"
+    mv "$TOOLS.tmp" "$TOOLS"
+    log "      sluice_dma.ko and vfio-dma built in $TOOLS"
+fi
+
+# ---------------------------------------------------------------------------
 # The initramfs is cheap (~2 s); it is rebuilt every time, reproducibly
 # (fixed mtimes, sorted names, gzip -n), and only replaces the cached file
 # when its bytes differ.
-stage 6 $STAGES "initramfs (busybox $(dpkg-query -W -f='${Version}' busybox-static) + init/init + ${GUEST_MODULES[*]})"
+stage 7 $STAGES "initramfs (busybox $(dpkg-query -W -f='${Version}' busybox-static) + init/init + ${GUEST_MODULES[*]} + sluice_dma, vfio-dma)"
 STAGE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sluice-initramfs.XXXXXX")
 trap 'rm -rf "$STAGE_DIR"; if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
 R=$STAGE_DIR/root
@@ -272,6 +298,8 @@ install -m 0755 "$HERE/init/init" "$R/init"
 for m in "${GUEST_MODULES[@]}"; do
     install -m 0644 "$IMAGE_DIR/modules/$m.ko" "$R/lib/modules/$m.ko"
 done
+install -m 0644 "$TOOLS/sluice_dma.ko" "$R/lib/modules/sluice_dma.ko"
+install -m 0755 "$TOOLS/vfio-dma" "$R/bin/vfio-dma"
 find "$R" -exec touch -h -d @0 {} +
 ( cd "$R" && find . -mindepth 1 -print0 | sort -z | cpio --null -o -H newc --quiet --reproducible -R 0:0 ) \
     | gzip -9 -n > "$STAGE_DIR/initramfs.cpio.gz"
@@ -283,7 +311,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-stage 7 $STAGES "manifest"
+stage 8 $STAGES "manifest"
 {
     echo "variant: $VARIANT"
     echo "description: $DESCRIPTION"
@@ -296,6 +324,7 @@ stage 7 $STAGES "manifest"
     echo "patches: ${PATCHES[*]:-none}"
     echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static)"
     echo "modules: ${GUEST_MODULES[*]}"
+    echo "tools: $TOOLS (sluice_dma.ko, vfio-dma)"
     echo "build_tree: $OUT"
     echo "source_tree: $SRC"
     echo "files:"

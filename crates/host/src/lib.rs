@@ -14,12 +14,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sluice_devapi::EndpointIommu;
-use sluice_devapi::{Bdf, Hooks};
+use sluice_devapi::{Bdf, Endpoint, Hooks};
+use sluice_dma_engine::DmaEngine;
 use sluice_marker::MarkerDevice;
 use sluice_pci::PciFunction;
 use sluice_virtio_blk::{BlockDevice, RawDisk};
 use sluice_virtio_iommu::VirtioIommu;
-use sluice_virtio_pci::{SharedMemory, TransportOptions, VirtioDevice, VirtioPciFunction};
+use sluice_virtio_pci::{
+    DmaMemory, SharedMemory, TransportOptions, VirtioDevice, VirtioPciFunction,
+};
 use thiserror::Error;
 
 pub use dma_stats::{DmaStats, EndpointDmaCounts};
@@ -51,6 +54,13 @@ pub struct DiskSpec {
 pub enum IommuChoice {
     /// virtio-iommu on PCI, described to the guest by a VIOT table.
     Virtio(sluice_virtio_iommu::ViommuConfig),
+}
+
+/// The DMA engine a run adds (`devices/dma-engine`), after the disks and the marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaEngineSpec {
+    /// Put the engine behind the run's IOMMU (ignored when there is none).
+    pub iommu: bool,
 }
 
 /// The IOMMU of a built device set, for firmware tables and reports.
@@ -100,10 +110,12 @@ pub struct HostedDevice {
     pub intx: Arc<IntxRelay>,
     /// The image path for disks.
     pub disk: Option<PathBuf>,
-    /// What the device is (`virtio-blk`, `virtio-iommu`).
+    /// What the device is (`virtio-blk`, `virtio-iommu`, `marker`, `dma-engine`).
     pub kind: &'static str,
     /// Whether its DMA goes through the run's IOMMU.
     pub behind_iommu: bool,
+    /// The same function when it is the DMA engine, for host-armed rogue DMAs.
+    pub dma_engine: Option<Arc<DmaEngine>>,
 }
 
 /// What the CPU backend can offer devices.
@@ -117,6 +129,8 @@ pub struct HostOptions {
     pub iommu: Option<IommuChoice>,
     /// Place the guest marker device after the disks; committed lines go here.
     pub marker: Option<MarkerSink>,
+    /// Place a DMA engine after the disks and the marker.
+    pub dma_engine: Option<DmaEngineSpec>,
 }
 
 /// Where guest marker lines go (the escape oracle's timeline, injection filters).
@@ -148,13 +162,18 @@ impl DeviceSet {
         let mut devices = Vec::new();
         let disk_bdf = |i: usize| Bdf::new(0, FIRST_SLOT + i as u8, 0);
         // The IOMMU is built first: each translated disk needs its endpoint seam.
+        let engine_slot = FIRST_SLOT + disks.len() as u8 + u8::from(opts.marker.is_some());
+        let engine_bdf = Bdf::new(0, engine_slot, 0);
         let mut viommu = None;
         let mut placement = None;
         if let Some(IommuChoice::Virtio(cfg)) = &opts.iommu {
-            let endpoints: Vec<Bdf> = (0..disks.len())
+            let mut endpoints: Vec<Bdf> = (0..disks.len())
                 .filter(|i| disks.get(*i).is_some_and(|d| d.iommu))
                 .map(disk_bdf)
                 .collect();
+            if opts.dma_engine.is_some_and(|e| e.iommu) {
+                endpoints.push(engine_bdf);
+            }
             let mut cfg = cfg.clone();
             cfg.endpoints = endpoints.iter().map(|b| u32::from(b.0)).collect();
             viommu = Some(VirtioIommu::new("viommu0", cfg, hooks.clone()));
@@ -209,6 +228,43 @@ impl DeviceSet {
                 disk: None,
                 kind: "marker",
                 behind_iommu: false,
+                dma_engine: None,
+            });
+        }
+        if let Some(spec) = opts.dma_engine {
+            if engine_slot >= 0x1f {
+                return Err(HostError::OutOfSlots(engine_slot));
+            }
+            let iommu = viommu
+                .as_ref()
+                .filter(|_| spec.iommu)
+                .and_then(|v| v.endpoint_iommu(u32::from(engine_bdf.0)));
+            let behind_iommu = iommu.is_some();
+            let dma = match iommu {
+                Some(iommu) => DmaMemory::Translated {
+                    phys: mem.clone(),
+                    iommu,
+                },
+                None => DmaMemory::Direct(mem.clone()),
+            };
+            let intx = Arc::new(Self::intx_relay(opts));
+            let engine = Arc::new(DmaEngine::new(
+                "dma0",
+                Endpoint::Pci(engine_bdf),
+                dma,
+                intx.clone(),
+                hooks.clone(),
+            )?);
+            devices.push(HostedDevice {
+                bdf: engine_bdf,
+                name: "dma0".into(),
+                function: engine.clone(),
+                virtio: None,
+                intx,
+                disk: None,
+                kind: "dma-engine",
+                behind_iommu,
+                dma_engine: Some(engine),
             });
         }
         if let (Some(v), Some(p)) = (viommu, &placement) {
@@ -245,10 +301,7 @@ impl DeviceSet {
         opts: &HostOptions,
     ) -> Result<HostedDevice, HostError> {
         let name = device.name().to_string();
-        let intx = Arc::new(match &opts.msi {
-            Some(m) => IntxRelay::with_msi(m.clone()),
-            None => IntxRelay::default(),
-        });
+        let intx = Arc::new(Self::intx_relay(opts));
         let behind_iommu = iommu.is_some();
         let topts = TransportOptions {
             bdf,
@@ -273,7 +326,16 @@ impl DeviceSet {
             disk,
             kind,
             behind_iommu,
+            dma_engine: None,
         })
+    }
+
+    /// A function's interrupt relay: INTx, or MSI when the backend delivers it.
+    fn intx_relay(opts: &HostOptions) -> IntxRelay {
+        match &opts.msi {
+            Some(m) => IntxRelay::with_msi(m.clone()),
+            None => IntxRelay::default(),
+        }
     }
 }
 
@@ -323,6 +385,45 @@ mod tests {
             DeviceSet::new(&empty, Arc::new(NoHooks)),
             Err(HostError::DiskTooSmall(_))
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_dma_engine_follows_the_marker_and_joins_the_iommu_when_asked() {
+        let dir = scratch("engine");
+        let specs = [disk(&dir, "a.img", 1 << 20, true)];
+        for behind in [true, false] {
+            let opts = HostOptions {
+                iommu: Some(IommuChoice::Virtio(Default::default())),
+                marker: Some(Arc::new(|_: &str| {})),
+                dma_engine: Some(DmaEngineSpec { iommu: behind }),
+                ..Default::default()
+            };
+            let set = DeviceSet::with_options(&specs, Arc::new(NoHooks), &opts).unwrap();
+            let placed: Vec<(String, &str)> = set
+                .devices
+                .iter()
+                .map(|d| (d.bdf.to_string(), d.kind))
+                .collect();
+            assert_eq!(
+                placed,
+                [
+                    ("0000:00:02.0".to_string(), "virtio-iommu"),
+                    ("0000:00:03.0".to_string(), "virtio-blk"),
+                    ("0000:00:04.0".to_string(), "marker"),
+                    ("0000:00:05.0".to_string(), "dma-engine"),
+                ]
+            );
+            let engine = set.devices.last().unwrap();
+            assert!(engine.dma_engine.is_some());
+            assert_eq!(engine.behind_iommu, behind);
+            let endpoints = &set.iommu.as_ref().unwrap().endpoints;
+            assert_eq!(
+                endpoints.contains(&Bdf::new(0, 5, 0)),
+                behind,
+                "{endpoints:?}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -54,6 +54,8 @@ pub fn run() -> Result<ExitCode> {
         inject_seed: Some(1),
         system_map: None,
         cpuid_mask: vec![],
+        dma_engine: None,
+        rogue: vec![],
         quiet: false,
     };
     let rec = run::execute(&spec)?;

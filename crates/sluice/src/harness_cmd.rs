@@ -258,6 +258,8 @@ impl GuestRunner<'_> {
             inject_seed: Some(u64::from(case.seed)),
             system_map: Some(img.system_map.clone()),
             cpuid_mask: vec![],
+            dma_engine: None,
+            rogue: vec![],
             quiet: true,
         })
     }

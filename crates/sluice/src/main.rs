@@ -4,6 +4,7 @@ mod demo;
 mod harness_cmd;
 mod image;
 mod report;
+mod rogue;
 mod run;
 mod sweep_cmd;
 mod verify;

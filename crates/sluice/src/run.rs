@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use sluice_devapi::{Bdf, Fanout, Hooks};
-use sluice_host::{DeviceSet, DiskSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome};
+use sluice_host::{
+    DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome,
+};
 use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap, VirtioKind};
 use sluice_oracle::topology::Topology;
 use sluice_oracle::{Oracle, OracleConfig};
@@ -16,6 +18,7 @@ use sluice_qemu::{Accel, ConsoleSink, QemuConfig};
 use sluice_virtio_iommu::ViommuConfig;
 
 use crate::report::{self, DiskVerdict};
+use crate::rogue::{RogueArm, RogueRule};
 use crate::verify::GuestReport;
 use crate::{image, verify};
 
@@ -107,6 +110,23 @@ pub struct RunArgs {
     /// kvm backend: CPUID features to hide, comma-separated.
     #[arg(long, value_delimiter = ',')]
     cpuid_mask: Vec<String>,
+    /// Add Sluice's DMA engine (after the disks and the marker): behind the run's IOMMU
+    /// (`iommu`) or not (`direct`). /init's `own` workload hands it to userspace with VFIO.
+    #[arg(long, value_enum)]
+    dma_engine: Option<DmaEngineArg>,
+    /// A rogue DMA of the engine: `iova=X|kernel,len=N,after=MARKER[,write=BYTE][,delay=D]`
+    /// (repeatable). Fires once, D after the first guest marker line starting with MARKER.
+    #[arg(long = "rogue", value_name = "RULE", requires = "dma_engine")]
+    rogue: Vec<String>,
+}
+
+/// Where the DMA engine sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DmaEngineArg {
+    /// Behind the run's IOMMU (direct when the run has none).
+    Iommu,
+    /// Never translated.
+    Direct,
 }
 
 fn parse_size_mib(s: &str) -> Result<u64, String> {
@@ -209,6 +229,10 @@ pub struct RunSpec {
     /// System.map for `guest.sym` points with `GuestSource::Files`.
     pub system_map: Option<PathBuf>,
     pub cpuid_mask: Vec<String>,
+    /// The DMA engine, if the run has one.
+    pub dma_engine: Option<DmaEngineSpec>,
+    /// Rogue DMAs of the engine.
+    pub rogue: Vec<RogueRule>,
     /// No per-run chatter on stderr (boot line, plan warnings): the harness prints one progress
     /// line per run and checks plans once before its runs.
     pub quiet: bool,
@@ -293,11 +317,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     }
     members.push(stats.clone());
     let hooks: Arc<dyn Hooks> = Arc::new(Fanout(members));
+    let rogue = Arc::new(RogueArm::new(spec.rogue.clone()));
     let marker_sink = {
-        let (o, i) = (oracle.clone(), injector.clone());
+        let (o, i, r) = (oracle.clone(), injector.clone(), rogue.clone());
         Arc::new(move |line: &str| {
             o.marker(line);
             i.marker(line);
+            r.marker(line);
         })
     };
     let host_opts = HostOptions {
@@ -309,9 +335,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
                 ..Default::default()
             })),
         },
+        dma_engine: spec.dma_engine,
         ..Default::default()
     };
     if spec.backend == Backend::Kvm {
+        if !rogue.is_empty() {
+            bail!("--rogue needs guest marker lines, which the kvm backend does not deliver yet");
+        }
         return execute_kvm(
             spec,
             &disks,
@@ -324,6 +354,9 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         );
     }
     let devices = DeviceSet::with_options(&disks, hooks, &host_opts)?;
+    if let Some(engine) = devices.devices.iter().find_map(|d| d.dma_engine.clone()) {
+        rogue.set_engine(engine);
+    }
     let mut acpi_tables = Vec::new();
     if let Some(p) = &devices.iommu {
         let path = spec.run_dir.join("viot.aml");
@@ -386,7 +419,17 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         "cmdline": cfg.cmdline,
         "serial_log": cfg.serial_log,
         "guest_code_hits": guest_hits.len(),
+        "rogue": rogue.reports(),
     });
+    for r in rogue.reports() {
+        println!(
+            "rogue DMA:      `{}` at {}: {} ({} bytes)",
+            r.rule,
+            r.iova.map_or("-".into(), |v| format!("{v:#x}")),
+            r.status,
+            r.moved
+        );
+    }
     finish_run(spec, outcome, &devices, &stats, &oracle, &injector, meta)
 }
 
@@ -599,6 +642,7 @@ fn execute_kvm(
     vmm.set_injector(injector.clone());
     let opts = HostOptions {
         iommu: host_opts.iommu,
+        dma_engine: host_opts.dma_engine,
         ..vmm.host_options()
     };
     let devices = DeviceSet::with_options(disks, hooks, &opts)?;
@@ -700,6 +744,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         inject_seed: args.inject_seed,
         system_map: args.system_map.clone(),
         cpuid_mask: args.cpuid_mask.clone(),
+        dma_engine: args.dma_engine.map(|a| DmaEngineSpec {
+            iommu: a == DmaEngineArg::Iommu,
+        }),
+        rogue: args
+            .rogue
+            .iter()
+            .map(|r| RogueRule::parse(r))
+            .collect::<Result<_, _>>()?,
         quiet: false,
     };
     let rec = execute(&spec)?;

@@ -328,6 +328,7 @@ impl Vmm {
             msi: Some(self.msi.clone()),
             iommu: None,
             marker: None,
+            dma_engine: None,
         }
     }
 
