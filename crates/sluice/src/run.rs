@@ -243,15 +243,16 @@ pub struct RunRecord {
 
 /// A file the run reads must be there and readable; `write` also asks for write access.
 fn check_file(what: &str, path: &Path, write: bool) -> Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
+    let context = || format!("cannot open {what} {}", path.display());
+    let meta = std::fs::metadata(path).with_context(context)?;
     if meta.is_dir() {
-        bail!("{what} {}: is a directory", path.display());
+        bail!("{}: is a directory", context());
     }
     std::fs::OpenOptions::new()
         .read(true)
         .write(write)
         .open(path)
-        .with_context(|| format!("{what} {}", path.display()))?;
+        .with_context(context)?;
     Ok(())
 }
 
@@ -997,7 +998,7 @@ mod tests {
         assert_eq!(
             err(&s),
             format!(
-                "disk {}: No such file or directory (os error 2)",
+                "cannot open disk {}: No such file or directory (os error 2)",
                 dir.join("absent.img").display()
             )
         );
@@ -1034,7 +1035,7 @@ mod tests {
                 guest: files,
                 ..spec(&dir)
             })
-            .starts_with("kernel ")
+            .starts_with("cannot open kernel ")
         );
         let s = RunSpec {
             inject: vec!["smmuv3.cmd.CFGI_STE:delay=1ms".into()],

@@ -78,7 +78,7 @@ fn missing_disk_fails_at_once_naming_the_file() {
     let line = refused("nodisk", &["--disk", "/nonexistent"]);
     assert_eq!(
         line,
-        "sluice: error: disk /nonexistent: No such file or directory (os error 2)"
+        "sluice: error: cannot open disk /nonexistent: No such file or directory (os error 2)"
     );
 }
 
