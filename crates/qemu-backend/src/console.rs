@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use crate::launcher::ConsoleSink;
@@ -49,7 +49,7 @@ pub(crate) enum Console {
 /// calls `sink` with the (lossily decoded) first piece of every line as it arrives.
 pub(crate) fn read_console(
     out: impl Read,
-    tx: &Sender<Console>,
+    tx: &SyncSender<Console>,
     sink: Option<&ConsoleSink>,
     start: Instant,
 ) {
@@ -244,7 +244,8 @@ mod tests {
     use std::sync::{Arc, Mutex, mpsc};
 
     fn read_all(input: &[u8]) -> (Vec<String>, ConsoleSummary, Vec<u8>, Vec<String>) {
-        let (tx, rx) = mpsc::channel();
+        // A small queue: the reader waits for the supervisor, it never drops.
+        let (tx, rx) = mpsc::sync_channel(16);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = {
             let seen = seen.clone();
@@ -252,7 +253,9 @@ mod tests {
                 seen.lock().unwrap().push(l.to_string())
             }))
         };
-        read_console(input, &tx, Some(&sink), Instant::now());
+        let input = input.to_vec();
+        let reader =
+            std::thread::spawn(move || read_console(&input[..], &tx, Some(&sink), Instant::now()));
         let dir = std::env::temp_dir().join(format!("sluice-console-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -260,9 +263,10 @@ mod tests {
         let path = dir.join(format!("{n}.log"));
         let mut log = File::create(&path).unwrap();
         let mut state = ConsoleState::default();
-        while let Ok(m) = rx.try_recv() {
+        for m in rx.iter() {
             state.take(m, &mut log);
         }
+        reader.join().unwrap();
         assert!(state.ended);
         drop(log);
         let logged = std::fs::read(&path).unwrap();

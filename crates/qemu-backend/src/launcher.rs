@@ -183,6 +183,9 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
     a
 }
 
+/// Console pieces in flight between the reader thread and the supervisor.
+const CONSOLE_QUEUE: usize = 4096;
+
 /// A finished QEMU run: the outcome every backend reports, and how much of the console was
 /// kept in memory.
 #[derive(Debug, Clone)]
@@ -242,7 +245,9 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
     }
     drop(dev_tx);
 
-    let (con_tx, con_rx) = mpsc::channel();
+    // Bounded, so a guest that floods its console slows QEMU's pipe down instead of growing
+    // this queue: at most CONSOLE_QUEUE pieces of at most MAX_LINE bytes wait here.
+    let (con_tx, con_rx) = mpsc::sync_channel(CONSOLE_QUEUE);
     if let Some(out) = child.stdout.take() {
         let sink = cfg.console_sink.clone();
         std::thread::spawn(move || {
@@ -267,7 +272,9 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
         // Wait briefly for console output; this is also the supervision tick.
         if let Ok(msg) = con_rx.recv_timeout(Duration::from_millis(20)) {
             seen.take(msg, &mut serial);
-            while let Ok(msg) = con_rx.try_recv() {
+            // A bounded batch, so a flooding guest cannot keep the supervisor from its
+            // timeout and device-error checks.
+            for msg in con_rx.try_iter().take(CONSOLE_QUEUE) {
                 seen.take(msg, &mut serial);
             }
         }
