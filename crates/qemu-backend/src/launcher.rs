@@ -254,14 +254,10 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
             console::read_console(out, &con_tx, sink.as_ref(), start);
         });
     }
-    let stderr_buf = Arc::new(std::sync::Mutex::new(String::new()));
+    let (err_tx, err_rx) = mpsc::channel();
     if let Some(err) = child.stderr.take() {
-        let buf = stderr_buf.clone();
         std::thread::spawn(move || {
-            let s = console::read_stderr_tail(err);
-            if let Ok(mut b) = buf.lock() {
-                *b = s;
-            }
+            let _ = err_tx.send(console::read_stderr_tail(err));
         });
     }
 
@@ -318,7 +314,11 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
             device_error = Some(error_chain(&e));
         }
     }
-    let stderr = stderr_buf.lock().map(|s| s.clone()).unwrap_or_default();
+    // QEMU has exited, so its stderr is at its end; a child QEMU left behind could still
+    // hold the pipe open, hence the bound.
+    let stderr = err_rx
+        .recv_timeout(Duration::from_secs(2))
+        .unwrap_or_default();
     let panicked = seen.panicked;
     let exit = if let Some(e) = device_error {
         GuestExit::DeviceError(e)
