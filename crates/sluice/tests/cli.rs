@@ -198,3 +198,63 @@ fn qemu_exiting_zero_at_once_is_a_failure() {
         "QEMU exited with status 0 before the guest's /init started"
     );
 }
+
+/// A sweep whose judgement fails exits non-zero: stock 6.12 must reproduce the registration
+/// window in some cell, and a stand-in QEMU whose "guest" passes cleanly never does. Needs the
+/// 6.12 image (built on first use, like the end-to-end tests), not a real boot.
+#[test]
+fn sweep_exits_non_zero_when_its_judgement_fails() {
+    let dir = scratch("sweep-judgement");
+    let qemu = dir.join("qemu.sh");
+    std::fs::write(
+        &qemu,
+        "#!/bin/sh\nprintf 'SLUICE: init started\\nSLUICE: nproc=2\\nSLUICE: RESULT PASS\\nSLUICE: done\\n'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let scenario =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/registration-window.toml");
+    let out = sluice()
+        .args(["harness", "sweep"])
+        .arg(&scenario)
+        .args([
+            "--variant",
+            "6.12",
+            "--point",
+            "virtio-iommu.req.attach",
+            "--delays",
+            "0ms,100ms",
+        ])
+        .args([
+            "--modes",
+            "stall",
+            "--seeds",
+            "1",
+            "--replace",
+            "--budget",
+            "5m",
+        ])
+        .arg("--qemu")
+        .arg(&qemu)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{stdout}{}", stderr(&out));
+    assert!(
+        stdout.contains(
+            "JUDGEMENT FAILED: 6.12: the scenario expects a reproduction, and none of the 1 \
+             run(s) with a sweep rule reproduced it"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SWEEP: COMPLETE; JUDGEMENT FAILED"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/sweep.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["failures"].as_array().map(Vec::len), Some(1));
+}
