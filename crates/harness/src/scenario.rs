@@ -20,7 +20,7 @@ pub const ESCAPE_CLASSES: &[&str] = &[
 #[derive(Debug, Error)]
 pub enum ScenarioError {
     /// The file cannot be read.
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// File.
         path: PathBuf,

@@ -70,13 +70,16 @@ pub struct IommuPlacement {
     pub bdf: Bdf,
     /// The endpoints it translates.
     pub endpoints: Vec<Bdf>,
+    /// Boot bypass as configured: endpoints not attached to a domain bypass translation
+    /// until the driver clears it.
+    pub boot_bypass: bool,
 }
 
 /// Building the devices failed.
 #[derive(Debug, Error)]
 pub enum HostError {
     /// The disk image cannot be opened.
-    #[error("cannot open disk {path}: {source}")]
+    #[error("cannot open disk {path}")]
     Disk {
         /// Image path.
         path: PathBuf,
@@ -91,7 +94,7 @@ pub enum HostError {
     #[error("too many devices: slot {0} is beyond bus 0")]
     OutOfSlots(u8),
     /// Device construction failed.
-    #[error("cannot build the PCI function: {0}")]
+    #[error("cannot build the PCI function")]
     Pci(#[from] sluice_pci::ConfigError),
 }
 
@@ -175,11 +178,13 @@ impl DeviceSet {
                 endpoints.push(engine_bdf);
             }
             let mut cfg = cfg.clone();
+            let boot_bypass = cfg.boot_bypass;
             cfg.endpoints = endpoints.iter().map(|b| u32::from(b.0)).collect();
             viommu = Some(VirtioIommu::new("viommu0", cfg, hooks.clone()));
             placement = Some(IommuPlacement {
                 bdf: Bdf::new(0, IOMMU_SLOT, 0),
                 endpoints,
+                boot_bypass,
             });
         }
         for (i, spec) in disks.iter().enumerate() {

@@ -58,14 +58,9 @@ impl Delay {
     /// Parses `300ms`, `uniform(1ms..5ms)` (or `1ms..5ms`), `exp(5ms)`.
     pub fn parse(s: &str) -> Result<Delay, PlanError> {
         let s = s.trim();
-        let bad = |why: &str| PlanError::BadValue {
-            key: "delay".into(),
+        let bad = |why: &str| PlanError::BadDelay {
             value: s.into(),
-            expected: format!(
-                "{why}; forms: 300ms | 250us | 1.5s | uniform(1ms..5ms) | 1ms..5ms | exp(5ms) \
-                 (units us/µs/ms/s, 1 µs to {} s)",
-                MAX_DELAY.as_secs()
-            ),
+            why: why.into(),
         };
         let inner = |prefix: &str| {
             s.strip_prefix(prefix)
@@ -114,6 +109,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" | "µs" => 1e3,
         "ms" => 1e6,
         "s" => 1e9,
+        "" => return Err(format!("`{s}` has no unit")),
         u => return Err(format!("unknown unit `{u}`")),
     };
     let v: f64 = num
@@ -190,6 +186,31 @@ mod tests {
         assert!(Delay::parse("uniform(5ms..1ms)").is_err());
         assert!(Delay::parse("uniform(5ms)").is_err());
         assert!(Delay::parse("exp()").is_err());
+    }
+
+    /// One line that says what is wrong and what would do, once each.
+    #[test]
+    fn bad_delay_messages_read_as_one_sentence() {
+        let forms = "(forms: 300ms, 250us, 1.5s, uniform(1ms..5ms), exp(5ms); units us, ms, s; \
+                     1us to 60s)";
+        let msg = |s: &str| Delay::parse(s).unwrap_err().to_string();
+        assert_eq!(
+            msg("1banana"),
+            format!("bad delay `1banana`: unknown unit `banana` {forms}")
+        );
+        assert_eq!(
+            msg("300"),
+            format!("bad delay `300`: `300` has no unit {forms}")
+        );
+        assert_eq!(
+            msg("90s"),
+            format!("bad delay `90s`: `90s` is outside 1us..60s {forms}")
+        );
+        assert_eq!(
+            msg("uniform(5ms..1ms)"),
+            format!("bad delay `uniform(5ms..1ms)`: uniform range has lo > hi {forms}")
+        );
+        assert!(!msg("1banana").contains("expected unknown"));
     }
 
     #[test]

@@ -85,15 +85,28 @@ pub enum PlanError {
         /// What would be accepted.
         expected: String,
     },
+    /// A delay does not parse or is out of range.
+    #[error(
+        "bad delay `{value}`: {why} (forms: 300ms, 250us, 1.5s, uniform(1ms..5ms), exp(5ms); \
+         units us, ms, s; 1us to 60s)"
+    )]
+    BadDelay {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// `delay` is missing.
     #[error("rule `{0}` has no delay= (e.g. delay=300ms)")]
     NoDelay(String),
-    /// The point does not exist in this run.
-    #[error("unknown point `{point}`; valid points: {valid}")]
+    /// The point does not exist, or cannot fire in this run.
+    #[error("point `{point}` {why}; points of this run, nearest first: {valid}")]
     UnknownPoint {
         /// The point.
         point: String,
-        /// The points that exist.
+        /// What is wrong with it: unknown, or a point of a model this run does not have.
+        why: String,
+        /// The points of this run, nearest first.
         valid: String,
     },
     /// `mode=defer` on a point whose model cannot publish its completion later.

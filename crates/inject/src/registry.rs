@@ -90,10 +90,59 @@ impl SymbolMap {
     }
 }
 
+/// A Sluice device model with named points of its own (device instances add theirs with
+/// [`PointRegistry::add_virtio_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    /// virtio-iommu requests and config (`virtio-iommu.*`).
+    VirtioIommu,
+    /// The PCI command register of virtio-pci functions (`pci.cfg.write.command`).
+    VirtioPci,
+    /// Arm SMMUv3 registers and commands (`smmuv3.*`).
+    Smmuv3,
+    /// s390 zPCI (`zpci.*`).
+    Zpci,
+}
+
+impl Model {
+    /// Every model, in the order `sluice points` lists them.
+    pub const ALL: [Model; 4] = [
+        Model::VirtioIommu,
+        Model::VirtioPci,
+        Model::Smmuv3,
+        Model::Zpci,
+    ];
+
+    /// The owner name points carry.
+    pub fn owner(self) -> &'static str {
+        match self {
+            Model::VirtioIommu => "virtio-iommu",
+            Model::VirtioPci => "virtio-pci",
+            Model::Smmuv3 => "smmuv3",
+            Model::Zpci => "zpci",
+        }
+    }
+
+    /// Its points, and those of them that can defer.
+    fn points(self) -> (Vec<&'static str>, &'static [&'static str]) {
+        match self {
+            Model::VirtioIommu => (
+                sluice_virtio_iommu::POINTS.to_vec(),
+                sluice_virtio_iommu::DEFER_POINTS,
+            ),
+            Model::VirtioPci => (vec![sluice_virtio_pci::points::CFG_WRITE_COMMAND], &[]),
+            Model::Smmuv3 => (sluice_smmuv3::points(), &[]),
+            Model::Zpci => (sluice_zpci::POINTS.to_vec(), &[]),
+        }
+    }
+}
+
 /// Every point of a run.
 #[derive(Debug, Clone, Default)]
 pub struct PointRegistry {
     points: BTreeMap<String, PointInfo>,
+    /// Points of models this run does not have (name → owner): known names that cannot fire.
+    absent: BTreeMap<String, &'static str>,
     symbols: Option<SymbolMap>,
 }
 
@@ -106,19 +155,23 @@ impl PointRegistry {
     /// The points of every Sluice model that does not depend on device names: virtio-iommu
     /// requests and config, the PCI command register, SMMUv3 registers and commands, zPCI.
     pub fn sluice_models() -> Self {
+        Self::with_models(&Model::ALL)
+    }
+
+    /// The points of `models` only: those a run with these models can fire. The points of the
+    /// other models stay known, so a rule on one of them is refused as "not in this run"
+    /// rather than "unknown".
+    pub fn with_models(models: &[Model]) -> Self {
         let mut r = Self::new();
-        r.add_model(
-            "virtio-iommu",
-            sluice_virtio_iommu::POINTS,
-            sluice_virtio_iommu::DEFER_POINTS,
-        );
-        r.add_model(
-            "virtio-pci",
-            &[sluice_virtio_pci::points::CFG_WRITE_COMMAND],
-            &[],
-        );
-        r.add_model("smmuv3", &sluice_smmuv3::points(), &[]);
-        r.add_model("zpci", sluice_zpci::POINTS, &[]);
+        for m in Model::ALL {
+            let (names, defer) = m.points();
+            if models.contains(&m) {
+                r.add_model(m.owner(), &names, defer);
+            } else {
+                r.absent
+                    .extend(names.iter().map(|n| (n.to_string(), m.owner())));
+            }
+        }
         r
     }
 
@@ -181,10 +234,37 @@ impl PointRegistry {
         self.points.get(name)
     }
 
-    fn valid_list(&self) -> String {
-        let mut v: Vec<String> = self.points.keys().cloned().collect();
-        v.push(format!("{GUEST_SYM_PREFIX}<symbol>[+offset]"));
-        v.join(", ")
+    /// The points of this run, nearest to `name` first (edit distance, then name).
+    pub fn nearest(&self, name: &str) -> Vec<&str> {
+        let mut v: Vec<(usize, &str)> = self
+            .points
+            .keys()
+            .map(|k| (edit_distance(name, k), k.as_str()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// The error for a rule on `point`, which is not a point of this run: unknown, or a point
+    /// of a model the run does not have. Lists the run's points, nearest first.
+    pub fn unknown_point(&self, point: &str) -> PlanError {
+        let why = match self.absent.get(point) {
+            Some(owner) => format!(
+                "cannot fire in this run: it belongs to the {owner} model, which this run does \
+                 not have"
+            ),
+            None => "does not exist".to_string(),
+        };
+        let mut valid = self.nearest(point).join(", ");
+        if !valid.is_empty() {
+            valid.push_str(", ");
+        }
+        valid.push_str(&format!("{GUEST_SYM_PREFIX}<symbol>[+offset]"));
+        PlanError::UnknownPoint {
+            point: point.to_string(),
+            why,
+            valid,
+        }
     }
 
     fn defer_list(&self) -> String {
@@ -265,10 +345,7 @@ impl PointRegistry {
             let info = self
                 .points
                 .get(&spec.point)
-                .ok_or_else(|| PlanError::UnknownPoint {
-                    point: spec.point.clone(),
-                    valid: self.valid_list(),
-                })?;
+                .ok_or_else(|| self.unknown_point(&spec.point))?;
             if spec.mode == Mode::Defer && !info.defer {
                 return Err(PlanError::CannotDefer {
                     point: spec.point.clone(),
@@ -294,6 +371,32 @@ impl PointRegistry {
             guest_addr,
         })
     }
+}
+
+/// Levenshtein distance over characters: how many one-character edits turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    // One row of the DP table at a time: row[j] is the distance from a's prefix to b[..j].
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row.first().copied().unwrap_or(i);
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let (Some(&up), Some(&left)) = (row.get(j + 1), row.get(j)) else {
+                break;
+            };
+            let next = (diagonal + usize::from(ca != *cb))
+                .min(up + 1)
+                .min(left + 1);
+            diagonal = up;
+            if let Some(cell) = row.get_mut(j + 1) {
+                *cell = next;
+            }
+        }
+    }
+    row.last().copied().unwrap_or(0)
 }
 
 /// A rule checked against a run.
@@ -406,7 +509,7 @@ mod tests {
         let e = v("virtio-iommu.req.atach:delay=1ms").unwrap_err();
         assert!(
             e.to_string().contains("virtio-iommu.req.attach")
-                && e.to_string().contains("unknown point"),
+                && e.to_string().contains("does not exist"),
             "{e}"
         );
         let e = v("virtio.blk0.notify:delay=1ms,mode=defer").unwrap_err();
@@ -434,6 +537,60 @@ mod tests {
         .unwrap();
         assert_eq!(ok.rules[1].guest_addr, Some(0xffff_ffff_8123_4560));
         assert!(ok.warnings.is_empty(), "{:?}", ok.warnings);
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("", ""), 0);
+        assert_eq!(edit_distance("abc", ""), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("attach", "atach"), 1);
+        assert_eq!(edit_distance("µs", "us"), 1);
+    }
+
+    /// An x86 virtio-iommu run has no SMMUv3 or zPCI: rules on their points are refused with
+    /// the run's own points, nearest first; `sluice_models()` (what `sluice points` lists)
+    /// still has every point.
+    #[test]
+    fn points_of_models_not_in_the_run_are_refused() {
+        let mut r = PointRegistry::with_models(&[Model::VirtioIommu, Model::VirtioPci]);
+        r.add_virtio_device("blk0", VirtioKind::Block);
+        r.add_virtio_device("viommu0", VirtioKind::Iommu);
+        let v = |s: &str| r.validate(&Plan::parse_cli(s).unwrap());
+        assert!(v("virtio-iommu.req.attach:delay=1ms").is_ok());
+        assert!(v("virtio.blk0.complete:delay=1ms,mode=defer").is_ok());
+        for p in ["smmuv3.cmd.CFGI_STE", "zpci.rpcit"] {
+            let e = v(&format!("{p}:delay=1ms")).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "point `{p}` cannot fire in this run: it belongs to the"
+                )),
+                "{e}"
+            );
+            let listed = e.split("nearest first: ").nth(1).unwrap_or_default();
+            assert!(listed.starts_with("virtio"), "{e}");
+            assert!(
+                !listed.contains("smmuv3.") && !listed.contains("zpci."),
+                "{e}"
+            );
+        }
+        let e = v("virtio-iommu.req.atach:delay=1ms")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "point `virtio-iommu.req.atach` does not exist; points of this run, nearest \
+                 first: \
+                 virtio-iommu.req.attach, virtio-iommu.req.detach, "
+            ),
+            "{e}"
+        );
+        assert!(e.ends_with(", guest.sym.<symbol>[+offset]"), "{e}");
+        let e = v("virtio.blk0.notfy:delay=1ms").unwrap_err().to_string();
+        assert!(e.contains("nearest first: virtio.blk0.notify, "), "{e}");
+        let all = PointRegistry::sluice_models();
+        assert!(all.get("smmuv3.cmd.CFGI_STE").is_some() && all.get("zpci.rpcit").is_some());
     }
 
     #[test]

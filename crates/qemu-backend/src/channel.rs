@@ -13,10 +13,10 @@ use crate::protocol::{self, HEADER_LEN, Header, MAX_FDS, ProtocolError, Request}
 #[derive(Debug, Error)]
 pub enum ChannelError {
     /// The socket failed.
-    #[error("socket I/O failed: {0}")]
+    #[error("socket I/O failed")]
     Io(#[from] io::Error),
     /// The message breaks the protocol.
-    #[error("malformed protocol message: {0}")]
+    #[error("malformed protocol message")]
     Protocol(#[from] ProtocolError),
     /// The peer closed the connection in the middle of a message.
     #[error("connection closed inside a message ({got} of {want} bytes)")]

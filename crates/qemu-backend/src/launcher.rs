@@ -2,7 +2,7 @@
 //! guest's serial console.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,8 @@ use sluice_host::{DeviceSet, GuestExit, RunOutcome};
 use thiserror::Error;
 
 use crate::channel::ChannelError;
+use crate::console::{self, ConsoleState, ConsoleSummary};
+use crate::error_chain;
 use crate::server::{DeviceServer, ServeError};
 
 /// How QEMU runs the vCPUs.
@@ -79,7 +81,7 @@ impl std::fmt::Debug for ConsoleSink {
 #[derive(Debug, Error)]
 pub enum LaunchError {
     /// A file the guest needs is missing or unreadable.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Input {
         /// "kernel", "initrd", "QEMU binary".
         what: &'static str,
@@ -90,10 +92,10 @@ pub enum LaunchError {
         source: std::io::Error,
     },
     /// socketpair or spawn failed.
-    #[error("cannot start QEMU: {0}")]
+    #[error("cannot start QEMU")]
     Spawn(#[source] std::io::Error),
     /// The serial log cannot be written.
-    #[error("cannot write the serial log {path}: {source}")]
+    #[error("cannot write the serial log {path}")]
     SerialLog {
         /// Path.
         path: PathBuf,
@@ -181,36 +183,26 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
     a
 }
 
-enum Console {
-    Line(String, Duration),
-    End,
-}
+/// Console pieces in flight between the reader thread and the supervisor.
+const CONSOLE_QUEUE: usize = 4096;
 
-/// What the supervisor has read of the console so far.
-#[derive(Default)]
-struct ConsoleState {
-    lines: Vec<String>,
-    init_at: Option<Duration>,
-    ended: bool,
-}
-
-impl ConsoleState {
-    fn take(&mut self, msg: Console, log: &mut File) {
-        match msg {
-            Console::Line(line, at) => {
-                let _ = writeln!(log, "[{:9.3}] {line}", at.as_secs_f64());
-                if self.init_at.is_none() && line.contains("SLUICE: init started") {
-                    self.init_at = Some(at);
-                }
-                self.lines.push(line);
-            }
-            Console::End => self.ended = true,
-        }
-    }
+/// A finished QEMU run: the outcome every backend reports, and how much of the console was
+/// kept in memory.
+#[derive(Debug, Clone)]
+pub struct QemuRun {
+    /// How the run ended, with the console lines held in memory.
+    pub outcome: RunOutcome,
+    /// Lines seen, and what was cut or left out of `outcome.console`.
+    pub console: ConsoleSummary,
 }
 
 /// Boots the guest with `devices` served by this process, and waits for it to finish.
 pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchError> {
+    run_qemu(cfg, devices).map(|r| r.outcome)
+}
+
+/// [`run`], also saying how much of the console was kept in memory.
+pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, LaunchError> {
     check_readable("kernel", &cfg.kernel)?;
     check_readable("initrd", &cfg.initrd)?;
     check_readable("QEMU binary", &cfg.qemu)?;
@@ -253,29 +245,19 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
     }
     drop(dev_tx);
 
-    let (con_tx, con_rx) = mpsc::channel();
+    // Bounded, so a guest that floods its console slows QEMU's pipe down instead of growing
+    // this queue: at most CONSOLE_QUEUE pieces of at most MAX_LINE bytes wait here.
+    let (con_tx, con_rx) = mpsc::sync_channel(CONSOLE_QUEUE);
     if let Some(out) = child.stdout.take() {
         let sink = cfg.console_sink.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Some(ConsoleSink(f)) = &sink {
-                    f(&line);
-                }
-                let _ = con_tx.send(Console::Line(line, start.elapsed()));
-            }
-            let _ = con_tx.send(Console::End);
+            console::read_console(out, &con_tx, sink.as_ref(), start);
         });
     }
-    let stderr_buf = Arc::new(std::sync::Mutex::new(String::new()));
-    if let Some(mut err) = child.stderr.take() {
-        let buf = stderr_buf.clone();
+    let (err_tx, err_rx) = mpsc::channel();
+    if let Some(err) = child.stderr.take() {
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            if let Ok(mut b) = buf.lock() {
-                *b = s;
-            }
+            let _ = err_tx.send(console::read_stderr_tail(err));
         });
     }
 
@@ -286,14 +268,17 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
         // Wait briefly for console output; this is also the supervision tick.
         if let Ok(msg) = con_rx.recv_timeout(Duration::from_millis(20)) {
             seen.take(msg, &mut serial);
-            while let Ok(msg) = con_rx.try_recv() {
+            // A bounded batch, so a flooding guest cannot keep the supervisor from its
+            // timeout and device-error checks.
+            for msg in con_rx.try_iter().take(CONSOLE_QUEUE) {
                 seen.take(msg, &mut serial);
             }
         }
         while let Ok(r) = dev_rx.try_recv() {
             if let Err(e) = r {
+                let e = error_chain(&e);
                 log::error!("{e}");
-                device_error.get_or_insert(e.to_string());
+                device_error.get_or_insert(e);
             }
         }
         if device_error.is_some() || start.elapsed() > cfg.timeout {
@@ -326,11 +311,15 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
                 }
             )
         {
-            device_error = Some(e.to_string());
+            device_error = Some(error_chain(&e));
         }
     }
-    let stderr = stderr_buf.lock().map(|s| s.clone()).unwrap_or_default();
-    let panicked = seen.lines.iter().any(|l| l.contains("Kernel panic"));
+    // QEMU has exited, so its stderr is at its end; a child QEMU left behind could still
+    // hold the pipe open, hence the bound.
+    let stderr = err_rx
+        .recv_timeout(Duration::from_secs(2))
+        .unwrap_or_default();
+    let panicked = seen.panicked;
     let exit = if let Some(e) = device_error {
         GuestExit::DeviceError(e)
     } else if timed_out {
@@ -339,7 +328,19 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
         GuestExit::Panicked
     } else {
         match status {
-            Some(s) if s.success() => GuestExit::PoweredOff,
+            Some(s) if s.success() && seen.init_at.is_some() => GuestExit::PoweredOff,
+            // A QEMU that exits cleanly before the guest's /init ran did not run the guest:
+            // bad arguments swallowed by a wrapper, a stand-in binary, a kernel that returned.
+            Some(s) if s.success() => GuestExit::QemuFailed {
+                code: s.code(),
+                stderr: format!(
+                    "QEMU exited with status 0 before the guest's /init started{}",
+                    match tail(&stderr, 2000) {
+                        t if t.is_empty() => String::new(),
+                        t => format!("; stderr: {t}"),
+                    }
+                ),
+            },
             Some(s) => GuestExit::QemuFailed {
                 code: s.code(),
                 stderr: tail(&stderr, 2000),
@@ -350,11 +351,16 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
             },
         }
     };
-    Ok(RunOutcome {
-        exit,
-        wall,
-        boot_to_init: seen.init_at,
-        console: seen.lines,
+    let boot_to_init = seen.init_at;
+    let (console, summary) = seen.into_lines();
+    Ok(QemuRun {
+        outcome: RunOutcome {
+            exit,
+            wall,
+            boot_to_init,
+            console,
+        },
+        console: summary,
     })
 }
 
@@ -407,12 +413,115 @@ mod tests {
             iommu: None,
         };
         let err = run(&cfg(), &set).unwrap_err();
-        assert!(err.to_string().starts_with("kernel /k"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "kernel /k",
+            "the cause is the source, not the message"
+        );
+        assert_eq!(
+            error_chain(&err),
+            "kernel /k: No such file or directory (os error 2)"
+        );
     }
 
     #[test]
     fn tail_respects_char_boundaries() {
         assert_eq!(tail("héllo", 4), "llo");
         assert_eq!(tail("ab", 10), "ab");
+    }
+
+    /// A stand-in for QEMU: a shell script with `body`, plus a kernel and initrd to pass the
+    /// launcher's checks.
+    fn fake(name: &str, body: &str) -> (QemuConfig, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sluice-fake-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let qemu = dir.join("qemu.sh");
+        std::fs::write(&qemu, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["k", "i"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let cfg = QemuConfig {
+            qemu,
+            kernel: dir.join("k"),
+            initrd: dir.join("i"),
+            serial_log: dir.join("serial.log"),
+            timeout: Duration::from_secs(30),
+            acpi_tables: vec![],
+            ..cfg()
+        };
+        (cfg, dir)
+    }
+
+    fn no_devices() -> DeviceSet {
+        DeviceSet {
+            mem: Default::default(),
+            devices: vec![],
+            iommu: None,
+        }
+    }
+
+    #[test]
+    fn console_with_invalid_utf8_is_read_to_the_end() {
+        let (cfg, dir) = fake(
+            "utf8",
+            r"printf 'SLUICE: init started\n\377\376 not utf-8 \303\n'
+printf 'SLUICE: RESULT PASS\r\nSLUICE: done\n'",
+        );
+        let r = run_qemu(&cfg, &no_devices()).unwrap();
+        assert_eq!(r.outcome.exit, GuestExit::PoweredOff);
+        assert_eq!(
+            r.outcome.console,
+            [
+                "SLUICE: init started",
+                "\u{fffd}\u{fffd} not utf-8 \u{fffd}",
+                "SLUICE: RESULT PASS",
+                "SLUICE: done"
+            ]
+        );
+        assert!(r.outcome.boot_to_init.is_some());
+        assert_eq!(r.console.non_utf8_lines, 1);
+        assert!(!r.console.truncated());
+        let log = std::fs::read(&cfg.serial_log).unwrap();
+        let needles: [&[u8]; 3] = [
+            b"] \xff\xfe not utf-8 \xc3\n",
+            b"] SLUICE: RESULT PASS\n",
+            b"] SLUICE: done\n",
+        ];
+        for needle in needles {
+            assert!(
+                log.windows(needle.len()).any(|w| w == needle),
+                "{needle:?} not in {}",
+                String::from_utf8_lossy(&log)
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn qemu_exiting_zero_before_init_is_a_failure() {
+        let (cfg, dir) = fake("exit0", "echo 'qemu: ignoring everything' >&2\nexit 0");
+        let out = run(&cfg, &no_devices()).unwrap();
+        match &out.exit {
+            GuestExit::QemuFailed { code, stderr } => {
+                assert_eq!(*code, Some(0));
+                assert_eq!(
+                    stderr,
+                    "QEMU exited with status 0 before the guest's /init started; stderr: \
+                     qemu: ignoring everything"
+                );
+            }
+            other => panic!("expected qemu-failed, got {other:?}"),
+        }
+        // The same clean exit after /init started is a power-off.
+        let (cfg, dir2) = fake("exit0-init", "echo 'SLUICE: init started'\nexit 0");
+        assert_eq!(
+            run(&cfg, &no_devices()).unwrap().exit,
+            GuestExit::PoweredOff
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir2).unwrap();
     }
 }

@@ -8,10 +8,26 @@
 //! starts and supervises QEMU.
 
 pub mod channel;
+pub mod console;
 pub mod launcher;
 pub mod memory;
 pub mod protocol;
 pub mod server;
 
-pub use launcher::{Accel, ConsoleSink, QemuConfig, run};
+pub use console::ConsoleSummary;
+pub use launcher::{Accel, ConsoleSink, QemuConfig, QemuRun, run, run_qemu};
 pub use sluice_host::{GuestExit, RunOutcome};
+
+/// An error and its causes on one line, `outer: cause: root cause`. Every error type here
+/// leaves its cause out of its own message (the cause is its `source()`), so a chain printed
+/// this way, or with anyhow's `{:#}`, names each cause once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

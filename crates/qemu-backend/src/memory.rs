@@ -11,7 +11,7 @@ use crate::protocol::RamRegion;
 #[derive(Debug, Error)]
 pub enum MemoryMapError {
     /// mmap of a region failed.
-    #[error("cannot map {size:#x} bytes at offset {offset:#x} for GPA {gpa:#x}: {source}")]
+    #[error("cannot map {size:#x} bytes at offset {offset:#x} for GPA {gpa:#x}")]
     Mmap {
         /// Guest-physical start.
         gpa: u64,

@@ -4,6 +4,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sluice_host::HostedDevice;
@@ -22,7 +23,7 @@ const RESAMPLE_POLL: Duration = Duration::from_millis(100);
 #[derive(Debug, Error)]
 pub enum ServeError {
     /// The connection broke or carried a malformed message.
-    #[error("device {device}: {source}")]
+    #[error("device {device}")]
     Channel {
         /// Device name.
         device: String,
@@ -31,7 +32,7 @@ pub enum ServeError {
         source: ChannelError,
     },
     /// Guest memory could not be mapped.
-    #[error("device {device}: {source}")]
+    #[error("device {device}")]
     Memory {
         /// Device name.
         device: String,
@@ -54,6 +55,32 @@ pub struct ServeStats {
     pub memory_syncs: AtomicU64,
     /// INTx resamples seen.
     pub resamples: AtomicU64,
+    /// INTx resample threads started (one per SET_IRQFD).
+    pub resample_threads_started: AtomicU64,
+    /// INTx resample threads running now: at most one per connection.
+    pub resample_threads_live: AtomicU64,
+}
+
+/// The thread relaying one resample eventfd. Dropping it stops and joins the thread, so a new
+/// SET_IRQFD replaces the previous thread instead of adding one (QEMU resends SET_IRQFD when
+/// the guest changes INTx routing, as often as the guest likes).
+struct ResampleThread {
+    /// Written to make the thread leave its poll at once.
+    quit: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for ResampleThread {
+    fn drop(&mut self) {
+        if let Err(e) = self.quit.write(1) {
+            // The thread still ends at the run's stop flag; joining could then take that long.
+            log::error!("cannot stop an INTx resample thread: {e}");
+            return;
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The remote end of one proxy device.
@@ -63,6 +90,7 @@ pub struct DeviceServer {
     mem: SharedMemory,
     stats: Arc<ServeStats>,
     stop: Arc<AtomicBool>,
+    resample: Option<ResampleThread>,
 }
 
 fn valid_access(size: u32) -> bool {
@@ -83,6 +111,7 @@ impl DeviceServer {
             mem,
             stats: Arc::new(ServeStats::default()),
             stop,
+            resample: None,
         }
     }
 
@@ -199,42 +228,104 @@ impl DeviceServer {
         }))
     }
 
-    fn connect_intx(&self, intr: OwnedFd, resample: OwnedFd) {
+    fn connect_intx(&mut self, intr: OwnedFd, resample: OwnedFd) {
         // SAFETY: `intr` is an owned descriptor QEMU sent us; ownership moves into the EventFd.
         let intr = unsafe { EventFd::from_raw_fd(intr.into_raw_fd()) };
         self.device.intx.connect(intr);
+        // The previous resample descriptor is QEMU's old route: stop relaying it first.
+        self.resample = None;
+        // SAFETY: as above, for the resample descriptor.
+        let resample = unsafe { EventFd::from_raw_fd(resample.into_raw_fd()) };
+        let quit = match EventFd::new(libc::EFD_NONBLOCK).and_then(|q| Ok((q.try_clone()?, q))) {
+            Ok(pair) => pair,
+            Err(e) => {
+                log::error!(
+                    "{}: cannot start the INTx resample thread: {e}",
+                    self.device.name
+                );
+                return;
+            }
+        };
+        let (quit_theirs, quit_ours) = quit;
         let relay = self.device.intx.clone();
         let stop = self.stop.clone();
         let stats = self.stats.clone();
         let name = format!("{}-resample", self.device.name);
+        stats.resample_threads_live.fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            // SAFETY: as above, for the resample descriptor.
-            let resample = unsafe { EventFd::from_raw_fd(resample.into_raw_fd()) };
             while !stop.load(Ordering::Acquire) {
-                if wait_readable(resample.as_raw_fd(), RESAMPLE_POLL) && resample.read().is_ok() {
-                    stats.resamples.fetch_add(1, Ordering::Relaxed);
-                    relay.resample();
+                match wait_readable(resample.as_raw_fd(), quit_theirs.as_raw_fd(), RESAMPLE_POLL) {
+                    Wake::Quit => break,
+                    Wake::Ready if resample.read().is_ok() => {
+                        stats.resamples.fetch_add(1, Ordering::Relaxed);
+                        relay.resample();
+                    }
+                    _ => {}
                 }
             }
+            stats.resample_threads_live.fetch_sub(1, Ordering::Relaxed);
         });
-        if let Err(e) = spawned {
-            log::error!(
-                "{}: cannot start the INTx resample thread: {e}",
-                self.device.name
-            );
+        match spawned {
+            Ok(handle) => {
+                self.stats
+                    .resample_threads_started
+                    .fetch_add(1, Ordering::Relaxed);
+                self.resample = Some(ResampleThread {
+                    quit: quit_ours,
+                    handle: Some(handle),
+                });
+            }
+            Err(e) => {
+                self.stats
+                    .resample_threads_live
+                    .fetch_sub(1, Ordering::Relaxed);
+                log::error!(
+                    "{}: cannot start the INTx resample thread: {e}",
+                    self.device.name
+                );
+            }
         }
     }
 }
 
-fn wait_readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, length 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
+/// Why a resample thread woke up.
+enum Wake {
+    /// The resample eventfd is readable.
+    Ready,
+    /// The thread is being replaced or the connection ended.
+    Quit,
+    /// Timeout (time to look at the run's stop flag) or an interrupted poll.
+    Idle,
+}
+
+fn wait_readable(fd: i32, quit: i32, timeout: Duration) -> Wake {
+    let mut pfds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: quit,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfds, length 2.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout.as_millis() as i32) };
+    let [ours, stop] = pfds;
+    if n <= 0 {
+        Wake::Idle
+    } else if stop.revents != 0 {
+        Wake::Quit
+    } else if ours.revents & libc::POLLIN != 0 {
+        Wake::Ready
+    } else if ours.revents != 0 {
+        // POLLERR/POLLNVAL on the resample descriptor: it will not become readable again.
+        Wake::Quit
+    } else {
+        Wake::Idle
+    }
 }
 
 #[cfg(test)]
@@ -345,10 +436,94 @@ mod tests {
         qemu.write_all(&encode_message(Command::BarRead, &[0u8; 5]))
             .unwrap();
         let err = t.join().unwrap().unwrap_err();
-        assert!(
-            err.to_string().contains("malformed protocol message"),
-            "{err}"
+        assert_eq!(
+            crate::error_chain(&err),
+            "device blk0: malformed protocol message: BarRead with a 5-byte payload (expected 24)"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn one_disk() -> (DeviceSet, std::path::PathBuf) {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sluice-serve-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let set = DeviceSet::new(
+            &[DiskSpec {
+                path: img,
+                read_only: false,
+                iommu: false,
+            }],
+            Arc::new(NoHooks),
+        )
+        .unwrap();
+        (set, dir)
+    }
+
+    /// A second descriptor of `fd`, as QEMU's SCM_RIGHTS would deliver it.
+    fn owned(fd: &EventFd) -> OwnedFd {
+        let dup = fd.try_clone().unwrap();
+        // SAFETY: `dup` is a fresh descriptor nobody else owns; ownership moves into the OwnedFd.
+        unsafe { OwnedFd::from_raw_fd(dup.into_raw_fd()) }
+    }
+
+    /// QEMU resends SET_IRQFD whenever the guest reroutes INTx: each one replaces the relay
+    /// thread of the previous resample descriptor, and only the newest descriptor is relayed.
+    #[test]
+    fn repeated_set_irqfd_keeps_one_resample_thread() {
+        let (set, dir) = one_disk();
+        let (ours, _qemu) = UnixStream::pair().unwrap();
+        let mut server = DeviceServer::new(
+            ours,
+            set.devices[0].clone(),
+            set.mem.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let stats = server.stats();
+        let mut routes = Vec::new();
+        for _ in 0..64 {
+            let intr = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            server
+                .handle(Request::SetIrqfd {
+                    intr: owned(&intr),
+                    resample: owned(&resample),
+                })
+                .unwrap();
+            assert_eq!(stats.resample_threads_live.load(Ordering::Relaxed), 1);
+            routes.push((intr, resample));
+        }
+        assert_eq!(stats.resample_threads_started.load(Ordering::Relaxed), 64);
+        // The device holds its line high; a resample on the newest route re-asserts it there.
+        sluice_devapi::InterruptSink::set_level(set.devices[0].intx.as_ref(), 0, true);
+        let (intr, resample) = routes.last().unwrap();
+        assert_eq!(intr.read().unwrap(), 1, "raised on the newest route");
+        resample.write(1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stats.resamples.load(Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "resample never relayed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(intr.read().unwrap(), 1, "re-asserted after the resample");
+        // An old route's resample is nobody's business any more.
+        routes[0].1.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(stats.resamples.load(Ordering::Relaxed), 1);
+        assert!(
+            routes[0].0.read().is_err(),
+            "nothing raised on an old route"
+        );
+        // Ending the connection stops the last thread too.
+        drop(server);
+        assert_eq!(stats.resample_threads_live.load(Ordering::Relaxed), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

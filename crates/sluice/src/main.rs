@@ -65,7 +65,9 @@ enum HarnessCmd {
     Run(Box<harness_cmd::HarnessRunArgs>),
     /// Explore one scenario over injection points x delays x modes x seeds within a time
     /// budget; print which cells reproduce, per variant; write JSON (and JUnit if asked).
-    /// Exit 0: every run done; 1: some runs could not be performed; 3: the budget stopped it.
+    /// Exit 0: every run done and the judgement holds; 1: some runs could not be performed;
+    /// 3: the budget stopped it; 4: the judgement failed (a run broke one of the scenario's
+    /// invariants, or a variant it expects to reproduce on reproduced in no cell).
     Sweep(Box<sweep_cmd::HarnessSweepArgs>),
 }
 
@@ -92,7 +94,7 @@ fn main() -> ExitCode {
         } => sweep_cmd::sweep(*args),
         Cmd::Demo => demo::run(),
         Cmd::Points { disks, iommu } => {
-            let reg = run::registry_for(disks, iommu);
+            let reg = run::all_points(disks, iommu);
             for p in reg.points() {
                 println!(
                     "{:<40} {:<6} {}",

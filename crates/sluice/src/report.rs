@@ -196,6 +196,7 @@ pub fn write_json(
         "iommu": devices.iommu.as_ref().map(|p| json!({
             "kind": "virtio-iommu",
             "bdf": p.bdf.to_string(),
+            "boot_bypass": if p.boot_bypass { "on" } else { "off" },
             "endpoints": p.endpoints.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
         })),
         "dma": stats.snapshot().into_iter().map(|(ep, c)| json!({

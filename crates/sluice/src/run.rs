@@ -1,6 +1,6 @@
 //! `sluice run`: assemble devices, pick the backend, boot, verify, report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,10 @@ use sluice_devapi::{Bdf, Fanout, Hooks};
 use sluice_host::{
     DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome,
 };
-use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap, VirtioKind};
+use sluice_inject::registry::GUEST_SYM_PREFIX;
+use sluice_inject::{
+    Firing, Injector, Model, Plan, PluginServer, PointRegistry, SymbolMap, VirtioKind,
+};
 use sluice_oracle::topology::Topology;
 use sluice_oracle::{Oracle, OracleConfig};
 use sluice_qemu::{Accel, ConsoleSink, QemuConfig};
@@ -68,7 +71,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "none")]
     iommu: IommuArg,
     /// virtio-iommu boot bypass (unattached endpoints bypass until the driver clears it).
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    // An explicit Set action: for a bool field clap would otherwise make this a flag that
+    // takes no value, so neither `on` nor `off` could be given.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
     iommu_boot_bypass: bool,
     /// Extra kernel command line (appended).
     #[arg(long, default_value = "")]
@@ -120,6 +126,9 @@ pub struct RunArgs {
     rogue: Vec<String>,
 }
 
+/// Debian's QEMU, used under hardware KVM when installed.
+const STOCK_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
 /// Where the DMA engine sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DmaEngineArg {
@@ -128,6 +137,11 @@ pub enum DmaEngineArg {
     /// Never translated.
     Direct,
 }
+
+/// Guest RAM limits, MiB.
+const MEM_MIB: std::ops::RangeInclusive<u64> = 64..=65536;
+/// vCPUs a q35 guest can have without x2APIC.
+const CPUS: std::ops::RangeInclusive<u32> = 1..=255;
 
 fn parse_size_mib(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -140,7 +154,7 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("bad size {s:?} (use e.g. 512M or 1G)"))?;
     match n.checked_mul(mul) {
-        Some(v) if (64..=65536).contains(&v) => Ok(v),
+        Some(v) if MEM_MIB.contains(&v) => Ok(v),
         _ => Err(format!("size {s:?} out of range (64M..64G)")),
     }
 }
@@ -254,8 +268,80 @@ pub struct RunRecord {
     pub timeline: Option<PathBuf>,
 }
 
+/// A file the run reads must be there and readable; `write` also asks for write access.
+fn check_file(what: &str, path: &Path, write: bool) -> Result<()> {
+    let context = || format!("cannot open {what} {}", path.display());
+    let meta = std::fs::metadata(path).with_context(context)?;
+    if meta.is_dir() {
+        bail!("{}: is a directory", context());
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .with_context(context)?;
+    Ok(())
+}
+
+impl RunSpec {
+    /// Everything that can be checked without building or booting anything: sizes, files,
+    /// the injection plan against this run's points. A bad command line then fails in
+    /// milliseconds, not after minutes of kernel and QEMU builds.
+    pub fn check(&self) -> Result<()> {
+        if !CPUS.contains(&self.cpus) {
+            bail!(
+                "--cpus {}: a guest has {} to {} vCPUs",
+                self.cpus,
+                CPUS.start(),
+                CPUS.end()
+            );
+        }
+        if !MEM_MIB.contains(&self.mem_mib) {
+            bail!(
+                "--mem {}M: guest RAM is {}M to {}M",
+                self.mem_mib,
+                MEM_MIB.start(),
+                MEM_MIB.end()
+            );
+        }
+        if self.timeout.is_zero() {
+            bail!("--timeout 0: the guest would be killed before it starts");
+        }
+        for d in &self.disks {
+            check_file("disk", &d.path, !d.read_only)?;
+            let len = std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0);
+            if len < 512 {
+                bail!(
+                    "disk {}: {len} bytes, smaller than one 512-byte sector",
+                    d.path.display()
+                );
+            }
+        }
+        if let GuestSource::Files { kernel, initrd } = &self.guest {
+            check_file("kernel", kernel, false)?;
+            check_file("initrd", initrd, false)?;
+        }
+        if let Some(q) = &self.qemu {
+            check_file("QEMU binary", q, false)?;
+        }
+        if let Some(m) = &self.system_map {
+            check_file("System.map", m, false)?;
+        }
+        // guest.sym rules need the guest's System.map; with a variant that is only there
+        // once the image is built, so they are checked again then (build_injector).
+        let symbols = match (&self.guest, &self.system_map) {
+            (GuestSource::Files { .. }, Some(m)) => Some(m.as_path()),
+            _ => None,
+        };
+        let disks = self.disks.len().max(1);
+        check_plan(self, disks, symbols)?;
+        Ok(())
+    }
+}
+
 /// Boots the guest described by `spec`, verifies it, writes the report.
 pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
+    spec.check()?;
     std::fs::create_dir_all(&spec.run_dir)
         .with_context(|| format!("cannot create {}", spec.run_dir.display()))?;
     let have_iommu = spec.iommu != IommuArg::None;
@@ -288,8 +374,10 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     let accel = Accel::detect();
     let qemu = match (&spec.qemu, accel) {
         (Some(q), _) => q.clone(),
-        (None, Accel::Kvm) => PathBuf::from("/usr/bin/qemu-system-x86_64"),
-        (None, Accel::Tcg) => {
+        // Stock QEMU wires the proxy's INTx through KVM irqfds; the image build no longer
+        // installs Debian's (it would displace a newer qemu-utils), so fall back to ours.
+        (None, Accel::Kvm) if Path::new(STOCK_QEMU).is_file() => PathBuf::from(STOCK_QEMU),
+        (None, _) => {
             eprintln!("sluice: QEMU with the proxy INTx patch (built once, then cached)");
             image::build_qemu()?
         }
@@ -408,7 +496,19 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             serial_log.display()
         );
     }
-    let outcome = sluice_qemu::run(&cfg, &devices)?;
+    let sluice_qemu::QemuRun {
+        outcome,
+        console: kept,
+    } = sluice_qemu::run_qemu(&cfg, &devices)?;
+    if kept.truncated() && !spec.quiet {
+        eprintln!(
+            "sluice: console: {} line(s) left out of memory, {} over-long line(s) cut; the \
+             full console is in {}",
+            kept.dropped_lines,
+            kept.long_lines,
+            serial_log.display()
+        );
+    }
     let guest_hits = plugin.as_ref().map(|p| p.hits()).unwrap_or_default();
     let meta = serde_json::json!({
         "backend": "qemu",
@@ -420,6 +520,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         "serial_log": cfg.serial_log,
         "guest_code_hits": guest_hits.len(),
         "rogue": rogue.reports(),
+        // What the report's console-derived fields were computed from.
+        "console": {
+            "lines": kept.lines,
+            "held_lines": outcome.console.len(),
+            "dropped_lines": kept.dropped_lines,
+            "long_lines_cut": kept.long_lines,
+            "non_utf8_lines": kept.non_utf8_lines,
+            "truncated": kept.truncated(),
+        },
     });
     for r in rogue.reports() {
         println!(
@@ -489,12 +598,8 @@ fn finish_run(
     })
 }
 
-/// The injection plan of this run, validated against the points its devices really have.
-fn build_injector(
-    spec: &RunSpec,
-    disks: &[DiskSpec],
-    system_map: Option<&std::path::Path>,
-) -> Result<Arc<Injector>> {
+/// The run's plan as written: `--inject-file`, then the `--inject` rules, then the seed.
+fn load_plan(spec: &RunSpec) -> Result<Plan> {
     let mut plan = match &spec.inject_file {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -509,15 +614,48 @@ fn build_injector(
     if let Some(seed) = spec.inject_seed {
         plan.seed = seed;
     }
-    let mut reg = registry_for(disks.len(), spec.iommu);
-    if let Some(map) = system_map
-        && plan.rules.iter().any(|r| r.point.starts_with("guest.sym."))
-    {
-        reg.set_symbols(
+    Ok(plan)
+}
+
+/// Validates the plan against the points a run with `disks` disks has. Without a symbol table
+/// `guest.sym` rules are left for later (the variant's System.map comes with its image).
+fn check_plan(
+    spec: &RunSpec,
+    disks: usize,
+    system_map: Option<&std::path::Path>,
+) -> Result<sluice_inject::ValidPlan> {
+    let mut plan = load_plan(spec)?;
+    let mut reg = run_registry(spec, disks);
+    let wants_symbols = plan
+        .rules
+        .iter()
+        .any(|r| r.point.starts_with(GUEST_SYM_PREFIX));
+    match system_map {
+        Some(map) if wants_symbols => reg.set_symbols(
             SymbolMap::load(map).with_context(|| format!("cannot read {}", map.display()))?,
-        );
+        ),
+        Some(_) => {}
+        None => plan
+            .rules
+            .retain(|r| !r.point.starts_with(GUEST_SYM_PREFIX)),
     }
-    let valid = reg.validate(&plan)?;
+    Ok(reg.validate(&plan)?)
+}
+
+/// The injection plan of this run, validated against the points its devices really have.
+fn build_injector(
+    spec: &RunSpec,
+    disks: &[DiskSpec],
+    system_map: Option<&std::path::Path>,
+) -> Result<Arc<Injector>> {
+    let valid = match system_map {
+        Some(map) => check_plan(spec, disks.len(), Some(map))?,
+        // No symbol table at all: guest.sym rules must still be refused, not dropped.
+        None => {
+            let plan = load_plan(spec)?;
+            run_registry(spec, disks.len()).validate(&plan)?
+        }
+    };
     if !spec.quiet {
         for w in &valid.warnings {
             eprintln!("sluice: warning: {w}");
@@ -543,9 +681,42 @@ fn plugin_socket_path(run_dir: &std::path::Path) -> PathBuf {
     std::env::temp_dir().join(format!("sluice-plugin-{}-{n}.sock", std::process::id()))
 }
 
-/// Every injection point of a run with `disks` disks and `iommu`.
+/// The injection points a run with `disks` disks and `iommu` can fire: its devices' and the
+/// models it has (no SMMUv3 or zPCI: neither is wired to a guest). Rules on other points are
+/// refused with this list, nearest first.
 pub fn registry_for(disks: usize, iommu: IommuArg) -> PointRegistry {
-    let mut reg = PointRegistry::sluice_models();
+    let mut models = vec![Model::VirtioPci];
+    if iommu == IommuArg::Virtio {
+        models.push(Model::VirtioIommu);
+    }
+    with_devices(PointRegistry::with_models(&models), disks, iommu)
+}
+
+/// The points of this run: its models and devices, the DMA engine's when it has one.
+fn run_registry(spec: &RunSpec, disks: usize) -> PointRegistry {
+    let mut reg = registry_for(disks, spec.iommu);
+    if spec.dma_engine.is_some() {
+        add_dma_engine(&mut reg);
+    }
+    reg
+}
+
+/// The DMA engine's points (`--dma-engine`; its instance is always `dma0`).
+fn add_dma_engine(reg: &mut PointRegistry) {
+    use sluice_dma_engine::points;
+    for p in [points::doorbell, points::complete, points::rogue] {
+        reg.add(&p("dma0"), false, "dma0");
+    }
+}
+
+/// Every point of every model (`sluice points`), with the device instances of such a run.
+pub fn all_points(disks: usize, iommu: IommuArg) -> PointRegistry {
+    let mut reg = with_devices(PointRegistry::sluice_models(), disks, iommu);
+    add_dma_engine(&mut reg);
+    reg
+}
+
+fn with_devices(mut reg: PointRegistry, disks: usize, iommu: IommuArg) -> PointRegistry {
     for i in 0..disks {
         reg.add_virtio_device(&format!("blk{i}"), VirtioKind::Block);
     }
@@ -779,6 +950,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             spec.run_dir.display()
         );
     }
+    if spec.iommu == IommuArg::Virtio {
+        println!(
+            "iommu:          virtio-iommu, boot bypass {}",
+            if spec.boot_bypass { "on" } else { "off" }
+        );
+    }
     report::print_summary(&rec.outcome, &rec.guest, &rec.disks, &rec.verdict);
     Ok(if rec.verdict.pass {
         ExitCode::SUCCESS
@@ -807,6 +984,172 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(&a).unwrap();
         drop(listener);
         let _ = std::fs::remove_file(&a);
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn parse(line: &str) -> Result<RunArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("run").chain(line.split_whitespace())).map(|c| c.args)
+    }
+
+    #[test]
+    fn boot_bypass_takes_on_and_off() {
+        let bypass = |line: &str| parse(line).map(|a| a.iommu_boot_bypass);
+        assert!(!bypass("--iommu virtio --iommu-boot-bypass off").unwrap());
+        assert!(bypass("--iommu virtio --iommu-boot-bypass on").unwrap());
+        assert!(!bypass("--iommu virtio --iommu-boot-bypass=off").unwrap());
+        assert!(bypass("--iommu virtio").unwrap(), "on by default");
+        assert!(
+            bypass("--iommu-boot-bypass").is_err(),
+            "a value is required"
+        );
+        let e = bypass("--iommu-boot-bypass maybe").unwrap_err().to_string();
+        assert!(e.contains("expected on or off, got \"maybe\""), "{e}");
+    }
+
+    fn spec(dir: &Path) -> RunSpec {
+        RunSpec {
+            guest: GuestSource::Variant("6.12".into()),
+            qemu: None,
+            cpus: 2,
+            mem_mib: 512,
+            disks: vec![],
+            iommu: IommuArg::Virtio,
+            boot_bypass: true,
+            cmdline: String::new(),
+            workload: "disk".into(),
+            seed: 1,
+            timeout: Duration::from_secs(10),
+            run_dir: dir.to_path_buf(),
+            serial_log: None,
+            report: None,
+            backend: Backend::Qemu,
+            inject: vec![],
+            inject_file: None,
+            inject_seed: None,
+            system_map: None,
+            cpuid_mask: vec![],
+            dma_engine: None,
+            rogue: vec![],
+            quiet: true,
+        }
+    }
+
+    /// Everything `check` can refuse, each with one line naming what is wrong.
+    #[test]
+    fn check_refuses_bad_specs_before_building_anything() {
+        let dir = std::env::temp_dir().join(format!("sluice-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let tiny = dir.join("tiny.img");
+        std::fs::write(&tiny, b"x").unwrap();
+        let err = |s: &RunSpec| format!("{:#}", s.check().unwrap_err());
+        let ok = spec(&dir);
+        ok.check().unwrap();
+        let disk = |path: &Path| DiskSpec {
+            path: path.to_path_buf(),
+            read_only: false,
+            iommu: true,
+        };
+        let s = RunSpec {
+            disks: vec![disk(&img), disk(&dir.join("absent.img"))],
+            ..spec(&dir)
+        };
+        assert_eq!(
+            err(&s),
+            format!(
+                "cannot open disk {}: No such file or directory (os error 2)",
+                dir.join("absent.img").display()
+            )
+        );
+        let s = RunSpec {
+            disks: vec![disk(&tiny)],
+            ..spec(&dir)
+        };
+        assert!(err(&s).contains("smaller than one 512-byte sector"));
+        let s = RunSpec {
+            disks: vec![disk(&dir)],
+            ..spec(&dir)
+        };
+        assert!(err(&s).ends_with(": is a directory"));
+        assert!(
+            err(&RunSpec {
+                cpus: 0,
+                ..spec(&dir)
+            })
+            .starts_with("--cpus 0:")
+        );
+        assert!(
+            err(&RunSpec {
+                mem_mib: 1,
+                ..spec(&dir)
+            })
+            .starts_with("--mem 1M:")
+        );
+        let files = GuestSource::Files {
+            kernel: dir.join("bzImage"),
+            initrd: img.clone(),
+        };
+        assert!(
+            err(&RunSpec {
+                guest: files,
+                ..spec(&dir)
+            })
+            .starts_with("cannot open kernel ")
+        );
+        let s = RunSpec {
+            inject: vec!["smmuv3.cmd.CFGI_STE:delay=1ms".into()],
+            ..spec(&dir)
+        };
+        assert!(
+            err(&s).contains("belongs to the smmuv3 model, which this run does not have"),
+            "{}",
+            err(&s)
+        );
+        let s = RunSpec {
+            inject: vec!["virtio-iommu.req.attach:delay=1ms".into()],
+            iommu: IommuArg::None,
+            ..spec(&dir)
+        };
+        assert!(err(&s).contains("virtio-iommu model"), "{}", err(&s));
+        let s = RunSpec {
+            inject: vec!["virtio-iommu.req.attach:delay=1banana".into()],
+            ..spec(&dir)
+        };
+        assert!(err(&s).contains("bad delay `1banana`: unknown unit `banana`"));
+        let s = RunSpec {
+            inject_file: Some(dir.join("plan.toml")),
+            ..spec(&dir)
+        };
+        assert!(err(&s).starts_with("cannot read "));
+        // The DMA engine's points exist only in runs that have the engine.
+        let s = RunSpec {
+            inject: vec!["dma.dma0.doorbell:delay=1ms".into()],
+            ..spec(&dir)
+        };
+        assert!(err(&s).contains("dma.dma0.doorbell"), "{}", err(&s));
+        RunSpec {
+            dma_engine: Some(DmaEngineSpec { iommu: true }),
+            ..s
+        }
+        .check()
+        .unwrap();
+        // guest.sym rules wait for the variant's System.map, which comes with its image.
+        let s = RunSpec {
+            inject: vec!["guest.sym.bus_iommu_probe:delay=1ms".into()],
+            ..spec(&dir)
+        };
+        s.check().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

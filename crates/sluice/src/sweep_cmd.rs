@@ -15,9 +15,10 @@ use sluice_harness::sweep::judge::judge_run;
 use sluice_harness::sweep::{
     self, Grid, SweepCase, SweepConfig, SweepMode, SweepReport, SweepSpec, WallClock, report,
 };
+use sluice_inject::PlanError;
 use sluice_inject::registry::GUEST_SYM_PREFIX;
 
-use crate::harness_cmd::{self, GuestRunner, Guests, check_rules, variant_exists};
+use crate::harness_cmd::{self, GuestRunner, Guests, check_rules, iommu_of, variant_exists};
 use crate::run;
 
 #[derive(Debug, Args)]
@@ -125,40 +126,44 @@ fn pick_variants(scenario: &Scenario, asked: &[String]) -> Result<Vec<String>> {
 /// Which points the scenario's devices have and whether they can defer; `guest.sym.*` points
 /// can only stall (their symbols are checked per variant once the images are there).
 fn grid_for(scenario: &Scenario, config: &SweepConfig) -> Result<Grid> {
-    let iommu = if scenario.devices.iommu == "virtio" {
-        run::IommuArg::Virtio
-    } else {
-        run::IommuArg::None
-    };
-    let reg = run::registry_for(scenario.devices.disks.len(), iommu);
+    let reg = run::registry_for(scenario.devices.disks.len(), iommu_of(scenario));
     let can_defer = |point: &str| -> Result<bool, String> {
         if point.starts_with(GUEST_SYM_PREFIX) {
             return Ok(false);
         }
         reg.get(point).map(|p| p.defer).ok_or_else(|| {
-            let names: Vec<&str> = reg.points().map(|p| p.name.as_str()).collect();
-            format!(
-                "not a point of this scenario's devices; valid: {}, {GUEST_SYM_PREFIX}<kernel symbol>",
-                names.join(", ")
-            )
+            // The registry says why (unknown, or a model the scenario's run does not have)
+            // and lists the run's points nearest first; the sweep error names the point.
+            match reg.unknown_point(point) {
+                PlanError::UnknownPoint { why, valid, .. } => {
+                    format!("{why}; points of this scenario's devices, nearest first: {valid}")
+                }
+                other => other.to_string(),
+            }
         })
     };
     Ok(sweep::expand_grid(config, &can_defer)?)
 }
 
 /// Checks every cell's rules on every variant (points, modes, guest symbols) before any run;
-/// prints each distinct warning once.
+/// prints each distinct warning once. Without `guests` (before the images are built) only
+/// what needs no System.map is checked, and nothing is printed.
 fn check_cells(
     scenario: &Scenario,
     grid: &Grid,
     config: &SweepConfig,
     variants: &[String],
-    guests: &Guests,
+    guests: Option<&Guests>,
 ) -> Result<()> {
     let mut warnings = BTreeSet::new();
     for v in variants {
-        let reg = guests.registry(scenario, v)?;
-        let symbols_known = guests.has_image(v);
+        let (reg, symbols_known) = match guests {
+            Some(g) => (g.registry(scenario, v)?, g.has_image(v)),
+            None => (
+                run::registry_for(scenario.devices.disks.len(), iommu_of(scenario)),
+                false,
+            ),
+        };
         for cell in &grid.cells {
             let rules = cell_rules(&scenario.inject.rules, cell, config.replace);
             let found = check_rules(&reg, &rules, symbols_known)
@@ -166,8 +171,10 @@ fn check_cells(
             warnings.extend(found);
         }
     }
-    for w in warnings {
-        eprintln!("sweep: warning: {w}");
+    if guests.is_some() {
+        for w in warnings {
+            eprintln!("sweep: warning: {w}");
+        }
     }
     Ok(())
 }
@@ -214,8 +221,9 @@ pub fn sweep(args: HarnessSweepArgs) -> Result<ExitCode> {
             _ => return Ok(ExitCode::SUCCESS),
         }
     }
+    check_cells(&scenario, &grid, &config, &variants, None)?;
     let guests = Guests::prepare(&variants, args.qemu.clone())?;
-    check_cells(&scenario, &grid, &config, &variants, &guests)?;
+    check_cells(&scenario, &grid, &config, &variants, Some(&guests))?;
     let out = harness_cmd::out_dir(args.out.as_deref(), "sweep")?;
     eprintln!(
         "sweep: {}: {} cell(s) x {} variant(s) x {} seed(s) = {} runs, budget {}, artifacts in {}",
@@ -301,8 +309,16 @@ fn write_outputs(
             rep.not_run, rep.planned
         ),
     };
-    println!("SWEEP: {end}; {written}");
-    Ok(ExitCode::from(rep.end.code()))
+    if rep.failures.is_empty() {
+        println!("SWEEP: {end}; {written}");
+    } else {
+        println!(
+            "SWEEP: {end}; JUDGEMENT FAILED ({} finding(s) contradict the scenario, listed \
+             above); {written}",
+            rep.failures.len()
+        );
+    }
+    Ok(ExitCode::from(rep.exit_code()))
 }
 
 #[cfg(test)]

@@ -151,7 +151,8 @@ pub enum SweepEnd {
 }
 
 impl SweepEnd {
-    /// Process exit code (2 is taken by usage and file errors).
+    /// Process exit code (2 is taken by usage and file errors, 4 by a failed judgement:
+    /// [`SweepReport::exit_code`]).
     pub fn code(self) -> u8 {
         match self {
             SweepEnd::Complete => 0,
@@ -160,6 +161,9 @@ impl SweepEnd {
         }
     }
 }
+
+/// Exit code of a sweep whose judgement failed ([`SweepReport::failures`]).
+pub const EXIT_JUDGEMENT_FAILED: u8 = 4;
 
 /// Everything a sweep reports (the JSON document).
 #[derive(Debug, Clone, Serialize)]
@@ -186,6 +190,11 @@ pub struct SweepReport {
     pub end: SweepEnd,
     /// Set when the budget stopped it.
     pub stopped: Option<BudgetStop>,
+    /// Where the sweep's judgement contradicts the scenario: runs that broke an invariant the
+    /// scenario sets for their variant, and variants the scenario expects to reproduce on
+    /// where no cell with a sweep rule reproduced (judged only when every run of that variant
+    /// was performed). Empty: the sweep found what the scenario says it should.
+    pub failures: Vec<String>,
     /// Wall time of the runs (image builds before them excluded).
     pub wall_s: f64,
 }
@@ -225,6 +234,7 @@ impl SweepReport {
         }
         let not_run = runs.iter().filter(|r| !r.ran).count();
         let errors = outcomes.iter().map(|o| o.errors).sum();
+        let failures = judgement_failures(grid, variants, &runs);
         let end = if not_run > 0 {
             SweepEnd::Budget
         } else if errors > 0 {
@@ -244,7 +254,19 @@ impl SweepReport {
             errors,
             end,
             stopped: driven.stopped,
+            failures,
             wall_s: driven.elapsed.as_secs_f64(),
+        }
+    }
+
+    /// Process exit code: [`EXIT_JUDGEMENT_FAILED`] when the judgement failed (whatever else
+    /// happened: a broken invariant is a finding even in a sweep cut short), else how the
+    /// sweep ended ([`SweepEnd::code`]).
+    pub fn exit_code(&self) -> u8 {
+        if self.failures.is_empty() {
+            self.end.code()
+        } else {
+            EXIT_JUDGEMENT_FAILED
         }
     }
 
@@ -254,6 +276,46 @@ impl SweepReport {
             .iter()
             .find(|o| o.cell == cell && o.variant == variant)
     }
+}
+
+/// See [`SweepReport::failures`].
+fn judgement_failures(grid: &Grid, variants: &[String], runs: &[SweepRun]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for r in runs {
+        let Some(res) = &r.result else { continue };
+        if res.observation.error.is_none() && !res.violations.is_empty() {
+            failures.push(format!(
+                "{}: broke an invariant of the scenario: {}",
+                r.id,
+                res.violations.join("; ")
+            ));
+        }
+    }
+    let with_rule = |cell: usize| grid.cells.get(cell).is_some_and(|c| c.point.is_some());
+    for v in variants {
+        let mine: Vec<&SweepRun> = runs.iter().filter(|r| &r.variant == v).collect();
+        let results = || mine.iter().filter_map(|r| r.result.as_ref());
+        let expects = results().any(|res| res.expects_reproduction);
+        let all_performed = mine.iter().all(|r| {
+            r.result
+                .as_ref()
+                .is_some_and(|res| res.observation.error.is_none())
+        });
+        let rule_runs = mine.iter().filter(|r| with_rule(r.cell)).count();
+        let reproduced = mine
+            .iter()
+            .filter(|r| with_rule(r.cell))
+            .filter_map(|r| r.result.as_ref())
+            .filter(|res| res.reproduced)
+            .count();
+        if expects && all_performed && rule_runs > 0 && reproduced == 0 {
+            failures.push(format!(
+                "{v}: the scenario expects a reproduction, and none of the {rule_runs} run(s) \
+                 with a sweep rule reproduced it"
+            ));
+        }
+    }
+    failures
 }
 
 fn cell_outcome(cell: usize, variant: &str, runs: &[SweepRun]) -> CellOutcome {
@@ -423,6 +485,11 @@ console_required = ["Adding to iommu group"]
         let rep = SweepReport::build("race", &variants, &config, &grid, &order, driven);
         assert_eq!(rep.end, SweepEnd::Budget);
         assert_eq!(rep.end.code(), 3);
+        assert_eq!(
+            rep.exit_code(),
+            EXIT_JUDGEMENT_FAILED,
+            "the escape on the fixed kernel outranks the budget"
+        );
         assert_eq!((rep.planned, rep.not_run, rep.errors), (8, 2, 1));
         let base_u = rep.outcome(0, "unfixed").unwrap();
         assert_eq!((base_u.ran, base_u.hits, base_u.rate), (2, 0, Some(0.0)));
@@ -447,6 +514,83 @@ console_required = ["Adding to iommu group"]
                 .any(|r| r.starts_with("p:delay=100ms"))
         );
         assert!(!rep.runs[6].ran);
+    }
+
+    fn sweep(observations: Vec<Option<Observation>>) -> SweepReport {
+        let scenario = Scenario::parse(Path::new("t"), RACE, &|_| true).unwrap();
+        let config = crate::sweep::spec::SweepConfig::resolve(
+            None,
+            &SweepSpec {
+                points: Some(vec!["p".into()]),
+                delays: Some(vec!["0ms".into(), "100ms".into()]),
+                modes: Some(vec![SweepMode::Stall]),
+                seeds: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let grid = expand_grid(&config, &|_| Ok(false)).unwrap();
+        let variants = vec!["unfixed".to_string(), "fixed".to_string()];
+        let order = order_runs(&scenario, &grid, &config, &variants);
+        let driven = Driven {
+            observations,
+            stopped: None,
+            elapsed: Duration::from_secs(4),
+        };
+        SweepReport::build("race", &variants, &config, &grid, &order, driven)
+    }
+
+    /// The sweep's exit code follows its judgement: 0 when it found what the scenario says,
+    /// 4 when a run broke an invariant or the unfixed kernel never reproduced.
+    #[test]
+    fn a_wrong_judgement_fails_the_sweep() {
+        let esc = || obs(&[("bypass-after-takeover", 1)], &[]);
+        let fixed_ok = || obs(&[], &["Adding to iommu group 0"]);
+        // Launch order: baseline (unfixed, fixed), then p@100ms (unfixed, fixed).
+        let good = sweep(vec![
+            Some(obs(&[], &[])),
+            Some(fixed_ok()),
+            Some(esc()),
+            Some(fixed_ok()),
+        ]);
+        assert!(good.failures.is_empty(), "{:?}", good.failures);
+        assert_eq!(good.exit_code(), 0);
+        // The race seen only in the baseline does not count for the sweep's cells.
+        let missed = sweep(vec![
+            Some(esc()),
+            Some(fixed_ok()),
+            Some(obs(&[], &[])),
+            Some(fixed_ok()),
+        ]);
+        assert_eq!(
+            missed.failures,
+            [
+                "unfixed: the scenario expects a reproduction, and none of the 1 run(s) with a \
+              sweep rule reproduced it"
+            ]
+        );
+        assert_eq!(missed.exit_code(), EXIT_JUDGEMENT_FAILED);
+        let broken = sweep(vec![
+            Some(obs(&[], &[])),
+            Some(fixed_ok()),
+            Some(esc()),
+            Some(obs(
+                &[("bypass-after-takeover", 1)],
+                &["Adding to iommu group 0"],
+            )),
+        ]);
+        assert_eq!(broken.failures.len(), 1, "{:?}", broken.failures);
+        assert!(
+            broken.failures[0]
+                .ends_with("broke an invariant of the scenario: forbidden escape *: 1"),
+            "{:?}",
+            broken.failures
+        );
+        assert_eq!(broken.exit_code(), EXIT_JUDGEMENT_FAILED);
+        // Cut short before the unfixed kernel's rule run: nothing to conclude, the budget's code.
+        let cut = sweep(vec![Some(obs(&[], &[])), Some(fixed_ok()), None, None]);
+        assert!(cut.failures.is_empty(), "{:?}", cut.failures);
+        assert_eq!(cut.exit_code(), 3);
     }
 
     #[test]

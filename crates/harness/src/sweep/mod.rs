@@ -21,5 +21,5 @@ pub mod spec;
 
 pub use drive::{Clock, Driven, WallClock, drive};
 pub use grid::{Cell, Grid, SweepCase, expand_grid, order_runs};
-pub use judge::{SweepEnd, SweepReport};
+pub use judge::{EXIT_JUDGEMENT_FAILED, SweepEnd, SweepReport};
 pub use spec::{SweepConfig, SweepError, SweepMode, SweepSpec};

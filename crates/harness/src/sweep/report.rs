@@ -107,6 +107,9 @@ pub fn render_table(rep: &SweepReport) -> String {
     for note in &rep.grid.not_applicable {
         t += &format!("not in the grid: {note}\n");
     }
+    for f in &rep.failures {
+        t += &format!("JUDGEMENT FAILED: {f}\n");
+    }
     t += "hits/runs per cell and variant; a hit is a run with an escape, a console pattern the \
           scenario forbids, or the scenario's reproduction conditions met (`reproduced`); \
           `!`: some run broke an invariant the scenario sets for that variant\n";
