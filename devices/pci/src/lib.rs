@@ -6,6 +6,7 @@
 //! - [`irq::PciInterrupt`]: the one place a function's interrupts are routed, to MSI-X when the
 //!   guest enabled it and to INTx otherwise.
 //! - [`PciFunction`]: the trait the device host dispatches config and BAR accesses to.
+//! - [`guard::BarGuard`]: the bus-side check (size, BAR end) every BAR access passes once.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -18,10 +19,12 @@
 )]
 
 pub mod config;
+pub mod guard;
 pub mod irq;
 pub mod msix;
 
 pub use config::{BarKind, BarSpec, ConfigError, ConfigSpace, PciIds};
+pub use guard::{BarAccess, BarGuard};
 pub use irq::PciInterrupt;
 pub use msix::MsixTable;
 

@@ -37,7 +37,8 @@ mod translate;
 pub mod walk;
 
 pub use device::{
-    CacheMode, DEFAULT_CMDQ_BATCH, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig, SmmuV3,
+    CacheMode, DEFAULT_CMDQ_BATCH, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig,
+    SmmuV3,
 };
 pub use evtq::{Delivery, Event, EventType, FaultClass};
 pub use exec::ILLEGAL_POINT;

@@ -71,7 +71,11 @@ fn a_full_queue_does_at_most_one_batch_per_doorbell_and_completes_on_polls() {
     }
     // 16 batches: the doorbell's, 14 polls that still see work, the poll that drains.
     assert_eq!(polls, (1 << CMDQ_LOG2) / 16 - 2);
-    assert_eq!(cmd_points(&r).len(), 1 << CMDQ_LOG2, "every command ran once");
+    assert_eq!(
+        cmd_points(&r).len(),
+        1 << CMDQ_LOG2,
+        "every command ran once"
+    );
 }
 
 #[test]
@@ -111,7 +115,12 @@ fn cmd_sync_completes_only_after_the_commands_before_it() {
 #[test]
 fn the_invalidations_before_a_sync_are_reported_when_it_completes() {
     let r = rig(2);
-    r.cmds(&[[TLBI_NSNH_ALL, 0], [TLBI_NSNH_ALL, 0], [TLBI_NSNH_ALL, 0], [0x46, 0]]);
+    r.cmds(&[
+        [TLBI_NSNH_ALL, 0],
+        [TLBI_NSNH_ALL, 0],
+        [TLBI_NSNH_ALL, 0],
+        [0x46, 0],
+    ]);
     assert!(
         r.hooks.invalidations.lock().unwrap().is_empty(),
         "no CMD_SYNC yet"
@@ -138,10 +147,7 @@ fn the_default_batch_bounds_a_large_queue() {
     let full = 1u64 << log2;
     r.w32(off::CMDQ_PROD, full);
     let mask = (2u64 << log2) - 1;
-    assert_eq!(
-        r.r32(off::CMDQ_CONS) & mask,
-        u64::from(DEFAULT_CMDQ_BATCH)
-    );
+    assert_eq!(r.r32(off::CMDQ_CONS) & mask, u64::from(DEFAULT_CMDQ_BATCH));
     let mut polls = 0;
     while r.smmu.mmio_read_mem(&r.mem, off::CMDQ_CONS, 4) & mask != full {
         polls += 1;

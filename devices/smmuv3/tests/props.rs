@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 use proptest::prelude::*;
-use sluice_smmuv3::walk::Granule;
 use proptest::test_runner::RngSeed;
+use sluice_smmuv3::walk::Granule;
 use sluice_smmuv3::{Access, EventType, Fault};
 
 /// Seed of every property test in this file. Fixed, so a failure in CI reproduces anywhere;

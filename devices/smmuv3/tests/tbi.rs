@@ -40,28 +40,22 @@ fn rig(tbi0: bool, tbi1: bool) -> Rig {
     let cdaddr = rig.alloc(64, 64);
     rig.write_words(cdaddr, &[d0, root0, root1, 0, 0, 0, 0, 0]);
     rig.set_ste(1, ste_s1(cdaddr, 0, 0, 0));
-    let lo = Pt {
-        rig: &rig,
-        g,
-        start_level: 0,
-        input_bits: 48,
-        root: root0,
-    };
-    lo.map(LO_VA & ((1 << 48) - 1), LO_PA, 3, AF);
-    let hi = Pt {
-        rig: &rig,
-        g,
-        start_level: 0,
-        input_bits: 48,
-        root: root1,
-    };
-    hi.map(HI_VA & ((1 << 48) - 1), HI_PA, 3, AF);
-    drop((lo, hi));
+    for (root, va, pa) in [(root0, LO_VA, LO_PA), (root1, HI_VA, HI_PA)] {
+        let pt = Pt {
+            rig: &rig,
+            g,
+            start_level: 0,
+            input_bits: 48,
+            root,
+        };
+        pt.map(va & ((1 << 48) - 1), pa, 3, AF);
+    }
     rig
 }
 
 fn tr(rig: &Rig, va: u64) -> Result<Translation, Fault> {
-    rig.smmu.translate(&rig.mem, 1, None, va + 0x10, 8, Access::READ)
+    rig.smmu
+        .translate(&rig.mem, 1, None, va + 0x10, 8, Access::READ)
 }
 
 fn pa(r: Result<Translation, Fault>) -> Result<u64, Option<EventType>> {

@@ -242,10 +242,10 @@ impl Zpci {
         let skip_unmaps = self.opts.fault_injection.skip_rpcit_invalidation;
         let iotlb = &mut g.iotlb;
         let first_pass = walk_range_until(mem, &plan.iota, from, plan.end, one_meg, &mut |s| {
-            if let Step::Invalid { start, len } = s {
-                if !skip_unmaps {
-                    freed += iotlb.remove_range(start, start.saturating_add(len));
-                }
+            if let Step::Invalid { start, len } = s
+                && !skip_unmaps
+            {
+                freed += iotlb.remove_range(start, start.saturating_add(len));
             }
             steps += 1;
             if steps >= limit {

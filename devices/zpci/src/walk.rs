@@ -534,15 +534,15 @@ fn walk_page_table<M: GuestMemoryBackend>(
         e.copy_from_slice(chunk);
         let addr = taddr.wrapping_add((i as u64) * 8);
         let decoded = decode_pte(u64::from_be_bytes(e), addr);
-        if !matches!(decoded, Ok(None)) {
-            if let Some(s) = inval.take() {
-                let flow = out(Step::Invalid {
-                    start: s,
-                    len: iova - s,
-                });
-                if flow.is_break() {
-                    return Ok(WalkEnd::Stopped(iova));
-                }
+        if !matches!(decoded, Ok(None))
+            && let Some(s) = inval.take()
+        {
+            let flow = out(Step::Invalid {
+                start: s,
+                len: iova - s,
+            });
+            if flow.is_break() {
+                return Ok(WalkEnd::Stopped(iova));
             }
         }
         match decoded {
