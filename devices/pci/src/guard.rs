@@ -63,13 +63,22 @@ impl BarGuard {
         self.rejected.load(Ordering::Relaxed)
     }
 
-    /// Classifies an access of `len` bytes at `offset` in BAR `bar`. The BAR's current base
-    /// comes from the function's own BAR register, and the last byte of the access must decode
-    /// to the same BAR at the matching offset; this needs no knowledge of the device's BAR
-    /// sizes and follows the guest's reprogramming of the BAR.
+    /// Classifies an access of `len` bytes at `offset` in BAR `bar`: against
+    /// [`PciFunction::bar_size`] when the function states it; otherwise the BAR's current base
+    /// comes from the function's own BAR register and the last byte of the access must decode
+    /// to the same BAR at the matching offset (no knowledge of BAR sizes needed).
     pub fn check(&self, bar: u8, offset: u64, len: usize) -> BarAccess {
         if !matches!(len, 1 | 2 | 4 | 8) {
             return BarAccess::BadSize;
+        }
+        // A function that states its BAR sizes is checked against them, whatever the BAR's
+        // placement and decode state (host-side users, e.g. the KVM backend reading the MSI-X
+        // table, access BARs directly).
+        if let Some(size) = self.inner.bar_size(bar) {
+            return match offset.checked_add(len as u64) {
+                Some(end) if end <= size => BarAccess::Fits,
+                _ => BarAccess::Straddles,
+            };
         }
         let Some((base, memory)) = self.bar_base(bar) else {
             return BarAccess::Straddles;
@@ -148,6 +157,10 @@ impl PciFunction for BarGuard {
 
     fn reset(&self) {
         self.inner.reset();
+    }
+
+    fn bar_size(&self, bar: u8) -> Option<u64> {
+        self.inner.bar_size(bar)
     }
 }
 
@@ -288,6 +301,48 @@ mod tests {
         g.bar_write(1, 0, &b);
         assert!(f.seen.lock().unwrap().is_empty());
         assert_eq!(b, [0xff; 8]);
+    }
+
+    /// The recorder stating its BAR sizes.
+    struct Sized(Arc<Recorder>);
+
+    impl PciFunction for Sized {
+        fn config_read(&self, offset: u16, data: &mut [u8]) {
+            self.0.config_read(offset, data)
+        }
+        fn config_write(&self, offset: u16, data: &[u8]) {
+            self.0.config_write(offset, data)
+        }
+        fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
+            self.0.bar_read(bar, offset, data)
+        }
+        fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
+            self.0.bar_write(bar, offset, data)
+        }
+        fn decode_bar(&self, addr: u64, memory: bool) -> Option<(u8, u64)> {
+            self.0.decode_bar(addr, memory)
+        }
+        fn reset(&self) {}
+        fn bar_size(&self, bar: u8) -> Option<u64> {
+            self.0.cfg.lock().unwrap().bar(bar).map(|b| b.size)
+        }
+    }
+
+    #[test]
+    fn stated_bar_sizes_are_used_whatever_the_decode_state() {
+        let (f, _) = guarded();
+        let g = BarGuard::new(Arc::new(Sized(f.clone())));
+        // Memory decoding off: the host still reaches the BAR inside its size.
+        g.config_write(0x04, &0u16.to_le_bytes());
+        let mut b = [0u8; 4];
+        g.bar_read(2, 0xc, &mut b);
+        assert_eq!(b, [0x5a; 4]);
+        g.bar_read(2, 0xe, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        g.bar_write(0, 0xffc, &[0; 8]);
+        g.bar_write(1, 0, &[0; 4]);
+        assert_eq!(f.seen.lock().unwrap().len(), 1);
+        assert_eq!(g.rejected(), 3);
     }
 
     #[test]

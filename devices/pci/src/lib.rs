@@ -43,6 +43,12 @@ pub trait PciFunction: Send + Sync {
     fn decode_bar(&self, addr: u64, memory: bool) -> Option<(u8, u64)>;
     /// Function-level reset (QEMU's device reset, or a host-driven reset).
     fn reset(&self);
+    /// Size in bytes of BAR `bar`, if the function has one there. [`guard::BarGuard`] checks
+    /// accesses against it; without it (the default), the guard checks that the access's last
+    /// byte decodes to the same BAR, which needs the BAR placed and decoding enabled.
+    fn bar_size(&self, _bar: u8) -> Option<u64> {
+        None
+    }
 }
 
 /// Little-endian value of up to 8 bytes.

@@ -486,6 +486,10 @@ impl PciFunction for VirtioPciFunction {
         self.lock().cfg.decode(addr, memory)
     }
 
+    fn bar_size(&self, bar: u8) -> Option<u64> {
+        self.lock().cfg.bar(bar).map(|b| b.size)
+    }
+
     fn reset(&self) {
         let mut inner = self.lock();
         self.reset_locked(&mut inner);
