@@ -5,7 +5,8 @@
 //! after its firing: the slow path, for scale).
 //!
 //! Run: `cargo bench -p sluice-benches --bench inject -- --warm-up-time 1 --measurement-time 2`
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{criterion_group, criterion_main};
+use sluice_benches::{Bench, bench_config};
 use sluice_devapi::{Fanout, Hooks, NoHooks, PointCtx};
 use sluice_inject::{Injector, Plan, PointRegistry, VirtioKind};
 use std::hint::black_box;
@@ -21,7 +22,7 @@ fn injector(plan: &str) -> Arc<Injector> {
     ))
 }
 
-fn bench(c: &mut Criterion) {
+fn bench(c: &mut Bench) {
     let notify = PointCtx::new("virtio.blk0.notify", 0);
     let mut g = c.benchmark_group("point_without_rule");
     let none: Arc<dyn Hooks> = Arc::new(NoHooks);
@@ -55,5 +56,9 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = bench_config();
+    targets = bench
+}
 criterion_main!(benches);

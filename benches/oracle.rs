@@ -13,8 +13,8 @@
 //! while the bench thread waits, which made cases measured a minute apart incomparable.
 //!
 //! Run: `cargo bench -p sluice-benches --bench oracle -- --warm-up-time 2 --measurement-time 5`
-use criterion::measurement::{Measurement, ValueFormatter, WallTime};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Throughput, criterion_group, criterion_main};
+use sluice_benches::{Bench, bench_config};
 use sluice_devapi::{Bdf, EndpointIommu, Fanout, Hooks, NoHooks, NullInterrupts, StateEvent};
 use sluice_oracle::{IommuTopo, Oracle, OracleConfig, Topology};
 use sluice_smmuv3::regs::off;
@@ -26,50 +26,6 @@ use std::hint::black_box;
 use std::sync::Arc;
 use vm_memory::iommu::Iommu;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
-
-/// CPU time consumed by the calling thread, in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec that outlives the call, and
-    // CLOCK_THREAD_CPUTIME_ID is a clock every Linux kernel provides.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// criterion measurement: the bench thread's CPU time (criterion runs the routine on it).
-struct ThreadCpuTime;
-
-/// Formats like wall time (the values are nanoseconds too).
-static WALL: WallTime = WallTime;
-
-impl Measurement for ThreadCpuTime {
-    type Intermediate = u64;
-    type Value = u64;
-    fn start(&self) -> u64 {
-        thread_cpu_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        thread_cpu_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        WALL.formatter()
-    }
-}
-
-type Bench = Criterion<ThreadCpuTime>;
 
 const EP: u32 = 0x18;
 const IOVA: u64 = 0x1_0000_0000;
@@ -329,7 +285,7 @@ fn smmu_hit(c: &mut Bench) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().with_measurement(ThreadCpuTime);
+    config = bench_config();
     targets = translate_hit, smmu_hit
 }
 criterion_main!(benches);

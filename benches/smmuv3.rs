@@ -1,7 +1,8 @@
 //! criterion benches of the SMMUv3 model's hot paths.
 //!
 //! Run: `cargo bench -p sluice-benches --bench smmuv3 -- --warm-up-time 1 --measurement-time 2`
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Throughput, criterion_group, criterion_main};
+use sluice_benches::{Bench, bench_config};
 use sluice_devapi::{NoHooks, NullInterrupts};
 use sluice_smmuv3::regs::off;
 use sluice_smmuv3::walk::Granule;
@@ -112,7 +113,7 @@ impl Bed {
     }
 }
 
-fn benches(c: &mut Criterion) {
+fn benches(c: &mut Bench) {
     let mut g = c.benchmark_group("smmuv3");
 
     // IOTLB hit: 4K page, 48-bit VA.
@@ -253,5 +254,9 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(smmuv3, benches);
+criterion_group! {
+    name = smmuv3;
+    config = bench_config();
+    targets = benches
+}
 criterion_main!(smmuv3);

@@ -3,7 +3,8 @@
 //! mappings in the domain.
 //!
 //! Run: `cargo bench -p sluice-benches --bench viommu -- --warm-up-time 1 --measurement-time 2`
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Throughput, criterion_group, criterion_main};
+use sluice_benches::{Bench, bench_config};
 use sluice_devapi::{EndpointIommu, NoHooks};
 use sluice_virtio_iommu::device::OFFERED_FEATURES;
 use sluice_virtio_iommu::request::{Request, encode};
@@ -62,7 +63,7 @@ fn bed(n: u64) -> (VirtioIommu, EndpointIommu) {
     (d, ep)
 }
 
-fn translate(c: &mut Criterion) {
+fn translate(c: &mut Bench) {
     let mut g = c.benchmark_group("viommu_translate");
     g.throughput(Throughput::Elements(1));
     for n in [1u64, 1_000, 100_000] {
@@ -114,7 +115,7 @@ fn translate(c: &mut Criterion) {
     g.finish();
 }
 
-fn map_unmap(c: &mut Criterion) {
+fn map_unmap(c: &mut Bench) {
     let mut g = c.benchmark_group("viommu_map_unmap_pair");
     g.throughput(Throughput::Elements(1));
     for n in [1u64, 1_000, 100_000] {
@@ -136,5 +137,9 @@ fn map_unmap(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, translate, map_unmap);
+criterion_group! {
+    name = benches;
+    config = bench_config();
+    targets = translate, map_unmap
+}
 criterion_main!(benches);

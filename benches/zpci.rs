@@ -6,7 +6,8 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, criterion_group, criterion_main};
+use sluice_benches::{Bench, bench_config};
 use sluice_devapi::NoHooks;
 use sluice_zpci::clp::SetPciFnOp;
 use sluice_zpci::guest::GuestTables;
@@ -58,7 +59,7 @@ fn setup(mode: TlbMode) -> Setup {
     Setup { z, m, fh }
 }
 
-fn benches(c: &mut Criterion) {
+fn benches(c: &mut Bench) {
     let s = setup(TlbMode::Shadow);
     assert!(s.z.rpcit(&s.m, s.fh, PBA, PAGES * 0x1000).is_ok());
     let mut out: Vec<Piece> = Vec::with_capacity(4);
@@ -104,5 +105,9 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(zpci, benches);
+criterion_group! {
+    name = zpci;
+    config = bench_config();
+    targets = benches
+}
 criterion_main!(zpci);

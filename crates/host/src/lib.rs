@@ -105,7 +105,8 @@ pub struct HostedDevice {
     pub bdf: Bdf,
     /// Name (`blk0`).
     pub name: String,
-    /// The PCI function, as the backends dispatch to it.
+    /// The PCI function, as the backends dispatch to it: behind a [`sluice_pci::BarGuard`], so
+    /// no BAR access reaches the device unless it fits in one BAR.
     pub function: Arc<dyn PciFunction>,
     /// The same function when it is a virtio device (counters, status), for reports.
     pub virtio: Option<Arc<VirtioPciFunction>>,
@@ -227,7 +228,7 @@ impl DeviceSet {
             devices.push(HostedDevice {
                 bdf: Bdf::new(0, slot, 0),
                 name: "marker0".into(),
-                function: marker,
+                function: sluice_pci::BarGuard::wrap(marker),
                 virtio: None,
                 intx: Arc::new(IntxRelay::default()),
                 disk: None,
@@ -325,7 +326,7 @@ impl DeviceSet {
         Ok(HostedDevice {
             bdf,
             name,
-            function: function.clone(),
+            function: sluice_pci::BarGuard::wrap(function.clone()),
             virtio: Some(function),
             intx,
             disk,
@@ -472,6 +473,32 @@ mod tests {
         };
         assert!(offered(1));
         assert!(!offered(2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bar_accesses_past_the_end_of_a_bar_are_refused_for_every_device() {
+        let dir = scratch("barguard");
+        let specs = [disk(&dir, "a.img", 1 << 20, true)];
+        let opts = HostOptions {
+            iommu: Some(IommuChoice::Virtio(Default::default())),
+            ..Default::default()
+        };
+        let set = DeviceSet::with_options(&specs, Arc::new(NoHooks), &opts).unwrap();
+        for d in &set.devices {
+            let f = &d.function;
+            f.config_write(0x10, &0xfe00_0000u32.to_le_bytes());
+            f.config_write(0x04, &0x6u16.to_le_bytes());
+            let (bar, off) = f
+                .decode_bar(0xfe00_0000 + sluice_virtio_pci::BAR_SIZE - 4, true)
+                .unwrap();
+            let mut b = [0u8; 8];
+            f.bar_read(bar, off, &mut b);
+            assert_eq!(b, [0xff; 8], "{}: straddling read", d.name);
+            let mut b = [0xaau8; 4];
+            f.bar_read(0, 0, &mut b);
+            assert_eq!(b, [0; 4], "{}: device_feature_select reads 0", d.name);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

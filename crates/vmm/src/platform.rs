@@ -228,6 +228,33 @@ impl Platform {
         PioAction::None
     }
 
+    /// One port-I/O exit of `data.len()` bytes to `port`, `size` bytes per element. A string
+    /// instruction (`rep ins`/`rep outs`) exits once with `count` elements in one buffer; each
+    /// element is its own access, as on the bus, so no device sees `count × size` bytes as one
+    /// access (a 4-byte `rep outsb` to 0xCF8 must not program CONFIG_ADDRESS). An element size
+    /// other than 1, 2 or 4, or a buffer that is not whole elements, is not performed (reads
+    /// return all-ones). Stops at the first write that ends the run.
+    pub fn port_io(&self, port: u16, size: usize, data: &mut [u8], write: bool) -> PioAction {
+        if !matches!(size, 1 | 2 | 4) || !data.len().is_multiple_of(size) {
+            if !write {
+                data.fill(0xff);
+            }
+            self.note_unclaimed("malformed port", u64::from(port));
+            return PioAction::None;
+        }
+        for element in data.chunks_exact_mut(size) {
+            if write {
+                match self.pio_write(port, element) {
+                    PioAction::None => {}
+                    stop => return stop,
+                }
+            } else {
+                self.pio_read(port, element);
+            }
+        }
+        PioAction::None
+    }
+
     /// MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if !self.pci.mmio_read(addr, data) {
@@ -278,6 +305,54 @@ mod tests {
         let mut lsr = [0u8];
         p.pio_read(COM1 + 5, &mut lsr);
         assert_eq!(lsr[0] & 0x60, 0x60, "THR empty");
+    }
+
+    #[test]
+    fn string_port_io_is_one_access_per_element() {
+        let (p, rx, _evt) = platform();
+        // rep outsb of four bytes to COM1: four characters, not the first one only.
+        let mut s = *b"hi\r\n";
+        assert_eq!(p.port_io(COM1, 1, &mut s, true), PioAction::None);
+        p.flush_console();
+        let lines: Vec<String> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Console(l, _) => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lines, ["hi"]);
+        // rep outsb of four bytes to CONFIG_ADDRESS programs nothing; an outl does.
+        let mut a = 0x8000_0000u32.to_le_bytes();
+        p.port_io(0xcf8, 1, &mut a, true);
+        let mut r = [0u8; 4];
+        p.port_io(0xcf8, 4, &mut r, false);
+        assert_eq!(
+            u32::from_le_bytes(r),
+            0,
+            "four byte accesses, none of them 4 bytes"
+        );
+        p.port_io(0xcf8, 4, &mut a, true);
+        p.port_io(0xcf8, 4, &mut r, false);
+        assert_eq!(u32::from_le_bytes(r), 0x8000_0000);
+        // rep insw from CONFIG_DATA: two 2-byte reads of the host bridge's vendor/device IDs.
+        let mut ids = [0u8; 4];
+        p.port_io(0xcf8, 4, &mut 0x8000_0000u32.to_le_bytes(), true);
+        p.port_io(0xcfc, 2, &mut ids, false);
+        assert_eq!(ids[..2], ids[2..], "the same register twice");
+        // A malformed exit is not performed.
+        let mut odd = [0u8; 3];
+        p.port_io(0xcfc, 2, &mut odd, false);
+        assert_eq!(odd, [0xff; 3]);
+        let mut bad = [0u8; 8];
+        p.port_io(0xcfc, 8, &mut bad, false);
+        assert_eq!(bad, [0xff; 8]);
+        // A write that ends the run stops the string.
+        let mut off = [0x00, 0x34, 0x00, 0x34];
+        assert_eq!(
+            p.port_io(PM1A_CNT_PORT, 2, &mut off, true),
+            PioAction::PowerOff
+        );
     }
 
     #[test]

@@ -248,6 +248,25 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     )
 }
 
+/// Performs the port-I/O exit KVM_RUN just returned, one access per element (see
+/// [`Platform::port_io`]).
+fn port_exit(vcpu: &mut VcpuFd, platform: &Platform) -> PioAction {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: called only right after KVM_RUN returned KVM_EXIT_IO (`VcpuExit::IoIn`/`IoOut`),
+    // so `io` is the active member of the exit union.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(io.size);
+    let len = size.saturating_mul(io.count as usize);
+    let write = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT;
+    let start = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+    // SAFETY: the same slice kvm-ioctls builds for this exit: the kernel sets `data_offset` to
+    // the PIO data page inside the vCPU's `kvm_run` mapping, which lives as long as `vcpu`, and
+    // bounds `size * count` to that page. No other reference to those bytes exists while the
+    // slice is used (the exit value that also pointed there is no longer alive).
+    let data = unsafe { std::slice::from_raw_parts_mut(start.add(io.data_offset as usize), len) };
+    platform.port_io(io.port, size, data, write)
+}
+
 /// Runs the vCPU until the guest powers off/resets, an error, or `stop`. `debug` serves
 /// `guest.sym` breakpoints (already armed on this vCPU).
 pub fn run_loop(
@@ -265,11 +284,9 @@ pub fn run_loop(
             return VcpuStop::Stopped { rip };
         }
         let action = match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                platform.pio_read(port, data);
-                PioAction::None
-            }
-            Ok(VcpuExit::IoOut(port, data)) => platform.pio_write(port, data),
+            // The exit's buffer holds `count × size` bytes for a string instruction; the size
+            // is only in `kvm_run`, so `port_exit` re-reads the exit and splits it.
+            Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => port_exit(&mut vcpu, platform),
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 platform.mmio_read(addr, data);
                 PioAction::None

@@ -6,6 +6,7 @@
 //! - [`irq::PciInterrupt`]: the one place a function's interrupts are routed, to MSI-X when the
 //!   guest enabled it and to INTx otherwise.
 //! - [`PciFunction`]: the trait the device host dispatches config and BAR accesses to.
+//! - [`guard::BarGuard`]: the bus-side check (size, BAR end) every BAR access passes once.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -18,10 +19,12 @@
 )]
 
 pub mod config;
+pub mod guard;
 pub mod irq;
 pub mod msix;
 
 pub use config::{BarKind, BarSpec, ConfigError, ConfigSpace, PciIds};
+pub use guard::{BarAccess, BarGuard};
 pub use irq::PciInterrupt;
 pub use msix::MsixTable;
 
@@ -40,6 +43,12 @@ pub trait PciFunction: Send + Sync {
     fn decode_bar(&self, addr: u64, memory: bool) -> Option<(u8, u64)>;
     /// Function-level reset (QEMU's device reset, or a host-driven reset).
     fn reset(&self);
+    /// Size in bytes of BAR `bar`, if the function has one there. [`guard::BarGuard`] checks
+    /// accesses against it; without it (the default), the guard checks that the access's last
+    /// byte decodes to the same BAR, which needs the BAR placed and decoding enabled.
+    fn bar_size(&self, _bar: u8) -> Option<u64> {
+        None
+    }
 }
 
 /// Little-endian value of up to 8 bytes.

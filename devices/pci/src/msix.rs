@@ -8,6 +8,8 @@ const CTRL_ENABLE: u16 = 1 << 15;
 const CTRL_FUNCTION_MASK: u16 = 1 << 14;
 const ENTRY_SIZE: u64 = 16;
 const VECTOR_MASKED: u32 = 1;
+/// Widest access a bus delivers (a QWORD); the table ignores anything wider.
+const MAX_ACCESS: usize = 8;
 
 /// One function's MSI-X state. The table lives in a BAR at `table_offset`, the PBA at
 /// `pba_offset` (both in BAR `bar`).
@@ -89,38 +91,54 @@ impl MsixTable {
         start..start + (self.entries.len() as u64).div_ceil(64) * 8
     }
 
-    /// Guest read from the table or PBA (offset within the BAR).
+    /// Guest read from the table or PBA (offset within the BAR). Accesses wider than 8 bytes
+    /// (the widest a bus carries) read as zero rather than reaching the table.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
-        let mut value = 0u64;
-        for (i, _) in data.iter().enumerate() {
-            let at = offset + i as u64;
-            let byte = if self.table_range().contains(&at) {
-                let rel = at - self.table_range().start;
-                let entry = self.entries.get((rel / ENTRY_SIZE) as usize);
-                let word = entry.and_then(|e| e.get(((rel % ENTRY_SIZE) / 4) as usize));
-                word.map_or(0, |w| (w >> (8 * (rel % 4))) as u8)
-            } else if self.pba_range().contains(&at) {
-                let bit0 = (at - self.pba_range().start) * 8;
-                (0..8).fold(0u8, |acc, b| {
-                    let set = self
-                        .pending
-                        .get((bit0 + b) as usize)
-                        .copied()
-                        .unwrap_or(false);
-                    acc | (u8::from(set) << b)
-                })
-            } else {
-                0
-            };
-            value |= u64::from(byte) << (8 * i);
+        if data.len() > MAX_ACCESS {
+            data.fill(0);
+            return;
         }
-        crate::put_le(data, value);
+        for (i, out) in data.iter_mut().enumerate() {
+            // Each byte is stored where it goes: no shifting of an accumulated value, which
+            // would run out of range for wide accesses.
+            *out = match offset.checked_add(i as u64) {
+                Some(at) => self.read_byte(at),
+                None => 0,
+            };
+        }
+    }
+
+    fn read_byte(&self, at: u64) -> u8 {
+        if self.table_range().contains(&at) {
+            let rel = at - self.table_range().start;
+            let entry = self.entries.get((rel / ENTRY_SIZE) as usize);
+            let word = entry.and_then(|e| e.get(((rel % ENTRY_SIZE) / 4) as usize));
+            word.map_or(0, |w| (w >> (8 * (rel % 4))) as u8)
+        } else if self.pba_range().contains(&at) {
+            let bit0 = (at - self.pba_range().start) * 8;
+            (0..8).fold(0u8, |acc, b| {
+                let set = self
+                    .pending
+                    .get((bit0 + b) as usize)
+                    .copied()
+                    .unwrap_or(false);
+                acc | (u8::from(set) << b)
+            })
+        } else {
+            0
+        }
     }
 
     /// Guest write to the table (the PBA is read-only). Unmasking delivers a pending message.
+    /// Accesses wider than 8 bytes are ignored.
     pub fn write(&mut self, offset: u64, data: &[u8], sink: &dyn InterruptSink) {
+        if data.len() > MAX_ACCESS {
+            return;
+        }
         for (i, v) in data.iter().enumerate() {
-            let at = offset + i as u64;
+            let Some(at) = offset.checked_add(i as u64) else {
+                break;
+            };
             if !self.table_range().contains(&at) {
                 continue;
             }
@@ -205,6 +223,29 @@ mod tests {
         t.write(v * 16 + 4, &0u32.to_le_bytes(), s);
         t.write(v * 16 + 8, &data.to_le_bytes(), s);
         t.write(v * 16 + 12, &u32::from(masked).to_le_bytes(), s);
+    }
+
+    #[test]
+    fn accesses_wider_than_a_qword_do_not_reach_the_table() {
+        let s = RecordingInterrupts::default();
+        let mut t = MsixTable::new(4, 1, 0, 0x800);
+        program(&mut t, 0, 0xfee0_0000, 0x31, false, &s);
+        // A 16-byte read of entry 0 would shift bytes 8..16 out of a u64.
+        let mut wide = [0xaau8; 16];
+        t.read(0, &mut wide);
+        assert_eq!(wide, [0; 16]);
+        // A 16-byte write does not touch the entry.
+        t.write(0, &[0x11; 16], &s);
+        let mut e = [0u8; 8];
+        t.read(0, &mut e);
+        assert_eq!(u64::from_le_bytes(e), 0xfee0_0000);
+        // An 8-byte read still works, byte for byte, and so does one at the top of u64.
+        t.read(8, &mut e);
+        assert_eq!(e[..4], 0x31u32.to_le_bytes());
+        let mut top = [0xaau8; 4];
+        t.read(u64::MAX - 1, &mut top);
+        assert_eq!(top, [0; 4]);
+        t.write(u64::MAX - 1, &[1; 4], &s);
     }
 
     #[test]

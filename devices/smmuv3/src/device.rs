@@ -51,7 +51,14 @@ pub struct SmmuConfig {
     pub config_cache_capacity: usize,
     /// GBPA value at reset (ABORT=1 makes an unconfigured SMMU block DMA).
     pub gbpa_reset: u32,
+    /// Commands consumed per trigger at most (a PROD write, a CONS read through
+    /// [`SmmuV3::mmio_read_mem`], [`SmmuV3::process_pending`]); at least 1.
+    pub cmdq_batch: u32,
 }
+
+/// Default [`SmmuConfig::cmdq_batch`]: a queue of Linux's usual size drains in one doorbell,
+/// while the worst case (2^19 entries) costs a vCPU at most this many commands per access.
+pub const DEFAULT_CMDQ_BATCH: u32 = 256;
 
 impl Default for SmmuConfig {
     fn default() -> Self {
@@ -61,6 +68,7 @@ impl Default for SmmuConfig {
             iotlb_capacity: 4096,
             config_cache_capacity: 4096,
             gbpa_reset: 0,
+            cmdq_batch: DEFAULT_CMDQ_BATCH,
         }
     }
 }
@@ -79,6 +87,7 @@ pub struct SmmuV3 {
     pub(crate) idr: IdRegs,
     pub(crate) regs: Mutex<RegFile>,
     pub(crate) cmdq_busy: AtomicBool,
+    pub(crate) cmdq_batch: u32,
     cache_mode: AtomicU8,
     gbpa_reset: u32,
     pub(crate) cfg_cache: ConfigCache,
@@ -108,6 +117,7 @@ impl SmmuV3 {
             idr: cfg.idr,
             regs: Mutex::new(regs),
             cmdq_busy: AtomicBool::new(false),
+            cmdq_batch: cfg.cmdq_batch.max(1),
             cache_mode: AtomicU8::new(cfg.cache_mode as u8),
             gbpa_reset: cfg.gbpa_reset & gbpa::FIELDS,
             cfg_cache: ConfigCache::new(cfg.config_cache_capacity),
@@ -277,6 +287,21 @@ impl SmmuV3 {
         }
     }
 
+    /// A register read that lets the command queue progress first when it reads CMDQ_CONS:
+    /// software polls CONS for its commands (Linux, for CMD_SYNC), and on hardware CONS moves
+    /// as commands complete, so each poll continues one batch (see [`SmmuConfig::cmdq_batch`]).
+    /// Everything else is [`SmmuV3::mmio_read`].
+    pub fn mmio_read_mem<M: GuestMemoryBackend>(&self, mem: &M, offset: u64, size: u32) -> u64 {
+        let reads_cons = match Self::page_offset(offset, size) {
+            Some(o) => o == off::CMDQ_CONS || (size == 8 && o == off::CMDQ_PROD),
+            None => false,
+        };
+        if reads_cons {
+            let _ = self.process_cmdq(mem);
+        }
+        self.mmio_read(offset, size)
+    }
+
     /// A register write of `size` (4 or 8) bytes. Writes to read-only or unknown registers,
     /// other sizes and unaligned accesses are ignored.
     pub fn mmio_write<M: GuestMemoryBackend>(&self, mem: &M, offset: u64, size: u32, value: u64) {
@@ -322,7 +347,8 @@ impl SmmuV3 {
             self.state("gbpa", None, u64::from(new.1));
         }
         if kick {
-            self.process_cmdq(mem);
+            // Commands beyond one batch wait for the next trigger (see `process_cmdq`).
+            let _ = self.process_cmdq(mem);
         }
     }
 

@@ -1,4 +1,4 @@
-//! Command-queue consumption: fetch, parse, execute, announce, complete. Bounded per doorbell.
+//! Command-queue consumption: fetch, parse, execute, announce, complete. Bounded per trigger.
 
 use crate::cmdq::{Command, SyncSignal};
 use crate::device::{IRQ_CMD_SYNC, Irq, SmmuV3};
@@ -23,36 +23,46 @@ enum Step {
 }
 
 impl SmmuV3 {
-    /// Consumes commands between CONS and PROD. At most one queue's worth of commands is
-    /// processed per call, so a hostile queue cannot keep a vCPU here; only one thread
-    /// consumes at a time (a concurrent doorbell leaves its commands to the running consumer).
-    pub(crate) fn process_cmdq<M: GuestMemoryBackend>(&self, mem: &M) {
+    /// Consumes commands between CONS and PROD, at most `cmdq_batch` of them per call, so a
+    /// hostile queue (up to 2^19 entries) cannot keep a vCPU in a doorbell write. The rest stays
+    /// queued, as on hardware, where CONS moves as commands complete: the next trigger (a PROD,
+    /// CR0 or GERRORN write, a read of CONS through [`SmmuV3::mmio_read_mem`], or
+    /// [`SmmuV3::process_pending`]) continues in queue order, so a CMD_SYNC still completes only
+    /// after every command before it. Only one thread consumes at a time (a concurrent doorbell
+    /// leaves its commands to the running consumer). Returns whether commands remain.
+    pub(crate) fn process_cmdq<M: GuestMemoryBackend>(&self, mem: &M) -> bool {
+        let mut left = self.cmdq_batch;
         loop {
             if self
                 .cmdq_busy
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
-                return;
+                return false;
             }
-            let log2 = {
-                let r = self.lock();
-                ((r.cmdq_base & 0x1f) as u32).min(self.idr.cmdq_max_log2())
-            };
-            let budget = 1u64 << log2;
-            let mut exhausted = true;
-            for _ in 0..budget {
+            while left > 0 {
                 if let Step::Idle = self.step(mem) {
-                    exhausted = false;
                     break;
                 }
+                left -= 1;
             }
             self.cmdq_busy.store(false, Ordering::Release);
-            // A doorbell that arrived while we held the busy flag found it taken: look again.
-            if exhausted || !self.cmdq_has_work() {
-                return;
+            // A doorbell that arrived while we held the busy flag found it taken: look again,
+            // within what is left of this call's batch (each round consumes at least one
+            // command or finds the queue idle and returns).
+            let more = self.cmdq_has_work();
+            if left == 0 || !more {
+                return more;
             }
         }
+    }
+
+    /// Continues the command queue: up to one batch of commands; returns whether more remain.
+    /// A host that has a device thread or a periodic poll calls this while it returns `true`;
+    /// without one, the guest's reads of CMDQ_CONS (Linux polls it for CMD_SYNC) drive the
+    /// queue through [`SmmuV3::mmio_read_mem`].
+    pub fn process_pending<M: GuestMemoryBackend>(&self, mem: &M) -> bool {
+        self.process_cmdq(mem)
     }
 
     fn cmdq_has_work(&self) -> bool {

@@ -78,7 +78,7 @@ pub fn run(data: &[u8]) {
                 let Some(o) = take::<4>(&mut ops) else {
                     return;
                 };
-                let _ = smmu.mmio_read(u64::from(u32::from_le_bytes(o)) % 0x2_0000, 4);
+                let _ = smmu.mmio_read_mem(&mem, u64::from(u32::from_le_bytes(o)) % 0x2_0000, 4);
             }
             _ => {
                 let (Some(sid), Some(iova), Some(len)) = (

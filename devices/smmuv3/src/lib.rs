@@ -36,7 +36,10 @@ pub mod ste;
 mod translate;
 pub mod walk;
 
-pub use device::{CacheMode, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig, SmmuV3};
+pub use device::{
+    CacheMode, DEFAULT_CMDQ_BATCH, IRQ_CMD_SYNC, IRQ_EVENTQ, IRQ_GERROR, IRQ_PRIQ, SmmuConfig,
+    SmmuV3,
+};
 pub use evtq::{Delivery, Event, EventType, FaultClass};
 pub use exec::ILLEGAL_POINT;
 pub use provenance::{FaultInjection, MAX_LISTED_USES, MAX_PENDING_INVALIDATIONS, SOURCE};

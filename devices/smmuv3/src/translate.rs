@@ -600,6 +600,23 @@ impl SmmuV3 {
                 level: 3,
             });
         };
+        let s1_fault = |kind| {
+            let mut ev = Event::new(kind, ctx.sid, ctx.ssid);
+            ev.input_addr = va;
+            ev.rnw = !access.write;
+            ev.pnu = !access.privileged;
+            ev.ind = access.instruction;
+            Stop::Event {
+                ev,
+                record: cd.record || kind == EventType::FWalkEabt,
+            }
+        };
+        // The region and top-byte check come before the IOTLB: entries are keyed by the
+        // canonical VA (tag stripped), so a tagged VA whose half has TBI clear would otherwise
+        // hit the entry of its untagged form and translate where the walk must fault.
+        let Some((region, walk_addr)) = cd.select(va) else {
+            return Err(s1_fault(EventType::FTranslation));
+        };
         let key = canonical(va);
         let tag = Tag {
             vmid: ctx.vmid,
@@ -614,20 +631,6 @@ impl SmmuV3 {
             return Ok(e);
         }
         let epoch = self.iotlb.epoch();
-        let s1_fault = |kind| {
-            let mut ev = Event::new(kind, ctx.sid, ctx.ssid);
-            ev.input_addr = va;
-            ev.rnw = !access.write;
-            ev.pnu = !access.privileged;
-            ev.ind = access.instruction;
-            Stop::Event {
-                ev,
-                record: cd.record || kind == EventType::FWalkEabt,
-            }
-        };
-        let Some((region, walk_addr)) = cd.select(va) else {
-            return Err(s1_fault(EventType::FTranslation));
-        };
         let leaf = self.s1_walk(mem, ctx, &region.walk, walk_addr, va, &s1_fault, trace)?;
         if leaf.desc & attr::AF == 0 && !cd.affd {
             return Err(s1_fault(EventType::FAccess));

@@ -5,8 +5,52 @@
 mod common;
 use common::*;
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use sluice_smmuv3::walk::Granule;
 use sluice_smmuv3::{Access, EventType, Fault};
+
+/// Seed of every property test in this file. Fixed, so a failure in CI reproduces anywhere;
+/// `SLUICE_PROPTEST_SEED` (decimal or `0x` hex) picks another to explore. Each test prints the
+/// seed it runs with (shown with the failure, or with `--nocapture`).
+const DEFAULT_SEED: u64 = 0x5117_5eed;
+const SEED_VAR: &str = "SLUICE_PROPTEST_SEED";
+
+fn parse_seed(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn seed() -> u64 {
+    match std::env::var(SEED_VAR) {
+        Ok(v) => parse_seed(&v).unwrap_or_else(|| panic!("{SEED_VAR}={v:?} is not a number")),
+        Err(_) => DEFAULT_SEED,
+    }
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    let seed = seed();
+    eprintln!("smmuv3 property tests: seed {seed:#x} (set {SEED_VAR} to change it)");
+    ProptestConfig {
+        cases,
+        rng_seed: RngSeed::Fixed(seed),
+        // The seed reproduces a failure; no regression files are written into the tree.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+#[test]
+fn the_seed_is_fixed_unless_overridden() {
+    if std::env::var_os(SEED_VAR).is_none() {
+        assert_eq!(config(1).rng_seed, RngSeed::Fixed(DEFAULT_SEED));
+    }
+    assert_eq!(parse_seed("0x2a"), Some(42));
+    assert_eq!(parse_seed(" 42 "), Some(42));
+    assert_eq!(parse_seed("banana"), None);
+}
 
 /// Independent reference walker: straight from the VMSAv8-64 rules, sharing no code with the
 /// model.
@@ -51,7 +95,7 @@ fn granule(i: u8) -> Granule {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #![proptest_config(config(48))]
 
     #[test]
     fn random_tables_match_reference_walker(
@@ -119,7 +163,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+    #![proptest_config(config(64))]
 
     #[test]
     fn no_stale_translation_after_covering_tlbi_and_sync(ops in prop::collection::vec(op(), 1..80)) {

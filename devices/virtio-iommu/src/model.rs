@@ -218,14 +218,21 @@ impl Model {
         {
             return Status::Inval;
         }
-        // Re-attaching behaves as DETACH then ATTACH: the old domain dies if this was its last
-        // endpoint (even when it is the requested domain).
         let old = self.ep_domain.get(&ep).copied();
+        // ATTACH to the domain the endpoint is already in (with the same bypass flag, checked
+        // above) changes nothing. The spec's implicit detach speaks of "another domain"; taking
+        // it literally here would free the domain, and all its mappings, when the endpoint is
+        // its only member, and a guest that re-attaches defensively would lose its DMA mappings.
+        if old == Some(domain) {
+            return Status::Ok;
+        }
+        // Moving from another domain behaves as DETACH then ATTACH: the old domain dies if this
+        // was its last endpoint.
         let old_dies = old
             .and_then(|o| self.domains.get(&o))
             .is_some_and(|e| e.members.len() == 1);
         let after_leave = self.domains.len() - usize::from(old_dies);
-        let exists_after = self.domains.contains_key(&domain) && !(old == Some(domain) && old_dies);
+        let exists_after = self.domains.contains_key(&domain);
         if !exists_after && after_leave >= self.cfg.max_domains {
             return Status::NoMem;
         }

@@ -277,3 +277,73 @@ fn pci_cfg_capability_window_reaches_the_bar() {
         "num_queues through the window"
     );
 }
+
+#[test]
+fn pci_cfg_capability_window_stays_inside_the_bar() {
+    let rig = rig(false);
+    let mut p = [0u8];
+    rig.f.config_read(0x34, &mut p);
+    let mut cap = 0u16;
+    while p[0] != 0 {
+        let mut hdr = [0u8; 4];
+        rig.f.config_read(u16::from(p[0]), &mut hdr);
+        if hdr[3] == 5 {
+            cap = u16::from(p[0]);
+        }
+        p[0] = hdr[1];
+    }
+    assert_ne!(cap, 0);
+    // A 4-byte window access at the last two bytes of the BAR, and one at a huge offset.
+    for offset in [BAR_SIZE - 2, u64::from(u32::MAX)] {
+        rig.f.config_write(cap + 4, &[0]);
+        rig.f.config_write(cap + 8, &(offset as u32).to_le_bytes());
+        rig.f.config_write(cap + 12, &4u32.to_le_bytes());
+        rig.f.config_write(cap + 16, &0xdead_beefu32.to_le_bytes());
+        let mut d = [0x11u8; 4];
+        rig.f.config_read(cap + 16, &mut d);
+        assert_eq!(d, [0x11; 4], "offset {offset:#x}: not performed");
+    }
+    // MSI-X BAR named but the function has no MSI-X: nothing either.
+    rig.f.config_write(cap + 4, &[1]);
+    rig.f.config_write(cap + 8, &0u32.to_le_bytes());
+    let mut d = [0x11u8; 4];
+    rig.f.config_read(cap + 16, &mut d);
+    assert_eq!(d, [0x11; 4]);
+}
+
+#[test]
+fn the_bar_guard_refuses_straddling_accesses_to_both_bars() {
+    use sluice_pci::BarGuard;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let f = Arc::new(
+        VirtioPciFunction::new(
+            Box::new(Dummy(Arc::new(Probe::default()), None)),
+            TransportOptions {
+                bdf: Bdf::new(0, 2, 0),
+                access_platform: false,
+                msix_vectors: 2,
+                class_code: 0x010000,
+                iommu: None,
+            },
+            SharedMemory::new(mem),
+            Arc::new(RecordingInterrupts::default()),
+            Arc::new(NoHooks),
+        )
+        .unwrap(),
+    );
+    let g = BarGuard::new(f);
+    g.config_write(0x10, &0xfe00_0000u32.to_le_bytes());
+    g.config_write(0x14, &0xfe10_0000u32.to_le_bytes());
+    g.config_write(0x04, &0x6u16.to_le_bytes());
+    let read = |addr: u64, len: usize| {
+        let (bar, off) = g.decode_bar(addr, true).unwrap();
+        let mut b = vec![0u8; len];
+        g.bar_read(bar, off, &mut b);
+        b
+    };
+    assert_eq!(read(0xfe00_0000 + BAR_SIZE - 4, 8), vec![0xff; 8]);
+    assert_eq!(read(0xfe10_0000 + 0x1000 - 2, 4), vec![0xff; 4]);
+    // MSI-X entry 0 vector control (masked at reset), a QWORD inside the BAR: passes.
+    assert_eq!(read(0xfe10_0008, 8), vec![0, 0, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(g.rejected(), 2);
+}

@@ -389,6 +389,16 @@ impl VirtioPciFunction {
         if !matches!(length, 1 | 2 | 4) || length > data.len() {
             return None;
         }
+        // This window reaches the BAR without the bus guard: apply the same rule here, the
+        // access must lie inside the BAR it names.
+        let bar_size = match bar[0] {
+            VIRTIO_BAR => BAR_SIZE,
+            MSIX_BAR if self.msix.is_some() => MSIX_BAR_SIZE,
+            _ => 0,
+        };
+        if offset.saturating_add(length as u64) > bar_size {
+            return None;
+        }
         let (head, _) = data.split_at_mut(length);
         self.bar_access(inner, bar[0], offset, head, write)
     }
@@ -474,6 +484,10 @@ impl PciFunction for VirtioPciFunction {
 
     fn decode_bar(&self, addr: u64, memory: bool) -> Option<(u8, u64)> {
         self.lock().cfg.decode(addr, memory)
+    }
+
+    fn bar_size(&self, bar: u8) -> Option<u64> {
+        self.lock().cfg.bar(bar).map(|b| b.size)
     }
 
     fn reset(&self) {

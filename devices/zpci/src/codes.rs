@@ -12,7 +12,8 @@ pub enum Cc {
     Ok = 0,
     /// 1: not completed; a status code is stored in bits 32-39 of R1.
     Error = 1,
-    /// 2: busy (the model never answers busy).
+    /// 2: busy; the program retries the instruction with the same operands. The model answers
+    /// it only from RPCIT, when a refresh needs more than one instruction's worth of work.
     Busy = 2,
     /// 3: the function handle is not valid for this instruction.
     InvalidHandle = 3,
@@ -31,6 +32,11 @@ impl InsnStatus {
     /// cc 0.
     pub const OK: InsnStatus = InsnStatus {
         cc: Cc::Ok,
+        status: 0,
+    };
+    /// cc 2 (retry with the same operands).
+    pub const BUSY: InsnStatus = InsnStatus {
+        cc: Cc::Busy,
         status: 0,
     };
     /// cc 3.

@@ -45,7 +45,10 @@ pub mod walk;
 pub use codes::{Cc, InsnStatus, ProgramException};
 pub use fib::Fib;
 pub use function::{FunctionConfig, FunctionState, LifecycleError, Transition};
-pub use model::{BuildError, CommitOrdering, ErrorEvent, TlbMode, Zpci, ZpciOptions};
+pub use model::{
+    BuildError, CommitOrdering, DEFAULT_MAPPING_BUDGET, DEFAULT_RPCIT_STEP_LIMIT, ErrorEvent,
+    TlbMode, Zpci, ZpciOptions,
+};
 pub use mpcifc::{MpcifcOp, MpcifcRequest};
 pub use provenance::{FaultInjection, MAX_LISTED_USES, SOURCE};
 pub use translate::{DmaRefusal, Piece, RefusalKind, Translation};

@@ -46,13 +46,27 @@ pub enum CommitOrdering {
     PreFixUnchecked,
 }
 
+/// Default host mapping budget: 2^20 shadow entries (4 GiB of 4 KiB pages mapped for DMA at
+/// once, far more than the guests Sluice boots), so a hostile guest cannot grow the shadow
+/// IOTLB without bound by aliasing its tables.
+pub const DEFAULT_MAPPING_BUDGET: u64 = 1 << 20;
+
+/// Default [`ZpciOptions::rpcit_step_limit`]: a 256 MiB refresh of 4 KiB pages (65 536 frames)
+/// still completes in one instruction; a few milliseconds of work at most.
+pub const DEFAULT_RPCIT_STEP_LIMIT: u64 = 1 << 16;
+
 /// Model-wide options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZpciOptions {
     /// Translation mode.
     pub tlb_mode: TlbMode,
-    /// Host mapping budget (shadow entries across all functions); `None` = unlimited.
+    /// Host mapping budget (shadow entries across all functions); `None` = unlimited, which
+    /// leaves the shadow IOTLB's memory bounded only by the guest's IOVA space (tests only).
     pub mapping_budget: Option<u64>,
+    /// Walk steps (frames or invalid stretches) one RPCIT may process per pass before it
+    /// answers cc 2 (busy) and resumes on the guest's retry; bounds the work of one instruction
+    /// whatever the range and however the guest aliases its tables.
+    pub rpcit_step_limit: u64,
     /// Commit ordering.
     pub ordering: CommitOrdering,
     /// Error events kept before older ones are dropped.
@@ -65,7 +79,8 @@ impl Default for ZpciOptions {
     fn default() -> Self {
         ZpciOptions {
             tlb_mode: TlbMode::Shadow,
-            mapping_budget: None,
+            mapping_budget: Some(DEFAULT_MAPPING_BUDGET),
+            rpcit_step_limit: DEFAULT_RPCIT_STEP_LIMIT,
             ordering: CommitOrdering::Revalidate,
             max_error_events: 4096,
             fault_injection: FaultInjection::default(),
@@ -134,6 +149,9 @@ pub(crate) struct FnInner {
     pub refreshes: u64,
     /// A drop of every shadow entry not yet reported: its refresh number and what caused it.
     pub unreported_drop: Option<(u64, &'static str)>,
+    /// RPCITs that answered cc 2 (busy) part-way, oldest first, at most
+    /// [`crate::rpcit::RESUME_SLOTS`]: the guest's retry continues where they stopped.
+    pub rpcit_resume: Vec<crate::rpcit::Resume>,
 }
 
 /// The lifecycle part of [`FnInner`] a pre-fix commit writes back.
@@ -180,6 +198,7 @@ impl FnInner {
         self.epoch += 1;
         self.refreshes += 1;
         self.unreported_drop = Some((self.refreshes, why));
+        self.rpcit_resume.clear();
         self.iotlb.clear()
     }
 }
@@ -258,6 +277,7 @@ impl Zpci {
                 store: ConfigStore::new(&cfg),
                 refreshes: 0,
                 unreported_drop: None,
+                rpcit_resume: Vec::new(),
             };
             let idx = u16::try_from(i).map_err(|_| BuildError::TooMany(i))?;
             slots.push(Slot {

@@ -7,6 +7,7 @@
 //! decides what to do with it.
 
 use std::fmt;
+use std::ops::ControlFlow;
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -384,6 +385,33 @@ pub fn walk_range<M: GuestMemoryBackend>(
     one_meg: bool,
     out: &mut dyn FnMut(Step),
 ) -> Result<(), (u64, WalkError)> {
+    walk_range_until(mem, iota, start, end, one_meg, &mut |s| {
+        out(s);
+        ControlFlow::Continue(())
+    })
+    .map(|_| ())
+}
+
+/// Where a bounded walk ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkEnd {
+    /// The whole range was walked.
+    Done,
+    /// `out` asked to stop; the first IOVA not yet reported (the walk resumes there).
+    Stopped(u64),
+}
+
+/// Like [`walk_range`], but `out` may stop the walk: after a `Break` nothing more is read and
+/// the IOVA following the last reported step is returned, so a caller can bound the work of one
+/// walk (RPCIT's per-instruction step limit) and resume later.
+pub fn walk_range_until<M: GuestMemoryBackend>(
+    mem: &M,
+    iota: &Iota,
+    start: u64,
+    end: u64,
+    one_meg: bool,
+    out: &mut dyn FnMut(Step) -> ControlFlow<()>,
+) -> Result<WalkEnd, (u64, WalkError)> {
     let mut cur = start & !(PAGE_SIZE - 1);
     let mut region: Option<(u64, Option<(u64, bool)>)> = None;
     let mut buf = [0u8; 256 * 8];
@@ -405,11 +433,14 @@ pub fn walk_range<M: GuestMemoryBackend>(
         };
         let Some((sto, rprot)) = rte else {
             let next = next_boundary(cur, REGION_SIZE, end);
-            out(Step::Invalid {
+            let flow = out(Step::Invalid {
                 start: cur,
                 len: next - cur,
             });
             cur = next;
+            if flow.is_break() {
+                return Ok(stopped_at(cur, end));
+            }
             continue;
         };
         let saddr = sto.wrapping_add(sx(cur) * 8);
@@ -418,7 +449,7 @@ pub fn walk_range<M: GuestMemoryBackend>(
             .map_err(|e| (cur, e))?;
         let seg_end = next_boundary(cur, SEG_SIZE, end);
         let base_w = !iota.protected && !rprot;
-        match ste {
+        let flow = match ste {
             Ste::Invalid => out(Step::Invalid {
                 start: cur,
                 len: seg_end - cur,
@@ -430,74 +461,116 @@ pub fn walk_range<M: GuestMemoryBackend>(
                 writable: base_w && !prot,
             })),
             Ste::Table { pto, prot } => {
-                let first = px(cur);
-                let n = ((seg_end - cur).div_ceil(PAGE_SIZE)) as usize;
-                let taddr = pto.wrapping_add(first * 8);
-                let Some(slice) = buf.get_mut(..n * 8) else {
-                    return Err((
-                        cur,
-                        WalkError::BadType {
-                            level: Level::Page,
-                            entry: 0,
-                        },
-                    ));
+                let pt = PageTable {
+                    pto,
+                    writable: base_w && !prot,
                 };
-                mem.read_slice(slice, GuestAddress(taddr))
-                    .map_err(|source| {
-                        (
-                            cur,
-                            WalkError::Unreadable {
-                                level: Level::Page,
-                                addr: taddr,
-                                source,
-                            },
-                        )
-                    })?;
-                let w = base_w && !prot;
-                let mut inval: Option<u64> = None;
-                for (i, chunk) in slice.chunks_exact(8).enumerate() {
-                    let iova = cur + (i as u64) * PAGE_SIZE;
-                    let mut e = [0u8; 8];
-                    e.copy_from_slice(chunk);
-                    let addr = taddr + (i as u64) * 8;
-                    match decode_pte(u64::from_be_bytes(e), addr) {
-                        Err(err) => {
-                            if let Some(s) = inval.take() {
-                                out(Step::Invalid {
-                                    start: s,
-                                    len: iova - s,
-                                });
-                            }
-                            return Err((iova, err));
-                        }
-                        Ok(None) => {
-                            inval.get_or_insert(iova);
-                        }
-                        Ok(Some((gpa, pprot))) => {
-                            if let Some(s) = inval.take() {
-                                out(Step::Invalid {
-                                    start: s,
-                                    len: iova - s,
-                                });
-                            }
-                            out(Step::Mapped(Mapping {
-                                iova,
-                                gpa,
-                                frame: Frame::Page,
-                                writable: w && !pprot,
-                            }));
-                        }
-                    }
+                match walk_page_table(mem, &pt, cur, seg_end, &mut buf, out)? {
+                    WalkEnd::Done => ControlFlow::Continue(()),
+                    WalkEnd::Stopped(at) => return Ok(stopped_at(at, end)),
                 }
-                if let Some(s) = inval.take() {
-                    out(Step::Invalid {
-                        start: s,
-                        len: seg_end - s,
-                    });
+            }
+        };
+        cur = seg_end;
+        if flow.is_break() {
+            return Ok(stopped_at(cur, end));
+        }
+    }
+    Ok(WalkEnd::Done)
+}
+
+/// A stop at the end of the range is a completed walk.
+fn stopped_at(at: u64, end: u64) -> WalkEnd {
+    if at >= end {
+        WalkEnd::Done
+    } else {
+        WalkEnd::Stopped(at)
+    }
+}
+
+/// A valid segment entry's page table.
+struct PageTable {
+    pto: u64,
+    writable: bool,
+}
+
+/// Reports the pages `[cur, seg_end)` (within one segment) of page table `pt`, read in one access.
+fn walk_page_table<M: GuestMemoryBackend>(
+    mem: &M,
+    pt: &PageTable,
+    cur: u64,
+    seg_end: u64,
+    buf: &mut [u8; 256 * 8],
+    out: &mut dyn FnMut(Step) -> ControlFlow<()>,
+) -> Result<WalkEnd, (u64, WalkError)> {
+    let first = px(cur);
+    let n = ((seg_end - cur).div_ceil(PAGE_SIZE)) as usize;
+    let taddr = pt.pto.wrapping_add(first * 8);
+    let Some(slice) = buf.get_mut(..n * 8) else {
+        return Err((
+            cur,
+            WalkError::BadType {
+                level: Level::Page,
+                entry: 0,
+            },
+        ));
+    };
+    mem.read_slice(slice, GuestAddress(taddr))
+        .map_err(|source| {
+            (
+                cur,
+                WalkError::Unreadable {
+                    level: Level::Page,
+                    addr: taddr,
+                    source,
+                },
+            )
+        })?;
+    // A run of invalid pages is reported as one step, when the run ends.
+    let mut inval: Option<u64> = None;
+    for (i, chunk) in slice.chunks_exact(8).enumerate() {
+        let iova = cur + (i as u64) * PAGE_SIZE;
+        let mut e = [0u8; 8];
+        e.copy_from_slice(chunk);
+        let addr = taddr.wrapping_add((i as u64) * 8);
+        let decoded = decode_pte(u64::from_be_bytes(e), addr);
+        if !matches!(decoded, Ok(None))
+            && let Some(s) = inval.take()
+        {
+            let flow = out(Step::Invalid {
+                start: s,
+                len: iova - s,
+            });
+            if flow.is_break() {
+                return Ok(WalkEnd::Stopped(iova));
+            }
+        }
+        match decoded {
+            Err(err) => return Err((iova, err)),
+            Ok(None) => {
+                inval.get_or_insert(iova);
+            }
+            Ok(Some((gpa, pprot))) => {
+                let flow = out(Step::Mapped(Mapping {
+                    iova,
+                    gpa,
+                    frame: Frame::Page,
+                    writable: pt.writable && !pprot,
+                }));
+                if flow.is_break() {
+                    return Ok(WalkEnd::Stopped(iova + PAGE_SIZE));
                 }
             }
         }
-        cur = seg_end;
     }
-    Ok(())
+    if let Some(s) = inval.take() {
+        let flow = out(Step::Invalid {
+            start: s,
+            len: seg_end - s,
+        });
+        if flow.is_break() {
+            return Ok(WalkEnd::Stopped(seg_end));
+        }
+    }
+    Ok(WalkEnd::Done)
 }

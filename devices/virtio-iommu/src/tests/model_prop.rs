@@ -116,8 +116,12 @@ impl Reference {
                     return Some(Inval);
                 }
                 let old = self.ep.get(&ep).copied();
+                // Re-ATTACH to the current domain: nothing changes (mappings kept).
+                if old == Some(d) {
+                    return Some(Ok);
+                }
                 let old_dies = old.is_some_and(|o| self.domains[&o].members.len() == 1);
-                let exists_after = self.domains.contains_key(&d) && !(old == Some(d) && old_dies);
+                let exists_after = self.domains.contains_key(&d);
                 if !exists_after && self.domains.len() - usize::from(old_dies) >= MAX_DOMAINS {
                     return Some(NoMem);
                 }

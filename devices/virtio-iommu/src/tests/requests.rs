@@ -191,13 +191,45 @@ fn attach_moves_endpoint_and_frees_empty_domain() {
 }
 
 #[test]
-fn reattach_to_same_sole_domain_is_detach_then_attach() {
-    let d = device();
+fn reattach_to_the_same_domain_is_a_no_op_that_keeps_the_mappings() {
+    let rec = Arc::new(Recorder::default());
+    let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     ok(&d, map(1, 0, PAGE, 0, RW));
+    let states_before = rec.states.lock().unwrap().len();
+    // The endpoint is the domain's only member: the re-ATTACH must not free it.
     ok(&d, attach(1, EP));
-    // The domain was recreated empty: the old mapping is gone.
+    assert_eq!(d.attached_domain(EP), Some(1));
+    assert_eq!(
+        send(&d, map(1, 0, PAGE, 0, RW)),
+        st(Status::Inval),
+        "the old mapping is still there (overlap)"
+    );
+    ok(&d, unmap(1, 0, PAGE));
+    assert!(
+        rec.states.lock().unwrap()[states_before..]
+            .iter()
+            .all(|(w, _)| w != "domain-free"),
+        "no domain was freed"
+    );
+    // Shared domain: same answer, nothing changes for the other member.
     ok(&d, map(1, 0, PAGE, 0, RW));
+    ok(&d, attach(1, EP2));
+    ok(&d, attach(1, EP2));
+    assert_eq!(send(&d, map(1, 0, PAGE, 0, RW)), st(Status::Inval));
+    // A re-ATTACH with the other bypass flag is still refused.
+    assert_eq!(
+        send(
+            &d,
+            Request::Attach {
+                domain: 1,
+                endpoint: EP,
+                flags: ATTACH_F_BYPASS,
+            }
+        ),
+        st(Status::Inval)
+    );
+    assert_eq!(d.attached_domain(EP), Some(1));
 }
 
 // ---- DETACH ----
