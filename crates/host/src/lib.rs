@@ -264,7 +264,7 @@ impl DeviceSet {
             devices.push(HostedDevice {
                 bdf: engine_bdf,
                 name: "dma0".into(),
-                function: engine.clone(),
+                function: sluice_pci::BarGuard::wrap(engine.clone()),
                 virtio: None,
                 intx,
                 disk: None,

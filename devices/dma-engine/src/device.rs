@@ -287,6 +287,10 @@ impl PciFunction for DmaEngine {
         self.lock().cfg.decode(addr, memory)
     }
 
+    fn bar_size(&self, bar: u8) -> Option<u64> {
+        (bar == 0).then_some(BAR_SIZE)
+    }
+
     fn reset(&self) {
         {
             let mut inner = self.lock();
