@@ -111,6 +111,10 @@ pub struct DeviceSpec {
     /// Disks (default: one 64 MiB disk behind the IOMMU).
     #[serde(default = "default_disks")]
     pub disks: Vec<DiskSpec>,
+    /// Sluice's DMA engine after the disks and the marker: `iommu` (behind the run's IOMMU) or
+    /// `direct`; absent means none.
+    #[serde(default)]
+    pub dma_engine: Option<String>,
 }
 
 fn none_iommu() -> String {
@@ -129,6 +133,7 @@ impl Default for DeviceSpec {
             iommu: none_iommu(),
             boot_bypass: true,
             disks: default_disks(),
+            dma_engine: None,
         }
     }
 }
@@ -140,6 +145,9 @@ pub struct InjectSpec {
     /// Rules in the one-line form (`point:key=value,...`), one per entry.
     #[serde(default)]
     pub rules: Vec<String>,
+    /// Rogue DMAs of the DMA engine, as `sluice run --rogue` takes them.
+    #[serde(default)]
+    pub rogue: Vec<String>,
 }
 
 /// What must hold, for some or all variants.

@@ -13,10 +13,11 @@ use clap::Args;
 use sluice_harness::plan::{self, Shard};
 use sluice_harness::verdict::{self, Observation};
 use sluice_harness::{RunCase, Runner, Scenario, junit};
-use sluice_host::DiskSpec;
+use sluice_host::{DiskSpec, DmaEngineSpec};
 use sluice_inject::{Plan, PointRegistry, SymbolMap};
 
 use crate::image::{self, BuildOutput, GuestImage};
+use crate::rogue::RogueRule;
 use crate::run::{self, GuestSource, IommuArg, RunSpec};
 
 #[derive(Debug, Args)]
@@ -148,7 +149,7 @@ impl Guests {
     /// The injection points of runs of `scenario` on `variant`: its devices' points, and guest
     /// symbols from the variant's System.map.
     pub(crate) fn registry(&self, scenario: &Scenario, variant: &str) -> Result<PointRegistry> {
-        let mut reg = run::registry_for(scenario.devices.disks.len(), iommu_of(scenario));
+        let mut reg = scenario_registry(scenario);
         if let Some(map) = self.system_map(variant) {
             reg.set_symbols(
                 SymbolMap::load(map).with_context(|| format!("cannot read {}", map.display()))?,
@@ -156,6 +157,43 @@ impl Guests {
         }
         Ok(reg)
     }
+}
+
+/// The points of `s`'s devices (no guest symbols).
+pub(crate) fn scenario_registry(s: &Scenario) -> PointRegistry {
+    let mut reg = run::registry_for(s.devices.disks.len(), iommu_of(s));
+    if s.devices.dma_engine.is_some() {
+        run::add_dma_engine(&mut reg);
+    }
+    reg
+}
+
+/// The DMA engine of `s`, if it has one.
+pub(crate) fn dma_engine_of(s: &Scenario) -> Result<Option<DmaEngineSpec>> {
+    match s.devices.dma_engine.as_deref() {
+        None => Ok(None),
+        Some("iommu") => Ok(Some(DmaEngineSpec { iommu: true })),
+        Some("direct") => Ok(Some(DmaEngineSpec { iommu: false })),
+        Some(other) => bail!(
+            "scenario {}: [devices] dma_engine = {other:?}: expected \"iommu\" or \"direct\"",
+            s.name
+        ),
+    }
+}
+
+/// The rogue DMAs of `s`.
+pub(crate) fn rogue_of(s: &Scenario) -> Result<Vec<RogueRule>> {
+    if !s.inject.rogue.is_empty() && s.devices.dma_engine.is_none() {
+        bail!(
+            "scenario {}: [inject] rogue needs [devices] dma_engine",
+            s.name
+        );
+    }
+    s.inject
+        .rogue
+        .iter()
+        .map(|r| RogueRule::parse(r).with_context(|| format!("scenario {}", s.name)))
+        .collect()
 }
 
 pub(crate) fn iommu_of(s: &Scenario) -> IommuArg {
@@ -196,8 +234,10 @@ fn check_scenario_plans(scenarios: &[Arc<Scenario>], guests: Option<&Guests>) ->
         for v in &s.variants {
             let (reg, symbols_known) = match guests {
                 Some(g) => (g.registry(s, v)?, g.system_map(v).is_some()),
-                None => (run::registry_for(s.devices.disks.len(), iommu_of(s)), false),
+                None => (scenario_registry(s), false),
             };
+            dma_engine_of(s)?;
+            rogue_of(s)?;
             let found = check_rules(&reg, &s.inject.rules, symbols_known)
                 .with_context(|| format!("scenario {} on {v}: [inject]", s.name))?;
             warnings.extend(found);
@@ -265,8 +305,8 @@ impl GuestRunner<'_> {
             inject_seed: Some(u64::from(case.seed)),
             system_map: Some(img.system_map.clone()),
             cpuid_mask: vec![],
-            dma_engine: None,
-            rogue: vec![],
+            dma_engine: dma_engine_of(s)?,
+            rogue: rogue_of(s)?,
             quiet: true,
         })
     }
@@ -315,6 +355,10 @@ pub fn run(args: HarnessRunArgs) -> Result<ExitCode> {
     if let Some(f) = &args.filter {
         let re = regex::Regex::new(f).with_context(|| format!("bad --filter {f:?}"))?;
         cases.retain(|c| re.is_match(&c.id()));
+        // A filter that selects nothing would "pass" without testing anything.
+        if cases.is_empty() {
+            bail!("--filter {f:?} matches no case (ids look like `scenario--variant--s1`)");
+        }
     }
     if let Some(shard) = args.shard {
         cases = shard.select(cases);

@@ -140,15 +140,18 @@ pub struct RogueArm {
     kernel_iova: Mutex<Option<u64>>,
     engine: OnceLock<Arc<DmaEngine>>,
     reports: Arc<Mutex<Vec<RogueReport>>>,
+    quiet: bool,
 }
 
 impl RogueArm {
-    /// Arms `rules` (none fire until [`RogueArm::set_engine`]).
-    pub fn new(rules: Vec<RogueRule>) -> Self {
+    /// Arms `rules` (none fire until [`RogueArm::set_engine`]); `quiet` keeps stderr for the
+    /// harness's own progress lines.
+    pub fn new(rules: Vec<RogueRule>, quiet: bool) -> Self {
         let fired = Mutex::new(vec![false; rules.len()]);
         RogueArm {
             rules,
             fired,
+            quiet,
             ..Default::default()
         }
     }
@@ -195,6 +198,7 @@ impl RogueArm {
                 RogueTarget::KernelMapping => self.kernel_iova.lock().ok().and_then(|k| *k),
             };
             let (engine, rule, reports) = (engine.clone(), rule.clone(), self.reports.clone());
+            let quiet = self.quiet;
             // Off the marker path: the marker device's BAR write must not wait for the delay.
             std::thread::spawn(move || {
                 std::thread::sleep(rule.delay);
@@ -221,10 +225,15 @@ impl RogueArm {
                         }
                     }
                 };
-                eprintln!(
-                    "sluice: rogue DMA `{}` at {:?}: {} ({} bytes moved)",
-                    report.rule, report.iova, report.status, report.moved
-                );
+                if !quiet {
+                    eprintln!(
+                        "sluice: rogue DMA `{}` at {}: {} ({} bytes moved)",
+                        report.rule,
+                        report.iova.map_or("-".into(), |v| format!("{v:#x}")),
+                        report.status,
+                        report.moved
+                    );
+                }
                 if let Ok(mut r) = reports.lock() {
                     r.push(report);
                 }
@@ -268,7 +277,7 @@ mod tests {
 
     #[test]
     fn kernel_iova_comes_from_the_marker_line() {
-        let arm = RogueArm::new(vec![]);
+        let arm = RogueArm::new(vec![], true);
         arm.marker("dma kernel-iova 0000:00:05.0 0xfffff000");
         assert_eq!(*arm.kernel_iova.lock().unwrap(), Some(0xffff_f000));
         arm.marker("dma kernel-iova 0000:00:05.0 none");

@@ -405,7 +405,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     }
     members.push(stats.clone());
     let hooks: Arc<dyn Hooks> = Arc::new(Fanout(members));
-    let rogue = Arc::new(RogueArm::new(spec.rogue.clone()));
+    let rogue = Arc::new(RogueArm::new(spec.rogue.clone(), spec.quiet));
     let marker_sink = {
         let (o, i, r) = (oracle.clone(), injector.clone(), rogue.clone());
         Arc::new(move |line: &str| {
@@ -530,7 +530,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "truncated": kept.truncated(),
         },
     });
-    for r in rogue.reports() {
+    for r in rogue.reports().iter().filter(|_| !spec.quiet) {
         println!(
             "rogue DMA:      `{}` at {}: {} ({} bytes)",
             r.rule,
@@ -702,7 +702,7 @@ fn run_registry(spec: &RunSpec, disks: usize) -> PointRegistry {
 }
 
 /// The DMA engine's points (`--dma-engine`; its instance is always `dma0`).
-fn add_dma_engine(reg: &mut PointRegistry) {
+pub fn add_dma_engine(reg: &mut PointRegistry) {
     use sluice_dma_engine::points;
     for p in [points::doorbell, points::complete, points::rogue] {
         reg.add(&p("dma0"), false, "dma0");

@@ -18,8 +18,9 @@ use sluice_harness::sweep::{
 use sluice_inject::PlanError;
 use sluice_inject::registry::GUEST_SYM_PREFIX;
 
-use crate::harness_cmd::{self, GuestRunner, Guests, check_rules, iommu_of, variant_exists};
-use crate::run;
+use crate::harness_cmd::{
+    self, GuestRunner, Guests, check_rules, scenario_registry, variant_exists,
+};
 
 #[derive(Debug, Args)]
 pub struct HarnessSweepArgs {
@@ -126,7 +127,7 @@ fn pick_variants(scenario: &Scenario, asked: &[String]) -> Result<Vec<String>> {
 /// Which points the scenario's devices have and whether they can defer; `guest.sym.*` points
 /// can only stall (their symbols are checked per variant once the images are there).
 fn grid_for(scenario: &Scenario, config: &SweepConfig) -> Result<Grid> {
-    let reg = run::registry_for(scenario.devices.disks.len(), iommu_of(scenario));
+    let reg = scenario_registry(scenario);
     let can_defer = |point: &str| -> Result<bool, String> {
         if point.starts_with(GUEST_SYM_PREFIX) {
             return Ok(false);
@@ -159,10 +160,7 @@ fn check_cells(
     for v in variants {
         let (reg, symbols_known) = match guests {
             Some(g) => (g.registry(scenario, v)?, g.has_image(v)),
-            None => (
-                run::registry_for(scenario.devices.disks.len(), iommu_of(scenario)),
-                false,
-            ),
+            None => (scenario_registry(scenario), false),
         };
         for cell in &grid.cells {
             let rules = cell_rules(&scenario.inject.rules, cell, config.replace);
@@ -390,12 +388,7 @@ mod tests {
             let config = SweepConfig::resolve(s.sweep.as_ref(), &SweepSpec::default()).unwrap();
             let grid = grid_for(&s, &config).unwrap();
             assert!(grid.cells.len() > 1, "{}", f.display());
-            let iommu = if s.devices.iommu == "virtio" {
-                run::IommuArg::Virtio
-            } else {
-                run::IommuArg::None
-            };
-            let reg = run::registry_for(s.devices.disks.len(), iommu);
+            let reg = scenario_registry(&s);
             for cell in &grid.cells {
                 let rules = cell_rules(&s.inject.rules, cell, config.replace);
                 check_rules(&reg, &rules, false)

@@ -74,6 +74,28 @@ static void mark(const char *step)
 	}
 }
 
+/* An ownership line for the oracle: "owner BDF user 0xA-0xB" or "owner BDF kernel". */
+static void owner_line(const char *who, uint64_t iova, uint64_t size)
+{
+	char line[160];
+	int fd, n;
+
+	if (!marker_path[0])
+		return;
+	if (size)
+		n = snprintf(line, sizeof(line), "owner %s %s %#llx-%#llx\n", bdf, who,
+			     (unsigned long long)iova, (unsigned long long)(iova + size));
+	else
+		n = snprintf(line, sizeof(line), "owner %s %s\n", bdf, who);
+	fd = open(marker_path, O_WRONLY);
+	if (fd < 0)
+		return;
+	for (int i = 0; i < n; i++)
+		if (pwrite(fd, &line[i], 1, 0) != 1)
+			break;
+	close(fd);
+}
+
 static void find_marker(void)
 {
 	glob_t g;
@@ -198,6 +220,9 @@ int main(int argc, char **argv)
 	}
 	if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container))
 		die("VFIO_GROUP_SET_CONTAINER");
+	/* From the claim on, only the window userspace maps is legitimate for this device: tell the
+	 * oracle (docs/escape-oracle.md, "owner EP user RANGES"). */
+	owner_line("user", iova, (uint64_t)len * 2);
 	mark("set-container");
 	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU))
 		die("VFIO_SET_IOMMU");
@@ -270,6 +295,7 @@ int main(int argc, char **argv)
 	mark("close-device");
 	if (ioctl(group, VFIO_GROUP_UNSET_CONTAINER))
 		die("VFIO_GROUP_UNSET_CONTAINER");
+	owner_line("kernel", 0, 0);
 	mark("unset-container");
 	close(group);
 	close(container);
