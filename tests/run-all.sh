@@ -24,7 +24,7 @@ CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 mkdir -p "$CACHE"
 stage "patched QEMU (cached)"
 bash guest-images/qemu/build-qemu.sh
-for v in 6.12 6.1 6.12-regwin 6.12-regwin-nofix; do
+for v in 6.12 6.1 6.12-regwin 6.12-regwin-nofix 6.12-ownership-nofix; do
     stage "guest image $v (cached)"
     ./target/release/sluice image build "$v"
 done
@@ -39,13 +39,15 @@ rm -f target/nextest/default/junit.xml
 trap 'stage "skipped tests"; python3 tests/skip-summary.py target/nextest/default/junit.xml || true' EXIT
 cargo nextest run --workspace --no-fail-fast
 
-stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 over 3)"
+stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 and ownership over 3)"
 ./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \
     --out target/ci-harness/clean --junit target/ci-harness/clean.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
     --out target/ci-harness/race --junit target/ci-harness/race.xml
 ./target/release/sluice harness run scenarios/race1-probe-phases.toml --seeds 3 \
     --out target/ci-harness/race1 --junit target/ci-harness/race1.xml
+./target/release/sluice harness run scenarios/ownership.toml --seeds 3 \
+    --out target/ci-harness/ownership --junit target/ci-harness/ownership.xml
 # A two-cell sweep (baseline vs the stall), bounded: proves the sweep driver end to end.
 ./target/release/sluice harness sweep scenarios/registration-window.toml --variant 6.12 \
     --point guest.sym.bus_iommu_probe --delays 0ms,300ms --seeds 1 --replace --budget 3m \

@@ -78,8 +78,12 @@ pub enum ActivateError {
     #[error("queue {0} is missing or invalid")]
     BadQueue(u16),
     /// Could not start the device's worker.
-    #[error("cannot start the device worker: {0}")]
+    #[error("cannot start the device worker")]
     Worker(#[source] std::io::Error),
+    /// The features in force at DRIVER_OK are not the ones FEATURES_OK accepted (the transport
+    /// freezes them; this is the second line of defence).
+    #[error("driver features {0:#x} are not acceptable at DRIVER_OK")]
+    Features(u64),
 }
 
 /// A virtio device, independent of its transport.

@@ -232,6 +232,11 @@ impl VirtioPciFunction {
     }
 
     fn activate_locked(&self, inner: &mut Inner) -> Result<(), ActivateError> {
+        // Never activate with features FEATURES_OK would have refused: without ACCESS_PLATFORM
+        // a device behind an IOMMU would get untranslated memory.
+        if !Self::features_acceptable(inner) {
+            return Err(ActivateError::Features(inner.common.driver_features));
+        }
         let dma = Self::dma_memory(inner);
         let view = dma.view();
         let mut queues = Vec::new();
@@ -308,8 +313,13 @@ impl VirtioPciFunction {
     }
 
     fn virtio_bar_read(&self, inner: &mut Inner, offset: u64, data: &mut [u8]) {
+        let len = data.len() as u64;
+        // Each structure serves only accesses that lie wholly inside its window: a straddling
+        // access reads 0 and a device never sees an offset past its config.
+        let inside =
+            |start: u64, size: u64| offset >= start && offset.saturating_add(len) <= start + size;
         let value = match offset {
-            o if o < caps::COMMON_OFFSET + caps::COMMON_SIZE => {
+            o if inside(caps::COMMON_OFFSET, caps::COMMON_SIZE) => {
                 let status = inner.status.bits()
                     | if inner.needs_reset {
                         DEVICE_NEEDS_RESET
@@ -318,8 +328,9 @@ impl VirtioPciFunction {
                     };
                 inner.common.read(o, data.len(), inner.offered, status)
             }
+            // ISR is one byte: only a read of its first byte returns (and clears) it.
             caps::ISR_OFFSET => u64::from(self.interrupt.read_isr()),
-            o if o < caps::DEVICE_OFFSET + caps::DEVICE_SIZE => {
+            o if inside(caps::DEVICE_OFFSET, caps::DEVICE_SIZE) => {
                 inner.device.read_config(o - caps::DEVICE_OFFSET, data);
                 return;
             }
@@ -331,19 +342,34 @@ impl VirtioPciFunction {
     /// Returns the queue to notify, if the write was a doorbell.
     fn virtio_bar_write(&self, inner: &mut Inner, offset: u64, data: &[u8]) -> Option<u16> {
         let value = sluice_pci::le_value(data);
+        let len = data.len() as u64;
+        let inside =
+            |start: u64, size: u64| offset >= start && offset.saturating_add(len) <= start + size;
         match offset {
-            o if o < caps::COMMON_OFFSET + caps::COMMON_SIZE => {
-                match inner.common.write(o, data.len(), value) {
+            o if inside(caps::COMMON_OFFSET, caps::COMMON_SIZE) => {
+                // The features are frozen once FEATURES_OK is accepted (virtio 1.x 3.1.1): a
+                // later DRIVER_FEATURE write is ignored, so what activates is what was checked.
+                let frozen = inner.status.bits() & crate::status::FEATURES_OK != 0;
+                let features = inner.common.driver_features;
+                let effect = inner.common.write(o, data.len(), value);
+                if frozen && inner.common.driver_features != features {
+                    log::warn!(
+                        "virtio {}: DRIVER_FEATURE written after FEATURES_OK; ignored",
+                        inner.device.name()
+                    );
+                    inner.common.driver_features = features;
+                }
+                match effect {
                     CommonWrite::Status(v) => self.write_status(inner, v),
                     CommonWrite::QueueVector(q, v) => self.interrupt.set_queue_vector(q, v),
                     CommonWrite::ConfigVector(v) => self.interrupt.set_config_vector(v),
                     CommonWrite::None => {}
                 }
             }
-            o if (caps::DEVICE_OFFSET..caps::DEVICE_OFFSET + caps::DEVICE_SIZE).contains(&o) => {
+            o if inside(caps::DEVICE_OFFSET, caps::DEVICE_SIZE) => {
                 inner.device.write_config(o - caps::DEVICE_OFFSET, data);
             }
-            o if (caps::NOTIFY_OFFSET..caps::NOTIFY_OFFSET + caps::NOTIFY_SIZE).contains(&o) => {
+            o if inside(caps::NOTIFY_OFFSET, caps::NOTIFY_SIZE) => {
                 let q = ((o - caps::NOTIFY_OFFSET) / u64::from(caps::NOTIFY_MULTIPLIER)) as u16;
                 return Some(q);
             }
