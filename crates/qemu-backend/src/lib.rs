@@ -8,6 +8,8 @@
 //! starts and supervises QEMU.
 
 pub mod channel;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launcher;
 pub mod memory;
 pub mod protocol;

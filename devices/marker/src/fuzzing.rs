@@ -97,7 +97,9 @@ pub fn run(data: &[u8]) {
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = got.clone();
     let Ok(dev) = MarkerDevice::new(Arc::new(move |l: &str| {
-        sink.lock().unwrap_or_else(|e| e.into_inner()).push(l.to_string());
+        sink.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(l.to_string());
     })) else {
         return;
     };
@@ -114,7 +116,9 @@ pub fn run(data: &[u8]) {
         match op % 8 {
             0..=2 => {
                 // A write of `size` bytes; bar 2 does not exist.
-                let (Some(sel), Some(off)) = (inp.u8(), inp.u16()) else { break };
+                let (Some(sel), Some(off)) = (inp.u8(), inp.u16()) else {
+                    break;
+                };
                 let Some(bytes) = inp.bytes::<8>() else { break };
                 let bar = sel % 3;
                 let off = (u64::from(off) % bar_size(bar)).min(bar_size(bar) - size as u64);
@@ -126,7 +130,9 @@ pub fn run(data: &[u8]) {
             }
             3 => {
                 // Text-like write: a run of printable bytes with an optional newline.
-                let (Some(n), Some(c)) = (inp.u8(), inp.u8()) else { break };
+                let (Some(n), Some(c)) = (inp.u8(), inp.u8()) else {
+                    break;
+                };
                 let mut data = vec![b'a' + c % 26; usize::from(n) * 8];
                 if c & 0x80 != 0 {
                     data.push(b'\n');
@@ -135,7 +141,9 @@ pub fn run(data: &[u8]) {
                 model.push(&data);
             }
             4 => {
-                let (Some(sel), Some(off)) = (inp.u8(), inp.u16()) else { break };
+                let (Some(sel), Some(off)) = (inp.u8(), inp.u16()) else {
+                    break;
+                };
                 let bar = sel % 3;
                 let off = (u64::from(off) % bar_size(bar)).min(bar_size(bar) - size as u64);
                 let mut b = vec![0xa5u8; size];
@@ -152,19 +160,26 @@ pub fn run(data: &[u8]) {
                 assert_eq!(b, expect, "BAR {bar} read at {off:#x}/{size}");
             }
             5 => {
-                let (Some(o), Some(v)) = (inp.u8(), inp.u32()) else { break };
+                let (Some(o), Some(v)) = (inp.u8(), inp.u32()) else {
+                    break;
+                };
                 let len = [1usize, 2, 4][usize::from(op >> 6) % 3];
                 dev.config_write(u16::from(o), &v.to_le_bytes()[..len]);
             }
             6 => {
-                let (Some(addr), Some(sel)) = (inp.u32(), inp.u8()) else { break };
+                let (Some(addr), Some(sel)) = (inp.u32(), inp.u8()) else {
+                    break;
+                };
                 let memory = sel & 1 != 0;
                 if let Some((bar, off)) = dev.decode_bar(u64::from(addr), memory) {
                     let cmd = cfg_read(&dev, 0x04, 2);
                     let enable = if memory { 2 } else { 1 };
                     assert!(cmd & enable != 0, "decode with the space disabled");
                     assert_eq!(bar, u8::from(memory), "decode to the wrong kind of BAR");
-                    assert!(off < bar_size(bar), "decode offset {off:#x} outside BAR {bar}");
+                    assert!(
+                        off < bar_size(bar),
+                        "decode offset {off:#x} outside BAR {bar}"
+                    );
                 }
             }
             _ => {
@@ -174,7 +189,10 @@ pub fn run(data: &[u8]) {
             }
         }
         // Lines: exactly the model's, in order.
-        let lines = got.lock().map(|l| l.get(checked..).map(<[_]>::to_vec).unwrap_or_default()).unwrap_or_default();
+        let lines = got
+            .lock()
+            .map(|l| l.get(checked..).map(<[_]>::to_vec).unwrap_or_default())
+            .unwrap_or_default();
         assert_eq!(
             checked + lines.len(),
             model.lines.len(),
@@ -182,7 +200,11 @@ pub fn run(data: &[u8]) {
         );
         for (g, m) in lines.iter().zip(model.lines.iter().skip(checked)) {
             assert!(m.len() <= MAX_LINE, "model line over MAX_LINE");
-            assert_eq!(*g, String::from_utf8_lossy(m), "line content differs from the model");
+            assert_eq!(
+                *g,
+                String::from_utf8_lossy(m),
+                "line content differs from the model"
+            );
             assert!(
                 !g.contains(['\0', '\r', '\n']),
                 "committed line contains a control byte"
@@ -191,7 +213,11 @@ pub fn run(data: &[u8]) {
         checked += lines.len();
         assert_eq!(dev.committed(), model.committed, "committed count");
         for (o, v) in &fixed {
-            assert_eq!(cfg_read(&dev, *o, 1) as u8, *v, "read-only config byte {o:#x} changed");
+            assert_eq!(
+                cfg_read(&dev, *o, 1) as u8,
+                *v,
+                "read-only config byte {o:#x} changed"
+            );
         }
         let bar0 = cfg_read(&dev, 0x10, 4);
         let bar1 = cfg_read(&dev, 0x14, 4);

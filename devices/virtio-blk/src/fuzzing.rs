@@ -145,9 +145,7 @@ fn view_chain(queue: &mut Queue, mem: &GuestMemoryMmap) -> Option<ChainView> {
 }
 
 fn in_regions(addr: u64, regions: &[(u64, u64)]) -> bool {
-    regions
-        .iter()
-        .any(|(a, l)| addr >= *a && addr - *a < *l)
+    regions.iter().any(|(a, l)| addr >= *a && addr - *a < *l)
 }
 
 /// The byte the status goes to: the last writable byte in chain order.
@@ -206,7 +204,10 @@ impl Rig {
             .lock()
             .map(|w| w.clone())
             .unwrap_or_default();
-        let used_idx = self.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap_or(0);
+        let used_idx = self
+            .mem
+            .read_obj::<u16>(GuestAddress(USED + 2))
+            .unwrap_or(0);
         let new_used = used_idx.wrapping_sub(self.used_seen);
         self.used_seen = used_idx;
         // Several (or no) requests, or a queue the device gave up on: nothing is attributable.
@@ -214,11 +215,25 @@ impl Rig {
         if new_used == 0 || !ok {
             return;
         }
-        assert_eq!(new_used, 1, "one published request gave {new_used} used entries");
+        assert_eq!(
+            new_used, 1,
+            "one published request gave {new_used} used entries"
+        );
         let slot = USED + 4 + 8 * u64::from(used_idx.wrapping_sub(1) % QSIZE);
-        let id = self.mem.read_obj::<u32>(GuestAddress(slot)).unwrap_or(u32::MAX);
-        let used_len = u64::from(self.mem.read_obj::<u32>(GuestAddress(slot + 4)).unwrap_or(0));
-        assert_eq!(Some(id), head.map(|h| u32::from(h % QSIZE)), "used entry names another head");
+        let id = self
+            .mem
+            .read_obj::<u32>(GuestAddress(slot))
+            .unwrap_or(u32::MAX);
+        let used_len = u64::from(
+            self.mem
+                .read_obj::<u32>(GuestAddress(slot + 4))
+                .unwrap_or(0),
+        );
+        assert_eq!(
+            Some(id),
+            head.map(|h| u32::from(h % QSIZE)),
+            "used entry names another head"
+        );
         assert!(
             used_len <= view.writable_total,
             "used length {used_len} > {} writable bytes",
@@ -242,7 +257,10 @@ impl Rig {
         };
         let header = view_header(&before, &self.queue_head_desc(&before, head));
         if status != Some(S_OK) {
-            assert!(writes.is_empty(), "failed request (status {status:?}) wrote the disk");
+            assert!(
+                writes.is_empty(),
+                "failed request (status {status:?}) wrote the disk"
+            );
             // A failed IN may have filled part of its buffer (the spec leaves it undefined).
             if header.is_some_and(|(k, _)| k == T_IN) {
                 return;
@@ -281,7 +299,10 @@ impl Rig {
             }
             T_FLUSH | T_GET_ID => {
                 assert!(writes.is_empty(), "kind {kind} wrote the disk");
-                assert!(used_len <= 1 + ID_LEN as u64, "kind {kind} used length {used_len}");
+                assert!(
+                    used_len <= 1 + ID_LEN as u64,
+                    "kind {kind} used length {used_len}"
+                );
             }
             _ => {}
         }
@@ -319,7 +340,9 @@ pub fn run(data: &[u8]) {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
         return;
     };
-    let Ok(mut queue) = Queue::new(QSIZE) else { return };
+    let Ok(mut queue) = Queue::new(QSIZE) else {
+        return;
+    };
     queue.set_size(QSIZE);
     queue.set_desc_table_address(Some(DESC as u32), Some(0));
     queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
@@ -362,20 +385,38 @@ pub fn run(data: &[u8]) {
                 } else {
                     u32::from(len)
                 };
-                write_desc(&r.mem, u16::from(idx), addr, len, u16::from(fl & 7), u16::from(next));
+                write_desc(
+                    &r.mem,
+                    u16::from(idx),
+                    addr,
+                    len,
+                    u16::from(fl & 7),
+                    u16::from(next),
+                );
             }
             1 => {
                 // A chain of n descriptors at head, head+1, ... with NEXT links.
-                let (Some(head), Some(mask)) = (inp.u8(), inp.u8()) else { break };
+                let (Some(head), Some(mask)) = (inp.u8(), inp.u8()) else {
+                    break;
+                };
                 let n = 1 + u16::from((op >> 4) & 3);
                 for k in 0..n {
-                    let (Some(addr), Some(len)) = (inp.u16(), inp.u16()) else { return };
+                    let (Some(addr), Some(len)) = (inp.u16(), inp.u16()) else {
+                        return;
+                    };
                     let idx = (u16::from(head) + k) % QSIZE;
                     let last = k + 1 == n;
                     let flags = (if last { 0 } else { F_NEXT })
                         | (if mask >> k & 1 != 0 { F_WRITE } else { 0 });
                     let addr = DATA + u64::from(addr) % (MEM_SIZE as u64 - DATA);
-                    write_desc(&r.mem, idx, addr, u32::from(len % 0x2000), flags, (idx + 1) % QSIZE);
+                    write_desc(
+                        &r.mem,
+                        idx,
+                        addr,
+                        u32::from(len % 0x2000),
+                        flags,
+                        (idx + 1) % QSIZE,
+                    );
                 }
             }
             2 => {
@@ -398,7 +439,9 @@ pub fn run(data: &[u8]) {
                 let _ = r.mem.write_obj(sector, GuestAddress(u64::from(addr) + 8));
             }
             3 => {
-                let (Some(addr), Some(v)) = (inp.u16(), inp.u64()) else { break };
+                let (Some(addr), Some(v)) = (inp.u16(), inp.u64()) else {
+                    break;
+                };
                 let _ = r.mem.write_obj(v, GuestAddress(u64::from(addr)));
             }
             4 => {
@@ -423,11 +466,20 @@ pub fn run(data: &[u8]) {
                 let status = 0xf000 + u64::from(head);
                 let _ = r.mem.write_obj(kind, GuestAddress(hdr));
                 let _ = r.mem.write_obj(0u32, GuestAddress(hdr + 4));
-                let _ = r.mem.write_obj(u64::from(sector % 20), GuestAddress(hdr + 8));
+                let _ = r
+                    .mem
+                    .write_obj(u64::from(sector % 20), GuestAddress(hdr + 8));
                 let data_flags = if kind == T_OUT { 0 } else { F_WRITE };
                 let (i1, i2) = ((head + 1) % QSIZE, (head + 2) % QSIZE);
                 write_desc(&r.mem, head, hdr, 16, F_NEXT, i1);
-                write_desc(&r.mem, i1, buf, u32::from(len % 0x800), F_NEXT | data_flags, i2);
+                write_desc(
+                    &r.mem,
+                    i1,
+                    buf,
+                    u32::from(len % 0x800),
+                    F_NEXT | data_flags,
+                    i2,
+                );
                 write_desc(&r.mem, i2, status, 1, F_WRITE, 0);
                 r.publish_and_process(Some(head), None);
             }

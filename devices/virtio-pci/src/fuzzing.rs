@@ -37,8 +37,8 @@ use crate::caps;
 use crate::common::reg;
 use crate::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use crate::{
-    ActivateError, ActivationContext, DmaMemory, SharedMemory, TransportOptions, VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioPciFunction,
+    ActivateError, ActivationContext, DmaMemory, SharedMemory, TransportOptions,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioPciFunction,
 };
 
 const MEM_SIZE: usize = 0x1_0000;
@@ -86,7 +86,9 @@ impl VirtioDevice for MockDevice {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         assert!(
-            offset.checked_add(data.len() as u64).is_some_and(|end| end <= caps::DEVICE_SIZE),
+            offset
+                .checked_add(data.len() as u64)
+                .is_some_and(|end| end <= caps::DEVICE_SIZE),
             "device config read outside its window: offset {offset:#x}, {} bytes",
             data.len()
         );
@@ -94,7 +96,9 @@ impl VirtioDevice for MockDevice {
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         assert!(
-            offset.checked_add(data.len() as u64).is_some_and(|end| end <= caps::DEVICE_SIZE),
+            offset
+                .checked_add(data.len() as u64)
+                .is_some_and(|end| end <= caps::DEVICE_SIZE),
             "device config write outside its window: offset {offset:#x}, {} bytes",
             data.len()
         );
@@ -103,15 +107,26 @@ impl VirtioDevice for MockDevice {
         let mut p = lock(&self.probe);
         assert!(!p.active, "activated twice without a reset");
         let acked = ctx.acked_features;
-        assert_eq!(acked & !p.offered, 0, "acked {acked:#x} beyond offered {:#x}", p.offered);
-        assert!(acked & (1 << VIRTIO_F_VERSION_1) != 0, "activated without VERSION_1");
+        assert_eq!(
+            acked & !p.offered,
+            0,
+            "acked {acked:#x} beyond offered {:#x}",
+            p.offered
+        );
+        assert!(
+            acked & (1 << VIRTIO_F_VERSION_1) != 0,
+            "activated without VERSION_1"
+        );
         let mut seen = Vec::new();
         for (i, q) in &ctx.queues {
             assert!(!seen.contains(i), "queue {i} twice");
             seen.push(*i);
             let max = QUEUE_MAX.get(usize::from(*i)).copied();
             assert!(max.is_some(), "queue {i} does not exist");
-            assert!(q.size() <= max.unwrap_or(0), "queue {i} larger than its maximum");
+            assert!(
+                q.size() <= max.unwrap_or(0),
+                "queue {i} larger than its maximum"
+            );
             if p.behind_iommu {
                 for (what, addr, len) in [
                     ("desc", q.desc_table(), 16 * u64::from(q.size())),
@@ -142,7 +157,10 @@ impl VirtioDevice for MockDevice {
     }
     fn queue_notify(&self, queue: u16) {
         let mut p = lock(&self.probe);
-        assert!(p.active, "doorbell for queue {queue} reached an inactive device");
+        assert!(
+            p.active,
+            "doorbell for queue {queue} reached an inactive device"
+        );
         p.notifies += 1;
     }
     fn reset(&mut self) {
@@ -282,13 +300,20 @@ impl Rig {
     fn check(&self, before_msi: usize, before_intx: u32) {
         // Read-only header and capability chain.
         for (o, v) in &self.read_only {
-            assert_eq!(self.cfg_read(*o, 1) as u8, *v, "read-only config byte {o:#x} changed");
+            assert_eq!(
+                self.cfg_read(*o, 1) as u8,
+                *v,
+                "read-only config byte {o:#x} changed"
+            );
         }
         // Activation state agrees with the status byte.
         let status = self.f.status();
         let p = lock(&self.probe);
         if status & DRIVER_OK != 0 && status & DEVICE_NEEDS_RESET == 0 {
-            assert!(p.active, "status {status:#x} says running but the device is not activated");
+            assert!(
+                p.active,
+                "status {status:#x} says running but the device is not activated"
+            );
         }
         if p.active {
             assert!(
@@ -299,9 +324,16 @@ impl Rig {
         drop(p);
         // Interrupts.
         let command = self.cfg_read(0x04, 2) as u16;
-        let raised = *self.sink.intx_raised.lock().unwrap_or_else(|e| e.into_inner());
+        let raised = *self
+            .sink
+            .intx_raised
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if raised != before_intx {
-            assert!(command & (1 << 10) == 0, "INTx asserted while INTx Disable is set");
+            assert!(
+                command & (1 << 10) == 0,
+                "INTx asserted while INTx Disable is set"
+            );
         }
         let msis: Vec<(u64, u32)> = self
             .sink
@@ -327,7 +359,10 @@ impl Rig {
                     let a = u64::from(word(1)) << 32 | u64::from(word(0));
                     a == addr && word(2) == data && word(3) & 1 == 0
                 });
-                assert!(found, "MSI {addr:#x}/{data:#x} matches no unmasked table entry");
+                assert!(
+                    found,
+                    "MSI {addr:#x}/{data:#x} matches no unmasked table entry"
+                );
             }
         }
     }
@@ -383,7 +418,9 @@ fn rig(flags: u8, features: u64) -> Option<Rig> {
         msix_cap: None,
     };
     // Walk the capability chain: remember the fixed bytes, the pci_cfg window, the MSI-X cap.
-    let mut ro: Vec<u16> = vec![0, 1, 2, 3, 8, 9, 10, 11, 0x0e, 0x2c, 0x2d, 0x2e, 0x2f, 0x34, 0x3d];
+    let mut ro: Vec<u16> = vec![
+        0, 1, 2, 3, 8, 9, 10, 11, 0x0e, 0x2c, 0x2d, 0x2e, 0x2f, 0x34, 0x3d,
+    ];
     let mut cap = rig.cfg_read(0x34, 1) as u16;
     let mut hops = 0;
     while cap != 0 && hops < 48 {
@@ -403,7 +440,10 @@ fn rig(flags: u8, features: u64) -> Option<Rig> {
         }
         cap = rig.cfg_read(cap + 1, 1) as u16;
     }
-    rig.read_only = ro.into_iter().map(|o| (o, rig.cfg_read(o, 1) as u8)).collect();
+    rig.read_only = ro
+        .into_iter()
+        .map(|o| (o, rig.cfg_read(o, 1) as u8))
+        .collect();
     Some(rig)
 }
 
@@ -457,7 +497,9 @@ pub fn run(data: &[u8]) {
         match op % 14 {
             0 => {
                 // Config write anywhere (the window included); only the bytes written change.
-                let (Some(o), Some(v)) = (inp.u8(), inp.u32()) else { break };
+                let (Some(o), Some(v)) = (inp.u8(), inp.u32()) else {
+                    break;
+                };
                 let len = [1usize, 2, 4][usize::from(op >> 6) % 3];
                 let off = u16::from(o);
                 let before = r.snapshot();
@@ -480,7 +522,9 @@ pub fn run(data: &[u8]) {
             }
             2 | 3 => {
                 // BAR 0 write, offset from the list or raw.
-                let (Some(o), Some(v)) = (inp.u16(), inp.u64()) else { break };
+                let (Some(o), Some(v)) = (inp.u16(), inp.u64()) else {
+                    break;
+                };
                 let size = size_of(op >> 5);
                 let off = if op & 0x80 != 0 {
                     u64::from(o) % crate::BAR_SIZE
@@ -502,7 +546,9 @@ pub fn run(data: &[u8]) {
             }
             5 => {
                 // MSI-X table / PBA.
-                let (Some(o), Some(v)) = (inp.u16(), inp.u64()) else { break };
+                let (Some(o), Some(v)) = (inp.u16(), inp.u64()) else {
+                    break;
+                };
                 let size = size_of(op >> 5);
                 let off = (u64::from(o) % MSIX_BAR_SIZE).min(MSIX_BAR_SIZE - size as u64);
                 if op & 0x80 != 0 {
@@ -589,7 +635,9 @@ pub fn run(data: &[u8]) {
                 }
             }
             12 => {
-                let (Some(addr), Some(mem)) = (inp.u32(), inp.u8()) else { break };
+                let (Some(addr), Some(mem)) = (inp.u32(), inp.u8()) else {
+                    break;
+                };
                 let addr = u64::from(addr).wrapping_add(if op & 0x80 != 0 { BAR0_BASE } else { 0 });
                 let memory = mem & 1 != 0;
                 if let Some((bar, off)) = r.f.decode_bar(addr, memory) {
@@ -600,9 +648,16 @@ pub fn run(data: &[u8]) {
                         1 => MSIX_BAR_SIZE,
                         _ => 0,
                     };
-                    assert!(off < size, "decode_bar gave offset {off:#x} in BAR {bar} of {size:#x}");
+                    assert!(
+                        off < size,
+                        "decode_bar gave offset {off:#x} in BAR {bar} of {size:#x}"
+                    );
                     let base = u64::from(r.cfg_read(0x10 + 4 * u16::from(bar), 4) as u32 & !0xf);
-                    assert_eq!(base + off, addr, "decode_bar offset does not match the BAR base");
+                    assert_eq!(
+                        base + off,
+                        addr,
+                        "decode_bar offset does not match the BAR base"
+                    );
                 }
             }
             _ => {

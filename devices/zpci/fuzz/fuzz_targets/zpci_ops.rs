@@ -6,7 +6,9 @@
 #![cfg_attr(fuzzing, no_main)]
 
 #[cfg(fuzzing)]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| sluice_zpci::fuzzing::run(data).unwrap_or_else(|e| panic!("{e}")));
+libfuzzer_sys::fuzz_target!(
+    |data: &[u8]| sluice_zpci::fuzzing::run(data).unwrap_or_else(|e| panic!("{e}"))
+);
 
 /// Replay without libFuzzer: every FILE, or every file in a DIRECTORY, once. Exits non-zero
 /// when a file cannot be read (a failing input panics, which also exits non-zero).
