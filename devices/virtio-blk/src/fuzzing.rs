@@ -176,7 +176,9 @@ impl Rig {
         }
         let next = raw_idx.unwrap_or(self.avail_idx.wrapping_add(1));
         let _ = self.mem.write_obj(next, GuestAddress(AVAIL + 2));
-        let single = raw_idx.is_none() && head.is_some();
+        // One request exactly when the device had consumed everything before this one.
+        let single =
+            raw_idx.is_none() && head.is_some() && self.queue.next_avail() == self.avail_idx;
         let view = if single {
             view_chain(&mut self.queue, &self.mem)
         } else {
