@@ -133,7 +133,7 @@ pub fn run(data: &[u8]) {
                 let (Some(n), Some(c)) = (inp.u8(), inp.u8()) else {
                     break;
                 };
-                let mut data = vec![b'a' + c % 26; usize::from(n) * 8];
+                let mut data = vec![b'a' + c % 26; usize::from(n)];
                 if c & 0x80 != 0 {
                     data.push(b'\n');
                 }
