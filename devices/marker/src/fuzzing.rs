@@ -225,3 +225,27 @@ pub fn run(data: &[u8]) {
         assert_eq!(bar1 & 0xf, 0, "BAR 1 type bits changed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// splitmix64
+    fn next(s: &mut u64) -> u64 {
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The fuzz body on fixed-seed pseudo-random inputs (the corpus replays in
+    /// `tests/fuzz-replay.sh`).
+    #[test]
+    fn fuzz_body_on_pseudo_random_inputs() {
+        let mut seed = 0x5eed_u64;
+        for _ in 0..500 {
+            let len = (next(&mut seed) % 700) as usize;
+            let data: Vec<u8> = (0..len).map(|_| next(&mut seed) as u8).collect();
+            super::run(&data);
+        }
+    }
+}
