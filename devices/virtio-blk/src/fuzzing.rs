@@ -276,13 +276,24 @@ impl Rig {
                 "device wrote guest byte {addr:#x} outside the chain's writable buffers"
             );
         }
+        // The status and request checks read guest memory after the fact, so they apply only
+        // when every buffer lies in the data area (not over the rings or the table, which the
+        // device also writes).
+        let in_data =
+            |a: u64, l: u64| a >= DATA && a.checked_add(l).is_some_and(|e| e <= MEM_SIZE as u64);
+        let head_desc = self.queue_head_desc(&before, head);
+        if !view.writable.iter().all(|(a, l)| in_data(*a, *l))
+            || head_desc.is_some_and(|(a, l, _)| !in_data(a, u64::from(l)))
+        {
+            return;
+        }
         let status_at = status_addr(&view.writable);
         let status = if used_len > 0 && view.walkable {
             status_at.and_then(|s| after.get(s as usize).copied())
         } else {
             None
         };
-        let header = view_header(&before, &self.queue_head_desc(&before, head));
+        let header = view_header(&before, &head_desc);
         if status != Some(S_OK) {
             assert!(
                 writes.is_empty(),
