@@ -230,10 +230,8 @@ impl Rig {
             .lock()
             .map(|w| w.clone())
             .unwrap_or_default();
-        let used_idx = self
-            .mem
-            .read_obj::<u16>(GuestAddress(USED + 2))
-            .unwrap_or(0);
+        // The device's own count (the guest may have scribbled over the ring's idx field).
+        let used_idx = self.queue.next_used();
         let new_used = used_idx.wrapping_sub(self.used_seen);
         self.used_seen = used_idx;
         // Several (or no) requests, or a queue the device gave up on: nothing is attributable.
