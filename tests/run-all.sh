@@ -38,6 +38,8 @@ stage "tests"
 rm -f target/nextest/default/junit.xml
 trap 'stage "skipped tests"; python3 tests/skip-summary.py target/nextest/default/junit.xml || true' EXIT
 cargo nextest run --workspace --no-fail-fast
+stage "fuzz targets (stable replay of committed corpora and recorded findings)"
+tests/fuzz-replay.sh
 
 stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 and ownership over 3)"
 ./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \

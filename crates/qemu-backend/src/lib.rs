@@ -9,6 +9,8 @@
 
 pub mod channel;
 pub mod console;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launcher;
 pub mod memory;
 pub mod protocol;

@@ -35,6 +35,9 @@
 
 use std::sync::{Arc, Mutex};
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 use sluice_pci::{BarKind, BarSpec, ConfigError, ConfigSpace, PciFunction, PciIds};
 
 /// Vendor ID of the marker function (not a PCI-SIG assignment: no guest driver matches it).

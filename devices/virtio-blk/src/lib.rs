@@ -15,6 +15,8 @@
 
 pub mod device;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod request;
 
 pub use device::{BlockCounters, BlockDevice, DeferState};

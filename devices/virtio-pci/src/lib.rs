@@ -19,6 +19,8 @@
 
 mod caps;
 mod common;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod mem;
 pub mod notify;

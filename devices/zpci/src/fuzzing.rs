@@ -3,7 +3,8 @@
 //! writes), FIB-driven MPCIFC, RPCIT, DMA, lifecycle and CLP calls, PCILG/PCISTG. Invariants
 //! checked after every step:
 //!
-//! - the model never panics or hangs (RPCIT ranges are bounded; the arena is 4 MiB);
+//! - the model never panics or hangs (RPCIT ranges are capped at 4 GiB unless
+//!   `SLUICE_FUZZ_STRICT=1`, windows go up to 8 TiB; the arena is 4 MiB);
 //! - the mapping budget in use equals the number of shadow entries across functions;
 //! - a successful DMA happens only on an enabled function, and each piece agrees with the
 //!   shadow IOTLB (shadow mode);
@@ -159,7 +160,11 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
                 let _ = z.rpcit(&mem, fh, start, u64::from(n % 65) * 0x1000);
             }
             5 => {
-                let _ = z.rpcit(&mem, fh, WINDOW, 1 << 32);
+                // A refresh of up to 2^51 bytes from the window start: the model bounds the work
+                // per instruction (step limit, cc 2) and by the mapping budget.
+                let Some(sh) = inp.byte() else { break };
+                let len = 1u64 << (12 + u32::from(sh % 40));
+                let _ = z.rpcit(&mem, fh, WINDOW, len);
             }
             6 | 7 => {
                 let (Some(p), Some(l), Some(w)) = (inp.u16(), inp.u16(), inp.byte()) else {
@@ -221,9 +226,10 @@ pub fn run(data: &[u8]) -> Result<(), InvariantViolation> {
                 let Some(k) = inp.byte() else { break };
                 let op = crate::MpcifcOp::ALL.get(usize::from(k % 8)).copied();
                 if let Some(op) = op {
+                    // Windows of 4 GiB up to 8 TiB.
                     let fib = Fib {
                         pba: WINDOW,
-                        pal: WINDOW + (1 << 32) - 1,
+                        pal: WINDOW + (1u64 << (32 + u32::from(k >> 3) % 12)) - 1,
                         iota: tables.get(which).map_or(0, GuestTables::iota),
                         ..Fib::default()
                     };

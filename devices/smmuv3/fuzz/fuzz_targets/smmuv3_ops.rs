@@ -1,22 +1,42 @@
-//! Arbitrary bytes as queue, stream-table, CD and page-table memory plus register writes and
-//! translations: no panic, no hang. Body: `sluice_smmuv3::fuzzing::run`.
+//! Operation sequences against an SMMUv3 and its guest memory (built by the operations):
+//! no panic, no hang, segments cover the range, bypass is identity, and the caching model
+//! agrees with an uncached one while nothing may be stale. Body: `sluice_smmuv3::fuzzing::run`.
 //!
 //! Fuzz: `RUSTC_BOOTSTRAP=1 cargo fuzz run smmuv3_ops` (from devices/smmuv3).
-//! Replay without libFuzzer: `cargo run --bin smmuv3_ops -- FILE...`.
+//! Replay without libFuzzer: `cargo run --manifest-path fuzz/Cargo.toml --bin smmuv3_ops -- FILE|DIR...`.
 #![cfg_attr(fuzzing, no_main)]
 
 #[cfg(fuzzing)]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| sluice_smmuv3::fuzzing::run(data));
 
+/// Replay without libFuzzer: every FILE, or every file in a DIRECTORY, once. Exits non-zero
+/// when a file cannot be read (a failing input panics, which also exits non-zero).
 #[cfg(not(fuzzing))]
 fn main() {
-    for path in std::env::args().skip(1) {
-        match std::fs::read(&path) {
-            Ok(data) => {
-                sluice_smmuv3::fuzzing::run(&data);
-                println!("{path}: ok");
+    let mut files = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        let path = std::path::PathBuf::from(arg);
+        match std::fs::read_dir(&path) {
+            Ok(dir) => {
+                let mut inner: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                inner.sort();
+                files.extend(inner);
             }
-            Err(e) => eprintln!("{path}: {e}"),
+            Err(_) => files.push(path),
         }
     }
+    let mut ran = 0usize;
+    for path in &files {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                std::process::exit(2);
+            }
+        };
+        let run = |data: &[u8]| sluice_smmuv3::fuzzing::run(data);
+        run(&data);
+        ran += 1;
+    }
+    println!("{ran} inputs replayed, no failure");
 }

@@ -3,21 +3,40 @@
 //! with bypass off never translates. Body: `sluice_virtio_iommu::fuzzing::run`.
 //!
 //! Fuzz: `RUSTC_BOOTSTRAP=1 cargo fuzz run viommu_requests` (from devices/virtio-iommu).
-//! Replay without libFuzzer: `cargo run --bin viommu_requests -- FILE...`.
+//! Replay without libFuzzer: `cargo run --manifest-path fuzz/Cargo.toml --bin viommu_requests -- FILE|DIR...`.
 #![cfg_attr(fuzzing, no_main)]
 
 #[cfg(fuzzing)]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| sluice_virtio_iommu::fuzzing::run(data));
 
+/// Replay without libFuzzer: every FILE, or every file in a DIRECTORY, once. Exits non-zero
+/// when a file cannot be read (a failing input panics, which also exits non-zero).
 #[cfg(not(fuzzing))]
 fn main() {
-    for path in std::env::args().skip(1) {
-        match std::fs::read(&path) {
-            Ok(data) => {
-                sluice_virtio_iommu::fuzzing::run(&data);
-                println!("{path}: ok");
+    let mut files = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        let path = std::path::PathBuf::from(arg);
+        match std::fs::read_dir(&path) {
+            Ok(dir) => {
+                let mut inner: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                inner.sort();
+                files.extend(inner);
             }
-            Err(e) => eprintln!("{path}: {e}"),
+            Err(_) => files.push(path),
         }
     }
+    let mut ran = 0usize;
+    for path in &files {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                std::process::exit(2);
+            }
+        };
+        let run = |data: &[u8]| sluice_virtio_iommu::fuzzing::run(data);
+        run(&data);
+        ran += 1;
+    }
+    println!("{ran} inputs replayed, no failure");
 }

@@ -1,0 +1,251 @@
+//! The body of the `marker_ops` fuzz target (`fuzz/fuzz_targets/`): operation sequences of
+//! BAR writes and reads (both BARs and a missing one, 1/2/4/8 bytes, inside the BAR as the
+//! bus guarantees), config-space accesses, BAR decoding and resets against one
+//! [`MarkerDevice`], compared with a reference model of the line assembler.
+//!
+//! Invariants (`assert!`, so the fuzzer reports a violation as a crash):
+//! - the sink receives exactly the model's lines, in order, each at most [`MAX_LINE`] input
+//!   bytes, never containing NUL, `\r` or `\n`;
+//! - register reads return the magic and the model's committed/truncated counts, and change
+//!   nothing; accesses to a BAR that does not exist change nothing;
+//! - the IDs, class, header type and BAR types never change;
+//! - `decode_bar` answers only with the matching space enabled, with an offset inside the BAR.
+#![allow(clippy::panic, clippy::indexing_slicing)]
+
+use std::sync::{Arc, Mutex};
+
+use sluice_pci::PciFunction;
+
+use crate::{IO_BAR_SIZE, MARKER_MAGIC, MAX_LINE, MEM_BAR_SIZE, MarkerDevice};
+
+const MAX_OPS: usize = 1024;
+
+/// What the device should do.
+#[derive(Default)]
+struct Model {
+    line: Vec<u8>,
+    overflow: bool,
+    committed: u32,
+    truncated: u32,
+    lines: Vec<Vec<u8>>,
+}
+
+impl Model {
+    fn push(&mut self, data: &[u8]) {
+        for &b in data {
+            match b {
+                0 | b'\r' => {}
+                b'\n' => {
+                    self.lines.push(std::mem::take(&mut self.line));
+                    if self.overflow {
+                        self.truncated = self.truncated.wrapping_add(1);
+                    }
+                    self.overflow = false;
+                    self.committed = self.committed.wrapping_add(1);
+                }
+                _ if self.line.len() >= MAX_LINE => self.overflow = true,
+                _ => self.line.push(b),
+            }
+        }
+    }
+
+    fn reg(&self, offset: u64) -> u32 {
+        match offset {
+            0 => MARKER_MAGIC,
+            4 => self.committed,
+            8 => self.truncated,
+            _ => 0,
+        }
+    }
+}
+
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.bytes::<1>().map(|[b]| b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.bytes::<2>().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes::<4>().map(u32::from_le_bytes)
+    }
+}
+
+fn cfg_read(dev: &MarkerDevice, off: u16, len: usize) -> u64 {
+    let mut b = vec![0u8; len];
+    dev.config_read(off, &mut b);
+    sluice_pci::le_value(&b)
+}
+
+fn bar_size(bar: u8) -> u64 {
+    match bar {
+        0 => IO_BAR_SIZE,
+        1 => MEM_BAR_SIZE,
+        _ => 0x1000,
+    }
+}
+
+/// Runs one input; panics when an invariant is violated.
+pub fn run(data: &[u8]) {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = got.clone();
+    let Ok(dev) = MarkerDevice::new(Arc::new(move |l: &str| {
+        sink.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(l.to_string());
+    })) else {
+        return;
+    };
+    let fixed: Vec<(u16, u8)> = [0u16, 1, 2, 3, 8, 9, 10, 11, 0x0e, 0x2c, 0x2d, 0x2e, 0x2f]
+        .into_iter()
+        .map(|o| (o, cfg_read(&dev, o, 1) as u8))
+        .collect();
+    let mut model = Model::default();
+    let mut checked = 0;
+    let mut inp = Input(data);
+    for _ in 0..MAX_OPS {
+        let Some(op) = inp.u8() else { break };
+        let size = [1usize, 2, 4, 8][usize::from(op >> 6)];
+        match op % 8 {
+            0..=2 => {
+                // A write of `size` bytes; bar 2 does not exist.
+                let (Some(sel), Some(off)) = (inp.u8(), inp.u16()) else {
+                    break;
+                };
+                let Some(bytes) = inp.bytes::<8>() else { break };
+                let bar = sel % 3;
+                let off = (u64::from(off) % bar_size(bar)).min(bar_size(bar) - size as u64);
+                let data = &bytes[..size];
+                dev.bar_write(bar, off, data);
+                if bar <= 1 {
+                    model.push(data);
+                }
+            }
+            3 => {
+                // Text-like write: a run of printable bytes with an optional newline.
+                let (Some(n), Some(c)) = (inp.u8(), inp.u8()) else {
+                    break;
+                };
+                let mut data = vec![b'a' + c % 26; usize::from(n)];
+                if c & 0x80 != 0 {
+                    data.push(b'\n');
+                }
+                dev.bar_write(1, 0, &data);
+                model.push(&data);
+            }
+            4 => {
+                let (Some(sel), Some(off)) = (inp.u8(), inp.u16()) else {
+                    break;
+                };
+                let bar = sel % 3;
+                let off = (u64::from(off) % bar_size(bar)).min(bar_size(bar) - size as u64);
+                let mut b = vec![0xa5u8; size];
+                dev.bar_read(bar, off, &mut b);
+                let expect: Vec<u8> = (0..size as u64)
+                    .map(|i| {
+                        if bar > 1 {
+                            return 0;
+                        }
+                        let at = off + i;
+                        (model.reg(at & !3) >> (8 * (at & 3))) as u8
+                    })
+                    .collect();
+                assert_eq!(b, expect, "BAR {bar} read at {off:#x}/{size}");
+            }
+            5 => {
+                let (Some(o), Some(v)) = (inp.u8(), inp.u32()) else {
+                    break;
+                };
+                let len = [1usize, 2, 4][usize::from(op >> 6) % 3];
+                dev.config_write(u16::from(o), &v.to_le_bytes()[..len]);
+            }
+            6 => {
+                let (Some(addr), Some(sel)) = (inp.u32(), inp.u8()) else {
+                    break;
+                };
+                let memory = sel & 1 != 0;
+                if let Some((bar, off)) = dev.decode_bar(u64::from(addr), memory) {
+                    let cmd = cfg_read(&dev, 0x04, 2);
+                    let enable = if memory { 2 } else { 1 };
+                    assert!(cmd & enable != 0, "decode with the space disabled");
+                    assert_eq!(bar, u8::from(memory), "decode to the wrong kind of BAR");
+                    assert!(
+                        off < bar_size(bar),
+                        "decode offset {off:#x} outside BAR {bar}"
+                    );
+                }
+            }
+            _ => {
+                dev.reset();
+                model.line.clear();
+                model.overflow = false;
+            }
+        }
+        // Lines: exactly the model's, in order.
+        let lines = got
+            .lock()
+            .map(|l| l.get(checked..).map(<[_]>::to_vec).unwrap_or_default())
+            .unwrap_or_default();
+        assert_eq!(
+            checked + lines.len(),
+            model.lines.len(),
+            "committed lines differ from the model"
+        );
+        for (g, m) in lines.iter().zip(model.lines.iter().skip(checked)) {
+            assert!(m.len() <= MAX_LINE, "model line over MAX_LINE");
+            assert_eq!(
+                *g,
+                String::from_utf8_lossy(m),
+                "line content differs from the model"
+            );
+            assert!(
+                !g.contains(['\0', '\r', '\n']),
+                "committed line contains a control byte"
+            );
+        }
+        checked += lines.len();
+        assert_eq!(dev.committed(), model.committed, "committed count");
+        for (o, v) in &fixed {
+            assert_eq!(
+                cfg_read(&dev, *o, 1) as u8,
+                *v,
+                "read-only config byte {o:#x} changed"
+            );
+        }
+        let bar0 = cfg_read(&dev, 0x10, 4);
+        let bar1 = cfg_read(&dev, 0x14, 4);
+        assert_eq!(bar0 & 1, 1, "BAR 0 lost its I/O type");
+        assert_eq!(bar1 & 0xf, 0, "BAR 1 type bits changed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// splitmix64
+    fn next(s: &mut u64) -> u64 {
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The fuzz body on fixed-seed pseudo-random inputs (the corpus replays in
+    /// `tests/fuzz-replay.sh`).
+    #[test]
+    fn fuzz_body_on_pseudo_random_inputs() {
+        let mut seed = 0x5eed_u64;
+        for _ in 0..500 {
+            let len = (next(&mut seed) % 700) as usize;
+            let data: Vec<u8> = (0..len).map(|_| next(&mut seed) as u8).collect();
+            super::run(&data);
+        }
+    }
+}
