@@ -19,6 +19,7 @@
 
 mod dma;
 mod endpoint;
+pub mod fuzz_support;
 mod hooks;
 mod irq;
 mod provenance;

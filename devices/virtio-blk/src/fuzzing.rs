@@ -81,24 +81,7 @@ impl Disk for MemDisk {
     }
 }
 
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.0.split_first_chunk::<N>()?;
-        self.0 = rest;
-        Some(*head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.bytes::<1>().map(|[b]| b)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.bytes::<2>().map(u16::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.bytes::<8>().map(u64::from_le_bytes)
-    }
-}
+use sluice_devapi::fuzz_support::FuzzInput as Input;
 
 fn write_desc(mem: &GuestMemoryMmap, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
     let at = DESC + 16 * u64::from(idx % QSIZE);
@@ -522,23 +505,11 @@ pub fn run(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    /// splitmix64
-    fn next(s: &mut u64) -> u64 {
-        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// The fuzz body on fixed-seed pseudo-random inputs (the corpus replays in
     /// `tests/fuzz-replay.sh`).
     #[test]
     fn fuzz_body_on_pseudo_random_inputs() {
-        let mut seed = 0x5eed_u64;
-        for _ in 0..500 {
-            let len = (next(&mut seed) % 700) as usize;
-            let data: Vec<u8> = (0..len).map(|_| next(&mut seed) as u8).collect();
+        for data in sluice_devapi::fuzz_support::pseudo_random_inputs(0x5eed, 500, 700) {
             super::run(&data);
         }
     }

@@ -303,21 +303,10 @@ fn check_dma(
 
 #[cfg(test)]
 mod tests {
-    /// splitmix64
-    fn next(s: &mut u64) -> u64 {
-        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     #[test]
     fn fuzz_body_on_pseudo_random_inputs() {
-        let mut seed = 0x5eed_u64;
-        for i in 0..3000 {
-            let len = (next(&mut seed) % 600) as usize;
-            let mut data: Vec<u8> = (0..len).map(|_| next(&mut seed) as u8).collect();
+        let inputs = sluice_devapi::fuzz_support::pseudo_random_inputs(0x5eed, 3000, 600);
+        for (i, mut data) in inputs.enumerate() {
             // Bias towards the interesting operations: maps then refreshes then DMA.
             if let Some(b) = data.get_mut(0) {
                 *b &= if i % 2 == 0 { 0xfe } else { 0xff };

@@ -10,34 +10,8 @@
 #[cfg(fuzzing)]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| sluice_virtio_blk::fuzzing::run(data));
 
-/// Replay without libFuzzer: every FILE, or every file in a DIRECTORY, once. Exits non-zero
-/// when a file cannot be read (a failing input panics, which also exits non-zero).
+/// Replay without libFuzzer: every FILE, or every file in a DIRECTORY, once.
 #[cfg(not(fuzzing))]
 fn main() {
-    let mut files = Vec::new();
-    for arg in std::env::args_os().skip(1) {
-        let path = std::path::PathBuf::from(arg);
-        match std::fs::read_dir(&path) {
-            Ok(dir) => {
-                let mut inner: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
-                inner.sort();
-                files.extend(inner);
-            }
-            Err(_) => files.push(path),
-        }
-    }
-    let mut ran = 0usize;
-    for path in &files {
-        let data = match std::fs::read(path) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("{}: {e}", path.display());
-                std::process::exit(2);
-            }
-        };
-        let run = |data: &[u8]| sluice_virtio_blk::fuzzing::run(data);
-        run(&data);
-        ran += 1;
-    }
-    println!("{ran} inputs replayed, no failure");
+    sluice_devapi::fuzz_support::replay_main(|data: &[u8]| sluice_virtio_blk::fuzzing::run(data));
 }
