@@ -25,6 +25,34 @@ impl Bdf {
     }
 }
 
+/// A string that is not a PCI function address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a PCI function (bb:dd.f or dddd:bb:dd.f, hex)")]
+pub struct BdfParseError(pub String);
+
+impl std::str::FromStr for Bdf {
+    type Err = BdfParseError;
+
+    /// `bb:dd.f` or `dddd:bb:dd.f` (hex; the domain is accepted and ignored, as everything here
+    /// sits in domain 0), with device below 32 and function below 8.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || BdfParseError(s.to_string());
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let (bus, devfn) = match parts.as_slice() {
+            [_, bus, devfn] | [bus, devfn] => (*bus, *devfn),
+            _ => return Err(err()),
+        };
+        let (dev, func) = devfn.split_once('.').ok_or_else(err)?;
+        let hex = |v: &str, max: u8| {
+            u8::from_str_radix(v, 16)
+                .ok()
+                .filter(|x| *x <= max)
+                .ok_or_else(err)
+        };
+        Ok(Bdf::new(hex(bus, 0xff)?, hex(dev, 31)?, hex(func, 7)?))
+    }
+}
+
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -73,6 +101,31 @@ impl fmt::Display for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bdf_parses_both_forms_and_refuses_the_rest() {
+        assert_eq!("00:03.0".parse(), Ok(Bdf::new(0, 3, 0)));
+        assert_eq!("0000:00:1f.7".parse(), Ok(Bdf::new(0, 0x1f, 7)));
+        assert_eq!(" 0000:ff:00.1 ".parse(), Ok(Bdf::new(0xff, 0, 1)));
+        for bad in [
+            "",
+            "03.0",
+            "00:20.0",
+            "00:03.8",
+            "00:03",
+            "x:00:03.0:1",
+            "00:0g.0",
+            "100:00.0",
+        ] {
+            assert_eq!(
+                bad.parse::<Bdf>(),
+                Err(BdfParseError(bad.to_string())),
+                "{bad}"
+            );
+        }
+        let b = Bdf::new(0, 5, 0);
+        assert_eq!(b.to_string().parse(), Ok(b));
+    }
 
     #[test]
     fn bdf_round_trips_and_prints_like_lspci() {

@@ -25,7 +25,7 @@ mod irq;
 mod provenance;
 
 pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
-pub use endpoint::{Bdf, Endpoint};
+pub use endpoint::{Bdf, BdfParseError, Endpoint};
 pub use hooks::{
     DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent,
 };

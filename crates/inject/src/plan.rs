@@ -246,21 +246,7 @@ pub fn parse_bdf(v: &str) -> Result<Bdf, PlanError> {
             .map(Bdf)
             .map_err(|_| bad("endpoint", v, expected));
     }
-    let parts: Vec<&str> = v.split(':').collect();
-    let (bus, devfn) = match parts.as_slice() {
-        [_, bus, devfn] | [bus, devfn] => (*bus, *devfn),
-        _ => return Err(bad("endpoint", v, expected)),
-    };
-    let (dev, func) = devfn
-        .split_once('.')
-        .ok_or_else(|| bad("endpoint", v, expected))?;
-    let hex = |s: &str, max: u8| {
-        u8::from_str_radix(s, 16)
-            .ok()
-            .filter(|x| *x <= max)
-            .ok_or_else(|| bad("endpoint", v, expected))
-    };
-    Ok(Bdf::new(hex(bus, 0xff)?, hex(dev, 31)?, hex(func, 7)?))
+    v.parse().map_err(|_| bad("endpoint", v, expected))
 }
 
 /// Builds a rule from its point and `key=value` pairs.

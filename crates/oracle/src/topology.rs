@@ -112,16 +112,7 @@ pub fn parse_endpoint(s: &str) -> Option<Key> {
         return parse_u64(v).map(|v| Key::Zpci((v & 0xffff) as u16));
     }
     let s = s.strip_prefix("pci:").unwrap_or(s);
-    let parts: Vec<&str> = s.split(':').collect();
-    let (bus, devfn) = match parts.as_slice() {
-        [_, bus, devfn] | [bus, devfn] => (*bus, *devfn),
-        _ => return None,
-    };
-    let (dev, func) = devfn.split_once('.')?;
-    let bus = u8::from_str_radix(bus, 16).ok()?;
-    let dev = u8::from_str_radix(dev, 16).ok()?;
-    let func = u8::from_str_radix(func, 16).ok()?;
-    (dev < 32 && func < 8).then(|| Key::Pci(Bdf::new(bus, dev, func).0))
+    s.parse::<Bdf>().ok().map(|b| Key::Pci(b.0))
 }
 
 /// Parses `0x..` hex or decimal.
