@@ -362,22 +362,7 @@ mod tests {
 
     #[test]
     fn serves_probe_sequence_like_qemus_proxy_then_rejects_garbage() {
-        let dir = std::env::temp_dir().join(format!("sluice-serve-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let img = dir.join("d.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let set = DeviceSet::new(
-            &[DiskSpec {
-                path: img,
-                read_only: false,
-                iommu: false,
-            }],
-            Arc::new(NoHooks),
-        )
-        .unwrap();
+        let (set, dir) = one_disk();
         let (ours, mut qemu) = UnixStream::pair().unwrap();
         let server = DeviceServer::new(
             ours,
