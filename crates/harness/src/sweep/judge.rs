@@ -361,7 +361,7 @@ fn cell_outcome(cell: usize, variant: &str, runs: &[SweepRun]) -> CellOutcome {
 mod tests {
     use super::*;
     use crate::scenario::Scenario;
-    use crate::sweep::grid::{expand_grid, order_runs};
+    use crate::sweep::grid::{Grid, expand_grid, order_runs};
     use crate::sweep::spec::{SweepMode, SweepSpec};
     use std::path::Path;
     use std::sync::Arc;
@@ -442,8 +442,8 @@ console_required = ["Adding to iommu group"]
         assert!(!f.hit, "a run that did not happen shows nothing");
     }
 
-    #[test]
-    fn cells_rates_and_end() {
+    /// RACE swept over point `p` at 0 and 100 ms (stall), `seeds` seeds, on both variants.
+    fn race_plan(seeds: u32) -> (Scenario, crate::sweep::spec::SweepConfig, Grid, Vec<String>) {
         let scenario = Scenario::parse(Path::new("t"), RACE, &|_| true).unwrap();
         let config = crate::sweep::spec::SweepConfig::resolve(
             None,
@@ -451,13 +451,19 @@ console_required = ["Adding to iommu group"]
                 points: Some(vec!["p".into()]),
                 delays: Some(vec!["0ms".into(), "100ms".into()]),
                 modes: Some(vec![SweepMode::Stall]),
-                seeds: Some(2),
+                seeds: Some(seeds),
                 ..Default::default()
             },
         )
         .unwrap();
         let grid = expand_grid(&config, &|_| Ok(false)).unwrap();
         let variants = vec!["unfixed".to_string(), "fixed".to_string()];
+        (scenario, config, grid, variants)
+    }
+
+    #[test]
+    fn cells_rates_and_end() {
+        let (scenario, config, grid, variants) = race_plan(2);
         let order = order_runs(&scenario, &grid, &config, &variants);
         // Launch order: s1 (baseline u, f; p u, f), s2 (same). The budget stops before s2's p.
         let esc = |n| obs(&[("bypass-after-takeover", n)], &[]);
@@ -517,20 +523,7 @@ console_required = ["Adding to iommu group"]
     }
 
     fn sweep(observations: Vec<Option<Observation>>) -> SweepReport {
-        let scenario = Scenario::parse(Path::new("t"), RACE, &|_| true).unwrap();
-        let config = crate::sweep::spec::SweepConfig::resolve(
-            None,
-            &SweepSpec {
-                points: Some(vec!["p".into()]),
-                delays: Some(vec!["0ms".into(), "100ms".into()]),
-                modes: Some(vec![SweepMode::Stall]),
-                seeds: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let grid = expand_grid(&config, &|_| Ok(false)).unwrap();
-        let variants = vec!["unfixed".to_string(), "fixed".to_string()];
+        let (scenario, config, grid, variants) = race_plan(1);
         let order = order_runs(&scenario, &grid, &config, &variants);
         let driven = Driven {
             observations,
