@@ -74,6 +74,9 @@ pub struct CommonConfig {
     pub queue_select: u16,
     pub queues: Vec<QueueRegs>,
     pub config_generation: u8,
+    /// Set when FEATURES_OK is accepted, cleared by reset: DRIVER_FEATURE is then read-only, so
+    /// what activates is what was checked (virtio 1.x 3.1.1).
+    pub features_frozen: bool,
     msix: bool,
 }
 
@@ -87,6 +90,7 @@ impl CommonConfig {
             queue_select: 0,
             queues: queue_max_sizes.iter().map(|m| QueueRegs::new(*m)).collect(),
             config_generation: 0,
+            features_frozen: false,
             msix,
         }
     }
@@ -166,6 +170,9 @@ impl CommonConfig {
         match (offset, size) {
             (DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = value as u32,
             (DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = value as u32,
+            (DRIVER_FEATURE, 4) if self.features_frozen => {
+                log::warn!("virtio: DRIVER_FEATURE written after FEATURES_OK; ignored");
+            }
             (DRIVER_FEATURE, 4) => match self.driver_feature_select {
                 0 => self.driver_features = lo32(self.driver_features),
                 1 => self.driver_features = hi32(self.driver_features),

@@ -292,6 +292,7 @@ impl VirtioPciFunction {
                         inner.status = DeviceStatus::DriverLoaded;
                         return;
                     }
+                    inner.common.features_frozen = true;
                     self.state("features-ok", inner.common.driver_features);
                 }
                 inner.status = to;
@@ -347,19 +348,7 @@ impl VirtioPciFunction {
             |start: u64, size: u64| offset >= start && offset.saturating_add(len) <= start + size;
         match offset {
             o if inside(caps::COMMON_OFFSET, caps::COMMON_SIZE) => {
-                // The features are frozen once FEATURES_OK is accepted (virtio 1.x 3.1.1): a
-                // later DRIVER_FEATURE write is ignored, so what activates is what was checked.
-                let frozen = inner.status.bits() & crate::status::FEATURES_OK != 0;
-                let features = inner.common.driver_features;
-                let effect = inner.common.write(o, data.len(), value);
-                if frozen && inner.common.driver_features != features {
-                    log::warn!(
-                        "virtio {}: DRIVER_FEATURE written after FEATURES_OK; ignored",
-                        inner.device.name()
-                    );
-                    inner.common.driver_features = features;
-                }
-                match effect {
+                match inner.common.write(o, data.len(), value) {
                     CommonWrite::Status(v) => self.write_status(inner, v),
                     CommonWrite::QueueVector(q, v) => self.interrupt.set_queue_vector(q, v),
                     CommonWrite::ConfigVector(v) => self.interrupt.set_config_vector(v),
