@@ -41,7 +41,7 @@ cargo nextest run --workspace --no-fail-fast
 stage "fuzz targets (stable replay of committed corpora and recorded findings)"
 tests/fuzz-replay.sh
 
-stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 and ownership over 3)"
+stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 and ownership over 3, release on stock kernels over 2)"
 ./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \
     --out target/ci-harness/clean --junit target/ci-harness/clean.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
@@ -50,6 +50,11 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode; the regi
     --out target/ci-harness/race1 --junit target/ci-harness/race1.xml
 ./target/release/sluice harness run scenarios/ownership.toml --seeds 3 \
     --out target/ci-harness/ownership --junit target/ci-harness/ownership.xml
+# The release scenarios on the stock kernels (the 6.12-release-nofix control is in the full suite:
+# its kernel would add a build to a cold CI run), and the bypass-on positive control.
+./target/release/sluice harness run scenarios/release.toml scenarios/release-setup.toml \
+    scenarios/release-probe.toml scenarios/release-bypass.toml --seeds 2 --filter='--6\.1(2)?--' \
+    --out target/ci-harness/release --junit target/ci-harness/release.xml
 # A two-cell sweep (baseline vs the stall), bounded: proves the sweep driver end to end.
 ./target/release/sluice harness sweep scenarios/registration-window.toml --variant 6.12 \
     --point guest.sym.bus_iommu_probe --delays 0ms,300ms --seeds 1 --replace --budget 3m \

@@ -64,6 +64,17 @@ pub enum DmaOutcome {
     Direct,
 }
 
+/// State events that bracket a host-armed probe DMA of a device (a "rogue" DMA: the device
+/// DMAs on the host's command, not the guest's). The oracle judges what such a DMA *reached*;
+/// a refusal answers the probe's question ("could this device reach memory now?") with no and
+/// is a fault, not a device-side symptom of the guest. Emitted with the issuing endpoint.
+pub mod probe_state {
+    /// A probe DMA of the event's endpoint begins (value: its IOVA).
+    pub const BEGIN: &str = "rogue-dma";
+    /// The probe DMA of the event's endpoint is over (value: bytes it moved).
+    pub const END: &str = "rogue-dma-done";
+}
+
 /// One DMA observation.
 #[derive(Debug, Clone, Copy)]
 pub struct DmaRecord {

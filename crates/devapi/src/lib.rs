@@ -27,7 +27,7 @@ mod provenance;
 pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
 pub use endpoint::{Bdf, BdfParseError, Endpoint};
 pub use hooks::{
-    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent,
+    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent, probe_state,
 };
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
 pub use provenance::{

@@ -397,6 +397,29 @@ mod tests {
         Scenario::parse(Path::new("t.toml"), text, &known)
     }
 
+    /// Every scenario file in the repository parses and validates against the variants that
+    /// exist in `guest-images/variants/`, so a typo fails here, not after a kernel build.
+    #[test]
+    fn every_committed_scenario_is_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let variants = root.join("guest-images/variants");
+        let exists = |v: &str| variants.join(v).join("variant.conf").is_file();
+        let mut dirs = vec![root.join("scenarios")];
+        let mut seen = 0;
+        while let Some(d) = dirs.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let p = entry.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|e| e == "toml") {
+                    Scenario::load(&p, &exists).unwrap_or_else(|e| panic!("{e}"));
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 8, "only {seen} scenario files found");
+    }
+
     #[test]
     fn full_scenario_parses_with_defaults() {
         let s = parse(

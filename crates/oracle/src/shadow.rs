@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sluice_devapi::{Bdf, DmaOutcome, DmaRecord, Endpoint, PointCtx, StateEvent};
+use sluice_devapi::{Bdf, DmaOutcome, DmaRecord, Endpoint, PointCtx, StateEvent, probe_state};
 
 use crate::marker::{MarkerCmd, parse_marker};
 use crate::timeline::{EscapeClass, Verdict};
@@ -96,6 +96,9 @@ struct EpShadow {
     ste_pending: Option<Option<u64>>,
     /// zPCI: enabled.
     enabled: bool,
+    /// A host-armed probe DMA of this endpoint is in progress (`probe_state`): its refusals are
+    /// answers, not device-side symptoms.
+    probing: bool,
 }
 
 /// A verdict with its class and explanation.
@@ -351,6 +354,8 @@ impl Shadow {
                 }
             }
             ("reset", Some(Key::Pci(b))) => self.virtio_iommu_reset(b, t),
+            (probe_state::BEGIN, Some(k)) => self.ep(k).probing = true,
+            (probe_state::END, Some(k)) => self.ep(k).probing = false,
             ("removed" | "release", Some(k)) => {
                 self.release(
                     k,
@@ -496,6 +501,8 @@ impl Shadow {
         if let DmaOutcome::Faulted { reason } = rec.outcome {
             let zpci = matches!(key, Key::Zpci(_));
             return match &ep.released {
+                // the host asked "can it reach memory?" and the IOMMU said no
+                _ if ep.probing => Classified::fault(),
                 _ if zpci && reason == ZPCI_AFTER_RELEASE => what(
                     EscapeClass::AfterRelease,
                     "the device still issues DMA after the function was released (refused)".into(),

@@ -40,12 +40,17 @@ struct Viommu {
 
 impl Viommu {
     fn new() -> Self {
+        Self::with_boot_bypass(ViommuConfig::default().boot_bypass)
+    }
+
+    fn with_boot_bypass(boot_bypass: bool) -> Self {
         let oracle = Oracle::new(
             Topology::virtio(VIOMMU, vec![DISK]),
             OracleConfig::default(),
         );
         let cfg = ViommuConfig {
             endpoints: vec![u32::from(DISK.0)],
+            boot_bypass,
             ..ViommuConfig::default()
         };
         let dev = VirtioIommu::new("viommu0", cfg, oracle.clone());
@@ -209,6 +214,66 @@ fn after_release_fires_after_detach() {
         &r,
         EscapeClass::AfterRelease,
         &["pci:0000:00:03.0", "write", "iova 0x200000", "DETACH"],
+    );
+}
+
+/// What the DMA engine announces around a host-armed probe DMA (`--rogue`).
+fn probe(v: &Viommu, what: &str) {
+    v.oracle.state(&StateEvent {
+        source: "dma-engine",
+        what,
+        endpoint: Some(Endpoint::Pci(DISK)),
+        value: 0,
+    });
+}
+
+#[test]
+fn a_refused_probe_after_release_is_a_fault_and_one_that_reaches_memory_is_an_escape() {
+    let v = Viommu::with_boot_bypass(false);
+    v.driver_ok();
+    v.attach(1, 0);
+    v.map(1, 0x10_0000, 0x20_0000);
+    v.req(Request::Detach {
+        domain: 1,
+        endpoint: u32::from(DISK.0),
+    });
+    probe(&v, sluice_devapi::probe_state::BEGIN);
+    assert!(!v.read(0x10_0000), "detached, bypass off: refused");
+    probe(&v, sluice_devapi::probe_state::END);
+    let r = v.finish("probe-refused");
+    assert_eq!(r.escape_count, 0, "{:#?}", r.escapes);
+    assert_eq!(r.endpoints[0].faulted, 1);
+
+    let v = Viommu::with_boot_bypass(true);
+    v.driver_ok();
+    v.attach(1, 0);
+    v.req(Request::Detach {
+        domain: 1,
+        endpoint: u32::from(DISK.0),
+    });
+    probe(&v, sluice_devapi::probe_state::BEGIN);
+    assert!(v.read(0x10_0000), "detached, bypass on: reaches memory");
+    probe(&v, sluice_devapi::probe_state::END);
+    // outside a probe, the device's own refused DMA after release is still reported
+    let v2 = Viommu::with_boot_bypass(false);
+    v2.driver_ok();
+    v2.attach(1, 0);
+    v2.req(Request::Detach {
+        domain: 1,
+        endpoint: u32::from(DISK.0),
+    });
+    probe(&v2, sluice_devapi::probe_state::BEGIN);
+    probe(&v2, sluice_devapi::probe_state::END);
+    assert!(!v2.read(0x10_0000));
+    only_escape(
+        &v.finish("probe-reached"),
+        EscapeClass::AfterRelease,
+        &["iova 0x100000", "untranslated (bypass)", "DETACH"],
+    );
+    only_escape(
+        &v2.finish("own-dma-refused"),
+        EscapeClass::AfterRelease,
+        &["iova 0x100000", "refused"],
     );
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sluice_devapi::{Endpoint, Hooks, InterruptSink, PointCtx, StateEvent};
+use sluice_devapi::{Endpoint, Hooks, InterruptSink, PointCtx, StateEvent, probe_state};
 use sluice_pci::config::CMD_INTX_DISABLE;
 use sluice_pci::{BarKind, BarSpec, ConfigError, ConfigSpace, PciFunction, PciIds, PciInterrupt};
 use sluice_virtio_pci::DmaMemory;
@@ -200,8 +200,14 @@ impl DmaEngine {
     /// IOMMU is what must stop it. Touches no register: the guest cannot tell it happened except
     /// by memory.
     pub fn rogue(&self, op: RogueDma) -> RogueOutcome {
-        self.state("rogue-dma", op.iova);
+        self.state(probe_state::BEGIN, op.iova);
         self.point(&self.rogue_point, op.iova);
+        let out = self.rogue_dma(op);
+        self.state(probe_state::END, out.moved);
+        out
+    }
+
+    fn rogue_dma(&self, op: RogueDma) -> RogueOutcome {
         let refused = |status| RogueOutcome {
             status,
             moved: 0,

@@ -392,7 +392,27 @@ fn rogue_dmas_go_through_the_iommu_and_say_what_they_reached() {
     assert_eq!((split.moved, split.fault), (0x100, Some(WINDOW + 0x1000)));
     assert_eq!(r.engine.registers(), regs);
     let states = r.seen.states.lock().unwrap().clone();
-    assert_eq!(states.iter().filter(|(w, _)| w == "rogue-dma").count(), 3);
+    let probes: Vec<&str> = states
+        .iter()
+        .map(|(w, _)| w.as_str())
+        .filter(|w| w.starts_with("rogue-dma"))
+        .collect();
+    // every probe DMA is bracketed, so the oracle knows which DMAs the host asked for
+    assert_eq!(
+        probes,
+        [
+            sluice_devapi::probe_state::BEGIN,
+            sluice_devapi::probe_state::END
+        ]
+        .repeat(3)
+    );
+    assert_eq!(
+        states
+            .iter()
+            .rfind(|(w, _)| w == sluice_devapi::probe_state::END),
+        Some(&(sluice_devapi::probe_state::END.to_string(), 0x100)),
+        "the last probe moved 0x100 bytes before its fault"
+    );
     let points = r.seen.points.lock().unwrap().clone();
     assert_eq!(
         points.first(),

@@ -6,12 +6,19 @@
  * owns and when.
  *
  *   vfio-dma BDF [--loops N] [--len N] [--iova X] [--hold STEP:MS]... [--keep]
+ *                [--remove-at STEP[:MS]]
  *
  * Steps, in order (each marked "own <step> <bdf>"): unbind, bind-vfio, open-group,
  * set-container (the kernel's claim of the group for userspace happens here), set-iommu,
  * get-device, map, user-dma (per loop), unmap, close-device, unset-container, close-group,
  * rebind (skipped with --keep). --hold STEP:MS sleeps MS milliseconds after STEP (repeatable).
- * Exit status 0 when every DMA completed with the expected data, 1 otherwise, 2 on usage errors.
+ * --remove-at STEP:MS removes the function (its sysfs "remove") from a child process MS ms after
+ * STEP, marked "own remove-begin" and "own remove-done", while this program carries on: a removal
+ * that finds the device open waits in vfio-pci until the device fd is closed. From the removal
+ * on, a failing step is reported ("... after removal") and the program tears down what it holds
+ * (device, container, group) instead of stopping there.
+ * Exit status 0 when every DMA completed with the expected data (with --remove-at: every DMA
+ * issued before a step failed), 1 otherwise, 2 on usage errors.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,6 +31,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/vfio.h>
@@ -43,14 +51,22 @@ static const char *bdf;
 static char marker_path[PATH_MAX];
 static struct { char step[32]; unsigned ms; } holds[MAX_HOLDS];
 static int nholds;
+static char remove_step[32];
+static unsigned remove_ms;
+static pid_t remover = -1;
+/* What a failing step must tear down once the removal has begun. */
+static int fd_container = -1, fd_group = -1, fd_device = -1;
+static int container_set;
+static unsigned dmas_ok, dmas_failed;
 
-static void mark(const char *step)
+static void start_removal(void);
+
+/* Appends "own STEP BDF" to the marker device's log, if there is a marker device. */
+static void write_marker(const char *step)
 {
 	char line[160];
 	int fd, n;
 
-	printf("vfio-dma: %s %s\n", step, bdf);
-	fflush(stdout);
 	if (!marker_path[0])
 		return;
 	n = snprintf(line, sizeof(line), "own %s %s\n", step, bdf);
@@ -66,6 +82,17 @@ static void mark(const char *step)
 		}
 	}
 	close(fd);
+}
+
+/* A step is done: say so on stdout and to the marker device, start the removal if it is due
+ * here (before any hold at the same step, so it lands inside the hold), then hold. */
+static void mark(const char *step)
+{
+	printf("vfio-dma: %s %s\n", step, bdf);
+	fflush(stdout);
+	write_marker(step);
+	if (remover < 0 && remove_step[0] && strcmp(step, remove_step) == 0)
+		start_removal();
 	for (int i = 0; i < nholds; i++) {
 		if (strcmp(holds[i].step, step) == 0) {
 			struct timespec ts = { holds[i].ms / 1000, (long)(holds[i].ms % 1000) * 1000000L };
@@ -140,10 +167,99 @@ static int write_file(const char *path, const char *text)
 	return ok ? 0 : -1;
 }
 
+/* The remover: sleeps, then writes the function's sysfs "remove" (which returns only when the
+ * kernel has released the function: for a device open through VFIO, after its fd is closed). */
+static void start_removal(void)
+{
+	char path[PATH_MAX];
+	struct timespec t0, t1;
+
+	fflush(stdout);
+	remover = fork();
+	if (remover < 0) {
+		perror("vfio-dma: fork");
+		return;
+	}
+	if (remover > 0)
+		return;
+	/* The child must not keep the device open: vfio-pci's remove waits for the last fd. */
+	if (fd_device >= 0)
+		close(fd_device);
+	if (fd_group >= 0)
+		close(fd_group);
+	if (fd_container >= 0)
+		close(fd_container);
+	nholds = 0;
+	struct timespec ts = { remove_ms / 1000, (long)(remove_ms % 1000) * 1000000L };
+	nanosleep(&ts, NULL);
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/remove", bdf);
+	remove_step[0] = 0;
+	mark("remove-begin");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	int rc = write_file(path, "1");
+	int err = errno;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	mark("remove-done");
+	printf("vfio-dma: remove %s after %ld ms\n", rc ? strerror(err) : "ok",
+	       (long)((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000));
+	fflush(stdout);
+	_exit(rc ? 1 : 0);
+}
+
+/* Waits for the remover (if any); returns its exit status, -1 when there was none. */
+static int reap_remover(void)
+{
+	int st;
+
+	if (remover <= 0)
+		return -1;
+	if (waitpid(remover, &st, 0) != remover)
+		return 1;
+	remover = 0;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+}
+
+/* Best-effort release of everything still held, each step marked and its result printed. */
+static void teardown(void)
+{
+	if (fd_device >= 0) {
+		close(fd_device);
+		fd_device = -1;
+		mark("close-device");
+	}
+	if (fd_group >= 0) {
+		if (container_set) {
+			int rc = ioctl(fd_group, VFIO_GROUP_UNSET_CONTAINER);
+
+			container_set = 0;
+			printf("vfio-dma: unset-container %s\n", rc ? strerror(errno) : "ok");
+			owner_line("kernel", 0, 0);
+			mark("unset-container");
+		}
+		close(fd_group);
+		fd_group = -1;
+	}
+	if (fd_container >= 0) {
+		close(fd_container);
+		fd_container = -1;
+	}
+	mark("close-group");
+}
+
 static void die(const char *what)
 {
-	fprintf(stderr, "vfio-dma: %s: %s\n", what, strerror(errno));
-	exit(1);
+	int err = errno;
+
+	if (remover < 0) {
+		fprintf(stderr, "vfio-dma: %s: %s\n", what, strerror(err));
+		exit(1);
+	}
+	/* The function is being (or has been) removed: this failure is part of what is observed. */
+	printf("vfio-dma: %s failed after removal: %s\n", what, strerror(err));
+	teardown();
+	int rrc = reap_remover();
+	printf("vfio-dma: REMOVED %u DMAs ok, %u failed, remover rc=%d\n", dmas_ok, dmas_failed, rrc);
+	exit(dmas_failed || rrc ? 1 : 0);
 }
 
 int main(int argc, char **argv)
@@ -151,7 +267,7 @@ int main(int argc, char **argv)
 	unsigned loops = 4, len = 4096, keep = 0;
 	unsigned long long iova = 0x100000;
 	char path[PATH_MAX], link[PATH_MAX];
-	int container, group, device, failures = 0;
+	int container, group, device;
 
 	if (argc < 2) {
 		fprintf(stderr, "usage: vfio-dma BDF [--loops N] [--len N] [--iova X] [--hold STEP:MS]... [--keep]\n");
@@ -174,6 +290,14 @@ int main(int argc, char **argv)
 				return 2;
 			memcpy(holds[nholds].step, argv[i], (size_t)(colon - argv[i]));
 			holds[nholds++].ms = (unsigned)strtoul(colon + 1, NULL, 0);
+		} else if (!strcmp(argv[i], "--remove-at") && i + 1 < argc) {
+			char *colon = strchr(argv[++i], ':');
+			size_t n = colon ? (size_t)(colon - argv[i]) : strlen(argv[i]);
+
+			if (n == 0 || n >= sizeof(remove_step))
+				return 2;
+			memcpy(remove_step, argv[i], n);
+			remove_ms = colon ? (unsigned)strtoul(colon + 1, NULL, 0) : 0;
 		} else {
 			fprintf(stderr, "vfio-dma: bad argument %s\n", argv[i]);
 			return 2;
@@ -201,7 +325,7 @@ int main(int argc, char **argv)
 		die("iommu_group (is the device behind an IOMMU?)");
 	link[n] = 0;
 	snprintf(path, sizeof(path), "/dev/vfio/%s", strrchr(link, '/') + 1);
-	container = open("/dev/vfio/vfio", O_RDWR);
+	container = fd_container = open("/dev/vfio/vfio", O_RDWR);
 	if (container < 0)
 		die("/dev/vfio/vfio");
 	if (ioctl(container, VFIO_GET_API_VERSION) != VFIO_API_VERSION ||
@@ -209,7 +333,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "vfio-dma: no VFIO type1 support\n");
 		return 1;
 	}
-	group = open(path, O_RDWR);
+	group = fd_group = open(path, O_RDWR);
 	if (group < 0)
 		die(path);
 	mark("open-group");
@@ -220,6 +344,7 @@ int main(int argc, char **argv)
 	}
 	if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container))
 		die("VFIO_GROUP_SET_CONTAINER");
+	container_set = 1;
 	/* From the claim on, only the window userspace maps is legitimate for this device: tell the
 	 * oracle (docs/escape-oracle.md, "owner EP user RANGES"). */
 	owner_line("user", iova, (uint64_t)len * 2);
@@ -227,7 +352,7 @@ int main(int argc, char **argv)
 	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU))
 		die("VFIO_SET_IOMMU");
 	mark("set-iommu");
-	device = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, bdf);
+	device = fd_device = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, bdf);
 	if (device < 0)
 		die("VFIO_GROUP_GET_DEVICE_FD");
 	mark("get-device");
@@ -278,7 +403,10 @@ int main(int argc, char **argv)
 		for (unsigned j = 0; ok && j < len; j++)
 			ok = buf[len + j] == want;
 		printf("vfio-dma: user-dma %u status %u %s\n", i, status, ok ? "ok" : "FAILED");
-		failures += !ok;
+		if (ok)
+			dmas_ok++;
+		else
+			dmas_failed++;
 		mark("user-dma");
 	}
 	cmd &= (uint16_t)~0x4;
@@ -292,14 +420,27 @@ int main(int argc, char **argv)
 		die("VFIO_IOMMU_UNMAP_DMA");
 	mark("unmap");
 	close(device);
+	fd_device = -1;
 	mark("close-device");
-	if (ioctl(group, VFIO_GROUP_UNSET_CONTAINER))
+	container_set = 0;
+	if (ioctl(group, VFIO_GROUP_UNSET_CONTAINER)) {
+		owner_line("kernel", 0, 0);
 		die("VFIO_GROUP_UNSET_CONTAINER");
+	}
 	owner_line("kernel", 0, 0);
 	mark("unset-container");
 	close(group);
+	fd_group = -1;
 	close(container);
+	fd_container = -1;
 	mark("close-group");
+	if (remover >= 0) {
+		int rrc = reap_remover();
+
+		printf("vfio-dma: REMOVED %u DMAs ok, %u failed, remover rc=%d\n", dmas_ok,
+		       dmas_failed, rrc);
+		return dmas_failed || rrc ? 1 : 0;
+	}
 	if (!keep) {
 		snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver/unbind", bdf);
 		write_file(path, bdf);
@@ -308,6 +449,6 @@ int main(int argc, char **argv)
 		write_file("/sys/bus/pci/drivers_probe", bdf);
 		mark("rebind");
 	}
-	printf("vfio-dma: %s %u DMAs, %d failed\n", failures ? "FAIL" : "PASS", loops, failures);
-	return failures ? 1 : 0;
+	printf("vfio-dma: %s %u DMAs, %u failed\n", dmas_failed ? "FAIL" : "PASS", loops, dmas_failed);
+	return dmas_failed ? 1 : 0;
 }
