@@ -246,20 +246,25 @@ static void teardown(void)
 	mark("close-group");
 }
 
-static void die(const char *what)
+/* A step failed (WHY says how). Before any removal that ends the program; once the removal has
+ * begun it is part of what is observed: report it, release what is held, and wait for the
+ * remover. */
+static void stop(const char *what, const char *why)
 {
-	int err = errno;
-
 	if (remover < 0) {
-		fprintf(stderr, "vfio-dma: %s: %s\n", what, strerror(err));
+		fprintf(stderr, "vfio-dma: %s: %s\n", what, why);
 		exit(1);
 	}
-	/* The function is being (or has been) removed: this failure is part of what is observed. */
-	printf("vfio-dma: %s failed after removal: %s\n", what, strerror(err));
+	printf("vfio-dma: %s failed after removal: %s\n", what, why);
 	teardown();
 	int rrc = reap_remover();
 	printf("vfio-dma: REMOVED %u DMAs ok, %u failed, remover rc=%d\n", dmas_ok, dmas_failed, rrc);
 	exit(dmas_failed || rrc ? 1 : 0);
+}
+
+static void die(const char *what)
+{
+	stop(what, strerror(errno));
 }
 
 int main(int argc, char **argv)
@@ -330,18 +335,17 @@ int main(int argc, char **argv)
 		die("/dev/vfio/vfio");
 	if (ioctl(container, VFIO_GET_API_VERSION) != VFIO_API_VERSION ||
 	    !ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1_IOMMU)) {
-		fprintf(stderr, "vfio-dma: no VFIO type1 support\n");
-		return 1;
+		stop("VFIO_CHECK_EXTENSION", "no VFIO type1 support");
 	}
 	group = fd_group = open(path, O_RDWR);
 	if (group < 0)
 		die(path);
 	mark("open-group");
 	struct vfio_group_status gs = { .argsz = sizeof(gs) };
-	if (ioctl(group, VFIO_GROUP_GET_STATUS, &gs) || !(gs.flags & VFIO_GROUP_FLAGS_VIABLE)) {
-		fprintf(stderr, "vfio-dma: group not viable\n");
-		return 1;
-	}
+	if (ioctl(group, VFIO_GROUP_GET_STATUS, &gs))
+		die("VFIO_GROUP_GET_STATUS");
+	if (!(gs.flags & VFIO_GROUP_FLAGS_VIABLE))
+		stop("VFIO_GROUP_GET_STATUS", "group not viable");
 	if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container))
 		die("VFIO_GROUP_SET_CONTAINER");
 	container_set = 1;
