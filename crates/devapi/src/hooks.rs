@@ -76,7 +76,7 @@ pub mod probe_state {
 }
 
 /// One DMA observation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaRecord {
     /// Issuer.
     pub endpoint: Endpoint,

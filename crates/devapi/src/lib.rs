@@ -15,6 +15,9 @@
 //!   report completed invalidations, new mappings and which cached entries a DMA used
 //!   ([`Invalidation`], [`MapEvent`], [`CachedTranslation`]) for the oracle's `stale-config` and
 //!   `unsynced-config` rules.
+//!
+//! For unit tests of models, [`RecordingInterrupts`] and [`RecordingHooks`] record what a model
+//! raised and announced.
 #![forbid(unsafe_code)]
 
 mod dma;
@@ -23,6 +26,7 @@ pub mod fuzz_support;
 mod hooks;
 mod irq;
 mod provenance;
+mod recording;
 
 pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
 pub use endpoint::{Bdf, BdfParseError, Endpoint};
@@ -32,4 +36,8 @@ pub use hooks::{
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
 pub use provenance::{
     CacheKind, CacheUse, CachedTranslation, ContextSel, Derived, Divergence, Invalidation, MapEvent,
+};
+pub use recording::{
+    RecordedCachedDma, RecordedEvent, RecordedInvalidation, RecordedMapping, RecordedPoint,
+    RecordedState, RecordingHooks,
 };

@@ -1,74 +1,67 @@
-//! JUnit XML: one test case per scenario/variant group, named `scenario/variant`.
+//! JUnit XML of a harness run: one test case per scenario/variant group, named
+//! `scenario/variant`. The `writer` submodule writes the document (the sweep report uses it too).
 
 use crate::verdict::{CaseResult, SuiteSummary};
 
-pub(crate) fn esc(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '&' => "&amp;".to_string(),
-            '<' => "&lt;".to_string(),
-            '>' => "&gt;".to_string(),
-            '"' => "&quot;".to_string(),
-            '\'' => "&apos;".to_string(),
-            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => " ".to_string(),
-            c => c.to_string(),
-        })
-        .collect()
-}
+mod writer;
+
+pub(crate) use writer::{Case, Counts, Problem, Report, Suite, render as render_report};
 
 /// Renders the suite.
 pub fn render(summary: &SuiteSummary, results: &[CaseResult]) -> String {
-    let failures = summary.groups.iter().filter(|g| !g.pass).count();
     let time: f64 = results.iter().map(|r| r.observation.wall_s).sum();
-    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    x += &format!(
-        "<testsuites name=\"sluice\" tests=\"{}\" failures=\"{failures}\" time=\"{time:.3}\">\n<testsuite name=\"sluice-harness\" tests=\"{}\" failures=\"{failures}\" time=\"{time:.3}\">\n",
-        summary.groups.len(),
-        summary.groups.len()
-    );
-    for g in &summary.groups {
-        let runs: Vec<&CaseResult> = results.iter().filter(|r| r.group == g.group).collect();
-        let t: f64 = runs.iter().map(|r| r.observation.wall_s).sum();
-        let (scenario, variant) = g.group.split_once('/').unwrap_or((&g.group, ""));
-        x += &format!(
-            "  <testcase classname=\"{}\" name=\"{}\" time=\"{t:.3}\">\n",
-            esc(scenario),
-            esc(variant)
-        );
-        if !g.pass {
-            let mut msg = g.label.clone();
-            for r in runs.iter().filter(|r| !r.violations.is_empty()) {
-                msg += &format!("\n{}: {}", r.id, r.violations.join("; "));
-            }
-            x += &format!(
-                "    <failure message=\"{}\">{}</failure>\n",
-                esc(msg.lines().next().unwrap_or("")),
-                esc(&msg)
-            );
-        }
-        let mut out = format!("{}\n", g.label);
-        for r in &runs {
-            out += &format!(
-                "{} {}: exit={} escapes={:?} faults={}{}\n",
-                r.id,
-                r.label(),
-                r.observation.exit,
-                r.observation.escapes,
-                r.observation.faults,
-                if r.missing.is_empty() {
-                    String::new()
-                } else {
-                    format!(" missing=[{}]", r.missing.join("; "))
+    let cases = summary
+        .groups
+        .iter()
+        .map(|g| {
+            let runs: Vec<&CaseResult> = results.iter().filter(|r| r.group == g.group).collect();
+            let (scenario, variant) = g.group.split_once('/').unwrap_or((&g.group, ""));
+            let failure = (!g.pass).then(|| {
+                let mut msg = g.label.clone();
+                for r in runs.iter().filter(|r| !r.violations.is_empty()) {
+                    msg += &format!("\n{}: {}", r.id, r.violations.join("; "));
                 }
-            );
-        }
-        x += &format!(
-            "    <system-out>{}</system-out>\n  </testcase>\n",
-            esc(&out)
-        );
-    }
-    x += "</testsuite>\n</testsuites>\n";
-    x
+                Problem {
+                    message: msg.lines().next().unwrap_or("").to_string(),
+                    body: msg,
+                }
+            });
+            let mut out = format!("{}\n", g.label);
+            for r in &runs {
+                out += &format!(
+                    "{} {}: exit={} escapes={:?} faults={}{}\n",
+                    r.id,
+                    r.label(),
+                    r.observation.exit,
+                    r.observation.escapes,
+                    r.observation.faults,
+                    if r.missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" missing=[{}]", r.missing.join("; "))
+                    }
+                );
+            }
+            Case {
+                classname: scenario.to_string(),
+                name: variant.to_string(),
+                time_s: runs.iter().map(|r| r.observation.wall_s).sum(),
+                failure,
+                system_out: Some(out),
+                ..Case::default()
+            }
+        })
+        .collect();
+    render_report(&Report {
+        name: "sluice".into(),
+        time_s: time,
+        suite: Suite {
+            name: "sluice-harness".into(),
+            time_s: time,
+            counts: Counts::Failures,
+            cases,
+        },
+    })
 }
 
 #[cfg(test)]

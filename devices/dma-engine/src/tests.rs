@@ -1,11 +1,11 @@
 //! Unit tests: the engine against guest memory, directly and behind a one-window IOMMU.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use sluice_devapi::{
     Bdf, DmaFault, DmaOutcome, DmaRecord, DmaResolution, DmaTranslate, Endpoint, EndpointIommu,
-    Hooks, PointCtx, RecordedInterrupt, RecordingInterrupts, StateEvent,
+    RecordedInterrupt, RecordingHooks, RecordingInterrupts,
 };
 use sluice_pci::PciFunction;
 use sluice_pci::config::{CMD_BUS_MASTER, CMD_MEMORY};
@@ -52,42 +52,17 @@ impl DmaTranslate for TwoPages {
     }
 }
 
-#[derive(Default)]
-struct Seen {
-    dmas: Mutex<Vec<DmaRecord>>,
-    points: Mutex<Vec<(String, u64)>>,
-    states: Mutex<Vec<(String, u64)>>,
-}
-
-impl Hooks for Seen {
-    fn dma(&self, rec: &DmaRecord) {
-        self.dmas.lock().unwrap().push(*rec);
-    }
-    fn point(&self, ctx: &PointCtx<'_>) {
-        self.points
-            .lock()
-            .unwrap()
-            .push((ctx.point.to_string(), ctx.value));
-    }
-    fn state(&self, ev: &StateEvent<'_>) {
-        self.states
-            .lock()
-            .unwrap()
-            .push((ev.what.to_string(), ev.value));
-    }
-}
-
 struct Rig {
     engine: DmaEngine,
     mem: GuestMemoryMmap,
-    seen: Arc<Seen>,
+    seen: Arc<RecordingHooks>,
     irq: Arc<RecordingInterrupts>,
     model: Arc<TwoPages>,
 }
 
 fn rig(translated: bool) -> Rig {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-    let seen = Arc::new(Seen::default());
+    let seen = Arc::new(RecordingHooks::default());
     let irq = Arc::new(RecordingInterrupts::default());
     let model = Arc::new(TwoPages::default());
     model.mapped.store(true, Ordering::Relaxed);
@@ -133,7 +108,7 @@ impl Rig {
         self.w32(DOORBELL, 1);
     }
     fn dmas(&self) -> Vec<DmaRecord> {
-        self.seen.dmas.lock().unwrap().clone()
+        self.seen.dmas()
     }
 }
 
@@ -209,7 +184,7 @@ fn direct_copy_moves_the_bytes_and_reports_direct_dmas() {
     for d in &dmas {
         assert!(d.iova % 4096 + d.len <= 4096, "{d:?}");
     }
-    let points = r.seen.points.lock().unwrap().clone();
+    let points = r.seen.point_values();
     assert_eq!(
         points,
         vec![
@@ -351,7 +326,7 @@ fn bus_master_off_blocks_programmed_dmas_but_not_a_rogue_one() {
     });
     assert_eq!(out.status, Status::Ok);
     assert_eq!(r.dmas().len(), 1);
-    let states = r.seen.states.lock().unwrap().clone();
+    let states = r.seen.state_values();
     assert!(
         states.contains(&("bus-master-enable".into(), 0)),
         "{states:?}"
@@ -391,7 +366,7 @@ fn rogue_dmas_go_through_the_iommu_and_say_what_they_reached() {
     });
     assert_eq!((split.moved, split.fault), (0x100, Some(WINDOW + 0x1000)));
     assert_eq!(r.engine.registers(), regs);
-    let states = r.seen.states.lock().unwrap().clone();
+    let states = r.seen.state_values();
     let probes: Vec<&str> = states
         .iter()
         .map(|(w, _)| w.as_str())
@@ -413,7 +388,7 @@ fn rogue_dmas_go_through_the_iommu_and_say_what_they_reached() {
         Some(&(sluice_devapi::probe_state::END.to_string(), 0x100)),
         "the last probe moved 0x100 bytes before its fault"
     );
-    let points = r.seen.points.lock().unwrap().clone();
+    let points = r.seen.point_values();
     assert_eq!(
         points.first(),
         Some(&("dma.dma0.rogue".into(), WINDOW + 0x1800))

@@ -46,12 +46,9 @@ fn sync_irqs(r: &Rig) -> usize {
 
 fn cmd_points(r: &Rig) -> Vec<String> {
     r.hooks
-        .points
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(p, _)| p.starts_with("smmuv3.cmd."))
-        .map(|(p, _)| p.clone())
+        .point_names()
+        .into_iter()
+        .filter(|p| p.starts_with("smmuv3.cmd."))
         .collect()
 }
 
@@ -121,12 +118,9 @@ fn the_invalidations_before_a_sync_are_reported_when_it_completes() {
         [TLBI_NSNH_ALL, 0],
         [0x46, 0],
     ]);
-    assert!(
-        r.hooks.invalidations.lock().unwrap().is_empty(),
-        "no CMD_SYNC yet"
-    );
+    assert!(r.hooks.invalidations().is_empty(), "no CMD_SYNC yet");
     assert_eq!(poll_cons(&r), 4);
-    assert_eq!(r.hooks.invalidations.lock().unwrap().len(), 3);
+    assert_eq!(r.hooks.invalidations().len(), 3);
 }
 
 #[test]

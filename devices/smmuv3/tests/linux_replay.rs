@@ -83,14 +83,7 @@ fn reset_sequence_register_and_memory_effects() {
     // 32-bit halves of a 64-bit register.
     assert_eq!(rig.r32(off::STRTAB_BASE + 4), 1 << 30);
     // Hooks: every register write was announced, and the commands at completion.
-    let points: Vec<String> = rig
-        .hooks
-        .points
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|p| p.0.clone())
-        .collect();
+    let points: Vec<String> = rig.hooks.point_names();
     for p in [
         "smmuv3.mmio.write.CR0",
         "smmuv3.mmio.write.STRTAB_BASE",
@@ -109,9 +102,7 @@ fn reset_sequence_register_and_memory_effects() {
     assert!(points.iter().any(|p| p == "smmuv3.cmd.TLBI_NSNH_ALL"));
     assert!(
         rig.hooks
-            .states
-            .lock()
-            .unwrap()
+            .state_values()
             .iter()
             .any(|(w, v)| w == "smmuen" && *v == 1)
     );
@@ -145,7 +136,7 @@ fn attach_map_unmap_like_linux() {
     rig.write_words(l2 + 8 * 64, &ste_s1(cdaddr, 0, 0, 2));
     rig.cfgi_ste(sid);
     rig.sync();
-    let st = rig.hooks.states.lock().unwrap().clone();
+    let st = rig.hooks.state_values();
     assert!(
         st.iter().any(|(w, v)| w == "cfgi_ste" && *v == 0xb),
         "{st:?}"
@@ -163,7 +154,7 @@ fn attach_map_unmap_like_linux() {
     assert_eq!(t.segments.len(), 1, "contiguous pages merge");
     assert_eq!(t.segments[0].pa, 0x8000_0010);
     assert_eq!(t.segments[0].len, 0x2000);
-    let dma = *rig.hooks.dmas.lock().unwrap().last().unwrap();
+    let dma = *rig.hooks.dmas().last().unwrap();
     assert!(matches!(
         dma.outcome,
         DmaOutcome::Translated {

@@ -7,7 +7,6 @@ use common::*;
 use sluice_devapi::{CacheKind, ContextSel, Derived, Endpoint};
 use sluice_smmuv3::walk::Granule;
 use sluice_smmuv3::{Access, FaultInjection};
-use std::sync::atomic::Ordering;
 
 const SID: u32 = 1;
 const VA: u64 = 0x4000_0000;
@@ -46,11 +45,11 @@ fn a_walk_is_reported_plainly_and_a_hit_with_its_entries() {
     let (rig, _) = bed(0x80_0000);
     assert_eq!(dma(&rig), Some(0x80_0010));
     assert!(
-        rig.hooks.cached.lock().unwrap().is_empty(),
+        rig.hooks.cached_dmas().is_empty(),
         "a fresh walk uses no cache"
     );
     assert_eq!(dma(&rig), Some(0x80_0010));
-    let cached = rig.hooks.cached.lock().unwrap();
+    let cached = rig.hooks.cached_dmas();
     assert_eq!(cached.len(), 1);
     let uses = &cached[0].uses;
     assert_eq!(uses.len(), 3, "{uses:?}");
@@ -65,9 +64,12 @@ fn a_walk_is_reported_plainly_and_a_hit_with_its_entries() {
         (CacheKind::Translation, 1, VA, VA + 0xfff),
         "the IOTLB page of ASID 1, VMID 0"
     );
-    assert_eq!(cached[0].seen, 1, "one CMD_SYNC completed before it");
+    assert_eq!(
+        cached[0].completions_seen, 1,
+        "one CMD_SYNC completed before it"
+    );
     assert!(!cached[0].rechecked);
-    assert_eq!(rig.hooks.dmas.lock().unwrap().len(), 2, "both reach dma()");
+    assert_eq!(rig.hooks.dmas().len(), 2, "both reach dma()");
 }
 
 #[test]
@@ -75,20 +77,20 @@ fn invalidations_are_reported_at_their_cmd_sync_with_what_they_claim() {
     let (rig, _) = bed(0x80_0000);
     assert_eq!(dma(&rig), Some(0x80_0010));
     assert_eq!(dma(&rig), Some(0x80_0010));
-    let filled = rig.hooks.cached.lock().unwrap()[0].uses[2].filled;
-    let before = rig.hooks.invalidations.lock().unwrap().len();
+    let filled = rig.hooks.cached_dmas()[0].uses[2].filled;
+    let before = rig.hooks.invalidations().len();
     rig.cmds(&[
         tlbi_va(1, VA),
         [0x06 | (u64::from(SID) << 32), 0], // CFGI_CD_ALL
         [0x01 | (u64::from(SID) << 32), 0], // PREFETCH_CONFIG: claims nothing
     ]);
     assert_eq!(
-        rig.hooks.invalidations.lock().unwrap().len(),
+        rig.hooks.invalidations().len(),
         before,
         "nothing is complete before the CMD_SYNC"
     );
     rig.sync();
-    let inv = rig.hooks.invalidations.lock().unwrap();
+    let inv = rig.hooks.invalidations();
     let new = &inv[before..];
     assert_eq!(new.len(), 2, "{new:?}");
     assert_eq!(new[0].kind, "TLBI_NH_VA");
@@ -123,15 +125,8 @@ fn a_fresh_walk_after_an_invalidation_has_a_newer_generation_and_a_skipped_one_d
         rig.cmd(tlbi_va(1, VA)[0], tlbi_va(1, VA)[1]);
         rig.sync();
         assert_eq!(dma(&rig), Some(0x80_0010));
-        let generation = rig
-            .hooks
-            .invalidations
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap()
-            .generation;
-        let cached = rig.hooks.cached.lock().unwrap();
+        let generation = rig.hooks.invalidations().last().unwrap().generation;
+        let cached = rig.hooks.cached_dmas();
         let tlb_use = cached.last().and_then(|c| {
             c.uses
                 .iter()
@@ -150,7 +145,7 @@ fn a_fresh_walk_after_an_invalidation_has_a_newer_generation_and_a_skipped_one_d
 #[test]
 fn re_derivation_reports_where_memory_disagrees() {
     let (rig, pte) = bed(0x80_0000);
-    rig.hooks.recheck.store(true, Ordering::Relaxed);
+    rig.hooks.set_recheck_cached(true);
     assert_eq!(dma(&rig), Some(0x80_0010));
     assert_eq!(dma(&rig), Some(0x80_0010));
     // The guest remaps the page without TLBI; then unmaps it.
@@ -158,7 +153,7 @@ fn re_derivation_reports_where_memory_disagrees() {
     assert_eq!(dma(&rig), Some(0x80_0010));
     rig.write_u64(pte, 0);
     assert_eq!(dma(&rig), Some(0x80_0010));
-    let cached = rig.hooks.cached.lock().unwrap();
+    let cached = rig.hooks.cached_dmas();
     assert!(cached.iter().all(|c| c.rechecked));
     assert_eq!(cached[0].divergence, None, "memory agrees");
     let moved = cached[1].divergence.expect("remapped");

@@ -2,16 +2,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::Duration;
 
 use sluice_devapi::{Hooks, NoHooks, PointCtx};
 
+pub use sluice_virtio_pci::DeferState;
 use sluice_virtio_pci::{
-    ActivateError, ActivationContext, DmaMemory, DmaView, VirtioDevice, VirtioInterrupt,
+    ActivateError, ActivationContext, DmaMemory, DmaView, RequestHandler, VirtioDevice,
+    VirtioInterrupt, next_messages, serve_requests,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::Bytes;
 
 use crate::disk::Disk;
@@ -233,27 +235,11 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, rx: Receiver<WorkerMsg>) {
-        loop {
-            // A deferred completion is due at `defer.due`: wake then even without a doorbell.
-            let msg = match self.defer.due {
-                None => rx.recv().map_err(|_| ()),
-                Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                    Ok(m) => Ok(m),
-                    Err(RecvTimeoutError::Timeout) => Ok(WorkerMsg::Notify),
-                    Err(RecvTimeoutError::Disconnected) => Err(()),
-                },
-            };
-            let Ok(msg) = msg else { return };
-            if matches!(msg, WorkerMsg::Stop) {
+        // A deferred completion is due at `defer.due()`: wake then even without a doorbell.
+        // Doorbells that arrived meanwhile are coalesced; one pass drains the ring anyway.
+        while let Some(messages) = next_messages(&rx, self.defer.due(), || WorkerMsg::Notify) {
+            if messages.iter().any(|m| matches!(m, WorkerMsg::Stop)) {
                 return;
-            }
-            // Coalesce doorbells that arrived meanwhile; one pass drains the ring anyway.
-            loop {
-                match rx.try_recv() {
-                    Ok(WorkerMsg::Notify) => {}
-                    Ok(WorkerMsg::Stop) => return,
-                    Err(_) => break,
-                }
             }
             if !self.process_queue() {
                 log::error!(
@@ -285,11 +271,11 @@ impl Worker {
             counters.interrupts.fetch_add(1, Ordering::Relaxed);
             interrupt.signal_queue(index);
         };
-        let mut gate = Gate {
+        let gate = Gate {
             hooks: self.hooks.as_ref(),
             point: &self.point,
-            state: Some(&mut self.defer),
         };
+        let defer = Some(&mut self.defer);
         // Behind an IOMMU every descriptor, ring and buffer access below is translated.
         match &view {
             DmaView::Direct(m) => process_gated(
@@ -298,35 +284,20 @@ impl Worker {
                 &env,
                 counters,
                 notify,
-                &mut gate,
+                &gate,
+                defer,
             ),
             DmaView::Translated(m) => {
-                process_gated(&mut self.queue, m, &env, counters, notify, &mut gate)
+                process_gated(&mut self.queue, m, &env, counters, notify, &gate, defer)
             }
         }
     }
 }
 
-/// Deferral state of one queue: the request whose completion was deferred and when it is due.
-///
-/// Design: a deferred request is put back on the available ring (`go_to_previous_position`)
-/// and neither executed nor completed until it is due; the worker then pops it again, executes
-/// it (disk I/O and DMA happen at completion time, through the translation in force *then*),
-/// and publishes it. Requests behind it wait too, so completions stay in order. The doorbell
-/// never waits: it only posts to the worker, whose `recv_timeout` wakes at the due time.
-#[derive(Debug, Default)]
-pub struct DeferState {
-    /// Available-ring position of the request already asked about.
-    asked: Option<u16>,
-    /// When the deferred request completes.
-    due: Option<Instant>,
-}
-
-/// The completion point and, when `state` is given, deferral.
+/// The completion point, announced after each request executed (none when `point` is empty).
 struct Gate<'a> {
     hooks: &'a dyn Hooks,
     point: &'a str,
-    state: Option<&'a mut DeferState>,
 }
 
 /// Completes every available request on `queue`, then notifies if the driver wants it.
@@ -338,12 +309,11 @@ pub fn process_available<M: vm_memory::GuestMemory<Bitmap = ()>>(
     counters: &BlockCounters,
     notify: impl FnMut(),
 ) -> bool {
-    let mut gate = Gate {
+    let gate = Gate {
         hooks: &NoHooks,
         point: "",
-        state: None,
     };
-    process_gated(queue, mem, env, counters, notify, &mut gate)
+    process_gated(queue, mem, env, counters, notify, &gate, None)
 }
 
 /// The request type in the first 4 bytes of the chain's first descriptor.
@@ -358,42 +328,36 @@ fn peek_type<M: vm_memory::GuestMemory<Bitmap = ()>>(
         .map_or(u64::MAX, |t| u64::from(u32::from_le(t)))
 }
 
-fn process_gated<M: vm_memory::GuestMemory<Bitmap = ()>>(
-    queue: &mut Queue,
-    mem: &M,
-    env: &RequestEnv<'_>,
-    counters: &BlockCounters,
-    mut notify: impl FnMut(),
-    gate: &mut Gate<'_>,
-) -> bool {
-    let mut completed = false;
-    loop {
-        if let Some(st) = gate.state.as_deref()
-            && st.due.is_some_and(|due| Instant::now() < due)
-        {
-            break;
-        }
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            break;
-        };
-        let kind = peek_type(&chain, mem);
-        if let Some(st) = gate.state.as_deref_mut() {
-            let pos = queue.next_avail().wrapping_sub(1);
-            if st.asked != Some(pos) {
-                st.asked = Some(pos);
-                if let Some(d) = gate.hooks.defer(&PointCtx::new(gate.point, kind)) {
-                    st.due = Some(Instant::now() + d);
-                    queue.go_to_previous_position();
-                    continue;
-                }
-            }
-            st.asked = None;
-            st.due = None;
-        }
-        let head = chain.head_index();
-        let (done, err) = request::execute(mem, chain, env);
-        if !gate.point.is_empty() {
-            gate.hooks.point(&PointCtx::new(gate.point, kind));
+/// Serves virtio-blk requests in the shared request loop ([`serve_requests`]).
+struct BlockRequests<'a, M> {
+    mem: &'a M,
+    env: &'a RequestEnv<'a>,
+    counters: &'a BlockCounters,
+    gate: &'a Gate<'a>,
+}
+
+impl<'m, M> RequestHandler<'m, M> for BlockRequests<'_, M>
+where
+    M: vm_memory::GuestMemory<Bitmap = ()> + 'm,
+{
+    /// The request type (for the point's value) and the chain, executed at completion.
+    type Request = (u64, DescriptorChain<&'m M>);
+
+    fn read(&self, chain: DescriptorChain<&'m M>) -> Self::Request {
+        (peek_type(&chain, self.mem), chain)
+    }
+
+    fn defer(&self, (kind, _): &Self::Request) -> Option<Duration> {
+        self.gate
+            .hooks
+            .defer(&PointCtx::new(self.gate.point, *kind))
+    }
+
+    fn complete(&self, head: u16, (kind, chain): Self::Request) -> u32 {
+        let counters = self.counters;
+        let (done, err) = request::execute(self.mem, chain, self.env);
+        if !self.gate.point.is_empty() {
+            self.gate.hooks.point(&PointCtx::new(self.gate.point, kind));
         }
         counters.requests.fetch_add(1, Ordering::Relaxed);
         match done.kind {
@@ -408,15 +372,34 @@ fn process_gated<M: vm_memory::GuestMemory<Bitmap = ()>>(
             counters.errors.fetch_add(1, Ordering::Relaxed);
             log::warn!("virtio-blk: request {head} failed: {e}");
         }
-        if queue.add_used(mem, head, done.used_len).is_err() {
-            return false;
+        done.used_len
+    }
+}
+
+fn process_gated<M: vm_memory::GuestMemory<Bitmap = ()>>(
+    queue: &mut Queue,
+    mem: &M,
+    env: &RequestEnv<'_>,
+    counters: &BlockCounters,
+    mut notify: impl FnMut(),
+    gate: &Gate<'_>,
+    defer: Option<&mut DeferState>,
+) -> bool {
+    let requests = BlockRequests {
+        mem,
+        env,
+        counters,
+        gate,
+    };
+    match serve_requests(queue, mem, defer, &requests) {
+        Ok(wants_interrupt) => {
+            if wants_interrupt {
+                notify();
+            }
+            true
         }
-        completed = true;
+        Err(_) => false,
     }
-    if completed && sluice_virtio_pci::driver_wants_interrupt(queue, mem) {
-        notify();
-    }
-    true
 }
 
 #[cfg(test)]

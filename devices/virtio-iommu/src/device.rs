@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, PointCtx, StateEvent};
 use sluice_virtio_pci::{
-    ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt,
+    ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt, next_messages,
 };
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -461,36 +461,15 @@ struct Worker {
 impl Worker {
     fn run(self, rx: Receiver<WorkerMsg>) {
         let mut due: Option<Instant> = None;
-        loop {
-            // A deferred completion is due at `due`: wake then even without a doorbell.
-            let msg = match due {
-                None => rx.recv().map_err(|_| ()),
-                Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                    Ok(m) => Ok(m),
-                    Err(RecvTimeoutError::Timeout) => Ok(WorkerMsg::Requests),
-                    Err(RecvTimeoutError::Disconnected) => Err(()),
-                },
-            };
-            let Ok(msg) = msg else { return };
+        // A deferred completion is due at `due`: wake then even without a doorbell. Doorbells
+        // and fault wake-ups that arrived meanwhile are coalesced.
+        while let Some(messages) = next_messages(&rx, due, || WorkerMsg::Requests) {
             let (mut requests, mut events) = (false, false);
-            let mut note = |m: WorkerMsg| match m {
-                WorkerMsg::Requests => {
-                    requests = true;
-                    true
-                }
-                WorkerMsg::Events => {
-                    events = true;
-                    true
-                }
-                WorkerMsg::Stop => false,
-            };
-            if !note(msg) {
-                return;
-            }
-            // Coalesce doorbells and fault wake-ups that arrived meanwhile.
-            while let Ok(m) = rx.try_recv() {
-                if !note(m) {
-                    return;
+            for m in messages {
+                match m {
+                    WorkerMsg::Requests => requests = true,
+                    WorkerMsg::Events => events = true,
+                    WorkerMsg::Stop => return,
                 }
             }
             let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());

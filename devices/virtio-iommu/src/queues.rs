@@ -6,10 +6,12 @@
 //! address in the readable part can still be answered with S_IOERR through a good tail.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::Duration;
+
+use sluice_virtio_pci::{RequestHandler, serve_requests};
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::engine::{Engine, Reply};
@@ -27,33 +29,11 @@ pub struct QueueBroken {
     pub source: virtio_queue::Error,
 }
 
+/// Deferral state of the request queue (see [`sluice_virtio_pci::request_queue`]): a deferred
+/// request is neither applied to the model nor answered until it is due.
+pub use sluice_virtio_pci::DeferState;
+
 /// A chain's two parts.
-/// Deferral state of the request queue.
-///
-/// Design: a request whose completion is deferred is put back on the available ring
-/// (`go_to_previous_position`) and is neither applied to the model nor answered until it is
-/// due; the worker then pops it again, applies it (the model's state changes at completion
-/// time, as a slow device would), writes the reply, publishes the used entry and interrupts.
-/// Requests behind it wait too, so completions stay in order. The doorbell never waits.
-#[derive(Debug, Default)]
-pub struct DeferState {
-    /// Available-ring position of the request already asked about.
-    asked: Option<u16>,
-    /// When the deferred request completes.
-    due: Option<Instant>,
-}
-
-impl DeferState {
-    /// When the deferred request is due, if one is waiting.
-    pub fn due(&self) -> Option<Instant> {
-        self.due
-    }
-
-    fn waiting(&self) -> bool {
-        self.due.is_some_and(|d| Instant::now() < d)
-    }
-}
-
 #[derive(Debug, Default)]
 struct Gathered {
     readable: Vec<u8>,
@@ -130,61 +110,13 @@ impl Engine {
         index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-        mut defer: Option<&mut DeferState>,
+        defer: Option<&mut DeferState>,
     ) -> Result<bool, QueueBroken> {
-        let mut completed = false;
-        loop {
-            if defer.as_deref().is_some_and(DeferState::waiting) {
-                break;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let g = gather(mem, chain);
-            if let Some(st) = defer.as_deref_mut() {
-                let pos = queue.next_avail().wrapping_sub(1);
-                if st.asked != Some(pos) {
-                    st.asked = Some(pos);
-                    if let Some(d) = (!g.misordered)
-                        .then(|| self.defer_for(&g.readable, g.readable_len, g.writable_len))
-                        .flatten()
-                    {
-                        st.due = Some(Instant::now() + d);
-                        queue.go_to_previous_position();
-                        continue;
-                    }
-                }
-                st.asked = None;
-                st.due = None;
-            }
-            let reply = if g.misordered {
-                self.counters.unparsed.fetch_add(1, Ordering::Relaxed);
-                Reply::Unwritten
-            } else {
-                self.handle(
-                    &g.readable,
-                    g.readable_len,
-                    g.readable_ok,
-                    g.writable_len,
-                    Some(mem),
-                )
-            };
-            let used = match reply {
-                Reply::Write(bytes) if scatter(mem, &g.writable, &bytes) => {
-                    u32::try_from(bytes.len()).unwrap_or(0)
-                }
-                _ => 0,
-            };
-            queue
-                .add_used(mem, head, used)
-                .map_err(|source| QueueBroken {
-                    queue: index,
-                    source,
-                })?;
-            completed = true;
-        }
-        Ok(completed && sluice_virtio_pci::driver_wants_interrupt(queue, mem))
+        let requests = EngineRequests { engine: self, mem };
+        serve_requests(queue, mem, defer, &requests).map_err(|source| QueueBroken {
+            queue: index,
+            source,
+        })
     }
 
     /// Copies waiting faults into event buffers while both exist. Returns whether the driver
@@ -226,5 +158,53 @@ impl Engine {
             completed = true;
         }
         Ok(completed && sluice_virtio_pci::driver_wants_interrupt(queue, mem))
+    }
+}
+
+/// Serves virtio-iommu requests in the shared request loop ([`serve_requests`]).
+struct EngineRequests<'a> {
+    engine: &'a Engine,
+    mem: &'a GuestMemoryMmap,
+}
+
+impl<'m> RequestHandler<'m, GuestMemoryMmap> for EngineRequests<'_> {
+    type Request = Gathered;
+
+    fn read(&self, chain: DescriptorChain<&'m GuestMemoryMmap>) -> Gathered {
+        gather(self.mem, chain)
+    }
+
+    /// A misordered chain is never deferred: it is answered unwritten at once.
+    fn defer(&self, g: &Gathered) -> Option<Duration> {
+        (!g.misordered)
+            .then(|| {
+                self.engine
+                    .defer_for(&g.readable, g.readable_len, g.writable_len)
+            })
+            .flatten()
+    }
+
+    fn complete(&self, _head: u16, g: Gathered) -> u32 {
+        let reply = if g.misordered {
+            self.engine
+                .counters
+                .unparsed
+                .fetch_add(1, Ordering::Relaxed);
+            Reply::Unwritten
+        } else {
+            self.engine.handle(
+                &g.readable,
+                g.readable_len,
+                g.readable_ok,
+                g.writable_len,
+                Some(self.mem),
+            )
+        };
+        match reply {
+            Reply::Write(bytes) if scatter(self.mem, &g.writable, &bytes) => {
+                u32::try_from(bytes.len()).unwrap_or(0)
+            }
+            _ => 0,
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod fuzzing;
 pub mod interrupt;
 pub mod mem;
 pub mod notify;
+pub mod request_queue;
 mod status;
 mod transport;
 
@@ -35,6 +36,7 @@ use virtio_queue::Queue;
 pub use interrupt::VirtioInterrupt;
 pub use mem::{DmaMemory, DmaView, SharedMemory, TranslatedMemory};
 pub use notify::driver_wants_interrupt;
+pub use request_queue::{DeferState, RequestHandler, next_messages, serve_requests};
 pub use status::DeviceStatus;
 pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
 

@@ -108,7 +108,7 @@ fn segment_and_region_invalid_and_protection_bits() {
 
 #[test]
 fn iota_protection_makes_space_read_only() {
-    let rec = std::sync::Arc::new(Recorder::default());
+    let rec = std::sync::Arc::new(RecordingHooks::default());
     let z = model_with(ZpciOptions::default(), cfg(), rec);
     let m = mem();
     let mut t = sluice_zpci::guest::GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
@@ -604,7 +604,7 @@ fn mpcifc_interrupts_and_measurement() {
     );
     assert_eq!(r.z.take_error_events().0[0].pec, pec::FMBPRO);
     // Every operation announced its hook point.
-    let points = r.rec.points.lock().unwrap().clone();
+    let points = r.rec.point_names();
     for p in [
         POINT_REG_INT,
         POINT_DEREG_INT,
@@ -617,7 +617,7 @@ fn mpcifc_interrupts_and_measurement() {
 
 #[test]
 fn mpcifc_answers_cc3_unless_enabled() {
-    let rec = std::sync::Arc::new(Recorder::default());
+    let rec = std::sync::Arc::new(RecordingHooks::default());
     let z = model_with(ZpciOptions::default(), cfg(), rec);
     let m = mem();
     let f = Fib::default();
@@ -677,7 +677,7 @@ fn pcilg_pcistg() {
 
 #[test]
 fn clp_list_query_set() {
-    let rec = std::sync::Arc::new(Recorder::default());
+    let rec = std::sync::Arc::new(RecordingHooks::default());
     let z = Zpci::new(
         vec![
             cfg(),

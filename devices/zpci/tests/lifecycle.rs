@@ -27,7 +27,11 @@ const ACTIONS: [Transition; 9] = [
 
 /// Builds a function in `state` through legal API calls only; returns the model and memory.
 fn drive_to(state: FunctionState) -> (Zpci, Mem) {
-    let z = model_with(ZpciOptions::default(), cfg(), Arc::new(Recorder::default()));
+    let z = model_with(
+        ZpciOptions::default(),
+        cfg(),
+        Arc::new(RecordingHooks::default()),
+    );
     let m = mem();
     match state {
         FunctionState::Standby => {}
@@ -174,7 +178,11 @@ fn every_from_to_pair_follows_the_transition_table() {
 
 #[test]
 fn reconfigure_changes_the_handle_and_old_handles_are_after_release() {
-    let z = model_with(ZpciOptions::default(), cfg(), Arc::new(Recorder::default()));
+    let z = model_with(
+        ZpciOptions::default(),
+        cfg(),
+        Arc::new(RecordingHooks::default()),
+    );
     let m = mem();
     let fh1 = enable(&z, FID);
     z.deconfigure(FID).unwrap();

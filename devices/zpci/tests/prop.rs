@@ -59,7 +59,7 @@ fn check(ops: &[Op], mode: TlbMode, budget: Option<u64>) -> Result<(), TestCaseE
         mapping_budget: budget,
         ..Default::default()
     };
-    let z = model_with(opts, cfg(), Arc::new(Recorder::default()));
+    let z = model_with(opts, cfg(), Arc::new(RecordingHooks::default()));
     let m = mem();
     let mut t = GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
     let fh = enable(&z, FID);

@@ -11,7 +11,7 @@ use sluice_zpci::*;
 const IOVA: u64 = PBA + 0x5000;
 
 fn invalidations(r: &Rig) -> Vec<Inv> {
-    r.rec.invalidations.lock().unwrap().clone()
+    invalidations_of(&r.rec)
 }
 
 #[test]
@@ -32,10 +32,10 @@ fn rpcit_reports_its_walked_range_and_dmas_their_entries() {
         r.z.translate(&r.m, r.fh, IOVA + 0x800, 0x1000, false)
             .is_ok()
     );
-    let cached = r.rec.cached.lock().unwrap().clone();
+    let cached = r.rec.cached_dmas();
     assert_eq!(cached.len(), 1);
-    let (uses, seen) = &cached[0];
-    assert_eq!(*seen, 2);
+    let (uses, seen) = (&cached[0].uses, cached[0].completions_seen);
+    assert_eq!(seen, 2);
     assert_eq!(uses.len(), 1, "two pages of one refresh merge: {uses:?}");
     assert_eq!(
         (

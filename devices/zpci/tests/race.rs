@@ -91,7 +91,7 @@ fn exec(z: &Zpci, m: &Mem, fh: u32, tables: &mut [GuestTables; 2], op: Op) -> In
 }
 
 fn run(sc: &Scenario, il: Interleaving, ordering: CommitOrdering) -> Run {
-    let (hooks, ctl) = Parking::new();
+    let (hooks, ctl) = parking_hooks();
     let z = model_with(
         ZpciOptions {
             ordering,
@@ -128,7 +128,7 @@ fn run(sc: &Scenario, il: Interleaving, ordering: CommitOrdering) -> Run {
             }
         }
         Interleaving::Inside(k) => {
-            hooks.arm(sc.ops[k].point(), 0);
+            ctl.arm(sc.ops[k].point(), 0);
             thread::scope(|s| {
                 let (zr, mr) = (&z, &m);
                 let mut tabs = tables.clone();
@@ -153,7 +153,7 @@ fn run(sc: &Scenario, il: Interleaving, ordering: CommitOrdering) -> Run {
             for op in &sc.ops[..k] {
                 answers.push(exec(&z, &m, fh, &mut tables, *op));
             }
-            hooks.arm(POINT_DECONFIGURE, 0);
+            ctl.arm(POINT_DECONFIGURE, 0);
             thread::scope(|s| {
                 let zr = &z;
                 let rel = s.spawn(move || release(zr));
@@ -259,7 +259,11 @@ fn unfixed_ordering_shows_which_interleavings_escape() {
 #[test]
 fn concurrent_soak_no_dma_after_release() {
     for round in 0..20 {
-        let z = model_with(ZpciOptions::default(), cfg(), Arc::new(Recorder::default()));
+        let z = model_with(
+            ZpciOptions::default(),
+            cfg(),
+            Arc::new(RecordingHooks::default()),
+        );
         let m = mem();
         let mut t = GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
         t.map_range(&m, X, 0x40_0000, 4, true).unwrap();

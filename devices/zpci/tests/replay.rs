@@ -15,7 +15,7 @@ use sluice_zpci::*;
 
 #[test]
 fn linux_dma_api_sequence() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let z = model_with(ZpciOptions::default(), cfg(), rec.clone());
     let m = mem();
     // Probe: CLP list + query, then enable.
@@ -75,7 +75,7 @@ fn linux_dma_api_sequence() {
         RefusalKind::NotEnabled
     );
     // Every DMA was reported, in order, with its outcome.
-    let d = rec.dmas.lock().unwrap();
+    let d = rec.dmas();
     assert_eq!(d.len(), 4);
     assert!(matches!(
         d[0].outcome,
@@ -86,13 +86,7 @@ fn linux_dma_api_sequence() {
             .iter()
             .all(|r| matches!(r.outcome, DmaOutcome::Faulted { .. }))
     );
-    let states: Vec<String> = rec
-        .states
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.0.clone())
-        .collect();
+    let states: Vec<String> = rec.states().into_iter().map(|s| s.what).collect();
     assert_eq!(
         states,
         [

@@ -43,7 +43,7 @@ fn model(budget: Option<u64>, limit: u64) -> (Zpci, Mem, u32) {
         rpcit_step_limit: limit,
         ..ZpciOptions::default()
     };
-    let z = model_with(opts, cfg(), Arc::new(Recorder::default()));
+    let z = model_with(opts, cfg(), Arc::new(RecordingHooks::default()));
     let m = mem();
     let iota = aliased_tables(&m);
     let fh = enable(&z, FID);

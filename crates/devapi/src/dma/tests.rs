@@ -1,12 +1,12 @@
 //! The seam with a trivial model: one window of IOVAs mapped onto guest memory.
 
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 use vm_memory::{Bytes, GuestMemoryMmap, IommuMemory};
 
 use super::*;
 use crate::endpoint::Bdf;
+use crate::recording::RecordingHooks;
 
 const WINDOW: u64 = 0x1000_0000;
 const WINDOW_LEN: u64 = 0x4000;
@@ -55,25 +55,16 @@ impl DmaTranslate for Window {
     }
 }
 
-#[derive(Default)]
-struct Recorder(Mutex<Vec<DmaRecord>>);
-
-impl Hooks for Recorder {
-    fn dma(&self, rec: &DmaRecord) {
-        self.0.lock().unwrap().push(*rec);
-    }
-}
-
 fn setup() -> (
     IommuMemory<GuestMemoryMmap, EndpointIommu>,
     Arc<Window>,
-    Arc<Recorder>,
+    Arc<RecordingHooks>,
     EndpointIommu,
 ) {
     let phys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let model = Arc::new(Window::default());
     model.mapped.store(true, Ordering::Relaxed);
-    let hooks = Arc::new(Recorder::default());
+    let hooks = Arc::new(RecordingHooks::default());
     let ep = EndpointIommu::new(Endpoint::Pci(Bdf(0x10)), model.clone(), hooks.clone());
     let mem = IommuMemory::new(phys, ep.clone(), true, ());
     (mem, model, hooks, ep)
@@ -104,7 +95,7 @@ fn reads_and_writes_go_through_the_translation() {
             faults: 0
         }
     );
-    let recs = hooks.0.lock().unwrap();
+    let recs = hooks.dmas();
     assert_eq!(recs.len(), 2);
     assert_eq!(recs[0].direction, DmaDirection::Write);
     assert_eq!(recs[1].direction, DmaDirection::Read);
@@ -136,7 +127,7 @@ fn unmapped_access_faults_and_is_reported() {
             .is_err()
     );
     assert_eq!(ep.stats().faults, 3);
-    let recs = hooks.0.lock().unwrap();
+    let recs = hooks.dmas();
     assert_eq!(recs.len(), 3);
     assert!(
         recs.iter()
@@ -193,7 +184,7 @@ fn wrapping_and_empty_accesses_do_not_panic() {
             .is_ok()
     );
     assert_eq!(ep.stats().faults, 1);
-    assert_eq!(hooks.0.lock().unwrap().len(), 1);
+    assert_eq!(hooks.dmas().len(), 1);
 }
 
 #[test]
@@ -219,11 +210,11 @@ fn bypass_context_is_reported_as_bypassed() {
         }
     }
     let phys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-    let hooks = Arc::new(Recorder::default());
+    let hooks = Arc::new(RecordingHooks::default());
     let ep = EndpointIommu::new(Endpoint::Pci(Bdf(1)), Arc::new(Identity), hooks.clone());
     let mem = IommuMemory::new(phys, ep, true, ());
     mem.write_obj(3u16, GuestAddress(0x4000)).unwrap();
     mem.read_obj::<u16>(GuestAddress(0x4000)).unwrap();
-    let recs = hooks.0.lock().unwrap();
+    let recs = hooks.dmas();
     assert!(recs.iter().all(|r| r.outcome == DmaOutcome::Bypassed));
 }

@@ -1,6 +1,6 @@
 //! A sweep's table (stdout and `summary.txt`) and JUnit XML.
 
-use crate::junit::esc;
+use crate::junit::{Case, Counts, Problem, Report, Suite, render_report};
 use crate::sweep::judge::{SweepEnd, SweepReport};
 use crate::sweep::spec::format_budget;
 
@@ -150,24 +150,7 @@ fn variant_line(rep: &SweepReport, variant: &str) -> String {
 /// failure), errs when a run could not be performed, and is skipped when the budget left it
 /// out entirely.
 pub fn render_junit(rep: &SweepReport) -> String {
-    let cases = rep.outcomes.len();
-    let failures = rep.outcomes.iter().filter(|o| o.unexpected > 0).count();
-    let errors = rep.outcomes.iter().filter(|o| o.errors > 0).count();
-    let skipped = rep
-        .outcomes
-        .iter()
-        .filter(|o| o.ran + o.errors == 0)
-        .count();
-    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    x += &format!(
-        "<testsuites name=\"sluice\" tests=\"{cases}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{:.3}\">\n",
-        rep.wall_s
-    );
-    x += &format!(
-        "<testsuite name=\"sluice-sweep.{}\" tests=\"{cases}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\" time=\"{:.3}\">\n",
-        esc(&rep.scenario),
-        rep.wall_s
-    );
+    let mut cases = Vec::new();
     for o in &rep.outcomes {
         let Some(cell) = rep.grid.cells.get(o.cell) else {
             continue;
@@ -177,17 +160,6 @@ pub fn render_junit(rep: &SweepReport) -> String {
             .iter()
             .filter(|r| r.cell == o.cell && r.variant == o.variant)
             .collect();
-        let time: f64 = runs
-            .iter()
-            .filter_map(|r| r.result.as_ref())
-            .map(|r| r.observation.wall_s)
-            .sum();
-        x += &format!(
-            "  <testcase classname=\"sweep.{}\" name=\"{}/{}\" time=\"{time:.3}\">\n",
-            esc(&rep.scenario),
-            esc(&cell.label),
-            esc(&o.variant)
-        );
         let mut out = format!("{}: {}\n", cell.describe(), o.text());
         let mut broken = Vec::new();
         let mut failed = Vec::new();
@@ -204,30 +176,36 @@ pub fn render_junit(rep: &SweepReport) -> String {
                 }
             }
         }
-        if !broken.is_empty() {
-            x += &format!(
-                "    <failure message=\"{} run(s) broke an invariant of the scenario\">{}</failure>\n",
-                broken.len(),
-                esc(&broken.join("\n"))
-            );
-        }
-        if !failed.is_empty() {
-            x += &format!(
-                "    <error message=\"{} run(s) could not be performed\">{}</error>\n",
-                failed.len(),
-                esc(&failed.join("\n"))
-            );
-        }
-        if o.ran + o.errors == 0 {
-            x += "    <skipped message=\"not run (budget)\"/>\n";
-        }
-        x += &format!(
-            "    <system-out>{}</system-out>\n  </testcase>\n",
-            esc(&out)
-        );
+        cases.push(Case {
+            classname: format!("sweep.{}", rep.scenario),
+            name: format!("{}/{}", cell.label, o.variant),
+            time_s: runs
+                .iter()
+                .filter_map(|r| r.result.as_ref())
+                .map(|r| r.observation.wall_s)
+                .sum(),
+            failure: (!broken.is_empty()).then(|| Problem {
+                message: format!("{} run(s) broke an invariant of the scenario", broken.len()),
+                body: broken.join("\n"),
+            }),
+            error: (!failed.is_empty()).then(|| Problem {
+                message: format!("{} run(s) could not be performed", failed.len()),
+                body: failed.join("\n"),
+            }),
+            skipped: (o.ran + o.errors == 0).then(|| "not run (budget)".to_string()),
+            system_out: Some(out),
+        });
     }
-    x += "</testsuite>\n</testsuites>\n";
-    x
+    render_report(&Report {
+        name: "sluice".into(),
+        time_s: rep.wall_s,
+        suite: Suite {
+            name: format!("sluice-sweep.{}", rep.scenario),
+            time_s: rep.wall_s,
+            counts: Counts::All,
+            cases,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -1,15 +1,12 @@
 //! A small "driver" for tests: guest memory, queue helpers, STE/CD/page-table builders.
 #![allow(dead_code)]
 
-use sluice_devapi::{
-    CacheKind, CacheUse, CachedTranslation, ContextSel, Divergence, DmaRecord, Endpoint, Hooks,
-    Invalidation, PointCtx, RecordingInterrupts, StateEvent,
-};
+use sluice_devapi::{RecordingHooks, RecordingInterrupts};
 use sluice_smmuv3::regs::off;
 use sluice_smmuv3::walk::Granule;
 use sluice_smmuv3::{Event, SmmuConfig, SmmuV3};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const RAM: usize = 32 << 20;
@@ -21,91 +18,26 @@ pub const EVTQ_LOG2: u64 = 5;
 pub const CDTAB: u64 = 0x30_0000;
 pub const PT_BASE: u64 = 0x40_0000;
 
-/// An `Invalidation` as recorded (owned).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Inv {
-    pub kind: String,
-    pub cache: CacheKind,
-    pub endpoint: Option<Endpoint>,
-    pub contexts: ContextSel,
-    pub first: u64,
-    pub last: u64,
-    pub generation: Option<u64>,
-    pub completion: u64,
-}
-
-/// A `dma_cached` report as recorded.
-#[derive(Debug, Clone)]
-pub struct Cached {
-    pub rec: DmaRecord,
-    pub uses: Vec<CacheUse>,
-    pub seen: u64,
-    pub divergence: Option<Divergence>,
-    pub rechecked: bool,
-}
-
-/// Records every hook call; answers `recheck_cached` with `recheck`.
-#[derive(Default)]
-pub struct RecHooks {
-    pub points: Mutex<Vec<(String, u64)>>,
-    pub dmas: Mutex<Vec<DmaRecord>>,
-    pub states: Mutex<Vec<(String, u64)>>,
-    pub invalidations: Mutex<Vec<Inv>>,
-    pub cached: Mutex<Vec<Cached>>,
-    pub recheck: AtomicBool,
-}
-
-impl Hooks for RecHooks {
-    fn point(&self, ctx: &PointCtx<'_>) {
-        self.points
-            .lock()
-            .unwrap()
-            .push((ctx.point.to_string(), ctx.value));
-    }
-    fn dma(&self, rec: &DmaRecord) {
-        self.dmas.lock().unwrap().push(*rec);
-    }
-    fn state(&self, ev: &StateEvent<'_>) {
-        self.states
-            .lock()
-            .unwrap()
-            .push((ev.what.to_string(), ev.value));
-    }
-    fn invalidated(&self, inv: &Invalidation<'_>) {
-        assert_eq!(inv.source, "smmuv3");
-        self.invalidations.lock().unwrap().push(Inv {
-            kind: inv.kind.to_string(),
-            cache: inv.cache,
-            endpoint: inv.endpoint,
-            contexts: inv.contexts,
-            first: inv.first,
-            last: inv.last,
-            generation: inv.generation,
-            completion: inv.completion,
-        });
-    }
-    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
-        self.dmas.lock().unwrap().push(*rec);
-        self.cached.lock().unwrap().push(Cached {
-            rec: *rec,
-            uses: via.uses.to_vec(),
-            seen: via.completions_seen,
-            divergence: via.divergence,
-            rechecked: via.rechecked,
-        });
-    }
-    fn recheck_cached(&self, _: Endpoint) -> bool {
-        self.recheck.load(Ordering::Relaxed)
-    }
-}
-
 pub struct Rig {
     pub mem: GuestMemoryMmap,
     pub smmu: SmmuV3,
     pub irq: Arc<RecordingInterrupts>,
-    pub hooks: Arc<RecHooks>,
+    pub hooks: Arc<RecordingHooks>,
     pub alloc: AtomicU64,
     pub evt_cons: AtomicU64,
+}
+
+/// Every invalidation the SMMU reports names it as its source: checked once a test is done
+/// with its rig (not while a failing test unwinds).
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for inv in self.hooks.invalidations() {
+            assert_eq!(inv.source, "smmuv3", "{inv:?}");
+        }
+    }
 }
 
 impl Rig {
@@ -116,7 +48,7 @@ impl Rig {
     pub fn with(cfg: SmmuConfig) -> Rig {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
         let irq = Arc::new(RecordingInterrupts::default());
-        let hooks = Arc::new(RecHooks::default());
+        let hooks = Arc::new(RecordingHooks::default());
         let smmu = SmmuV3::new(cfg, irq.clone(), hooks.clone());
         Rig {
             mem,

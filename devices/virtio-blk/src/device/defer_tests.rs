@@ -1,10 +1,11 @@
 //! Deferred completions (`Hooks::defer` on `virtio.<dev>.complete`): the doorbell returns at
 //! once, the request executes and is published later on the worker, in order.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_devapi::{Hooks, NullInterrupts, PointCtx};
+use sluice_devapi::{NullInterrupts, RecordingHooks};
 use sluice_pci::PciInterrupt;
 use sluice_virtio_pci::{
     ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
@@ -33,24 +34,9 @@ impl Disk for NoDisk {
     }
 }
 
-/// Defers the first completion by 1 s; records every question and every point.
+/// How long the first completion is deferred.
 const DEFER: Duration = Duration::from_secs(1);
-
-#[derive(Default)]
-struct DeferFirst(Mutex<(Vec<u64>, Vec<u64>)>);
-
-impl Hooks for DeferFirst {
-    fn defer(&self, ctx: &PointCtx<'_>) -> Option<Duration> {
-        assert_eq!(ctx.point, "virtio.blk0.complete");
-        let mut g = self.0.lock().unwrap();
-        g.0.push(ctx.value);
-        (g.0.len() == 1).then_some(DEFER)
-    }
-    fn point(&self, ctx: &PointCtx<'_>) {
-        assert_eq!(ctx.point, "virtio.blk0.complete");
-        self.0.lock().unwrap().1.push(ctx.value);
-    }
-}
+const COMPLETE: &str = "virtio.blk0.complete";
 
 #[test]
 fn deferred_completion_keeps_order_and_never_blocks_the_doorbell() {
@@ -70,7 +56,12 @@ fn deferred_completion_keeps_order_and_never_blocks_the_doorbell() {
         )
         .unwrap();
     }
-    let hooks = Arc::new(DeferFirst::default());
+    // Defers the first completion asked about; records every question and every point.
+    let first = AtomicBool::new(true);
+    let hooks = Arc::new(
+        RecordingHooks::default()
+            .with_defer(move |_| first.swap(false, Ordering::Relaxed).then_some(DEFER)),
+    );
     let mut dev = BlockDevice::new("blk0", Arc::new(NoDisk), false).with_hooks(hooks.clone());
     let interrupt = Arc::new(VirtioInterrupt::new(
         PciInterrupt::new(Arc::new(NullInterrupts), None),
@@ -102,8 +93,20 @@ fn deferred_completion_keeps_order_and_never_blocks_the_doorbell() {
         &m.read_obj::<[u8; 4]>(GuestAddress(0x10_1000)).unwrap(),
         b"blk0"
     );
-    let g = hooks.0.lock().unwrap();
-    let get_id = u64::from(T_GET_ID);
-    assert_eq!(g.0, vec![get_id, get_id], "asked once per request");
-    assert_eq!(g.1, vec![get_id, get_id], "completion point per request");
+    let get_id = (COMPLETE.to_string(), u64::from(T_GET_ID));
+    let asked: Vec<_> = hooks
+        .defer_questions()
+        .into_iter()
+        .map(|q| (q.point, q.value))
+        .collect();
+    assert_eq!(
+        asked,
+        vec![get_id.clone(), get_id.clone()],
+        "asked once per request"
+    );
+    assert_eq!(
+        hooks.point_values(),
+        vec![get_id.clone(), get_id],
+        "completion point per request"
+    );
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_devapi::{Hooks, PointCtx, RecordingInterrupts};
+use sluice_devapi::{RecordingHooks, RecordingInterrupts};
 use sluice_pci::PciInterrupt;
 use sluice_virtio_pci::{
     ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
@@ -15,19 +15,6 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::Bytes;
 
 use super::*;
-
-/// Defers the first ATTACH of `EP` by 200 ms.
-#[derive(Default)]
-struct DeferFirstAttach(Mutex<Vec<(String, Option<u32>)>>);
-
-impl Hooks for DeferFirstAttach {
-    fn defer(&self, ctx: &PointCtx<'_>) -> Option<Duration> {
-        let mut asked = self.0.lock().unwrap();
-        asked.push((ctx.point.to_string(), ctx.domain));
-        (ctx.point == crate::POINT_ATTACH && ctx.domain == Some(1))
-            .then_some(Duration::from_millis(200))
-    }
-}
 
 fn run(inline: bool) {
     let phys = ram();
@@ -58,7 +45,11 @@ fn run(inline: bool) {
         PciInterrupt::new(rec.clone(), None),
         2,
     ));
-    let hooks = Arc::new(DeferFirstAttach::default());
+    // Defers the first ATTACH (of `EP`, to domain 1) by 200 ms.
+    let hooks = Arc::new(RecordingHooks::default().with_defer(|ctx| {
+        (ctx.point == crate::POINT_ATTACH && ctx.domain == Some(1))
+            .then_some(Duration::from_millis(200))
+    }));
     let mut d = VirtioIommu::new(
         "viommu0",
         ViommuConfig {
@@ -105,7 +96,11 @@ fn run(inline: bool) {
     );
     assert!(!rec.take().is_empty(), "the completion interrupted");
     // Each request was asked about exactly once.
-    let asked = hooks.0.lock().unwrap().clone();
+    let asked: Vec<_> = hooks
+        .defer_questions()
+        .into_iter()
+        .map(|q| (q.point, q.domain))
+        .collect();
     assert_eq!(
         asked,
         vec![

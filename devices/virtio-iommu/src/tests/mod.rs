@@ -2,9 +2,9 @@
 //! unmapped under a device, the worker, a property test against a reference model, and the
 //! fuzz body on pseudo-random inputs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use sluice_devapi::{DmaRecord, Hooks, Invalidation, MapEvent, NoHooks, PointCtx, StateEvent};
+use sluice_devapi::{Hooks, NoHooks, RecordedEvent, RecordingHooks};
 use sluice_virtio_pci::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -100,45 +100,30 @@ pub(crate) fn unmap(domain: u32, iova: u64, len: u64) -> Request {
     }
 }
 
-/// Hooks that record everything.
-#[derive(Default)]
-pub(crate) struct Recorder {
-    pub points: Mutex<Vec<(String, Option<u32>, u64)>>,
-    pub dmas: Mutex<Vec<DmaRecord>>,
-    pub states: Mutex<Vec<(String, u64)>>,
-    /// Points, mappings and invalidations in the order they arrived.
-    pub order: Mutex<Vec<String>>,
+/// The points, mappings and invalidations `rec` saw, one line each in arrival order.
+pub(crate) fn arrival_order(rec: &RecordingHooks) -> Vec<String> {
+    rec.events()
+        .into_iter()
+        .filter_map(|e| match e {
+            RecordedEvent::Point(p) => Some(p.point),
+            RecordedEvent::Mapped(m) => Some(format!(
+                "mapped {} {} {:#x}-{:#x}",
+                m.source, m.context, m.first, m.last
+            )),
+            RecordedEvent::Invalidated(i) => Some(format!(
+                "{} {} {:?} {:#x}-{:#x}",
+                i.kind, i.source, i.contexts, i.first, i.last
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
-impl Hooks for Recorder {
-    fn point(&self, ctx: &PointCtx<'_>) {
-        self.points
-            .lock()
-            .unwrap()
-            .push((ctx.point.to_string(), ctx.domain, ctx.value));
-        self.order.lock().unwrap().push(ctx.point.to_string());
-    }
-    fn mapped(&self, m: &MapEvent<'_>) {
-        self.order.lock().unwrap().push(format!(
-            "mapped {} {} {:#x}-{:#x}",
-            m.source, m.context, m.first, m.last
-        ));
-    }
-    fn invalidated(&self, i: &Invalidation<'_>) {
-        assert_eq!((i.generation, i.completion), (None, 0));
-        self.order.lock().unwrap().push(format!(
-            "{} {} {:?} {:#x}-{:#x}",
-            i.kind, i.source, i.contexts, i.first, i.last
-        ));
-    }
-    fn dma(&self, rec: &DmaRecord) {
-        self.dmas.lock().unwrap().push(*rec);
-    }
-    fn state(&self, ev: &StateEvent<'_>) {
-        self.states
-            .lock()
-            .unwrap()
-            .push((ev.what.to_string(), ev.value));
+/// virtio-iommu invalidations take effect with their request: they carry no cache generation
+/// and no completion number.
+pub(crate) fn assert_invalidations_carry_no_generation(rec: &RecordingHooks) {
+    for i in rec.invalidations() {
+        assert_eq!((i.generation, i.completion), (None, 0), "{i:?}");
     }
 }
 

@@ -11,7 +11,7 @@ use crate::model::FaultInjection;
 
 #[test]
 fn map_and_unmap_are_announced_in_order_and_failures_are_not() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     ok(&d, map(1, 0x10_0000, 0x2000, 0x20_0000, 3));
@@ -21,7 +21,7 @@ fn map_and_unmap_are_announced_in_order_and_failures_are_not() {
         st(Status::Inval)
     );
     ok(&d, unmap(1, 0x10_0000, 0x2000));
-    let order = rec.order.lock().unwrap().clone();
+    let order = arrival_order(&rec);
     let ctx = "ContextSel { value: 1, mask: 18446744073709551615 }";
     assert_eq!(
         order,
@@ -34,6 +34,7 @@ fn map_and_unmap_are_announced_in_order_and_failures_are_not() {
             "virtio-iommu.req.unmap".to_string(),
         ]
     );
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 #[test]

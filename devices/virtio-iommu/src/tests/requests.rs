@@ -17,25 +17,23 @@ const PAGE: u64 = 0x1000;
 
 #[test]
 fn attach_ok_and_states() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     assert_eq!(d.attached_domain(EP), Some(1));
     assert_eq!(
-        rec.points.lock().unwrap().last().cloned(),
+        rec.points()
+            .last()
+            .map(|p| (p.point.clone(), p.domain, p.value)),
         Some((crate::POINT_ATTACH.to_string(), Some(1), 0))
     );
-    assert!(
-        rec.states
-            .lock()
-            .unwrap()
-            .contains(&("attach".to_string(), 1))
-    );
+    assert!(rec.state_values().contains(&("attach".to_string(), 1)));
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 #[test]
 fn attach_and_detach_announce_their_start_before_the_change() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     ok(
@@ -64,7 +62,7 @@ fn attach_and_detach_announce_their_start_before_the_change() {
         ),
         st(Status::Inval)
     );
-    let states = rec.states.lock().unwrap().clone();
+    let states = rec.state_values();
     assert_eq!(
         states,
         vec![
@@ -78,6 +76,7 @@ fn attach_and_detach_announce_their_start_before_the_change() {
             ("detach".to_string(), 2),
         ]
     );
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 #[test]
@@ -192,11 +191,11 @@ fn attach_moves_endpoint_and_frees_empty_domain() {
 
 #[test]
 fn reattach_to_the_same_domain_is_a_no_op_that_keeps_the_mappings() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     ok(&d, map(1, 0, PAGE, 0, RW));
-    let states_before = rec.states.lock().unwrap().len();
+    let states_before = rec.state_values().len();
     // The endpoint is the domain's only member: the re-ATTACH must not free it.
     ok(&d, attach(1, EP));
     assert_eq!(d.attached_domain(EP), Some(1));
@@ -207,7 +206,7 @@ fn reattach_to_the_same_domain_is_a_no_op_that_keeps_the_mappings() {
     );
     ok(&d, unmap(1, 0, PAGE));
     assert!(
-        rec.states.lock().unwrap()[states_before..]
+        rec.state_values()[states_before..]
             .iter()
             .all(|(w, _)| w != "domain-free"),
         "no domain was freed"
@@ -230,13 +229,14 @@ fn reattach_to_the_same_domain_is_a_no_op_that_keeps_the_mappings() {
         st(Status::Inval)
     );
     assert_eq!(d.attached_domain(EP), Some(1));
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 // ---- DETACH ----
 
 #[test]
 fn detach_ok_frees_domain() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(1, EP));
     ok(&d, map(1, 0, PAGE, 0, RW));
@@ -250,12 +250,11 @@ fn detach_ok_frees_domain() {
     assert_eq!(d.attached_domain(EP), None);
     assert_eq!(send(&d, map(1, 0, PAGE, 0, RW)), st(Status::NoEnt));
     assert!(
-        rec.states
-            .lock()
-            .unwrap()
+        rec.state_values()
             .iter()
             .any(|(w, v)| w == "domain-free" && *v == 1)
     );
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 #[test]

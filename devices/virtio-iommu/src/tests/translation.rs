@@ -39,19 +39,16 @@ fn endpoint_iommu_only_for_configured_endpoints() {
 
 #[test]
 fn boot_bypass_then_cleared_by_the_driver() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let mut d = device_with(cfg(), rec.clone());
     let m = dma(&d, EP);
     m.write_obj(7u32, GuestAddress(0x1000)).unwrap();
-    assert_eq!(
-        rec.dmas.lock().unwrap().last().unwrap().outcome,
-        DmaOutcome::Bypassed
-    );
+    assert_eq!(rec.dmas().last().unwrap().outcome, DmaOutcome::Bypassed);
     set_bypass(&mut d, 0);
     assert!(!d.bypass());
     assert!(m.read_obj::<u32>(GuestAddress(0x1000)).is_err());
     assert_eq!(
-        rec.dmas.lock().unwrap().last().unwrap().outcome,
+        rec.dmas().last().unwrap().outcome,
         DmaOutcome::Faulted {
             reason: u32::from(FAULT_R_DOMAIN)
         }
@@ -66,16 +63,15 @@ fn boot_bypass_then_cleared_by_the_driver() {
     d.read_config(36, &mut c);
     assert_eq!(c[0], 1);
     assert!(
-        rec.points
-            .lock()
-            .unwrap()
+        rec.point_values()
             .iter()
-            .any(|(p, _, v)| p == crate::POINT_CONFIG_WRITE && *v == (36 << 8))
+            .any(|(p, v)| p == crate::POINT_CONFIG_WRITE && *v == (36 << 8))
     );
     // Bypass is kept across device reset.
     set_bypass(&mut d, 0);
     d.reset();
     assert!(!d.bypass());
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 #[test]
@@ -92,7 +88,7 @@ fn boot_bypass_off_blocks_unattached_endpoints() {
 
 #[test]
 fn translated_access_and_exact_unmap_invalidation() {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let d = device_with(cfg(), rec.clone());
     ok(&d, attach(3, EP));
     ok(&d, map(3, 0x8000_0000, 0x1000, 0x20_0000, RW));
@@ -113,7 +109,7 @@ fn translated_access_and_exact_unmap_invalidation() {
         0x1122
     );
     assert_eq!(
-        rec.dmas.lock().unwrap().last().unwrap().outcome,
+        rec.dmas().last().unwrap().outcome,
         DmaOutcome::Translated {
             gpa: 0x20_0ffe,
             domain: 3
@@ -129,6 +125,7 @@ fn translated_access_and_exact_unmap_invalidation() {
     assert_eq!(after.misses, before.misses);
     assert_eq!(after.hits, before.hits + 1);
     assert_eq!(after.faults, before.faults + 1);
+    assert_invalidations_carry_no_generation(&rec);
 }
 
 #[test]

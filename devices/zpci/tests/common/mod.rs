@@ -1,12 +1,11 @@
 #![allow(dead_code)]
-//! Shared fixtures: guest memory, an enabled function, recording/parking hooks.
+//! Shared fixtures: guest memory, an enabled function, parking hooks.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
-use sluice_devapi::{
-    CacheUse, CachedTranslation, DmaOutcome, DmaRecord, Hooks, Invalidation, PointCtx, StateEvent,
-};
+pub use sluice_devapi::RecordingHooks;
+use sluice_devapi::{Hooks, PointCtx};
 use sluice_zpci::clp::SetPciFnOp;
 use sluice_zpci::guest::GuestTables;
 use sluice_zpci::{Fib, FunctionConfig, InsnStatus, MpcifcOp, Zpci, ZpciOptions};
@@ -27,101 +26,33 @@ pub fn mem() -> Mem {
 /// An `invalidated` report: (kind, context value, first, last, generation, completion).
 pub type Inv = (String, u64, u64, u64, Option<u64>, u64);
 
-#[derive(Default)]
-pub struct Recorder {
-    pub dmas: Mutex<Vec<DmaRecord>>,
-    pub states: Mutex<Vec<(String, u64)>>,
-    pub points: Mutex<Vec<String>>,
-    pub invalidations: Mutex<Vec<Inv>>,
-    /// `dma_cached`: (entries used, refresh count seen).
-    pub cached: Mutex<Vec<(Vec<CacheUse>, u64)>>,
+/// The invalidations `rec` saw, as [`Inv`]s.
+pub fn invalidations_of(rec: &RecordingHooks) -> Vec<Inv> {
+    rec.invalidations()
+        .into_iter()
+        .map(|i| {
+            (
+                i.kind,
+                i.contexts.value,
+                i.first,
+                i.last,
+                i.generation,
+                i.completion,
+            )
+        })
+        .collect()
 }
 
-impl Hooks for Recorder {
-    fn point(&self, ctx: &PointCtx<'_>) {
-        self.points.lock().unwrap().push(ctx.point.to_string());
-    }
-    fn dma(&self, rec: &DmaRecord) {
-        self.dmas.lock().unwrap().push(*rec);
-    }
-    fn state(&self, ev: &StateEvent<'_>) {
-        self.states
-            .lock()
-            .unwrap()
-            .push((ev.what.to_string(), ev.value));
-    }
-    fn invalidated(&self, inv: &Invalidation<'_>) {
-        self.invalidations.lock().unwrap().push((
-            inv.kind.to_string(),
-            inv.contexts.value,
-            inv.first,
-            inv.last,
-            inv.generation,
-            inv.completion,
-        ));
-    }
-    fn dma_cached(&self, rec: &DmaRecord, via: &CachedTranslation<'_>) {
-        self.dmas.lock().unwrap().push(*rec);
-        self.cached
-            .lock()
-            .unwrap()
-            .push((via.uses.to_vec(), via.completions_seen));
-    }
-}
-
-impl Recorder {
-    pub fn faulted_reasons(&self) -> Vec<u32> {
-        self.dmas
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|r| match r.outcome {
-                DmaOutcome::Faulted { reason } => Some(reason),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-/// Parks the `nth` arrival (0-based) at `point`: signals `arrived`, then waits for `resume`.
-pub struct Parking {
-    pub inner: Recorder,
+/// Parks the `nth` arrival (0-based) at an armed point: signals `arrived`, then waits for
+/// `resume`.
+struct Parking {
     target: Mutex<Option<(String, usize)>>,
     arrived: Mutex<Sender<String>>,
     resume: Mutex<Receiver<()>>,
 }
 
-pub struct ParkControl {
-    pub arrived: Receiver<String>,
-    pub resume: Sender<()>,
-}
-
 impl Parking {
-    pub fn new() -> (Arc<Parking>, ParkControl) {
-        let (atx, arx) = channel();
-        let (rtx, rrx) = channel();
-        let p = Parking {
-            inner: Recorder::default(),
-            target: Mutex::new(None),
-            arrived: Mutex::new(atx),
-            resume: Mutex::new(rrx),
-        };
-        (
-            Arc::new(p),
-            ParkControl {
-                arrived: arx,
-                resume: rtx,
-            },
-        )
-    }
-    pub fn arm(&self, point: &str, nth: usize) {
-        *self.target.lock().unwrap() = Some((point.to_string(), nth));
-    }
-}
-
-impl Hooks for Parking {
-    fn point(&self, ctx: &PointCtx<'_>) {
-        self.inner.point(ctx);
+    fn at(&self, ctx: &PointCtx<'_>) {
         let park = {
             let mut t = self.target.lock().unwrap();
             match t.as_mut() {
@@ -146,12 +77,41 @@ impl Hooks for Parking {
             self.resume.lock().unwrap().recv().unwrap();
         }
     }
-    fn dma(&self, rec: &DmaRecord) {
-        self.inner.dma(rec)
+}
+
+/// The test's side of parking hooks: arm a point, hear the arrival, let it go on.
+pub struct ParkControl {
+    parking: Arc<Parking>,
+    pub arrived: Receiver<String>,
+    pub resume: Sender<()>,
+}
+
+impl ParkControl {
+    /// Parks the `nth` next arrival (0-based) at `point`.
+    pub fn arm(&self, point: &str, nth: usize) {
+        *self.parking.target.lock().unwrap() = Some((point.to_string(), nth));
     }
-    fn state(&self, ev: &StateEvent<'_>) {
-        self.inner.state(ev)
-    }
+}
+
+/// Recording hooks that park at the point [`ParkControl::arm`] names.
+pub fn parking_hooks() -> (Arc<RecordingHooks>, ParkControl) {
+    let (atx, arx) = channel();
+    let (rtx, rrx) = channel();
+    let parking = Arc::new(Parking {
+        target: Mutex::new(None),
+        arrived: Mutex::new(atx),
+        resume: Mutex::new(rrx),
+    });
+    let at = parking.clone();
+    let hooks = RecordingHooks::default().with_point_action(move |ctx| at.at(ctx));
+    (
+        Arc::new(hooks),
+        ParkControl {
+            parking,
+            arrived: arx,
+            resume: rtx,
+        },
+    )
 }
 
 pub fn model_with(opts: ZpciOptions, cfg: FunctionConfig, hooks: Arc<dyn Hooks>) -> Zpci {
@@ -198,11 +158,11 @@ pub struct Rig {
     pub m: Mem,
     pub t: GuestTables,
     pub fh: u32,
-    pub rec: Arc<Recorder>,
+    pub rec: Arc<RecordingHooks>,
 }
 
 pub fn rig_with(opts: ZpciOptions, c: FunctionConfig) -> Rig {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(RecordingHooks::default());
     let z = model_with(opts, c, rec.clone());
     let m = mem();
     let t = GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
