@@ -14,6 +14,12 @@
 //! - the model invalidates the cache exactly ([`EndpointIommu::invalidate`],
 //!   [`EndpointIommu::invalidate_all`]) when mappings are removed or the endpoint moves.
 //!
+//! Models that own their translation cache (SMMUv3's IOTLB, zPCI's shadow IOTLB are part of
+//! what is under test) use the seam's *model-owned* form instead
+//! ([`EndpointIommu::model_owned`]): no seam cache, every access goes to the model, and the
+//! model, which already reports each translation to the hooks with its own provenance, is the
+//! only one that reports it. Either way every access is translated once and reported once.
+//!
 //! Concurrency: a cache hit takes only this endpoint's read lock. A miss takes the endpoint's
 //! write lock and, inside it, whatever read locks the model needs. A model must therefore never
 //! call `invalidate*` while holding a lock that its `resolve` takes (update the model state,
@@ -96,6 +102,10 @@ pub trait DmaTranslate: Send + Sync + fmt::Debug {
     ) -> Result<DmaResolution, DmaFault>;
 }
 
+/// Where a model that walks tables in guest memory reads them: the guest's memory map as it is
+/// at the time of the access (a device host may replace the map while the guest runs).
+pub type TableMemory = Arc<dyn Fn() -> Arc<vm_memory::GuestMemoryMmap> + Send + Sync>;
+
 /// Cumulative translation counts of one endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DmaStats {
@@ -130,6 +140,9 @@ struct Inner {
     endpoint: Endpoint,
     translator: Arc<dyn DmaTranslate>,
     hooks: Arc<dyn Hooks>,
+    /// The model caches (or not) and reports its translations; the seam only carries them and
+    /// reports what it refuses on its own.
+    model_owned: bool,
     cache: RwLock<Iotlb>,
     /// What every entry in `cache` came from (one resolution at a time; changed only under the
     /// write lock, so a reader holding the read lock sees the value matching the entries).
@@ -173,11 +186,34 @@ impl EndpointIommu {
         translator: Arc<dyn DmaTranslate>,
         hooks: Arc<dyn Hooks>,
     ) -> Self {
+        Self::with_mode(endpoint, translator, hooks, false)
+    }
+
+    /// The seam for an endpoint whose model owns the translation cache and reports every access
+    /// itself: each access is resolved by `translator` (which must report it, once, as a
+    /// translation or a fault) into a private one-access table. Nothing is cached here; only
+    /// what the seam refuses on its own (a wrapping range, a model answer that does not cover
+    /// the access) is reported here, to `hooks`, since the model never saw it.
+    pub fn model_owned(
+        endpoint: Endpoint,
+        translator: Arc<dyn DmaTranslate>,
+        hooks: Arc<dyn Hooks>,
+    ) -> Self {
+        Self::with_mode(endpoint, translator, hooks, true)
+    }
+
+    fn with_mode(
+        endpoint: Endpoint,
+        translator: Arc<dyn DmaTranslate>,
+        hooks: Arc<dyn Hooks>,
+        model_owned: bool,
+    ) -> Self {
         EndpointIommu {
             inner: Arc::new(Inner {
                 endpoint,
                 translator,
                 hooks,
+                model_owned,
                 cache: RwLock::new(Iotlb::new()),
                 ctx: AtomicU64::new(CTX_NONE),
                 hits: AtomicU64::new(0),
@@ -232,6 +268,11 @@ impl EndpointIommu {
         self.inner.cache.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// True when the model, not this seam, caches and reports.
+    pub fn is_model_owned(&self) -> bool {
+        self.inner.model_owned
+    }
+
     fn report(&self, iova: u64, len: u64, access: Permissions, outcome: DmaOutcome) {
         self.inner.hooks.dma(&DmaRecord {
             endpoint: self.inner.endpoint,
@@ -242,8 +283,8 @@ impl EndpointIommu {
         });
     }
 
+    /// Refuses an access and reports the refusal.
     fn refuse(&self, iova: u64, len: usize, access: Permissions, fault: &DmaFault) -> IommuError {
-        self.inner.faults.fetch_add(1, Ordering::Relaxed);
         self.report(
             iova,
             len as u64,
@@ -252,6 +293,12 @@ impl EndpointIommu {
                 reason: fault.reason,
             },
         );
+        self.refused(iova, len, fault)
+    }
+
+    /// Refuses an access already reported (by the model that refused it).
+    fn refused(&self, iova: u64, len: usize, fault: &DmaFault) -> IommuError {
+        self.inner.faults.fetch_add(1, Ordering::Relaxed);
         IommuError::CannotResolve {
             iova_range: IovaRange {
                 base: GuestAddress(iova),
@@ -290,8 +337,65 @@ fn cached_gpa(cache: &Iotlb, iova: GuestAddress, len: usize, access: Permissions
     Some(it.next().map_or(iova.0, |r| r.base.0))
 }
 
+/// The table an access's translation is read from: the endpoint's shared cache, or the private
+/// table of one model-owned access.
+pub enum SeamGuard<'a> {
+    /// The seam's cache, read-locked for the duration of the access.
+    Cached(RwLockReadGuard<'a, Iotlb>),
+    /// What the model resolved for this access alone.
+    Private(Box<Iotlb>),
+}
+
+impl std::ops::Deref for SeamGuard<'_> {
+    type Target = Iotlb;
+
+    fn deref(&self) -> &Iotlb {
+        match self {
+            SeamGuard::Cached(g) => g,
+            SeamGuard::Private(t) => t,
+        }
+    }
+}
+
+impl EndpointIommu {
+    /// One access of a model-owned endpoint: the model resolves (and reports) it; the seam
+    /// refuses anything the model did not fully cover.
+    fn translate_model_owned(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<SeamGuard<'_>>, IommuError> {
+        let len = length as u64;
+        let mut table = Iotlb::new();
+        if let Err(fault) = self
+            .inner
+            .translator
+            .resolve(iova.0, len, access, &mut table)
+        {
+            return Err(self.refused(iova.0, length, &fault));
+        }
+        if cached_gpa(&table, iova, length, access).is_none() {
+            // The model said yes but did not cover the access: fail closed.
+            log::error!(
+                "{}: the IOMMU model accepted iova {:#x} len {length} but left it unmapped",
+                self.inner.endpoint,
+                iova.0
+            );
+            let fault = DmaFault::new(SEAM_FAULT_REASON, "model left the access unmapped");
+            return Err(self.refuse(iova.0, length, access, &fault));
+        }
+        self.inner.misses.fetch_add(1, Ordering::Relaxed);
+        Iotlb::lookup(SeamGuard::Private(Box::new(table)), iova, length, access).map_err(|_| {
+            IommuError::IommuMisconfigured {
+                reason: "model-owned lookup failed after a covering check".into(),
+            }
+        })
+    }
+}
+
 impl Iommu for EndpointIommu {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+    type IotlbGuard<'a> = SeamGuard<'a>;
 
     fn translate(
         &self,
@@ -302,15 +406,18 @@ impl Iommu for EndpointIommu {
         let len = length as u64;
         if len == 0 {
             // Touches nothing: nothing to translate or report.
-            return Iotlb::lookup(self.read_cache(), iova, 0, access).map_err(|_| {
-                IommuError::IommuMisconfigured {
+            return Iotlb::lookup(SeamGuard::Cached(self.read_cache()), iova, 0, access).map_err(
+                |_| IommuError::IommuMisconfigured {
                     reason: "empty lookup failed".into(),
-                }
-            });
+                },
+            );
         }
         if iova.0.checked_add(len).is_none() {
             let fault = DmaFault::new(SEAM_FAULT_REASON, "access wraps the 64-bit IOVA space");
             return Err(self.refuse(iova.0, length, access, &fault));
+        }
+        if self.is_model_owned() {
+            return self.translate_model_owned(iova, length, access);
         }
         let mut missed = false;
         for _ in 0..MAX_FILL_ATTEMPTS {
@@ -318,7 +425,7 @@ impl Iommu for EndpointIommu {
                 let guard = self.read_cache();
                 if let Some(gpa) = cached_gpa(&guard, iova, length, access) {
                     let ctx = self.inner.ctx.load(Ordering::Relaxed);
-                    if let Ok(it) = Iotlb::lookup(guard, iova, length, access) {
+                    if let Ok(it) = Iotlb::lookup(SeamGuard::Cached(guard), iova, length, access) {
                         let counter = if missed {
                             &self.inner.misses
                         } else {

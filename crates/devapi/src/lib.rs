@@ -28,7 +28,10 @@ mod irq;
 mod provenance;
 mod recording;
 
-pub use dma::{DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON};
+pub use dma::{
+    DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON, SeamGuard,
+    TableMemory,
+};
 pub use endpoint::{Bdf, BdfParseError, Endpoint};
 pub use hooks::{
     DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent, probe_state,

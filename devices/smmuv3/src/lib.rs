@@ -32,6 +32,7 @@ pub mod guest;
 pub mod iotlb;
 mod provenance;
 pub mod regs;
+pub mod seam;
 pub mod ste;
 mod translate;
 pub mod walk;

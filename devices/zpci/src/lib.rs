@@ -39,6 +39,7 @@ pub mod mpcifc;
 pub mod pcils;
 mod provenance;
 pub mod rpcit;
+pub mod seam;
 mod translate;
 pub mod walk;
 

@@ -218,3 +218,90 @@ fn bypass_context_is_reported_as_bypassed() {
     let recs = hooks.dmas();
     assert!(recs.iter().all(|r| r.outcome == DmaOutcome::Bypassed));
 }
+
+#[test]
+fn a_model_owned_seam_asks_the_model_every_time_and_reports_only_its_own_refusals() {
+    let phys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let model = Arc::new(Window::default());
+    model.mapped.store(true, Ordering::Relaxed);
+    let hooks = Arc::new(RecordingHooks::default());
+    let ep = EndpointIommu::model_owned(Endpoint::Pci(Bdf(0x10)), model.clone(), hooks.clone());
+    assert!(ep.is_model_owned());
+    let mem = IommuMemory::new(phys.clone(), ep.clone(), true, ());
+
+    mem.write_slice(&[0x5a; 64], GuestAddress(WINDOW + 0x10))
+        .unwrap();
+    let mut back = [0u8; 64];
+    mem.read_slice(&mut back, GuestAddress(WINDOW + 0x10))
+        .unwrap();
+    assert_eq!(back, [0x5a; 64]);
+    assert_eq!(
+        phys.read_obj::<u8>(GuestAddress(TARGET + 0x10)).unwrap(),
+        0x5a,
+        "the model's mapping was used"
+    );
+    // no seam cache: the model resolved both accesses
+    assert_eq!(model.calls.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        ep.stats(),
+        DmaStats {
+            hits: 0,
+            misses: 2,
+            faults: 0
+        }
+    );
+
+    // a refusal by the model fails closed and is the model's to report
+    assert!(mem.read_slice(&mut back, GuestAddress(0x10)).is_err());
+    assert!(
+        mem.write_slice(&[1; 16], GuestAddress(WINDOW + WINDOW_LEN - 0x100))
+            .is_err(),
+        "read-only page"
+    );
+    assert_eq!(ep.stats().faults, 2);
+    assert!(hooks.dmas().is_empty(), "{:?}", hooks.dmas());
+
+    // what the model never saw, the seam reports
+    assert!(
+        mem.read_slice(&mut back, GuestAddress(u64::MAX - 8))
+            .is_err()
+    );
+    let dmas = hooks.dmas();
+    assert_eq!(dmas.len(), 1);
+    assert_eq!(
+        dmas[0].outcome,
+        DmaOutcome::Faulted {
+            reason: SEAM_FAULT_REASON
+        }
+    );
+    // invalidation has nothing to drop and must not disturb the next access
+    ep.invalidate_all();
+    mem.read_slice(&mut back, GuestAddress(WINDOW)).unwrap();
+}
+
+/// A model that says yes without mapping anything.
+#[derive(Debug)]
+struct Liar;
+
+impl DmaTranslate for Liar {
+    fn resolve(
+        &self,
+        _: u64,
+        _: u64,
+        _: Permissions,
+        _: &mut Iotlb,
+    ) -> Result<DmaResolution, DmaFault> {
+        Ok(DmaResolution::Bypassed)
+    }
+}
+
+#[test]
+fn a_model_owned_seam_refuses_what_the_model_accepted_but_did_not_map() {
+    let phys = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let hooks = Arc::new(RecordingHooks::default());
+    let ep = EndpointIommu::model_owned(Endpoint::Pci(Bdf(0x10)), Arc::new(Liar), hooks.clone());
+    let mem = IommuMemory::new(phys, ep, true, ());
+    let mut b = [0u8; 8];
+    assert!(mem.read_slice(&mut b, GuestAddress(0x1000)).is_err());
+    assert_eq!(hooks.dmas().len(), 1, "the seam's own refusal is reported");
+}

@@ -20,7 +20,7 @@ pub const PT_BASE: u64 = 0x40_0000;
 
 pub struct Rig {
     pub mem: GuestMemoryMmap,
-    pub smmu: SmmuV3,
+    pub smmu: Arc<SmmuV3>,
     pub irq: Arc<RecordingInterrupts>,
     pub hooks: Arc<RecordingHooks>,
     pub alloc: AtomicU64,
@@ -49,7 +49,7 @@ impl Rig {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
         let irq = Arc::new(RecordingInterrupts::default());
         let hooks = Arc::new(RecordingHooks::default());
-        let smmu = SmmuV3::new(cfg, irq.clone(), hooks.clone());
+        let smmu = Arc::new(SmmuV3::new(cfg, irq.clone(), hooks.clone()));
         Rig {
             mem,
             smmu,

@@ -154,7 +154,7 @@ pub fn dereg_ioat(z: &Zpci, m: &Mem, fh: u32) -> InsnStatus {
 
 /// Model + memory + tables + enabled function with the tables registered.
 pub struct Rig {
-    pub z: Zpci,
+    pub z: Arc<Zpci>,
     pub m: Mem,
     pub t: GuestTables,
     pub fh: u32,
@@ -168,7 +168,13 @@ pub fn rig_with(opts: ZpciOptions, c: FunctionConfig) -> Rig {
     let t = GuestTables::new(&m, ARENA, ARENA + 0x40_0000).unwrap();
     let fh = enable(&z, FID);
     assert_eq!(reg_ioat(&z, &m, fh, &t), InsnStatus::OK);
-    Rig { z, m, t, fh, rec }
+    Rig {
+        z: Arc::new(z),
+        m,
+        t,
+        fh,
+        rec,
+    }
 }
 
 pub fn rig() -> Rig {

@@ -1,0 +1,227 @@
+//! A real virtio-blk behind a zPCI function, with no guest: the device's every DMA (rings and
+//! buffers, IOVAs in the function's DMA window) goes through the seam in its model-owned form,
+//! is translated by the function's DMA tables exactly once and reported exactly once (by the
+//! model); after the function is disabled the same device is refused, without touching disk
+//! or memory.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice_devapi::{
+    DmaFault, DmaOutcome, DmaResolution, DmaTranslate, EndpointIommu, NullInterrupts,
+    RecordingHooks, TableMemory,
+};
+use sluice_pci::PciInterrupt;
+use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT};
+use sluice_virtio_blk::{BlockDevice, Disk};
+use sluice_virtio_pci::{
+    ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
+};
+use sluice_zpci::InsnStatus;
+use sluice_zpci::clp::SetPciFnOp;
+use sluice_zpci::seam::FunctionTranslator;
+use virtio_queue::QueueT;
+use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, Iotlb, Permissions};
+
+/// Rings (guest-physical; three pages).
+const QUEUE: u64 = 0x90_0000;
+/// Request buffers (guest-physical; four pages).
+const BUFS: u64 = 0xa0_0000;
+
+/// The IOVA the device uses for guest-physical `gpa`: the window maps PBA + x onto x.
+fn iova(gpa: u64) -> u64 {
+    PBA + gpa
+}
+
+#[derive(Default)]
+struct MemDisk(Mutex<Vec<u8>>);
+
+impl Disk for MemDisk {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let d = self.0.lock().unwrap();
+        let o = off as usize;
+        buf.copy_from_slice(&d[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let mut d = self.0.lock().unwrap();
+        let o = off as usize;
+        d[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+}
+
+/// Counts the accesses the seam hands to the model.
+#[derive(Debug)]
+struct Counting(FunctionTranslator, AtomicU64);
+
+impl DmaTranslate for Counting {
+    fn resolve(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Permissions,
+        fill: &mut Iotlb,
+    ) -> Result<DmaResolution, DmaFault> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.resolve(iova, len, access, fill)
+    }
+}
+
+fn header(ty: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+fn wait_used(q: &MockSplitQueue<'_, Mem>, n: u16) {
+    let t = Instant::now();
+    while q.used().idx().load() < n && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(q.used().idx().load(), n);
+}
+
+#[test]
+fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
+    let mut r = rig();
+    r.t.map_range(&r.m, iova(QUEUE), QUEUE, 3, true).unwrap();
+    r.t.map_range(&r.m, iova(BUFS), BUFS, 4, true).unwrap();
+    assert_eq!(r.z.rpcit(&r.m, r.fh, iova(QUEUE), 0x3000), InsnStatus::OK);
+    assert_eq!(r.z.rpcit(&r.m, r.fh, iova(BUFS), 0x4000), InsnStatus::OK);
+
+    let m = &r.m;
+    let q = MockSplitQueue::create(m, GuestAddress(QUEUE), 16);
+    let sector = [0xa5u8; 512];
+    m.write_slice(&header(T_OUT, 2), GuestAddress(BUFS))
+        .unwrap();
+    m.write_slice(&sector, GuestAddress(BUFS + 0x1000)).unwrap();
+    m.write_slice(&header(T_IN, 2), GuestAddress(BUFS + 0x100))
+        .unwrap();
+    m.write_obj(0xffu8, GuestAddress(BUFS + 0x200)).unwrap();
+    m.write_obj(0xffu8, GuestAddress(BUFS + 0x201)).unwrap();
+    q.add_desc_chains(
+        &[
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS), 16, 1, 1)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x1000), 512, 1, 2)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x200), 1, 2, 0)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x100), 16, 1, 4)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x2000), 512, 3, 5)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x201), 1, 2, 0)),
+        ],
+        0,
+    )
+    .unwrap();
+    // The driver gives the device the rings' IOVAs.
+    let mut queue = q.create_queue::<virtio_queue::Queue>().unwrap();
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let (lo, hi) = split(iova(q.desc_table_addr().0));
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(iova(q.avail_addr().0));
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(iova(q.used_addr().0));
+    queue.set_used_ring_address(lo, hi);
+
+    let mem_now = r.m.clone();
+    let tables: TableMemory = Arc::new(move || Arc::new(mem_now.clone()));
+    let counting = Arc::new(Counting(
+        FunctionTranslator::new(r.z.clone(), tables, FID).unwrap(),
+        AtomicU64::new(0),
+    ));
+    let seam_hooks = Arc::new(RecordingHooks::default());
+    let seam = EndpointIommu::model_owned(
+        sluice_devapi::Endpoint::Zpci { fh: r.fh },
+        counting.clone(),
+        seam_hooks.clone(),
+    );
+    let disk = Arc::new(MemDisk(Mutex::new(vec![0; 1 << 20])));
+    let mut dev = BlockDevice::new("blk0", disk.clone(), false);
+    dev.activate(ActivationContext {
+        mem: SharedMemory::new(r.m.clone()),
+        dma: DmaMemory::Translated {
+            phys: SharedMemory::new(r.m.clone()),
+            iommu: seam.clone(),
+        },
+        queues: vec![(0, queue)],
+        interrupt: Arc::new(VirtioInterrupt::new(
+            PciInterrupt::new(Arc::new(NullInterrupts), None),
+            1,
+        )),
+        acked_features: (1 << 32) | (1 << 33),
+    })
+    .unwrap();
+    dev.queue_notify(0);
+    wait_used(&q, 2);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x200)).unwrap(), S_OK);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x201)).unwrap(), S_OK);
+    assert_eq!(&disk.0.lock().unwrap()[1024..1536], &sector[..]);
+    let mut back = [0u8; 512];
+    m.read_slice(&mut back, GuestAddress(BUFS + 0x2000))
+        .unwrap();
+    assert_eq!(back, sector);
+
+    let accesses = counting.1.load(Ordering::Relaxed);
+    let reported = r.rec.dmas();
+    assert!(accesses >= 6, "rings and buffers: {accesses} accesses");
+    assert_eq!(reported.len() as u64, accesses, "{reported:?}");
+    assert!(
+        reported
+            .iter()
+            .all(|d| matches!(d.outcome, DmaOutcome::Translated { .. })),
+        "{reported:?}"
+    );
+    assert!(seam_hooks.dmas().is_empty());
+    assert_eq!(seam.stats().hits, 0);
+    assert_eq!(seam.stats().misses, accesses);
+
+    // The guest disables the function: the device's next request is refused at its first
+    // access (the ring), so nothing is written anywhere.
+    r.z.clp_set_pci_fn(r.fh, SetPciFnOp::Disable).unwrap();
+    m.write_slice(&header(T_OUT, 4), GuestAddress(BUFS + 0x300))
+        .unwrap();
+    q.add_desc_chains(
+        &[
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x300), 16, 1, 7)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x1000), 512, 1, 8)),
+            RawDescriptor::from(SplitDescriptor::new(iova(BUFS + 0x202), 1, 2, 0)),
+        ],
+        6,
+    )
+    .unwrap();
+    let before = counting.1.load(Ordering::Relaxed);
+    dev.queue_notify(0);
+    let t = Instant::now();
+    while counting.1.load(Ordering::Relaxed) == before && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(q.used().idx().load(), 2, "nothing was published");
+    assert!(disk.0.lock().unwrap()[2048..2560].iter().all(|&b| b == 0));
+    let refused: Vec<_> = r
+        .rec
+        .dmas()
+        .into_iter()
+        .filter(|d| matches!(d.outcome, DmaOutcome::Faulted { .. }))
+        .collect();
+    assert!(!refused.is_empty());
+    assert_eq!(
+        r.rec.dmas().len() as u64,
+        counting.1.load(Ordering::Relaxed),
+        "refusals too are reported once"
+    );
+    dev.reset();
+}
