@@ -20,7 +20,7 @@ pub mod verdict;
 use std::path::Path;
 
 pub use plan::{RunCase, Shard};
-pub use scenario::{Scenario, ScenarioError};
+pub use scenario::{IommuKind, Scenario, ScenarioError};
 pub use verdict::{CaseResult, Observation, SuiteSummary};
 
 /// Executes one run case and reports what happened.

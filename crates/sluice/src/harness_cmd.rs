@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use sluice_harness::plan::{self, Shard};
 use sluice_harness::verdict::{self, Observation};
-use sluice_harness::{RunCase, Runner, Scenario, junit};
+use sluice_harness::{IommuKind, RunCase, Runner, Scenario, junit};
 use sluice_host::{DiskSpec, DmaEngineSpec};
 use sluice_inject::{Plan, PointRegistry, SymbolMap};
 
@@ -197,10 +197,9 @@ pub(crate) fn rogue_of(s: &Scenario) -> Result<Vec<RogueRule>> {
 }
 
 pub(crate) fn iommu_of(s: &Scenario) -> IommuArg {
-    if s.devices.iommu == "virtio" {
-        IommuArg::Virtio
-    } else {
-        IommuArg::None
+    match s.devices.iommu {
+        IommuKind::Virtio => IommuArg::Virtio,
+        IommuKind::None => IommuArg::None,
     }
 }
 
@@ -272,7 +271,7 @@ impl GuestRunner<'_> {
             disks.push(DiskSpec {
                 path,
                 read_only: false,
-                iommu: d.iommu && s.devices.iommu != "none",
+                iommu: d.iommu && s.devices.iommu.is_some(),
             });
         }
         let mut cmdline = s.guest.cmdline.clone();
