@@ -142,12 +142,15 @@ pub struct ConsoleSummary {
     pub long_lines: u64,
     /// Lines with bytes that are not UTF-8 (decoded with U+FFFD in memory, raw in the log).
     pub non_utf8_lines: u64,
+    /// QEMU exited but its console pipe did not reach its end within the drain time (another
+    /// process still holds it open, or the reader stopped): what followed is missing.
+    pub unfinished: bool,
 }
 
 impl ConsoleSummary {
     /// Something of the console is only in `serial.log`.
     pub fn truncated(&self) -> bool {
-        self.dropped_lines > 0 || self.long_lines > 0
+        self.dropped_lines > 0 || self.long_lines > 0 || self.unfinished
     }
 }
 

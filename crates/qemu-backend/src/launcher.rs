@@ -185,6 +185,8 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
 
 /// Console pieces in flight between the reader thread and the supervisor.
 const CONSOLE_QUEUE: usize = 4096;
+/// How long the console may stay open after QEMU exited before the run ends without its end.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 
 /// A finished QEMU run: the outcome every backend reports, and how much of the console was
 /// kept in memory.
@@ -264,6 +266,7 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
     let mut seen = ConsoleState::default();
     let mut device_error = None;
     let mut timed_out = false;
+    let mut exited_at: Option<Instant> = None;
     let status = loop {
         // Wait briefly for console output; this is also the supervision tick.
         if let Ok(msg) = con_rx.recv_timeout(Duration::from_millis(20)) {
@@ -286,13 +289,26 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
             let _ = child.kill();
         }
         match child.try_wait() {
-            // Keep reading until the console pipe closes so no last line is lost.
-            Ok(Some(status))
-                if seen.ended || start.elapsed() > cfg.timeout + Duration::from_secs(2) =>
-            {
-                break Some(status);
+            // Keep reading until the console pipe closes so no last line is lost, but not for
+            // ever: a pipe that stays open after QEMU's exit (held by another process) must
+            // not turn a finished run into a timeout.
+            Ok(Some(status)) => {
+                let exited = *exited_at.get_or_insert_with(Instant::now);
+                if seen.ended
+                    || exited.elapsed() > CONSOLE_DRAIN
+                    || start.elapsed() > cfg.timeout + CONSOLE_DRAIN
+                {
+                    if !seen.ended {
+                        log::warn!(
+                            "QEMU exited but its console did not close within {CONSOLE_DRAIN:?}; \
+                             the console may be incomplete"
+                        );
+                        seen.summary.unfinished = true;
+                    }
+                    break Some(status);
+                }
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(_) => break None,
         }
     };
@@ -497,6 +513,32 @@ printf 'SLUICE: RESULT PASS\r\nSLUICE: done\n'",
                 String::from_utf8_lossy(&log)
             );
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_console_held_open_after_qemu_exits_does_not_make_a_timeout() {
+        // A background child inherits QEMU's stdout and keeps the pipe open for 20 s after the
+        // "QEMU" exits: the run must end as powered off about CONSOLE_DRAIN later, not at the
+        // 30 s timeout, and say that its console may be incomplete.
+        let (cfg, dir) = fake(
+            "held",
+            "printf 'SLUICE: init started\nSLUICE: RESULT PASS\n'\n(sleep 20) &\nexit 0",
+        );
+        let start = Instant::now();
+        let r = run_qemu(&cfg, &no_devices()).unwrap();
+        assert_eq!(r.outcome.exit, GuestExit::PoweredOff);
+        assert!(r.console.unfinished);
+        assert!(r.console.truncated());
+        assert!(
+            r.outcome.console.iter().any(|l| l == "SLUICE: RESULT PASS"),
+            "{:?}",
+            r.outcome.console
+        );
+        assert!(
+            start.elapsed() < cfg.timeout,
+            "ended by the drain bound, not the timeout"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -500,7 +500,14 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         outcome,
         console: kept,
     } = sluice_qemu::run_qemu(&cfg, &devices)?;
-    if kept.truncated() && !spec.quiet {
+    if kept.unfinished && !spec.quiet {
+        eprintln!(
+            "sluice: console: QEMU exited but its console did not end; the last lines may be \
+             missing from {}",
+            serial_log.display()
+        );
+    }
+    if (kept.dropped_lines > 0 || kept.long_lines > 0) && !spec.quiet {
         eprintln!(
             "sluice: console: {} line(s) left out of memory, {} over-long line(s) cut; the \
              full console is in {}",
@@ -527,6 +534,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "dropped_lines": kept.dropped_lines,
             "long_lines_cut": kept.long_lines,
             "non_utf8_lines": kept.non_utf8_lines,
+            "unfinished": kept.unfinished,
             "truncated": kept.truncated(),
         },
     });
