@@ -8,14 +8,15 @@
 use criterion::{criterion_group, criterion_main};
 use sluice_benches::{Bench, bench_config};
 use sluice_devapi::{Fanout, Hooks, NoHooks, PointCtx};
-use sluice_inject::{Injector, Plan, PointRegistry, VirtioKind};
+use sluice_host::points::{self, VirtioKind};
+use sluice_inject::{Injector, Plan};
 use std::hint::black_box;
 use std::sync::Arc;
 
 fn injector(plan: &str) -> Arc<Injector> {
-    let mut r = PointRegistry::sluice_models();
-    r.add_virtio_device("blk0", VirtioKind::Block);
-    r.add_virtio_device("viommu0", VirtioKind::Iommu);
+    let mut r = points::all_models();
+    points::add_virtio_device(&mut r, "blk0", VirtioKind::Block);
+    points::add_virtio_device(&mut r, "viommu0", VirtioKind::Iommu);
     Arc::new(Injector::new(
         r.validate(&Plan::parse_cli(plan).expect("plan"))
             .expect("valid"),

@@ -9,6 +9,7 @@
 mod dma_stats;
 mod intx;
 mod outcome;
+pub mod points;
 
 use std::path::PathBuf;
 use std::sync::Arc;

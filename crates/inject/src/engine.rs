@@ -332,12 +332,11 @@ impl Hooks for Injector {
 mod tests {
     use super::*;
     use crate::plan::Plan;
-    use crate::registry::{PointRegistry, SymbolMap, VirtioKind};
+    use crate::registry::{SymbolMap, fixture};
     use sluice_devapi::Bdf;
 
     fn injector(plan: &str) -> (Arc<Injector>, Arc<Mutex<Vec<Firing>>>) {
-        let mut r = PointRegistry::sluice_models();
-        r.add_virtio_device("blk0", VirtioKind::Block);
+        let mut r = fixture::with_blk0();
         r.set_symbols(SymbolMap::parse("ffffffff81000010 T bus_iommu_probe\n"));
         let inj = Arc::new(Injector::new(
             r.validate(&Plan::parse_cli(plan).unwrap()).unwrap(),

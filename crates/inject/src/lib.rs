@@ -21,4 +21,4 @@ pub use delay::{Delay, MAX_DELAY, WATCHDOG_BUDGET};
 pub use engine::{Firing, FiringSink, Injector};
 pub use plan::{EndpointFilter, Mode, Plan, PlanError, RULE_KEYS, RuleSpec};
 pub use plugin::{GuestHit, PluginServer, find_plugin, qemu_args};
-pub use registry::{Model, PointInfo, PointRegistry, Rule, SymbolMap, ValidPlan, VirtioKind};
+pub use registry::{ModelPoints, PointInfo, PointRegistry, Rule, SymbolMap, ValidPlan};

@@ -22,17 +22,6 @@ pub struct PointInfo {
     pub owner: String,
 }
 
-/// The kind of a virtio device instance, for its per-instance points.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VirtioKind {
-    /// virtio-blk: `virtio.<dev>.{notify,status,complete}`.
-    Block,
-    /// virtio-iommu: `virtio.<dev>.{notify,status}`.
-    Iommu,
-    /// Any other virtio device: `virtio.<dev>.{notify,status}`.
-    Other,
-}
-
 /// `nm`-style symbol table (`System.map`: `address type name`).
 #[derive(Debug, Clone, Default)]
 pub struct SymbolMap {
@@ -90,51 +79,16 @@ impl SymbolMap {
     }
 }
 
-/// A Sluice device model with named points of its own (device instances add theirs with
-/// [`PointRegistry::add_virtio_device`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Model {
-    /// virtio-iommu requests and config (`virtio-iommu.*`).
-    VirtioIommu,
-    /// The PCI command register of virtio-pci functions (`pci.cfg.write.command`).
-    VirtioPci,
-    /// Arm SMMUv3 registers and commands (`smmuv3.*`).
-    Smmuv3,
-    /// s390 zPCI (`zpci.*`).
-    Zpci,
-}
-
-impl Model {
-    /// Every model, in the order `sluice points` lists them.
-    pub const ALL: [Model; 4] = [
-        Model::VirtioIommu,
-        Model::VirtioPci,
-        Model::Smmuv3,
-        Model::Zpci,
-    ];
-
-    /// The owner name points carry.
-    pub fn owner(self) -> &'static str {
-        match self {
-            Model::VirtioIommu => "virtio-iommu",
-            Model::VirtioPci => "virtio-pci",
-            Model::Smmuv3 => "smmuv3",
-            Model::Zpci => "zpci",
-        }
-    }
-
-    /// Its points, and those of them that can defer.
-    fn points(self) -> (Vec<&'static str>, &'static [&'static str]) {
-        match self {
-            Model::VirtioIommu => (
-                sluice_virtio_iommu::POINTS.to_vec(),
-                sluice_virtio_iommu::DEFER_POINTS,
-            ),
-            Model::VirtioPci => (vec![sluice_virtio_pci::points::CFG_WRITE_COMMAND], &[]),
-            Model::Smmuv3 => (sluice_smmuv3::points(), &[]),
-            Model::Zpci => (sluice_zpci::POINTS.to_vec(), &[]),
-        }
-    }
+/// One model's named points, as its crate declares them. The device host assembles the
+/// catalogue of every model (`sluice_host::points`); this crate knows no model.
+#[derive(Debug, Clone)]
+pub struct ModelPoints {
+    /// The owner name its points carry (`virtio-iommu`, `smmuv3`, ...).
+    pub owner: &'static str,
+    /// Its points.
+    pub names: Vec<&'static str>,
+    /// Those of them that can take `mode=defer`.
+    pub defer: &'static [&'static str],
 }
 
 /// Every point of a run.
@@ -152,24 +106,23 @@ impl PointRegistry {
         Self::default()
     }
 
-    /// The points of every Sluice model that does not depend on device names: virtio-iommu
-    /// requests and config, the PCI command register, SMMUv3 registers and commands, zPCI.
-    pub fn sluice_models() -> Self {
-        Self::with_models(&Model::ALL)
+    /// Every point of every model in `catalogue` (what `sluice points` lists).
+    pub fn all_models(catalogue: &[ModelPoints]) -> Self {
+        let owners: Vec<&str> = catalogue.iter().map(|m| m.owner).collect();
+        Self::with_models(catalogue, &owners)
     }
 
-    /// The points of `models` only: those a run with these models can fire. The points of the
-    /// other models stay known, so a rule on one of them is refused as "not in this run"
-    /// rather than "unknown".
-    pub fn with_models(models: &[Model]) -> Self {
+    /// The points of the models of `catalogue` whose owner is in `present`: those a run with
+    /// these models can fire. The points of the other models stay known, so a rule on one of
+    /// them is refused as "not in this run" rather than "unknown".
+    pub fn with_models(catalogue: &[ModelPoints], present: &[&str]) -> Self {
         let mut r = Self::new();
-        for m in Model::ALL {
-            let (names, defer) = m.points();
-            if models.contains(&m) {
-                r.add_model(m.owner(), &names, defer);
+        for m in catalogue {
+            if present.contains(&m.owner) {
+                r.add_model(m.owner, &m.names, m.defer);
             } else {
                 r.absent
-                    .extend(names.iter().map(|n| (n.to_string(), m.owner())));
+                    .extend(m.names.iter().map(|n| (n.to_string(), m.owner)));
             }
         }
         r
@@ -194,12 +147,10 @@ impl PointRegistry {
         );
     }
 
-    /// Adds the per-instance points of virtio device `name` (as the transport names them).
-    pub fn add_virtio_device(&mut self, name: &str, kind: VirtioKind) {
-        self.add(&sluice_virtio_pci::points::notify(name), false, name);
-        self.add(&sluice_virtio_pci::points::status(name), false, name);
-        if kind == VirtioKind::Block {
-            self.add(&sluice_virtio_blk::complete_point(name), true, name);
+    /// Adds the points of one device instance `instance`: (point, can defer).
+    pub fn add_instance(&mut self, instance: &str, points: &[(String, bool)]) {
+        for (name, defer) in points {
+            self.add(name, *defer, instance);
         }
     }
 
@@ -461,9 +412,8 @@ mod tests {
     use super::*;
 
     fn reg() -> PointRegistry {
-        let mut r = PointRegistry::sluice_models();
-        r.add_virtio_device("blk0", VirtioKind::Block);
-        r.add_virtio_device("viommu0", VirtioKind::Iommu);
+        let mut r = fixture::with_blk0();
+        fixture::add_virtio(&mut r, "viommu0", false);
         r.set_symbols(SymbolMap::parse(
             "ffffffff81000000 T _text\nffffffff81234560 T bus_iommu_probe\n\
              ffffffff81234000 t iommu_subsys_init\nffffffff82000000 D some_data\n",
@@ -527,7 +477,7 @@ mod tests {
         assert!(v("virtio-iommu.req.attach:delay=1ms,sid=1").is_err());
         assert!(v("smmuv3.cmd.CFGI_STE:delay=1ms,fh=1").is_err());
         assert!(v("zpci.rpcit:delay=1ms,fh=1").is_ok());
-        let no_syms = PointRegistry::sluice_models();
+        let no_syms = PointRegistry::all_models(&fixture::catalogue());
         let e = no_syms
             .validate(&Plan::parse_cli("guest.sym.bus_iommu_probe:delay=1ms").unwrap())
             .unwrap_err();
@@ -550,13 +500,14 @@ mod tests {
     }
 
     /// An x86 virtio-iommu run has no SMMUv3 or zPCI: rules on their points are refused with
-    /// the run's own points, nearest first; `sluice_models()` (what `sluice points` lists)
+    /// the run's own points, nearest first; `all_models()` (what `sluice points` lists)
     /// still has every point.
     #[test]
     fn points_of_models_not_in_the_run_are_refused() {
-        let mut r = PointRegistry::with_models(&[Model::VirtioIommu, Model::VirtioPci]);
-        r.add_virtio_device("blk0", VirtioKind::Block);
-        r.add_virtio_device("viommu0", VirtioKind::Iommu);
+        let mut r =
+            PointRegistry::with_models(&fixture::catalogue(), &["virtio-iommu", "virtio-pci"]);
+        fixture::add_virtio(&mut r, "blk0", true);
+        fixture::add_virtio(&mut r, "viommu0", false);
         let v = |s: &str| r.validate(&Plan::parse_cli(s).unwrap());
         assert!(v("virtio-iommu.req.attach:delay=1ms").is_ok());
         assert!(v("virtio.blk0.complete:delay=1ms,mode=defer").is_ok());
@@ -589,7 +540,7 @@ mod tests {
         assert!(e.ends_with(", guest.sym.<symbol>[+offset]"), "{e}");
         let e = v("virtio.blk0.notfy:delay=1ms").unwrap_err().to_string();
         assert!(e.contains("nearest first: virtio.blk0.notify, "), "{e}");
-        let all = PointRegistry::sluice_models();
+        let all = PointRegistry::all_models(&fixture::catalogue());
         assert!(all.get("smmuv3.cmd.CFGI_STE").is_some() && all.get("zpci.rpcit").is_some());
     }
 
@@ -605,5 +556,70 @@ mod tests {
         );
         assert!(v("virtio-iommu.req.map:delay=1ms")[0].contains("unbounded"));
         assert!(v("virtio-iommu.req.map:delay=1ms,count=5").is_empty());
+    }
+}
+
+/// A catalogue for this crate's own tests, shaped like the device host's (the real one is
+/// `sluice_host::points::catalogue()`; its tests check the real names).
+#[cfg(test)]
+pub(crate) mod fixture {
+    use super::{ModelPoints, PointRegistry};
+
+    const VIOMMU: &[&str] = &[
+        "virtio-iommu.req.attach",
+        "virtio-iommu.req.detach",
+        "virtio-iommu.req.map",
+        "virtio-iommu.req.unmap",
+        "virtio-iommu.req.probe",
+    ];
+
+    pub(crate) fn catalogue() -> Vec<ModelPoints> {
+        let mut viommu = VIOMMU.to_vec();
+        viommu.push("virtio-iommu.config.write");
+        vec![
+            ModelPoints {
+                owner: "virtio-iommu",
+                names: viommu,
+                defer: VIOMMU,
+            },
+            ModelPoints {
+                owner: "virtio-pci",
+                names: vec!["pci.cfg.write.command"],
+                defer: &[],
+            },
+            ModelPoints {
+                owner: "smmuv3",
+                names: vec![
+                    "smmuv3.cmd.CFGI_STE",
+                    "smmuv3.cmd.CMD_SYNC",
+                    "smmuv3.mmio.write.CR0",
+                ],
+                defer: &[],
+            },
+            ModelPoints {
+                owner: "zpci",
+                names: vec!["zpci.rpcit", "zpci.mpcifc.reg_ioat"],
+                defer: &[],
+            },
+        ]
+    }
+
+    /// A virtio device instance's points, as the transport and virtio-blk name them.
+    pub(crate) fn add_virtio(r: &mut PointRegistry, name: &str, block: bool) {
+        let mut p = vec![
+            (format!("virtio.{name}.notify"), false),
+            (format!("virtio.{name}.status"), false),
+        ];
+        if block {
+            p.push((format!("virtio.{name}.complete"), true));
+        }
+        r.add_instance(name, &p);
+    }
+
+    /// Every model and one disk, `blk0`.
+    pub(crate) fn with_blk0() -> PointRegistry {
+        let mut r = PointRegistry::all_models(&catalogue());
+        add_virtio(&mut r, "blk0", true);
+        r
     }
 }

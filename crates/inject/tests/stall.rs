@@ -5,12 +5,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_devapi::{Fanout, Hooks, NoHooks, PointCtx};
-use sluice_inject::{Firing, Injector, Plan, PointRegistry, VirtioKind};
+use sluice_inject::{Firing, Injector, Plan};
 
 #[test]
 fn stalled_point_holds_only_its_thread() {
-    let mut reg = PointRegistry::sluice_models();
-    reg.add_virtio_device("blk0", VirtioKind::Block);
+    let mut reg = sluice_host::points::all_models();
+    sluice_host::points::add_virtio_device(
+        &mut reg,
+        "blk0",
+        sluice_host::points::VirtioKind::Block,
+    );
     let plan = reg
         .validate(&Plan::parse_cli("virtio-iommu.req.attach:delay=2s,nth=1").unwrap())
         .unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sluice_devapi::{Endpoint, Fanout, Hooks};
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, HostOptions, IommuChoice};
-use sluice_inject::{Firing, Injector, Plan, PointRegistry, VirtioKind};
+use sluice_inject::{Firing, Injector, Plan};
 use sluice_qemu::launcher::{Accel, QemuConfig};
 use sluice_virtio_iommu::ViommuConfig;
 
@@ -39,9 +39,17 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
         read_only: false,
         iommu: true,
     }];
-    let mut reg = PointRegistry::sluice_models();
-    reg.add_virtio_device("blk0", VirtioKind::Block);
-    reg.add_virtio_device("viommu0", VirtioKind::Iommu);
+    let mut reg = sluice_host::points::all_models();
+    sluice_host::points::add_virtio_device(
+        &mut reg,
+        "blk0",
+        sluice_host::points::VirtioKind::Block,
+    );
+    sluice_host::points::add_virtio_device(
+        &mut reg,
+        "viommu0",
+        sluice_host::points::VirtioKind::Iommu,
+    );
     let plan = reg
         .validate(&Plan::parse_cli(plan.unwrap_or("")).unwrap())
         .unwrap();

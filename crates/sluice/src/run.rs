@@ -8,13 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use sluice_devapi::{Bdf, Fanout, Hooks};
+use sluice_host::points::{self, Model, VirtioKind};
 use sluice_host::{
     DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome,
 };
 use sluice_inject::registry::GUEST_SYM_PREFIX;
-use sluice_inject::{
-    Firing, Injector, Model, Plan, PluginServer, PointRegistry, SymbolMap, VirtioKind,
-};
+use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap};
 use sluice_oracle::topology::Topology;
 use sluice_oracle::{Oracle, OracleConfig};
 use sluice_qemu::{Accel, ConsoleSink, QemuConfig};
@@ -697,7 +696,7 @@ pub fn registry_for(disks: usize, iommu: IommuArg) -> PointRegistry {
     if iommu == IommuArg::Virtio {
         models.push(Model::VirtioIommu);
     }
-    with_devices(PointRegistry::with_models(&models), disks, iommu)
+    with_devices(points::registry(&models), disks, iommu)
 }
 
 /// The points of this run: its models and devices, the DMA engine's when it has one.
@@ -711,25 +710,22 @@ fn run_registry(spec: &RunSpec, disks: usize) -> PointRegistry {
 
 /// The DMA engine's points (`--dma-engine`; its instance is always `dma0`).
 pub fn add_dma_engine(reg: &mut PointRegistry) {
-    use sluice_dma_engine::points;
-    for p in [points::doorbell, points::complete, points::rogue] {
-        reg.add(&p("dma0"), false, "dma0");
-    }
+    points::add_dma_engine(reg, "dma0");
 }
 
 /// Every point of every model (`sluice points`), with the device instances of such a run.
 pub fn all_points(disks: usize, iommu: IommuArg) -> PointRegistry {
-    let mut reg = with_devices(PointRegistry::sluice_models(), disks, iommu);
+    let mut reg = with_devices(points::all_models(), disks, iommu);
     add_dma_engine(&mut reg);
     reg
 }
 
 fn with_devices(mut reg: PointRegistry, disks: usize, iommu: IommuArg) -> PointRegistry {
     for i in 0..disks {
-        reg.add_virtio_device(&format!("blk{i}"), VirtioKind::Block);
+        points::add_virtio_device(&mut reg, &format!("blk{i}"), VirtioKind::Block);
     }
     if iommu == IommuArg::Virtio {
-        reg.add_virtio_device("viommu0", VirtioKind::Iommu);
+        points::add_virtio_device(&mut reg, "viommu0", VirtioKind::Iommu);
     }
     reg
 }

@@ -116,12 +116,20 @@ impl DoorbellLoop {
 mod tests {
     use super::*;
     use sluice_host::{DeviceSet, DiskSpec, HostOptions, IommuChoice};
-    use sluice_inject::{Plan, PointRegistry, VirtioKind};
+    use sluice_inject::Plan;
 
     fn injector(rules: &str) -> Injector {
-        let mut reg = PointRegistry::sluice_models();
-        reg.add_virtio_device("blk0", VirtioKind::Block);
-        reg.add_virtio_device("viommu0", VirtioKind::Iommu);
+        let mut reg = sluice_host::points::all_models();
+        sluice_host::points::add_virtio_device(
+            &mut reg,
+            "blk0",
+            sluice_host::points::VirtioKind::Block,
+        );
+        sluice_host::points::add_virtio_device(
+            &mut reg,
+            "viommu0",
+            sluice_host::points::VirtioKind::Iommu,
+        );
         Injector::new(reg.validate(&Plan::parse_cli(rules).unwrap()).unwrap())
     }
 

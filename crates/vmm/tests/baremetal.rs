@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sluice_devapi::{Bdf, Hooks, NoHooks};
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, IntxRelay};
-use sluice_inject::{Injector, Plan, PointRegistry, VirtioKind};
+use sluice_inject::{Injector, Plan};
 use sluice_pci::msix::{CAP_ID_MSIX, MsixTable};
 use sluice_pci::{BarKind, BarSpec, ConfigSpace, PciFunction, PciIds, PciInterrupt};
 use sluice_vmm::{
@@ -188,8 +188,12 @@ fn try_run_guest(run: &GuestRun) -> Option<Result<Ran, VmmError>> {
         vmm.breakpoint_step(step);
     }
     let injector = run.inject.map(|rules| {
-        let mut reg = PointRegistry::sluice_models();
-        reg.add_virtio_device("blk0", VirtioKind::Block);
+        let mut reg = sluice_host::points::all_models();
+        sluice_host::points::add_virtio_device(
+            &mut reg,
+            "blk0",
+            sluice_host::points::VirtioKind::Block,
+        );
         let map = env!("SLUICE_TESTGUEST_MAP");
         reg.set_symbols(sluice_inject::SymbolMap::load(map.as_ref()).expect("System.map"));
         let plan = reg
