@@ -36,7 +36,7 @@ enum Cmd {
         #[command(subcommand)]
         command: HarnessCmd,
     },
-    /// List every race-injection point (device instances of a default run included).
+    /// List the race-injection points a run of this configuration can fire (`--all`: every model's).
     Points {
         /// Disks of the run to list points for.
         #[arg(long, default_value_t = 1)]
@@ -44,6 +44,12 @@ enum Cmd {
         /// IOMMU of the run.
         #[arg(long, value_enum, default_value = "virtio")]
         iommu: run::IommuArg,
+        /// The run has Sluice's DMA engine (`--dma-engine` of `run`).
+        #[arg(long)]
+        dma_engine: bool,
+        /// Every point of every model, also those this configuration cannot fire.
+        #[arg(long)]
+        all: bool,
     },
     /// Summarise a run directory: DMA outcomes per endpoint, escapes, and an SVG timeline around
     /// each escape.
@@ -93,8 +99,17 @@ fn main() -> ExitCode {
             command: HarnessCmd::Sweep(args),
         } => sweep_cmd::sweep(*args),
         Cmd::Demo => demo::run(),
-        Cmd::Points { disks, iommu } => {
-            let reg = run::all_points(disks, iommu);
+        Cmd::Points {
+            disks,
+            iommu,
+            dma_engine,
+            all,
+        } => {
+            let reg = if all {
+                run::all_points(disks, iommu)
+            } else {
+                run::config_points(disks, iommu, dma_engine)
+            };
             for p in reg.points() {
                 println!(
                     "{:<40} {:<6} {}",

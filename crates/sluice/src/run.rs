@@ -713,7 +713,16 @@ pub fn add_dma_engine(reg: &mut PointRegistry) {
     points::add_dma_engine(reg, "dma0");
 }
 
-/// Every point of every model (`sluice points`), with the device instances of such a run.
+/// The points a run with this configuration can fire (`sluice points`).
+pub fn config_points(disks: usize, iommu: IommuArg, dma_engine: bool) -> PointRegistry {
+    let mut reg = registry_for(disks, iommu);
+    if dma_engine {
+        add_dma_engine(&mut reg);
+    }
+    reg
+}
+
+/// Every point of every model (`sluice points --all`), with the device instances of such a run.
 pub fn all_points(disks: usize, iommu: IommuArg) -> PointRegistry {
     let mut reg = with_devices(points::all_models(), disks, iommu);
     add_dma_engine(&mut reg);

@@ -125,20 +125,37 @@ fn bad_values_fail_at_once() {
 }
 
 #[test]
-fn points_still_lists_every_model() {
-    let out = sluice()
-        .args(["points", "--iommu", "none"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+fn points_lists_what_the_configuration_can_fire_and_all_lists_every_model() {
+    let list = |args: &[&str]| {
+        let out = sluice().arg("points").args(args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let x86 = list(&["--iommu", "virtio", "--dma-engine"]);
+    for p in [
+        "virtio-iommu.req.attach",
+        "virtio.blk0.notify",
+        "dma.dma0.rogue",
+    ] {
+        assert!(x86.contains(p), "{p} missing from:\n{x86}");
+    }
+    for p in ["smmuv3.", "zpci."] {
+        assert!(
+            !x86.contains(p),
+            "{p} listed for an x86 virtio-iommu run:\n{x86}"
+        );
+    }
+    let bare = list(&["--iommu", "none"]);
+    assert!(!bare.contains("virtio-iommu.req.attach"), "{bare}");
+    assert!(!bare.contains("dma.dma0"), "{bare}");
+    let all = list(&["--iommu", "none", "--all"]);
     for p in [
         "smmuv3.cmd.CFGI_STE",
         "zpci.rpcit",
         "virtio-iommu.req.attach",
         "virtio.blk0.notify",
     ] {
-        assert!(text.contains(p), "{p} missing from:\n{text}");
+        assert!(all.contains(p), "{p} missing from:\n{all}");
     }
 }
 
