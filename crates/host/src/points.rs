@@ -113,6 +113,22 @@ pub fn add_dma_engine(reg: &mut PointRegistry, name: &str) {
     reg.add_instance(name, &p);
 }
 
+/// Points a device reaches synchronously inside a doorbell write, on the thread that wrote it
+/// (a stall there holds that vCPU): its `virtio.<dev>.notify`, and for virtio-iommu (requests
+/// answered inline, the default) the completion of every request type. `kind` is the hosted
+/// device's kind (`HostedDevice::kind`).
+pub fn doorbell_points(device: &str, kind: &str) -> Vec<String> {
+    let mut v = vec![sluice_virtio_pci::points::notify(device)];
+    if kind == "virtio-iommu" {
+        v.extend(
+            sluice_virtio_iommu::REQUEST_POINTS
+                .iter()
+                .map(|p| p.to_string()),
+        );
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

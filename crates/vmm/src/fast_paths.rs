@@ -15,33 +15,13 @@ use crate::doorbell::DoorbellSet;
 use crate::msi_routes::MsiRouter;
 use crate::pci::BusObserver;
 
-/// Points a device reaches synchronously inside a doorbell write, on the thread that wrote it:
-/// its `virtio.<dev>.notify`, and for virtio-iommu (requests answered inline, the default) the
-/// completion of every request type.
-pub fn doorbell_points(device: &HostedDevice) -> Vec<String> {
-    let mut v = vec![sluice_virtio_pci::points::notify(&device.name)];
-    if device.kind == "virtio-iommu" {
-        v.extend(
-            [
-                sluice_virtio_iommu::POINT_ATTACH,
-                sluice_virtio_iommu::POINT_DETACH,
-                sluice_virtio_iommu::POINT_MAP,
-                sluice_virtio_iommu::POINT_UNMAP,
-                sluice_virtio_iommu::POINT_PROBE,
-            ]
-            .map(String::from),
-        );
-    }
-    v
-}
-
 /// The injection rules that need `device`'s doorbells to stay MMIO exits: a stall at one of
-/// its [`doorbell_points`] must hold the vCPU that rang, which only an exit can do (with an
+/// doorbell points (`sluice_host::points::doorbell_points`) must hold the vCPU that rang, which only an exit can do (with an
 /// ioeventfd the vCPU runs on and the doorbell loop would stall instead, holding every other
 /// device's doorbells too). Defer rules are included: deciding them on the loop thread would
 /// be harmless, but keeping one rule of a point on one path keeps the plan's semantics simple.
 pub fn rules_needing_exits(injector: &Injector, device: &HostedDevice) -> Vec<String> {
-    let points = doorbell_points(device);
+    let points = sluice_host::points::doorbell_points(&device.name, device.kind);
     injector
         .rules()
         .filter(|r| points.contains(&r.spec.point))

@@ -53,7 +53,10 @@ pub const POINTS: &[&str] = &[
 /// Points whose completion the device can publish later (`Hooks::defer`, mode=defer): the
 /// request is applied to the model, answered and its used-ring entry published only when the
 /// deferral is due, on the device's worker, while the vCPU that rang the doorbell runs on.
-pub const DEFER_POINTS: &[&str] = &[
+pub const DEFER_POINTS: &[&str] = REQUEST_POINTS;
+/// The completion of every request type (reached inline, inside the doorbell write, when the
+/// device answers requests on the vCPU that rang, its default).
+pub const REQUEST_POINTS: &[&str] = &[
     POINT_ATTACH,
     POINT_DETACH,
     POINT_MAP,
