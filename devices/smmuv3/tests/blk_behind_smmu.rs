@@ -6,7 +6,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,8 +18,8 @@ use sluice_pci::PciInterrupt;
 use sluice_smmuv3::EventType;
 use sluice_smmuv3::seam::StreamTranslator;
 use sluice_smmuv3::walk::Granule;
-use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT};
-use sluice_virtio_blk::{BlockDevice, Disk};
+use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT, request_header};
+use sluice_virtio_blk::{BlockDevice, MemDisk};
 use sluice_virtio_pci::{
     ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
 };
@@ -36,30 +35,6 @@ const QUEUE: u64 = 0x80_0000;
 const BUFS: u64 = 0x90_0000;
 /// An IOVA the tables do not map.
 const UNMAPPED: u64 = 0xa0_0000;
-
-#[derive(Default)]
-struct MemDisk(Mutex<Vec<u8>>);
-
-impl Disk for MemDisk {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
-        let o = off as usize;
-        buf.copy_from_slice(&d[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        let o = off as usize;
-        d[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-}
 
 /// Counts the accesses the seam hands to the model.
 #[derive(Debug)]
@@ -107,16 +82,10 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
     let m = &rig.mem;
     let q = MockSplitQueue::create(m, GuestAddress(QUEUE), 16);
     let sector = [0x5au8; 512];
-    let header = |ty: u32, sector: u64| {
-        let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&ty.to_le_bytes());
-        h[8..].copy_from_slice(&sector.to_le_bytes());
-        h
-    };
-    m.write_slice(&header(T_OUT, 2), GuestAddress(BUFS))
+    m.write_slice(&request_header(T_OUT, 2), GuestAddress(BUFS))
         .unwrap();
     m.write_slice(&sector, GuestAddress(BUFS + 0x1000)).unwrap();
-    m.write_slice(&header(T_IN, 2), GuestAddress(BUFS + 0x100))
+    m.write_slice(&request_header(T_IN, 2), GuestAddress(BUFS + 0x100))
         .unwrap();
     for (status, at) in [(BUFS + 0x200, 0), (BUFS + 0x201, 1)] {
         m.write_obj(0xffu8, GuestAddress(status)).unwrap();
@@ -150,7 +119,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
         counting.clone(),
         seam_hooks.clone(),
     );
-    let disk = Arc::new(MemDisk(Mutex::new(vec![0; 1 << 20])));
+    let disk = Arc::new(MemDisk::new(1 << 20));
     let mut dev = BlockDevice::new("blk0", disk.clone(), false);
     dev.activate(ActivationContext {
         mem: SharedMemory::new(rig.mem.clone()),
@@ -174,7 +143,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
     assert_eq!(q.used().idx().load(), 2, "both requests completed");
     assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x200)).unwrap(), S_OK);
     assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x201)).unwrap(), S_OK);
-    assert_eq!(&disk.0.lock().unwrap()[1024..1536], &sector[..]);
+    assert_eq!(&disk.contents()[1024..1536], &sector[..]);
     let mut back = [0u8; 512];
     m.read_slice(&mut back, GuestAddress(BUFS + 0x2000))
         .unwrap();
@@ -209,7 +178,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
 
     // A buffer outside the tables: the request fails closed with a translation event, and the
     // disk is not written.
-    m.write_slice(&header(T_OUT, 4), GuestAddress(BUFS + 0x300))
+    m.write_slice(&request_header(T_OUT, 4), GuestAddress(BUFS + 0x300))
         .unwrap();
     m.write_obj(0xffu8, GuestAddress(BUFS + 0x202)).unwrap();
     q.add_desc_chains(
@@ -228,7 +197,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
     }
     assert_eq!(q.used().idx().load(), 3);
     assert_ne!(m.read_obj::<u8>(GuestAddress(BUFS + 0x202)).unwrap(), S_OK);
-    assert!(disk.0.lock().unwrap()[2048..2560].iter().all(|&b| b == 0));
+    assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     assert!(
         rig.events()
             .iter()

@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 /// Random-access storage behind a block device.
 pub trait Disk: Send + Sync {
@@ -45,5 +46,78 @@ impl Disk for RawDisk {
     }
     fn size(&self) -> u64 {
         self.size
+    }
+}
+
+/// A disk in host memory (tests, benchmarks, scratch disks): fixed size, zero-filled.
+#[derive(Debug)]
+pub struct MemDisk(Mutex<Vec<u8>>);
+
+impl MemDisk {
+    /// A zeroed disk of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        MemDisk(Mutex::new(vec![0; size]))
+    }
+
+    /// The contents, locked (a poisoned lock still gives the bytes).
+    pub fn contents(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The byte range `[offset, offset + len)` (it may still lie past the end).
+    fn range(offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).map_err(|_| past_end())?;
+        let end = start.checked_add(len).ok_or_else(past_end)?;
+        Ok(start..end)
+    }
+}
+
+fn past_end() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "access past the end of the disk",
+    )
+}
+
+impl Disk for MemDisk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let r = Self::range(offset, buf.len())?;
+        buf.copy_from_slice(self.contents().get(r).ok_or_else(past_end)?);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let r = Self::range(offset, buf.len())?;
+        self.contents()
+            .get_mut(r)
+            .ok_or_else(past_end)?
+            .copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.contents().len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_disk_keeps_what_is_written_and_refuses_accesses_past_its_end() {
+        let d = MemDisk::new(4096);
+        d.write_at(&[7; 512], 1024).unwrap();
+        let mut b = [0u8; 512];
+        d.read_at(&mut b, 1024).unwrap();
+        assert_eq!(b, [7; 512]);
+        assert_eq!(d.size(), 4096);
+        assert!(d.read_at(&mut b, 4096 - 256).is_err());
+        assert!(d.write_at(&b, u64::MAX).is_err());
+        assert!(
+            d.contents()[3584..].iter().all(|&x| x == 0),
+            "a refused write writes nothing"
+        );
     }
 }

@@ -20,7 +20,7 @@ pub mod fuzzing;
 pub mod request;
 
 pub use device::{BlockCounters, BlockDevice, DeferState};
-pub use disk::{Disk, RawDisk};
+pub use disk::{Disk, MemDisk, RawDisk};
 
 /// Hook point of request completion of device `name`: `virtio.<name>.complete` (value: the
 /// request type, 0 IN, 1 OUT, 4 FLUSH, 8 GET_ID; `u64::MAX` if unreadable). Announced after

@@ -25,6 +25,15 @@ pub const S_IOERR: u8 = 1;
 /// Unsupported request.
 pub const S_UNSUPP: u8 = 2;
 
+/// The 16-byte header a driver puts first in a request: type, reserved, sector (little
+/// endian).
+pub fn request_header(ty: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
 /// Length of the GET_ID string.
 pub const ID_LEN: usize = 20;
 const HEADER_LEN: usize = 16;

@@ -4,13 +4,12 @@
 //! mappings fails the request closed without touching the disk.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sluice_devapi::{DmaOutcome, NullInterrupts, RecordingHooks};
 use sluice_pci::PciInterrupt;
-use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT};
-use sluice_virtio_blk::{BlockDevice, Disk};
+use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT, request_header};
+use sluice_virtio_blk::{BlockDevice, MemDisk};
 use sluice_virtio_iommu::device::OFFERED_FEATURES;
 use sluice_virtio_iommu::request::{Request, encode, writable_len};
 use sluice_virtio_iommu::{ViommuConfig, VirtioIommu};
@@ -26,37 +25,6 @@ const EP: u32 = 0x18;
 const QUEUE: u64 = 0x80_0000;
 const BUFS: u64 = 0x90_0000;
 const UNMAPPED: u64 = 0xa0_0000;
-
-#[derive(Default)]
-struct MemDisk(Mutex<Vec<u8>>);
-
-impl Disk for MemDisk {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
-        let o = off as usize;
-        buf.copy_from_slice(&d[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        let o = off as usize;
-        d[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-}
-
-fn header(ty: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&ty.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    h
-}
 
 fn wait_used(q: &MockSplitQueue<'_, GuestMemoryMmap>, n: u16) {
     let t = Instant::now();
@@ -102,10 +70,10 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
 
     let q = MockSplitQueue::create(&m, GuestAddress(QUEUE), 16);
     let sector = [0x3cu8; 512];
-    m.write_slice(&header(T_OUT, 2), GuestAddress(BUFS))
+    m.write_slice(&request_header(T_OUT, 2), GuestAddress(BUFS))
         .unwrap();
     m.write_slice(&sector, GuestAddress(BUFS + 0x1000)).unwrap();
-    m.write_slice(&header(T_IN, 2), GuestAddress(BUFS + 0x100))
+    m.write_slice(&request_header(T_IN, 2), GuestAddress(BUFS + 0x100))
         .unwrap();
     m.write_obj(0xffu8, GuestAddress(BUFS + 0x200)).unwrap();
     m.write_obj(0xffu8, GuestAddress(BUFS + 0x201)).unwrap();
@@ -123,7 +91,7 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     .unwrap();
     let seam = viommu.endpoint_iommu(EP).unwrap();
     assert!(!seam.is_model_owned());
-    let disk = Arc::new(MemDisk(Mutex::new(vec![0; 1 << 20])));
+    let disk = Arc::new(MemDisk::new(1 << 20));
     let mut dev = BlockDevice::new("blk0", disk.clone(), false);
     dev.activate(ActivationContext {
         mem: SharedMemory::new(m.clone()),
@@ -143,7 +111,7 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     wait_used(&q, 2);
     assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x200)).unwrap(), S_OK);
     assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x201)).unwrap(), S_OK);
-    assert_eq!(&disk.0.lock().unwrap()[1024..1536], &sector[..]);
+    assert_eq!(&disk.contents()[1024..1536], &sector[..]);
 
     // Once and once: each access was answered by the seam (a hit, or a miss it resolved) and
     // reported by it, translated in domain 1.
@@ -160,7 +128,7 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     );
 
     // A buffer outside the domain: the request fails closed and the disk is not written.
-    m.write_slice(&header(T_OUT, 4), GuestAddress(BUFS + 0x300))
+    m.write_slice(&request_header(T_OUT, 4), GuestAddress(BUFS + 0x300))
         .unwrap();
     m.write_obj(0xffu8, GuestAddress(BUFS + 0x202)).unwrap();
     q.add_desc_chains(
@@ -175,7 +143,7 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     dev.queue_notify(0);
     wait_used(&q, 3);
     assert_ne!(m.read_obj::<u8>(GuestAddress(BUFS + 0x202)).unwrap(), S_OK);
-    assert!(disk.0.lock().unwrap()[2048..2560].iter().all(|&b| b == 0));
+    assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     let s = seam.stats();
     assert_eq!(s.faults, 1);
     assert_eq!(hooks.dmas().len() as u64, s.hits + s.misses + s.faults);

@@ -7,7 +7,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,8 +16,8 @@ use sluice_devapi::{
     RecordingHooks, TableMemory,
 };
 use sluice_pci::PciInterrupt;
-use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT};
-use sluice_virtio_blk::{BlockDevice, Disk};
+use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT, request_header};
+use sluice_virtio_blk::{BlockDevice, MemDisk};
 use sluice_virtio_pci::{
     ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
 };
@@ -40,30 +39,6 @@ fn iova(gpa: u64) -> u64 {
     PBA + gpa
 }
 
-#[derive(Default)]
-struct MemDisk(Mutex<Vec<u8>>);
-
-impl Disk for MemDisk {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
-        let o = off as usize;
-        buf.copy_from_slice(&d[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        let o = off as usize;
-        d[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-}
-
 /// Counts the accesses the seam hands to the model.
 #[derive(Debug)]
 struct Counting(FunctionTranslator, AtomicU64);
@@ -79,13 +54,6 @@ impl DmaTranslate for Counting {
         self.1.fetch_add(1, Ordering::Relaxed);
         self.0.resolve(iova, len, access, fill)
     }
-}
-
-fn header(ty: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&ty.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    h
 }
 
 fn wait_used(q: &MockSplitQueue<'_, Mem>, n: u16) {
@@ -107,10 +75,10 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     let m = &r.m;
     let q = MockSplitQueue::create(m, GuestAddress(QUEUE), 16);
     let sector = [0xa5u8; 512];
-    m.write_slice(&header(T_OUT, 2), GuestAddress(BUFS))
+    m.write_slice(&request_header(T_OUT, 2), GuestAddress(BUFS))
         .unwrap();
     m.write_slice(&sector, GuestAddress(BUFS + 0x1000)).unwrap();
-    m.write_slice(&header(T_IN, 2), GuestAddress(BUFS + 0x100))
+    m.write_slice(&request_header(T_IN, 2), GuestAddress(BUFS + 0x100))
         .unwrap();
     m.write_obj(0xffu8, GuestAddress(BUFS + 0x200)).unwrap();
     m.write_obj(0xffu8, GuestAddress(BUFS + 0x201)).unwrap();
@@ -148,7 +116,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
         counting.clone(),
         seam_hooks.clone(),
     );
-    let disk = Arc::new(MemDisk(Mutex::new(vec![0; 1 << 20])));
+    let disk = Arc::new(MemDisk::new(1 << 20));
     let mut dev = BlockDevice::new("blk0", disk.clone(), false);
     dev.activate(ActivationContext {
         mem: SharedMemory::new(r.m.clone()),
@@ -168,7 +136,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     wait_used(&q, 2);
     assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x200)).unwrap(), S_OK);
     assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x201)).unwrap(), S_OK);
-    assert_eq!(&disk.0.lock().unwrap()[1024..1536], &sector[..]);
+    assert_eq!(&disk.contents()[1024..1536], &sector[..]);
     let mut back = [0u8; 512];
     m.read_slice(&mut back, GuestAddress(BUFS + 0x2000))
         .unwrap();
@@ -191,7 +159,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     // The guest disables the function: the device's next request is refused at its first
     // access (the ring), so nothing is written anywhere.
     r.z.clp_set_pci_fn(r.fh, SetPciFnOp::Disable).unwrap();
-    m.write_slice(&header(T_OUT, 4), GuestAddress(BUFS + 0x300))
+    m.write_slice(&request_header(T_OUT, 4), GuestAddress(BUFS + 0x300))
         .unwrap();
     q.add_desc_chains(
         &[
@@ -210,7 +178,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     }
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(q.used().idx().load(), 2, "nothing was published");
-    assert!(disk.0.lock().unwrap()[2048..2560].iter().all(|&b| b == 0));
+    assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     let refused: Vec<_> = r
         .rec
         .dmas()

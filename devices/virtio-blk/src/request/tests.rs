@@ -1,7 +1,5 @@
 //! Requests built with virtio-queue's mock driver, including hostile chains.
 
-use std::sync::Mutex;
-
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -9,30 +7,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::device::{BlockCounters, process_available};
+use crate::disk::MemDisk;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
-
-struct MemDisk(Mutex<Vec<u8>>);
-
-impl Disk for MemDisk {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-}
 
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
@@ -67,7 +45,7 @@ fn run_one(
 }
 
 fn disk(size: usize) -> MemDisk {
-    MemDisk(Mutex::new(vec![0; size]))
+    MemDisk::new(size)
 }
 
 #[test]
@@ -89,7 +67,7 @@ fn write_then_read_back() {
     );
     assert!(e.is_none());
     assert_eq!((c.status, c.used_len, c.bytes), (Some(S_OK), 1, 1024));
-    assert_eq!(d.0.lock().unwrap()[4096..5120], [0xab; 1024]);
+    assert_eq!(d.contents()[4096..5120], [0xab; 1024]);
 
     header(&m, 0x10_0000, T_IN, 8);
     let (c, e) = run_one(
@@ -125,7 +103,7 @@ fn header_and_status_may_share_descriptors_with_data() {
         false,
     );
     assert_eq!(c.status, Some(S_OK));
-    assert_eq!(d.0.lock().unwrap()[512..1024], [7; 512]);
+    assert_eq!(d.contents()[512..1024], [7; 512]);
 }
 
 #[test]
@@ -387,7 +365,7 @@ mod behind_an_iommu {
             512,
             "only the mapped request wrote"
         );
-        assert_eq!(d.0.lock().unwrap()[1536..2048], [0x5c; 512]);
+        assert_eq!(d.contents()[1536..2048], [0x5c; 512]);
         // The status byte went to the translated address, i.e. GPA 0x30_0000.
         assert_eq!(phys.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), S_OK);
         assert_eq!(counters.errors.load(Relaxed), 1);
