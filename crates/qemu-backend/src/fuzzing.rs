@@ -15,10 +15,11 @@
 //!   finds a malformed message or a truncated one (clean EOF between messages is `Ok`).
 #![allow(clippy::panic, clippy::indexing_slicing)]
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 
 use sluice_devapi::{Bdf, NoHooks, NullInterrupts};
 use sluice_host::{HostedDevice, IntxRelay};
@@ -264,6 +265,43 @@ fn expected(stream: &[u8]) -> (usize, bool) {
     }
 }
 
+/// Hands `peer` to this thread's drainer, which reads it to EOF and sends back everything it
+/// read. The drainer is started on first use and then serves every input (a thread per input
+/// cost more than the rest of a short input, above all under AddressSanitizer).
+fn drain(peer: UnixStream) -> mpsc::Receiver<Vec<u8>> {
+    type Job = (UnixStream, mpsc::Sender<Vec<u8>>);
+    thread_local! {
+        static DRAINER: RefCell<Option<mpsc::Sender<Job>>> = const { RefCell::new(None) };
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    DRAINER.with(|d| {
+        let mut d = d.borrow_mut();
+        let mut job = (peer, done_tx);
+        if let Some(tx) = d.as_ref() {
+            // A send fails only if the drainer is gone; then a new one is started.
+            match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(j)) => job = j,
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("mpqemu-drain".into())
+            .spawn(move || {
+                for (mut peer, done) in rx {
+                    let mut replies = Vec::new();
+                    let _ = peer.read_to_end(&mut replies);
+                    let _ = done.send(replies);
+                }
+            });
+        assert!(spawned.is_ok(), "cannot start the reply drainer");
+        if tx.send(job).is_ok() {
+            *d = Some(tx);
+        }
+    });
+    done_rx
+}
+
 /// Runs one input; panics when an invariant is violated.
 pub fn run(data: &[u8]) {
     let bytes = stream(data);
@@ -317,16 +355,11 @@ pub fn run(data: &[u8]) {
         Arc::new(AtomicBool::new(true)),
     );
     let stats = server.stats();
-    // Replies are drained concurrently: the socket buffer holds only a few hundred of them.
-    let (result, replies) = std::thread::scope(|s| {
-        let reader = s.spawn(move || {
-            let mut replies = Vec::new();
-            let _ = qemu.read_to_end(&mut replies);
-            replies
-        });
-        let result = server.run();
-        (result, reader.join().unwrap_or_default())
-    });
+    // Replies are drained concurrently (the socket buffer holds only a few hundred of them),
+    // by one long-lived thread rather than a thread spawned per input.
+    let pending = drain(qemu);
+    let result = server.run();
+    let replies = pending.recv().unwrap_or_default();
     assert_eq!(
         result.is_err(),
         want_error,
