@@ -113,6 +113,18 @@ pub fn add_dma_engine(reg: &mut PointRegistry, name: &str) {
     reg.add_instance(name, &p);
 }
 
+/// `reg` with the virtio device instances of a run of `disks` disks (`blk0`...) and, when
+/// `viommu`, the virtio-iommu (`viommu0`), as the device host names them.
+pub fn with_run_devices(mut reg: PointRegistry, disks: usize, viommu: bool) -> PointRegistry {
+    for i in 0..disks {
+        add_virtio_device(&mut reg, &format!("blk{i}"), VirtioKind::Block);
+    }
+    if viommu {
+        add_virtio_device(&mut reg, "viommu0", VirtioKind::Iommu);
+    }
+    reg
+}
+
 /// Points a device reaches synchronously inside a doorbell write, on the thread that wrote it
 /// (a stall there holds that vCPU): its `virtio.<dev>.notify`, and for virtio-iommu (requests
 /// answered inline, the default) the completion of every request type. `kind` is the hosted

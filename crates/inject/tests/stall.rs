@@ -9,12 +9,7 @@ use sluice_inject::{Firing, Injector, Plan};
 
 #[test]
 fn stalled_point_holds_only_its_thread() {
-    let mut reg = sluice_host::points::all_models();
-    sluice_host::points::add_virtio_device(
-        &mut reg,
-        "blk0",
-        sluice_host::points::VirtioKind::Block,
-    );
+    let reg = sluice_host::points::with_run_devices(sluice_host::points::all_models(), 1, false);
     let plan = reg
         .validate(&Plan::parse_cli("virtio-iommu.req.attach:delay=2s,nth=1").unwrap())
         .unwrap();

@@ -39,17 +39,7 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
         read_only: false,
         iommu: true,
     }];
-    let mut reg = sluice_host::points::all_models();
-    sluice_host::points::add_virtio_device(
-        &mut reg,
-        "blk0",
-        sluice_host::points::VirtioKind::Block,
-    );
-    sluice_host::points::add_virtio_device(
-        &mut reg,
-        "viommu0",
-        sluice_host::points::VirtioKind::Iommu,
-    );
+    let reg = sluice_host::points::with_run_devices(sluice_host::points::all_models(), 1, true);
     let plan = reg
         .validate(&Plan::parse_cli(plan.unwrap_or("")).unwrap())
         .unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use sluice_devapi::{Bdf, Fanout, Hooks};
-use sluice_host::points::{self, Model, VirtioKind};
+use sluice_host::points::{self, Model};
 use sluice_host::{
     DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome,
 };
@@ -729,14 +729,8 @@ pub fn all_points(disks: usize, iommu: IommuArg) -> PointRegistry {
     reg
 }
 
-fn with_devices(mut reg: PointRegistry, disks: usize, iommu: IommuArg) -> PointRegistry {
-    for i in 0..disks {
-        points::add_virtio_device(&mut reg, &format!("blk{i}"), VirtioKind::Block);
-    }
-    if iommu == IommuArg::Virtio {
-        points::add_virtio_device(&mut reg, "viommu0", VirtioKind::Iommu);
-    }
-    reg
+fn with_devices(reg: PointRegistry, disks: usize, iommu: IommuArg) -> PointRegistry {
+    points::with_run_devices(reg, disks, iommu == IommuArg::Virtio)
 }
 
 /// What firmware tables declare: which endpoints sit behind which IOMMU.

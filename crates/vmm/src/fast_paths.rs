@@ -99,17 +99,7 @@ mod tests {
     use sluice_inject::Plan;
 
     fn injector(rules: &str) -> Injector {
-        let mut reg = sluice_host::points::all_models();
-        sluice_host::points::add_virtio_device(
-            &mut reg,
-            "blk0",
-            sluice_host::points::VirtioKind::Block,
-        );
-        sluice_host::points::add_virtio_device(
-            &mut reg,
-            "viommu0",
-            sluice_host::points::VirtioKind::Iommu,
-        );
+        let reg = sluice_host::points::with_run_devices(sluice_host::points::all_models(), 1, true);
         Injector::new(reg.validate(&Plan::parse_cli(rules).unwrap()).unwrap())
     }
 

@@ -188,12 +188,8 @@ fn try_run_guest(run: &GuestRun) -> Option<Result<Ran, VmmError>> {
         vmm.breakpoint_step(step);
     }
     let injector = run.inject.map(|rules| {
-        let mut reg = sluice_host::points::all_models();
-        sluice_host::points::add_virtio_device(
-            &mut reg,
-            "blk0",
-            sluice_host::points::VirtioKind::Block,
-        );
+        let mut reg =
+            sluice_host::points::with_run_devices(sluice_host::points::all_models(), 1, false);
         let map = env!("SLUICE_TESTGUEST_MAP");
         reg.set_symbols(sluice_inject::SymbolMap::load(map.as_ref()).expect("System.map"));
         let plan = reg

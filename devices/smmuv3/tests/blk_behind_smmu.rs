@@ -11,21 +11,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sluice_devapi::{
-    DmaFault, DmaOutcome, DmaResolution, DmaTranslate, Endpoint, EndpointIommu, NullInterrupts,
-    RecordingHooks, TableMemory,
+    DmaFault, DmaOutcome, DmaResolution, DmaTranslate, Endpoint, EndpointIommu, RecordingHooks,
+    TableMemory,
 };
-use sluice_pci::PciInterrupt;
 use sluice_smmuv3::EventType;
 use sluice_smmuv3::seam::StreamTranslator;
 use sluice_smmuv3::walk::Granule;
-use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT, request_header};
+use sluice_virtio_blk::request::S_OK;
+use sluice_virtio_blk::testing::{self, at};
 use sluice_virtio_blk::{BlockDevice, MemDisk};
-use sluice_virtio_pci::{
-    ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
-};
-use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use sluice_virtio_pci::{ActivationContext, DmaMemory, SharedMemory, VirtioDevice};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, Iotlb, Permissions};
+use vm_memory::{GuestAddress, GuestMemoryMmap, Iotlb, Permissions};
 
 /// The disk's RID (00:03.0), which is its StreamID.
 const SID: u32 = 0x18;
@@ -51,6 +48,14 @@ impl DmaTranslate for Counting {
         self.1.fetch_add(1, Ordering::Relaxed);
         self.0.resolve(iova, len, access, fill)
     }
+}
+
+fn wait_used(q: &MockSplitQueue<'_, GuestMemoryMmap>, n: u16) {
+    let t = Instant::now();
+    while q.used().idx().load() < n && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(q.used().idx().load(), n);
 }
 
 #[test]
@@ -82,27 +87,8 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
     let m = &rig.mem;
     let q = MockSplitQueue::create(m, GuestAddress(QUEUE), 16);
     let sector = [0x5au8; 512];
-    m.write_slice(&request_header(T_OUT, 2), GuestAddress(BUFS))
+    q.add_desc_chains(&testing::write_then_read(m, BUFS, &sector, |g| g), 0)
         .unwrap();
-    m.write_slice(&sector, GuestAddress(BUFS + 0x1000)).unwrap();
-    m.write_slice(&request_header(T_IN, 2), GuestAddress(BUFS + 0x100))
-        .unwrap();
-    for (status, at) in [(BUFS + 0x200, 0), (BUFS + 0x201, 1)] {
-        m.write_obj(0xffu8, GuestAddress(status)).unwrap();
-        let _ = at;
-    }
-    q.add_desc_chains(
-        &[
-            RawDescriptor::from(SplitDescriptor::new(BUFS, 16, 1, 1)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x1000, 512, 1, 2)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x200, 1, 2, 0)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x100, 16, 1, 4)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x2000, 512, 3, 5)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x201, 1, 2, 0)),
-        ],
-        0,
-    )
-    .unwrap();
 
     let mem_now = rig.mem.clone();
     let tables: TableMemory = Arc::new(move || Arc::new(mem_now.clone()));
@@ -111,43 +97,27 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
         AtomicU64::new(0),
     ));
     let seam_hooks = Arc::new(RecordingHooks::default());
-    let seam = EndpointIommu::model_owned(
-        Endpoint::Stream {
-            sid: SID,
-            ssid: None,
-        },
-        counting.clone(),
-        seam_hooks.clone(),
-    );
+    let stream = Endpoint::Stream {
+        sid: SID,
+        ssid: None,
+    };
+    let seam = EndpointIommu::model_owned(stream, counting.clone(), seam_hooks.clone());
     let disk = Arc::new(MemDisk::new(1 << 20));
     let mut dev = BlockDevice::new("blk0", disk.clone(), false);
-    dev.activate(ActivationContext {
-        mem: SharedMemory::new(rig.mem.clone()),
-        dma: DmaMemory::Translated {
-            phys: SharedMemory::new(rig.mem.clone()),
-            iommu: seam.clone(),
-        },
-        queues: vec![(0, q.create_queue().unwrap())],
-        interrupt: Arc::new(VirtioInterrupt::new(
-            PciInterrupt::new(Arc::new(NullInterrupts), None),
-            1,
-        )),
-        acked_features: (1 << 32) | (1 << 33),
-    })
+    let dma = DmaMemory::Translated {
+        phys: SharedMemory::new(rig.mem.clone()),
+        iommu: seam.clone(),
+    };
+    dev.activate(ActivationContext::single_queue(
+        m,
+        dma,
+        q.create_queue().unwrap(),
+        (1 << 32) | (1 << 33),
+    ))
     .unwrap();
     dev.queue_notify(0);
-    let t = Instant::now();
-    while q.used().idx().load() < 2 && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(q.used().idx().load(), 2, "both requests completed");
-    assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x200)).unwrap(), S_OK);
-    assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x201)).unwrap(), S_OK);
-    assert_eq!(&disk.contents()[1024..1536], &sector[..]);
-    let mut back = [0u8; 512];
-    m.read_slice(&mut back, GuestAddress(BUFS + 0x2000))
-        .unwrap();
-    assert_eq!(back, sector);
+    wait_used(&q, 2);
+    testing::assert_write_then_read_done(m, BUFS, &disk, &sector);
 
     // Once and once: every access the seam carried was resolved by the SMMU (no seam cache)
     // and reported by it, translated in its stage-1 tables; the seam reported nothing.
@@ -156,13 +126,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
         .hooks
         .dmas()
         .into_iter()
-        .filter(|d| {
-            d.endpoint
-                == Endpoint::Stream {
-                    sid: SID,
-                    ssid: None,
-                }
-        })
+        .filter(|d| d.endpoint == stream)
         .collect();
     assert!(accesses >= 6, "rings and buffers: {accesses} accesses");
     assert_eq!(reported.len() as u64, accesses);
@@ -178,25 +142,11 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
 
     // A buffer outside the tables: the request fails closed with a translation event, and the
     // disk is not written.
-    m.write_slice(&request_header(T_OUT, 4), GuestAddress(BUFS + 0x300))
+    q.add_desc_chains(&testing::write_from(m, BUFS, 4, UNMAPPED, 6, |g| g), 6)
         .unwrap();
-    m.write_obj(0xffu8, GuestAddress(BUFS + 0x202)).unwrap();
-    q.add_desc_chains(
-        &[
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x300, 16, 1, 7)),
-            RawDescriptor::from(SplitDescriptor::new(UNMAPPED, 512, 1, 8)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x202, 1, 2, 0)),
-        ],
-        6,
-    )
-    .unwrap();
     dev.queue_notify(0);
-    let t = Instant::now();
-    while q.used().idx().load() < 3 && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(q.used().idx().load(), 3);
-    assert_ne!(m.read_obj::<u8>(GuestAddress(BUFS + 0x202)).unwrap(), S_OK);
+    wait_used(&q, 3);
+    assert_ne!(testing::status(m, BUFS, at::LONE_STATUS), S_OK);
     assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     assert!(
         rig.events()

@@ -18,6 +18,8 @@ pub mod disk;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod request;
+#[doc(hidden)]
+pub mod testing;
 
 pub use device::{BlockCounters, BlockDevice, DeferState};
 pub use disk::{Disk, MemDisk, RawDisk};

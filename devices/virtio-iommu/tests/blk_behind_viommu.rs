@@ -6,19 +6,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_devapi::{DmaOutcome, NullInterrupts, RecordingHooks};
-use sluice_pci::PciInterrupt;
-use sluice_virtio_blk::request::{S_OK, T_IN, T_OUT, request_header};
+use sluice_devapi::{DmaOutcome, RecordingHooks};
+use sluice_virtio_blk::request::S_OK;
+use sluice_virtio_blk::testing::{self, at};
 use sluice_virtio_blk::{BlockDevice, MemDisk};
 use sluice_virtio_iommu::device::OFFERED_FEATURES;
 use sluice_virtio_iommu::request::{Request, encode, writable_len};
 use sluice_virtio_iommu::{ViommuConfig, VirtioIommu};
-use sluice_virtio_pci::{
-    ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
-};
-use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use sluice_virtio_pci::{ActivationContext, DmaMemory, SharedMemory, VirtioDevice};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// The disk's endpoint ID (00:03.0).
 const EP: u32 = 0x18;
@@ -70,48 +67,26 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
 
     let q = MockSplitQueue::create(&m, GuestAddress(QUEUE), 16);
     let sector = [0x3cu8; 512];
-    m.write_slice(&request_header(T_OUT, 2), GuestAddress(BUFS))
+    q.add_desc_chains(&testing::write_then_read(&m, BUFS, &sector, |g| g), 0)
         .unwrap();
-    m.write_slice(&sector, GuestAddress(BUFS + 0x1000)).unwrap();
-    m.write_slice(&request_header(T_IN, 2), GuestAddress(BUFS + 0x100))
-        .unwrap();
-    m.write_obj(0xffu8, GuestAddress(BUFS + 0x200)).unwrap();
-    m.write_obj(0xffu8, GuestAddress(BUFS + 0x201)).unwrap();
-    q.add_desc_chains(
-        &[
-            RawDescriptor::from(SplitDescriptor::new(BUFS, 16, 1, 1)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x1000, 512, 1, 2)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x200, 1, 2, 0)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x100, 16, 1, 4)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x2000, 512, 3, 5)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x201, 1, 2, 0)),
-        ],
-        0,
-    )
-    .unwrap();
     let seam = viommu.endpoint_iommu(EP).unwrap();
     assert!(!seam.is_model_owned());
     let disk = Arc::new(MemDisk::new(1 << 20));
     let mut dev = BlockDevice::new("blk0", disk.clone(), false);
-    dev.activate(ActivationContext {
-        mem: SharedMemory::new(m.clone()),
-        dma: DmaMemory::Translated {
-            phys: SharedMemory::new(m.clone()),
-            iommu: seam.clone(),
-        },
-        queues: vec![(0, q.create_queue().unwrap())],
-        interrupt: Arc::new(VirtioInterrupt::new(
-            PciInterrupt::new(Arc::new(NullInterrupts), None),
-            1,
-        )),
-        acked_features: (1 << 32) | (1 << 33),
-    })
+    let dma = DmaMemory::Translated {
+        phys: SharedMemory::new(m.clone()),
+        iommu: seam.clone(),
+    };
+    dev.activate(ActivationContext::single_queue(
+        &m,
+        dma,
+        q.create_queue().unwrap(),
+        (1 << 32) | (1 << 33),
+    ))
     .unwrap();
     dev.queue_notify(0);
     wait_used(&q, 2);
-    assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x200)).unwrap(), S_OK);
-    assert_eq!(m.read_obj::<u8>(GuestAddress(BUFS + 0x201)).unwrap(), S_OK);
-    assert_eq!(&disk.contents()[1024..1536], &sector[..]);
+    testing::assert_write_then_read_done(&m, BUFS, &disk, &sector);
 
     // Once and once: each access was answered by the seam (a hit, or a miss it resolved) and
     // reported by it, translated in domain 1.
@@ -128,21 +103,11 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     );
 
     // A buffer outside the domain: the request fails closed and the disk is not written.
-    m.write_slice(&request_header(T_OUT, 4), GuestAddress(BUFS + 0x300))
+    q.add_desc_chains(&testing::write_from(&m, BUFS, 4, UNMAPPED, 6, |g| g), 6)
         .unwrap();
-    m.write_obj(0xffu8, GuestAddress(BUFS + 0x202)).unwrap();
-    q.add_desc_chains(
-        &[
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x300, 16, 1, 7)),
-            RawDescriptor::from(SplitDescriptor::new(UNMAPPED, 512, 1, 8)),
-            RawDescriptor::from(SplitDescriptor::new(BUFS + 0x202, 1, 2, 0)),
-        ],
-        6,
-    )
-    .unwrap();
     dev.queue_notify(0);
     wait_used(&q, 3);
-    assert_ne!(m.read_obj::<u8>(GuestAddress(BUFS + 0x202)).unwrap(), S_OK);
+    assert_ne!(testing::status(&m, BUFS, at::LONE_STATUS), S_OK);
     assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     let s = seam.stats();
     assert_eq!(s.faults, 1);

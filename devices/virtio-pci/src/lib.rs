@@ -75,6 +75,28 @@ pub struct ActivationContext {
     pub acked_features: u64,
 }
 
+impl ActivationContext {
+    /// A context for driving a device directly, without a transport (tests, benchmarks): one
+    /// queue (index 0), memory `mem`, DMA through `dma`, interrupts dropped.
+    pub fn single_queue(
+        mem: &vm_memory::GuestMemoryMmap,
+        dma: DmaMemory,
+        queue: Queue,
+        acked_features: u64,
+    ) -> Self {
+        ActivationContext {
+            mem: SharedMemory::new(mem.clone()),
+            dma,
+            queues: vec![(0, queue)],
+            interrupt: Arc::new(VirtioInterrupt::new(
+                sluice_pci::PciInterrupt::new(Arc::new(sluice_devapi::NullInterrupts), None),
+                1,
+            )),
+            acked_features,
+        }
+    }
+}
+
 /// Activation failed; the transport sets DEVICE_NEEDS_RESET.
 #[derive(Debug, Error)]
 pub enum ActivateError {
