@@ -41,6 +41,6 @@ pub use provenance::{
     CacheKind, CacheUse, CachedTranslation, ContextSel, Derived, Divergence, Invalidation, MapEvent,
 };
 pub use recording::{
-    RecordedCachedDma, RecordedEvent, RecordedInvalidation, RecordedMapping, RecordedPoint,
-    RecordedState, RecordingHooks,
+    CountingTranslator, RecordedCachedDma, RecordedEvent, RecordedInvalidation, RecordedMapping,
+    RecordedPoint, RecordedState, RecordingHooks,
 };

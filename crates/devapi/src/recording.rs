@@ -1,10 +1,11 @@
 //! [`RecordingHooks`]: a [`Hooks`] test double that records every call, for unit tests of
 //! device models.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::dma::{DmaFault, DmaResolution, DmaTranslate};
 use crate::endpoint::Endpoint;
 use crate::hooks::{DmaRecord, Hooks, PointCtx, StateEvent};
 use crate::provenance::{
@@ -323,6 +324,43 @@ impl Hooks for RecordingHooks {
     }
     fn recheck_cached(&self, _endpoint: Endpoint) -> bool {
         self.recheck_cached.load(Ordering::Relaxed)
+    }
+}
+
+/// A [`DmaTranslate`] that counts the accesses it is asked to resolve and passes them to the
+/// model it wraps: how a test sees whether the seam asked the model (a model-owned seam must
+/// ask on every access; a cached one only on misses).
+#[derive(Debug)]
+pub struct CountingTranslator<T> {
+    inner: T,
+    calls: AtomicU64,
+}
+
+impl<T> CountingTranslator<T> {
+    /// Counts the resolutions of `inner`.
+    pub fn new(inner: T) -> Self {
+        CountingTranslator {
+            inner,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Accesses resolved so far (refused ones included).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+impl<T: DmaTranslate> DmaTranslate for CountingTranslator<T> {
+    fn resolve(
+        &self,
+        iova: u64,
+        len: u64,
+        access: vm_memory::Permissions,
+        fill: &mut vm_memory::Iotlb,
+    ) -> Result<DmaResolution, DmaFault> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.resolve(iova, len, access, fill)
     }
 }
 

@@ -6,13 +6,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use common::*;
 use sluice_devapi::{
-    DmaFault, DmaOutcome, DmaResolution, DmaTranslate, Endpoint, EndpointIommu, RecordingHooks,
-    TableMemory,
+    CountingTranslator, DmaOutcome, Endpoint, EndpointIommu, RecordingHooks, TableMemory,
 };
 use sluice_smmuv3::EventType;
 use sluice_smmuv3::seam::StreamTranslator;
@@ -22,7 +19,7 @@ use sluice_virtio_blk::testing::{self, at};
 use sluice_virtio_blk::{BlockDevice, MemDisk};
 use sluice_virtio_pci::{ActivationContext, DmaMemory, SharedMemory, VirtioDevice};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestAddress, GuestMemoryMmap, Iotlb, Permissions};
+use vm_memory::GuestAddress;
 
 /// The disk's RID (00:03.0), which is its StreamID.
 const SID: u32 = 0x18;
@@ -32,31 +29,6 @@ const QUEUE: u64 = 0x80_0000;
 const BUFS: u64 = 0x90_0000;
 /// An IOVA the tables do not map.
 const UNMAPPED: u64 = 0xa0_0000;
-
-/// Counts the accesses the seam hands to the model.
-#[derive(Debug)]
-struct Counting(StreamTranslator, AtomicU64);
-
-impl DmaTranslate for Counting {
-    fn resolve(
-        &self,
-        iova: u64,
-        len: u64,
-        access: Permissions,
-        fill: &mut Iotlb,
-    ) -> Result<DmaResolution, DmaFault> {
-        self.1.fetch_add(1, Ordering::Relaxed);
-        self.0.resolve(iova, len, access, fill)
-    }
-}
-
-fn wait_used(q: &MockSplitQueue<'_, GuestMemoryMmap>, n: u16) {
-    let t = Instant::now();
-    while q.used().idx().load() < n && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(q.used().idx().load(), n);
-}
 
 #[test]
 fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
@@ -92,10 +64,12 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
 
     let mem_now = rig.mem.clone();
     let tables: TableMemory = Arc::new(move || Arc::new(mem_now.clone()));
-    let counting = Arc::new(Counting(
-        StreamTranslator::new(rig.smmu.clone(), tables, SID, None),
-        AtomicU64::new(0),
-    ));
+    let counting = Arc::new(CountingTranslator::new(StreamTranslator::new(
+        rig.smmu.clone(),
+        tables,
+        SID,
+        None,
+    )));
     let seam_hooks = Arc::new(RecordingHooks::default());
     let stream = Endpoint::Stream {
         sid: SID,
@@ -116,12 +90,13 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
     ))
     .unwrap();
     dev.queue_notify(0);
-    wait_used(&q, 2);
+    assert!(testing::wait_for(|| q.used().idx().load() >= 2));
+    assert_eq!(q.used().idx().load(), 2);
     testing::assert_write_then_read_done(m, BUFS, &disk, &sector);
 
     // Once and once: every access the seam carried was resolved by the SMMU (no seam cache)
     // and reported by it, translated in its stage-1 tables; the seam reported nothing.
-    let accesses = counting.1.load(Ordering::Relaxed);
+    let accesses = counting.calls();
     let reported: Vec<_> = rig
         .hooks
         .dmas()
@@ -145,7 +120,8 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
     q.add_desc_chains(&testing::write_from(m, BUFS, 4, UNMAPPED, 6, |g| g), 6)
         .unwrap();
     dev.queue_notify(0);
-    wait_used(&q, 3);
+    assert!(testing::wait_for(|| q.used().idx().load() >= 3));
+    assert_eq!(q.used().idx().load(), 3);
     assert_ne!(testing::status(m, BUFS, at::LONE_STATUS), S_OK);
     assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     assert!(
@@ -162,9 +138,6 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_smmu() {
         .filter(|d| matches!(d.outcome, DmaOutcome::Faulted { .. }))
         .count();
     assert_eq!(faults, 1, "the refused access is reported once");
-    assert_eq!(
-        rig.hooks.dmas().len() as u64,
-        counting.1.load(Ordering::Relaxed)
-    );
+    assert_eq!(rig.hooks.dmas().len() as u64, counting.calls());
     dev.reset();
 }

@@ -115,3 +115,16 @@ pub fn assert_write_then_read_done(
     let read = m.read_slice(&mut back, GuestAddress(base + at::READ_BACK));
     assert!(read.is_ok() && back == *data, "read back {read:?}");
 }
+
+/// Polls `done` every 2 ms for at most 10 s (the device works on its own thread); true when it
+/// held in time.
+pub fn wait_for(done: impl Fn() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while !done() {
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    true
+}

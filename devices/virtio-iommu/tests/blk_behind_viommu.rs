@@ -4,7 +4,6 @@
 //! mappings fails the request closed without touching the disk.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use sluice_devapi::{DmaOutcome, RecordingHooks};
 use sluice_virtio_blk::request::S_OK;
@@ -22,14 +21,6 @@ const EP: u32 = 0x18;
 const QUEUE: u64 = 0x80_0000;
 const BUFS: u64 = 0x90_0000;
 const UNMAPPED: u64 = 0xa0_0000;
-
-fn wait_used(q: &MockSplitQueue<'_, GuestMemoryMmap>, n: u16) {
-    let t = Instant::now();
-    while q.used().idx().load() < n && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(q.used().idx().load(), n);
-}
 
 #[test]
 fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
@@ -85,7 +76,8 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     ))
     .unwrap();
     dev.queue_notify(0);
-    wait_used(&q, 2);
+    assert!(testing::wait_for(|| q.used().idx().load() >= 2));
+    assert_eq!(q.used().idx().load(), 2);
     testing::assert_write_then_read_done(&m, BUFS, &disk, &sector);
 
     // Once and once: each access was answered by the seam (a hit, or a miss it resolved) and
@@ -106,7 +98,8 @@ fn virtio_blk_dma_is_answered_once_and_reported_once_by_the_seam() {
     q.add_desc_chains(&testing::write_from(&m, BUFS, 4, UNMAPPED, 6, |g| g), 6)
         .unwrap();
     dev.queue_notify(0);
-    wait_used(&q, 3);
+    assert!(testing::wait_for(|| q.used().idx().load() >= 3));
+    assert_eq!(q.used().idx().load(), 3);
     assert_ne!(testing::status(&m, BUFS, at::LONE_STATUS), S_OK);
     assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     let s = seam.stats();

@@ -7,13 +7,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use common::*;
-use sluice_devapi::{
-    DmaFault, DmaOutcome, DmaResolution, DmaTranslate, EndpointIommu, RecordingHooks, TableMemory,
-};
+use sluice_devapi::{CountingTranslator, DmaOutcome, EndpointIommu, RecordingHooks, TableMemory};
 use sluice_virtio_blk::testing;
 use sluice_virtio_blk::{BlockDevice, MemDisk};
 use sluice_virtio_pci::{ActivationContext, DmaMemory, SharedMemory, VirtioDevice};
@@ -22,7 +18,7 @@ use sluice_zpci::clp::SetPciFnOp;
 use sluice_zpci::seam::FunctionTranslator;
 use virtio_queue::QueueT;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestAddress, Iotlb, Permissions};
+use vm_memory::GuestAddress;
 
 /// Rings (guest-physical; three pages).
 const QUEUE: u64 = 0x90_0000;
@@ -32,23 +28,6 @@ const BUFS: u64 = 0xa0_0000;
 /// The IOVA the device uses for guest-physical `gpa`: the window maps PBA + x onto x.
 fn iova(gpa: u64) -> u64 {
     PBA + gpa
-}
-
-/// Counts the accesses the seam hands to the model.
-#[derive(Debug)]
-struct Counting(FunctionTranslator, AtomicU64);
-
-impl DmaTranslate for Counting {
-    fn resolve(
-        &self,
-        iova: u64,
-        len: u64,
-        access: Permissions,
-        fill: &mut Iotlb,
-    ) -> Result<DmaResolution, DmaFault> {
-        self.1.fetch_add(1, Ordering::Relaxed);
-        self.0.resolve(iova, len, access, fill)
-    }
 }
 
 #[test]
@@ -76,9 +55,8 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
 
     let mem_now = r.m.clone();
     let tables: TableMemory = Arc::new(move || Arc::new(mem_now.clone()));
-    let counting = Arc::new(Counting(
+    let counting = Arc::new(CountingTranslator::new(
         FunctionTranslator::new(r.z.clone(), tables, FID).unwrap(),
-        AtomicU64::new(0),
     ));
     let seam_hooks = Arc::new(RecordingHooks::default());
     let seam = EndpointIommu::model_owned(
@@ -100,13 +78,10 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     ))
     .unwrap();
     dev.queue_notify(0);
-    let t = Instant::now();
-    while q.used().idx().load() < 2 && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    assert!(testing::wait_for(|| q.used().idx().load() >= 2));
     testing::assert_write_then_read_done(m, BUFS, &disk, &sector);
 
-    let accesses = counting.1.load(Ordering::Relaxed);
+    let accesses = counting.calls();
     let reported = r.rec.dmas();
     assert!(accesses >= 6, "rings and buffers: {accesses} accesses");
     assert_eq!(reported.len() as u64, accesses, "{reported:?}");
@@ -125,13 +100,10 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     r.z.clp_set_pci_fn(r.fh, SetPciFnOp::Disable).unwrap();
     let lone = testing::write_from(m, BUFS, 4, iova(BUFS + testing::at::DATA), 6, iova);
     q.add_desc_chains(&lone, 6).unwrap();
-    let before = counting.1.load(Ordering::Relaxed);
+    let before = counting.calls();
     dev.queue_notify(0);
-    let t = Instant::now();
-    while counting.1.load(Ordering::Relaxed) == before && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(testing::wait_for(|| counting.calls() > before));
+    std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(q.used().idx().load(), 2, "nothing was published");
     assert!(disk.contents()[2048..2560].iter().all(|&b| b == 0));
     let refused = r
@@ -143,7 +115,7 @@ fn virtio_blk_dma_is_translated_once_and_reported_once_by_the_zpci_model() {
     assert!(refused > 0);
     assert_eq!(
         r.rec.dmas().len() as u64,
-        counting.1.load(Ordering::Relaxed),
+        counting.calls(),
         "refusals too are reported once"
     );
     dev.reset();
