@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod dma_stats;
+pub mod machine;
 mod intx;
 mod outcome;
 pub mod points;
