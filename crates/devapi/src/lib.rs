@@ -25,6 +25,7 @@ mod endpoint;
 pub mod fuzz_support;
 mod hooks;
 mod irq;
+mod point_decl;
 mod provenance;
 mod recording;
 
@@ -37,6 +38,7 @@ pub use hooks::{
     DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent, probe_state,
 };
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
+pub use point_decl::PointDecl;
 pub use provenance::{
     CacheKind, CacheUse, CachedTranslation, ContextSel, Derived, Divergence, Invalidation, MapEvent,
 };

@@ -107,6 +107,10 @@ pub enum IommuKind {
     None,
     /// Sluice's virtio-iommu (x86: described by a VIOT).
     Virtio,
+    /// Sluice's Arm SMMUv3 (arm64 guests).
+    Smmuv3,
+    /// Sluice's s390 zPCI translation (s390x guests).
+    Zpci,
 }
 
 impl IommuKind {
@@ -120,7 +124,7 @@ impl IommuKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSpec {
-    /// `none` or `virtio`.
+    /// `none`, `virtio`, `smmuv3` or `zpci`.
     #[serde(default)]
     pub iommu: IommuKind,
     /// virtio-iommu boot bypass.

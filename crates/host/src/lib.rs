@@ -7,8 +7,9 @@
 #![forbid(unsafe_code)]
 
 mod dma_stats;
-pub mod machine;
 mod intx;
+pub mod iommu;
+pub mod machine;
 mod outcome;
 pub mod points;
 
@@ -16,12 +17,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sluice_devapi::EndpointIommu;
-use sluice_devapi::{Bdf, Endpoint, Hooks};
+use sluice_devapi::{Bdf, Endpoint, Hooks, InterruptSink, NullInterrupts, PointDecl};
 use sluice_dma_engine::DmaEngine;
 use sluice_marker::MarkerDevice;
 use sluice_pci::PciFunction;
 use sluice_virtio_blk::{BlockDevice, RawDisk};
-use sluice_virtio_iommu::VirtioIommu;
 use sluice_virtio_pci::{
     DmaMemory, SharedMemory, TransportOptions, VirtioDevice, VirtioPciFunction,
 };
@@ -29,6 +29,7 @@ use thiserror::Error;
 
 pub use dma_stats::{DmaStats, EndpointDmaCounts};
 pub use intx::{IntxRelay, MsiDelivery};
+pub use iommu::{IommuChoice, IommuKind, IommuModel};
 pub use outcome::{GuestExit, RunOutcome};
 
 /// First PCI slot used for Sluice devices (00:01 and 00:02 stay free for IOMMUs and tests).
@@ -51,30 +52,11 @@ pub struct DiskSpec {
     pub iommu: bool,
 }
 
-/// The IOMMU a run puts in front of its devices.
-#[derive(Debug, Clone)]
-pub enum IommuChoice {
-    /// virtio-iommu on PCI, described to the guest by a VIOT table.
-    Virtio(sluice_virtio_iommu::ViommuConfig),
-}
-
 /// The DMA engine a run adds (`devices/dma-engine`), after the disks and the marker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaEngineSpec {
     /// Put the engine behind the run's IOMMU (ignored when there is none).
     pub iommu: bool,
-}
-
-/// The IOMMU of a built device set, for firmware tables and reports.
-#[derive(Debug, Clone)]
-pub struct IommuPlacement {
-    /// The IOMMU's own PCI address.
-    pub bdf: Bdf,
-    /// The endpoints it translates.
-    pub endpoints: Vec<Bdf>,
-    /// Boot bypass as configured: endpoints not attached to a domain bypass translation
-    /// until the driver clears it.
-    pub boot_bypass: bool,
 }
 
 /// Building the devices failed.
@@ -98,6 +80,9 @@ pub enum HostError {
     /// Device construction failed.
     #[error("cannot build the PCI function")]
     Pci(#[from] sluice_pci::ConfigError),
+    /// The IOMMU cannot be built.
+    #[error(transparent)]
+    Iommu(#[from] iommu::IommuError),
 }
 
 /// A device placed on the bus.
@@ -122,6 +107,9 @@ pub struct HostedDevice {
     pub behind_iommu: bool,
     /// The same function when it is the DMA engine, for host-armed rogue DMAs.
     pub dma_engine: Option<Arc<DmaEngine>>,
+    /// The injection points this device reaches, as its models declare them (for the IOMMU's
+    /// own function: its model's points too).
+    pub points: Vec<PointDecl>,
 }
 
 /// What the CPU backend can offer devices.
@@ -131,12 +119,27 @@ pub struct HostOptions {
     pub msix_vectors: u16,
     /// Where MSI messages go, if the backend can deliver them.
     pub msi: Option<Arc<dyn MsiDelivery>>,
-    /// An IOMMU in front of the disks that ask for it.
-    pub iommu: Option<IommuChoice>,
+    /// The IOMMU in front of the devices that ask for it (from [`IommuChoice::model`] with
+    /// [`iommu_endpoints`]).
+    pub iommu: Option<Arc<dyn IommuModel>>,
+    /// Interrupt lines of a platform IOMMU (an SMMU's). Without it they go nowhere, which only
+    /// tests without a guest may want.
+    pub iommu_irq: Option<Arc<dyn InterruptSink>>,
     /// Place the guest marker device after the disks; committed lines go here.
     pub marker: Option<MarkerSink>,
     /// Place a DMA engine after the disks and the marker.
     pub dma_engine: Option<DmaEngineSpec>,
+}
+
+impl HostOptions {
+    /// These options with `choice` in front of the devices of `disks` (and of the DMA engine)
+    /// that ask for it. Set `marker` and `dma_engine` first: they decide the slots.
+    #[must_use]
+    pub fn with_iommu(mut self, choice: &IommuChoice, disks: &[DiskSpec]) -> Self {
+        let endpoints = iommu_endpoints(disks, self.marker.is_some(), self.dma_engine);
+        self.iommu = Some(choice.model(endpoints));
+        self
+    }
 }
 
 /// Where guest marker lines go (the escape oracle's timeline, injection filters).
@@ -149,7 +152,46 @@ pub struct DeviceSet {
     /// Devices in slot order.
     pub devices: Vec<HostedDevice>,
     /// The IOMMU, if the run has one.
-    pub iommu: Option<IommuPlacement>,
+    pub iommu: Option<Arc<dyn IommuModel>>,
+    /// Its register window, when it is a platform device (behind an [`sluice_pci::MmioGuard`]).
+    pub iommu_mmio: Option<Arc<dyn sluice_pci::MmioDevice>>,
+}
+
+/// Where a disk goes.
+fn disk_bdf(i: usize) -> Bdf {
+    Bdf::new(0, FIRST_SLOT.saturating_add(i as u8), 0)
+}
+
+/// The slot of the DMA engine: after the disks and the marker (may be beyond bus 0's last
+/// slot; placement refuses that).
+fn engine_slot(disks: usize, marker: bool) -> usize {
+    usize::from(FIRST_SLOT) + disks + usize::from(marker)
+}
+
+/// Where the DMA engine goes.
+fn engine_bdf(disks: usize, marker: bool) -> Bdf {
+    Bdf::new(
+        0,
+        u8::try_from(engine_slot(disks, marker)).unwrap_or(u8::MAX),
+        0,
+    )
+}
+
+/// The endpoints a run's IOMMU translates, in placement order: the disks that ask for it,
+/// then the DMA engine if it does. What [`IommuChoice::model`] needs.
+pub fn iommu_endpoints(
+    disks: &[DiskSpec],
+    marker: bool,
+    dma_engine: Option<DmaEngineSpec>,
+) -> Vec<Bdf> {
+    let mut v: Vec<Bdf> = (0..disks.len())
+        .filter(|i| disks.get(*i).is_some_and(|d| d.iommu))
+        .map(disk_bdf)
+        .collect();
+    if dma_engine.is_some_and(|e| e.iommu) {
+        v.push(engine_bdf(disks.len(), marker));
+    }
+    v
 }
 
 impl DeviceSet {
@@ -166,30 +208,21 @@ impl DeviceSet {
     ) -> Result<Self, HostError> {
         let mem = SharedMemory::default();
         let mut devices = Vec::new();
-        let disk_bdf = |i: usize| Bdf::new(0, FIRST_SLOT + i as u8, 0);
-        // The IOMMU is built first: each translated disk needs its endpoint seam.
-        let engine_slot = FIRST_SLOT + disks.len() as u8 + u8::from(opts.marker.is_some());
-        let engine_bdf = Bdf::new(0, engine_slot, 0);
-        let mut viommu = None;
-        let mut placement = None;
-        if let Some(IommuChoice::Virtio(cfg)) = &opts.iommu {
-            let mut endpoints: Vec<Bdf> = (0..disks.len())
-                .filter(|i| disks.get(*i).is_some_and(|d| d.iommu))
-                .map(disk_bdf)
-                .collect();
-            if opts.dma_engine.is_some_and(|e| e.iommu) {
-                endpoints.push(engine_bdf);
-            }
-            let mut cfg = cfg.clone();
-            let boot_bypass = cfg.boot_bypass;
-            cfg.endpoints = endpoints.iter().map(|b| u32::from(b.0)).collect();
-            viommu = Some(VirtioIommu::new("viommu0", cfg, hooks.clone()));
-            placement = Some(IommuPlacement {
-                bdf: Bdf::new(0, IOMMU_SLOT, 0),
-                endpoints,
-                boot_bypass,
-            });
-        }
+        // The IOMMU is built first: each translated device needs its endpoint seam.
+        let engine_bdf = engine_bdf(disks.len(), opts.marker.is_some());
+        let mut iommu = match &opts.iommu {
+            Some(model) => Some(
+                model.build(&iommu::IommuBuild {
+                    hooks: hooks.clone(),
+                    mem: mem.clone(),
+                    irq: opts
+                        .iommu_irq
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(NullInterrupts)),
+                })?,
+            ),
+            None => None,
+        };
         for (i, spec) in disks.iter().enumerate() {
             let slot = FIRST_SLOT + i as u8;
             if slot >= 0x1f {
@@ -204,22 +237,25 @@ impl DeviceSet {
                 return Err(HostError::DiskTooSmall(spec.path.clone()));
             }
             let bdf = disk_bdf(i);
-            let iommu = viommu
+            let seam = iommu
                 .as_ref()
-                .and_then(|v| v.endpoint_iommu(u32::from(bdf.0)));
+                .filter(|_| spec.iommu)
+                .and_then(|m| m.translator(bdf));
             let device = BlockDevice::new(&format!("blk{i}"), Arc::new(raw), spec.read_only)
                 .with_hooks(hooks.clone());
-            devices.push(Self::place(
+            let mut dev = Self::place(
                 Box::new(device),
                 bdf,
                 "virtio-blk",
                 CLASS_STORAGE_SCSI,
-                iommu,
+                seam,
                 Some(spec.path.clone()),
                 &mem,
                 &hooks,
                 opts,
-            )?);
+            )?;
+            dev.points = points::virtio_device_points(&dev.name, points::VirtioKind::Block);
+            devices.push(dev);
         }
         if let Some(sink) = &opts.marker {
             let slot = FIRST_SLOT + disks.len() as u8;
@@ -237,18 +273,20 @@ impl DeviceSet {
                 kind: "marker",
                 behind_iommu: false,
                 dma_engine: None,
+                points: Vec::new(),
             });
         }
         if let Some(spec) = opts.dma_engine {
-            if engine_slot >= 0x1f {
-                return Err(HostError::OutOfSlots(engine_slot));
+            let slot = engine_slot(disks.len(), opts.marker.is_some());
+            if slot >= 0x1f {
+                return Err(HostError::OutOfSlots(u8::try_from(slot).unwrap_or(u8::MAX)));
             }
-            let iommu = viommu
+            let seam = iommu
                 .as_ref()
                 .filter(|_| spec.iommu)
-                .and_then(|v| v.endpoint_iommu(u32::from(engine_bdf.0)));
-            let behind_iommu = iommu.is_some();
-            let dma = match iommu {
+                .and_then(|m| m.translator(engine_bdf));
+            let behind_iommu = seam.is_some();
+            let dma = match seam {
                 Some(iommu) => DmaMemory::Translated {
                     phys: mem.clone(),
                     iommu,
@@ -273,12 +311,16 @@ impl DeviceSet {
                 kind: "dma-engine",
                 behind_iommu,
                 dma_engine: Some(engine),
+                points: sluice_dma_engine::points::instance("dma0"),
             });
         }
-        if let (Some(v), Some(p)) = (viommu, &placement) {
-            let dev = Self::place(
-                Box::new(v),
-                p.bdf,
+        let model = opts.iommu.as_ref();
+        if let (Some(m), Some(bdf)) = (model, model.and_then(|m| m.pci_address()))
+            && let Some(function) = iommu.as_mut().and_then(|i| i.take_pci_device())
+        {
+            let mut dev = Self::place(
+                function,
+                bdf,
                 "virtio-iommu",
                 CLASS_OTHER,
                 None,
@@ -287,12 +329,18 @@ impl DeviceSet {
                 &hooks,
                 opts,
             )?;
+            dev.points = m.device_points();
+            dev.points.extend(m.point_model().points().points);
             devices.insert(0, dev);
         }
         Ok(DeviceSet {
             mem,
             devices,
-            iommu: placement,
+            iommu_mmio: iommu
+                .as_ref()
+                .and_then(|i| i.mmio())
+                .map(|w| sluice_pci::MmioGuard::wrap(w) as Arc<dyn sluice_pci::MmioDevice>),
+            iommu: opts.iommu.clone(),
         })
     }
 
@@ -335,6 +383,7 @@ impl DeviceSet {
             kind,
             behind_iommu,
             dma_engine: None,
+            points: Vec::new(),
         })
     }
 
@@ -402,11 +451,11 @@ mod tests {
         let specs = [disk(&dir, "a.img", 1 << 20, true)];
         for behind in [true, false] {
             let opts = HostOptions {
-                iommu: Some(IommuChoice::Virtio(Default::default())),
                 marker: Some(Arc::new(|_: &str| {})),
                 dma_engine: Some(DmaEngineSpec { iommu: behind }),
                 ..Default::default()
-            };
+            }
+            .with_iommu(&IommuChoice::Virtio(Default::default()), &specs);
             let set = DeviceSet::with_options(&specs, Arc::new(NoHooks), &opts).unwrap();
             let placed: Vec<(String, &str)> = set
                 .devices
@@ -425,7 +474,7 @@ mod tests {
             let engine = set.devices.last().unwrap();
             assert!(engine.dma_engine.is_some());
             assert_eq!(engine.behind_iommu, behind);
-            let endpoints = &set.iommu.as_ref().unwrap().endpoints;
+            let endpoints = set.iommu.as_ref().unwrap().endpoints();
             assert_eq!(
                 endpoints.contains(&Bdf::new(0, 5, 0)),
                 behind,
@@ -442,10 +491,8 @@ mod tests {
             disk(&dir, "a.img", 1 << 20, true),
             disk(&dir, "b.img", 1 << 20, false),
         ];
-        let opts = HostOptions {
-            iommu: Some(IommuChoice::Virtio(Default::default())),
-            ..Default::default()
-        };
+        let opts =
+            HostOptions::default().with_iommu(&IommuChoice::Virtio(Default::default()), &specs);
         let set = DeviceSet::with_options(&specs, Arc::new(NoHooks), &opts).unwrap();
         let kinds: Vec<_> = set
             .devices
@@ -461,8 +508,8 @@ mod tests {
             ]
         );
         let p = set.iommu.unwrap();
-        assert_eq!(p.bdf, Bdf::new(0, 2, 0));
-        assert_eq!(p.endpoints, [Bdf::new(0, 3, 0)]);
+        assert_eq!(p.pci_address(), Some(Bdf::new(0, 2, 0)));
+        assert_eq!(p.endpoints(), [Bdf::new(0, 3, 0)]);
         // The translated disk offers ACCESS_PLATFORM (bit 33), the other one does not.
         let offered = |i: usize| {
             let f = &set.devices[i].function;
@@ -482,10 +529,8 @@ mod tests {
     fn bar_accesses_past_the_end_of_a_bar_are_refused_for_every_device() {
         let dir = scratch("barguard");
         let specs = [disk(&dir, "a.img", 1 << 20, true)];
-        let opts = HostOptions {
-            iommu: Some(IommuChoice::Virtio(Default::default())),
-            ..Default::default()
-        };
+        let opts =
+            HostOptions::default().with_iommu(&IommuChoice::Virtio(Default::default()), &specs);
         let set = DeviceSet::with_options(&specs, Arc::new(NoHooks), &opts).unwrap();
         for d in &set.devices {
             let f = &d.function;

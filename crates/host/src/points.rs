@@ -3,6 +3,7 @@
 //! injection engine (`sluice-inject`) only validates rules against what this module gives it,
 //! so it depends on no model.
 
+use sluice_devapi::PointDecl;
 use sluice_inject::{ModelPoints, PointRegistry};
 
 /// A Sluice model with named points of its own (device instances add theirs with
@@ -40,19 +41,15 @@ impl Model {
 
     /// Its points, as its crate declares them.
     pub fn points(self) -> ModelPoints {
-        let (names, defer) = match self {
-            Model::VirtioIommu => (
-                sluice_virtio_iommu::POINTS.to_vec(),
-                sluice_virtio_iommu::DEFER_POINTS,
-            ),
-            Model::VirtioPci => (vec![sluice_virtio_pci::points::CFG_WRITE_COMMAND], &[][..]),
-            Model::Smmuv3 => (sluice_smmuv3::points(), &[][..]),
-            Model::Zpci => (sluice_zpci::POINTS.to_vec(), &[][..]),
+        let points = match self {
+            Model::VirtioIommu => sluice_virtio_iommu::point_decls(),
+            Model::VirtioPci => sluice_virtio_pci::points::model(),
+            Model::Smmuv3 => sluice_smmuv3::point_decls(),
+            Model::Zpci => sluice_zpci::point_decls(),
         };
         ModelPoints {
             owner: self.owner(),
-            names,
-            defer,
+            points,
         }
     }
 }
@@ -85,15 +82,11 @@ pub enum VirtioKind {
     Other,
 }
 
-/// The points of virtio device instance `name` (as the transport names them), with whether
-/// each can defer: only virtio-blk's completion can.
-pub fn virtio_device_points(name: &str, kind: VirtioKind) -> Vec<(String, bool)> {
-    let mut p = vec![
-        (sluice_virtio_pci::points::notify(name), false),
-        (sluice_virtio_pci::points::status(name), false),
-    ];
+/// The points of virtio device instance `name`, as its transport and device declare them.
+pub fn virtio_device_points(name: &str, kind: VirtioKind) -> Vec<PointDecl> {
+    let mut p = sluice_virtio_pci::points::instance(name);
     if kind == VirtioKind::Block {
-        p.push((sluice_virtio_blk::complete_point(name), true));
+        p.extend(sluice_virtio_blk::instance_points(name));
     }
     p
 }
@@ -105,12 +98,7 @@ pub fn add_virtio_device(reg: &mut PointRegistry, name: &str, kind: VirtioKind) 
 
 /// Adds the points of DMA engine instance `name` (`--dma-engine`; a run's is `dma0`).
 pub fn add_dma_engine(reg: &mut PointRegistry, name: &str) {
-    use sluice_dma_engine::points;
-    let p: Vec<(String, bool)> = [points::doorbell, points::complete, points::rogue]
-        .iter()
-        .map(|f| (f(name), false))
-        .collect();
-    reg.add_instance(name, &p);
+    reg.add_instance(name, &sluice_dma_engine::points::instance(name));
 }
 
 /// `reg` with the virtio device instances of a run of `disks` disks (`blk0`...) and, when
@@ -120,25 +108,40 @@ pub fn with_run_devices(mut reg: PointRegistry, disks: usize, viommu: bool) -> P
         add_virtio_device(&mut reg, &format!("blk{i}"), VirtioKind::Block);
     }
     if viommu {
-        add_virtio_device(&mut reg, "viommu0", VirtioKind::Iommu);
+        add_virtio_device(&mut reg, crate::iommu::VIOMMU_NAME, VirtioKind::Iommu);
     }
     reg
 }
 
-/// Points a device reaches synchronously inside a doorbell write, on the thread that wrote it
-/// (a stall there holds that vCPU): its `virtio.<dev>.notify`, and for virtio-iommu (requests
-/// answered inline, the default) the completion of every request type. `kind` is the hosted
-/// device's kind (`HostedDevice::kind`).
-pub fn doorbell_points(device: &str, kind: &str) -> Vec<String> {
-    let mut v = vec![sluice_virtio_pci::points::notify(device)];
-    if kind == "virtio-iommu" {
-        v.extend(
-            sluice_virtio_iommu::REQUEST_POINTS
-                .iter()
-                .map(|p| p.to_string()),
-        );
+/// The points of one run: its devices' (`disks` disks, the DMA engine when `dma_engine`), its
+/// IOMMU's (model and device instance) and the transport's. Points of models the run does not
+/// have stay known, so a rule on one is refused as "not in this run".
+pub fn run_registry(
+    disks: usize,
+    iommu: Option<&dyn crate::iommu::IommuModel>,
+    dma_engine: bool,
+) -> PointRegistry {
+    let mut models = vec![Model::VirtioPci];
+    models.extend(iommu.map(|m| m.point_model()));
+    let mut reg = with_run_devices(registry(&models), disks, false);
+    if let Some(m) = iommu {
+        reg.add_instance(m.name(), &m.device_points());
     }
-    v
+    if dma_engine {
+        add_dma_engine(&mut reg, "dma0");
+    }
+    reg
+}
+
+/// Points `device` reaches synchronously inside a doorbell write, on the thread that wrote it
+/// (a stall there holds that vCPU), as the device's models declare them.
+pub fn doorbell_points(device: &crate::HostedDevice) -> Vec<String> {
+    device
+        .points
+        .iter()
+        .filter(|p| p.doorbell)
+        .map(|p| p.name.clone())
+        .collect()
 }
 
 #[cfg(test)]

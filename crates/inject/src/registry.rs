@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::delay::{MAX_DELAY, WATCHDOG_BUDGET};
 use crate::plan::{EndpointFilter, Mode, Plan, PlanError, RuleSpec};
+use sluice_devapi::PointDecl;
 
 /// Prefix of guest-code points.
 pub const GUEST_SYM_PREFIX: &str = "guest.sym.";
@@ -18,6 +19,10 @@ pub struct PointInfo {
     pub name: String,
     /// The model can publish this completion later (`mode=defer`).
     pub defer: bool,
+    /// Reached inside the guest's doorbell write (see [`PointDecl::doorbell`]).
+    pub doorbell: bool,
+    /// Reached about once per I/O; the timeline samples it (see [`PointDecl::hot`]).
+    pub hot: bool,
     /// Which model announces it (`virtio-iommu`, `virtio-pci`, `blk0`, ...).
     pub owner: String,
 }
@@ -85,10 +90,8 @@ impl SymbolMap {
 pub struct ModelPoints {
     /// The owner name its points carry (`virtio-iommu`, `smmuv3`, ...).
     pub owner: &'static str,
-    /// Its points.
-    pub names: Vec<&'static str>,
-    /// Those of them that can take `mode=defer`.
-    pub defer: &'static [&'static str],
+    /// Its points, with their properties.
+    pub points: Vec<PointDecl>,
 }
 
 /// Every point of a run.
@@ -119,39 +122,48 @@ impl PointRegistry {
         let mut r = Self::new();
         for m in catalogue {
             if present.contains(&m.owner) {
-                r.add_model(m.owner, &m.names, m.defer);
+                r.add_model(m.owner, &m.points);
             } else {
                 r.absent
-                    .extend(m.names.iter().map(|n| (n.to_string(), m.owner)));
+                    .extend(m.points.iter().map(|p| (p.name.clone(), m.owner)));
             }
         }
         r
     }
 
-    /// Adds one model's points; those in `defer` can take `mode=defer`.
-    pub fn add_model(&mut self, owner: &str, names: &[&str], defer: &[&str]) {
-        for n in names {
-            self.add(n, defer.contains(n), owner);
+    /// Adds one model's points.
+    pub fn add_model(&mut self, owner: &str, points: &[PointDecl]) {
+        for p in points {
+            self.add(p, owner);
         }
     }
 
-    /// Adds one point.
-    pub fn add(&mut self, name: &str, defer: bool, owner: &str) {
+    /// Adds one point as `owner` declared it.
+    pub fn add(&mut self, decl: &PointDecl, owner: &str) {
         self.points.insert(
-            name.to_string(),
+            decl.name.clone(),
             PointInfo {
-                name: name.to_string(),
-                defer,
+                name: decl.name.clone(),
+                defer: decl.defer,
+                doorbell: decl.doorbell,
+                hot: decl.hot,
                 owner: owner.to_string(),
             },
         );
     }
 
-    /// Adds the points of one device instance `instance`: (point, can defer).
-    pub fn add_instance(&mut self, instance: &str, points: &[(String, bool)]) {
-        for (name, defer) in points {
-            self.add(name, *defer, instance);
-        }
+    /// Adds the points of one device instance `instance`.
+    pub fn add_instance(&mut self, instance: &str, points: &[PointDecl]) {
+        self.add_model(instance, points);
+    }
+
+    /// The names of the points reached about once per I/O (the oracle samples them).
+    pub fn hot_points(&self) -> std::collections::HashSet<String> {
+        self.points
+            .values()
+            .filter(|p| p.hot)
+            .map(|p| p.name.clone())
+            .collect()
     }
 
     /// The guest's symbol table, enabling `guest.sym.*` points.
@@ -563,7 +575,7 @@ mod tests {
 /// `sluice_host::points::catalogue()`; its tests check the real names).
 #[cfg(test)]
 pub(crate) mod fixture {
-    use super::{ModelPoints, PointRegistry};
+    use super::{ModelPoints, PointDecl, PointRegistry};
 
     const VIOMMU: &[&str] = &[
         "virtio-iommu.req.attach",
@@ -573,33 +585,36 @@ pub(crate) mod fixture {
         "virtio-iommu.req.probe",
     ];
 
+    fn plain(names: &[&str]) -> Vec<PointDecl> {
+        names.iter().map(|&n| PointDecl::new(n)).collect()
+    }
+
     pub(crate) fn catalogue() -> Vec<ModelPoints> {
-        let mut viommu = VIOMMU.to_vec();
-        viommu.push("virtio-iommu.config.write");
+        let mut viommu: Vec<PointDecl> = VIOMMU
+            .iter()
+            .map(|&n| PointDecl::new(n).deferrable().on_doorbell())
+            .collect();
+        viommu.push(PointDecl::new("virtio-iommu.config.write"));
         vec![
             ModelPoints {
                 owner: "virtio-iommu",
-                names: viommu,
-                defer: VIOMMU,
+                points: viommu,
             },
             ModelPoints {
                 owner: "virtio-pci",
-                names: vec!["pci.cfg.write.command"],
-                defer: &[],
+                points: plain(&["pci.cfg.write.command"]),
             },
             ModelPoints {
                 owner: "smmuv3",
-                names: vec![
+                points: plain(&[
                     "smmuv3.cmd.CFGI_STE",
                     "smmuv3.cmd.CMD_SYNC",
                     "smmuv3.mmio.write.CR0",
-                ],
-                defer: &[],
+                ]),
             },
             ModelPoints {
                 owner: "zpci",
-                names: vec!["zpci.rpcit", "zpci.mpcifc.reg_ioat"],
-                defer: &[],
+                points: plain(&["zpci.rpcit", "zpci.mpcifc.reg_ioat"]),
             },
         ]
     }
@@ -607,11 +622,17 @@ pub(crate) mod fixture {
     /// A virtio device instance's points, as the transport and virtio-blk name them.
     pub(crate) fn add_virtio(r: &mut PointRegistry, name: &str, block: bool) {
         let mut p = vec![
-            (format!("virtio.{name}.notify"), false),
-            (format!("virtio.{name}.status"), false),
+            PointDecl::new(format!("virtio.{name}.notify"))
+                .on_doorbell()
+                .hot(),
+            PointDecl::new(format!("virtio.{name}.status")),
         ];
         if block {
-            p.push((format!("virtio.{name}.complete"), true));
+            p.push(
+                PointDecl::new(format!("virtio.{name}.complete"))
+                    .deferrable()
+                    .hot(),
+            );
         }
         r.add_instance(name, &p);
     }

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_devapi::{Endpoint, Fanout, Hooks};
+use sluice_host::iommu::FirmwareDescription;
+use sluice_host::machine::Arch;
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, HostOptions, IommuChoice};
 use sluice_inject::{Firing, Injector, Plan};
 use sluice_qemu::launcher::{Accel, QemuConfig};
@@ -51,14 +53,15 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
         f.lock().unwrap().push((x.at - t0, x.clone()))
     }));
     let hooks: Arc<dyn Hooks> = Arc::new(Fanout(vec![inj.clone()]));
-    let opts = HostOptions {
-        iommu: Some(IommuChoice::Virtio(ViommuConfig::default())),
-        ..Default::default()
-    };
+    let opts =
+        HostOptions::default().with_iommu(&IommuChoice::Virtio(ViommuConfig::default()), &disks);
     let devices = DeviceSet::with_options(&disks, hooks, &opts).unwrap();
     let p = devices.iommu.as_ref().unwrap();
     let viot = dir.join("viot.aml");
-    std::fs::write(&viot, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints)).unwrap();
+    let FirmwareDescription::AcpiTable(table) = p.firmware(Arch::X86_64).unwrap() else {
+        panic!("virtio-iommu on x86 is described by an ACPI table");
+    };
+    std::fs::write(&viot, table).unwrap();
     let cfg = QemuConfig {
         qemu: qemu.to_path_buf(),
         accel: Accel::detect(),

@@ -341,6 +341,7 @@ pub fn run(data: &[u8]) {
         kind: "virtio-blk",
         behind_iommu: false,
         dma_engine: None,
+        points: Vec::new(),
     };
     let Ok((ours, mut qemu)) = UnixStream::pair() else {
         return;

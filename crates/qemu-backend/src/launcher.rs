@@ -427,6 +427,7 @@ mod tests {
             mem: Default::default(),
             devices: vec![],
             iommu: None,
+            iommu_mmio: None,
         };
         let err = run(&cfg(), &set).unwrap_err();
         assert_eq!(
@@ -476,6 +477,7 @@ mod tests {
             mem: Default::default(),
             devices: vec![],
             iommu: None,
+            iommu_mmio: None,
         }
     }
 

@@ -161,11 +161,11 @@ impl Guests {
 
 /// The points of `s`'s devices (no guest symbols).
 pub(crate) fn scenario_registry(s: &Scenario) -> PointRegistry {
-    let mut reg = run::registry_for(s.devices.disks.len(), iommu_of(s));
-    if s.devices.dma_engine.is_some() {
-        run::add_dma_engine(&mut reg);
-    }
-    reg
+    run::config_points(
+        s.devices.disks.len(),
+        iommu_of(s),
+        s.devices.dma_engine.is_some(),
+    )
 }
 
 /// The DMA engine of `s`, if it has one.
@@ -198,8 +198,10 @@ pub(crate) fn rogue_of(s: &Scenario) -> Result<Vec<RogueRule>> {
 
 pub(crate) fn iommu_of(s: &Scenario) -> IommuArg {
     match s.devices.iommu {
-        IommuKind::Virtio => IommuArg::Virtio,
         IommuKind::None => IommuArg::None,
+        IommuKind::Virtio => IommuArg::Virtio,
+        IommuKind::Smmuv3 => IommuArg::Smmuv3,
+        IommuKind::Zpci => IommuArg::Zpci,
     }
 }
 

@@ -110,17 +110,29 @@ fn main() -> ExitCode {
             } else {
                 run::config_points(disks, iommu, dma_engine)
             };
+            let mut text = String::new();
             for p in reg.points() {
-                println!(
-                    "{:<40} {:<6} {}",
+                // What a rule can do there: defer the completion; and where the point is
+                // reached: inside a doorbell write, or once per I/O (sampled in timelines).
+                let props: Vec<&str> =
+                    [(p.defer, "defer"), (p.doorbell, "doorbell"), (p.hot, "hot")]
+                        .iter()
+                        .filter(|(on, _)| *on)
+                        .map(|(_, name)| *name)
+                        .collect();
+                text.push_str(&format!(
+                    "{:<40} {:<20} {}\n",
                     p.name,
-                    if p.defer { "defer" } else { "" },
+                    props.join(","),
                     p.owner
-                );
+                ));
             }
             for p in reg.patterns() {
-                println!("{p}");
+                text.push_str(&p);
+                text.push('\n');
             }
+            // A reader that stops early (`| head`) is not an error of ours.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Report { run_dir } => sluice_oracle::render::render_report(&run_dir)

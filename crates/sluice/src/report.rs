@@ -194,10 +194,10 @@ pub fn write_json(
         "disks": disk_json,
         "devices": devs,
         "iommu": devices.iommu.as_ref().map(|p| json!({
-            "kind": "virtio-iommu",
-            "bdf": p.bdf.to_string(),
-            "boot_bypass": if p.boot_bypass { "on" } else { "off" },
-            "endpoints": p.endpoints.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+            "kind": p.kind().long_name(),
+            "bdf": p.pci_address().map(|b| b.to_string()),
+            "boot_bypass": p.boot_bypass().map(|on| if on { "on" } else { "off" }),
+            "endpoints": p.endpoints().iter().map(|b| b.to_string()).collect::<Vec<_>>(),
         })),
         "dma": stats.snapshot().into_iter().map(|(ep, c)| json!({
             "endpoint": ep.to_string(),

@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use sluice_devapi::{Bdf, Fanout, Hooks};
-use sluice_host::points::{self, Model};
+use sluice_devapi::{Fanout, Hooks};
+use sluice_host::iommu::FirmwareDescription;
+use sluice_host::machine::Arch;
+use sluice_host::points;
 use sluice_host::{
-    DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, RunOutcome,
+    DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, IommuKind,
+    IommuModel, RunOutcome,
 };
 use sluice_inject::registry::GUEST_SYM_PREFIX;
 use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap};
 use sluice_oracle::topology::Topology;
 use sluice_oracle::{Oracle, OracleConfig};
 use sluice_qemu::{Accel, ConsoleSink, QemuConfig};
-use sluice_virtio_iommu::ViommuConfig;
 
 use crate::report::{self, DiskVerdict};
 use crate::rogue::{RogueArm, RogueRule};
@@ -31,6 +33,22 @@ pub enum IommuArg {
     None,
     /// virtio-iommu on PCI (00:02.0), described by a VIOT table.
     Virtio,
+    /// Arm SMMUv3 (needs an arm64 guest: refused on x86).
+    Smmuv3,
+    /// s390 zPCI (needs an s390x guest: refused on x86).
+    Zpci,
+}
+
+impl IommuArg {
+    /// The IOMMU model this names, if any.
+    pub fn kind(self) -> Option<IommuKind> {
+        match self {
+            IommuArg::None => None,
+            IommuArg::Virtio => Some(IommuKind::Virtio),
+            IommuArg::Smmuv3 => Some(IommuKind::Smmuv3),
+            IommuArg::Zpci => Some(IommuKind::Zpci),
+        }
+    }
 }
 
 /// CPU backend.
@@ -332,9 +350,26 @@ impl RunSpec {
             (GuestSource::Files { .. }, Some(m)) => Some(m.as_path()),
             _ => None,
         };
+        if let Some(model) = self.iommu_model(&[], false) {
+            model.firmware(Arch::X86_64)?;
+        }
         let disks = self.disks.len().max(1);
         check_plan(self, disks, symbols)?;
         Ok(())
+    }
+
+    /// The run's IOMMU with its configuration: the one place the command line's choice and
+    /// options become a model configuration.
+    pub fn iommu_choice(&self) -> Option<IommuChoice> {
+        let kind = self.iommu.kind()?;
+        Some(IommuChoice::with_boot_bypass(kind, self.boot_bypass))
+    }
+
+    /// The run's IOMMU in front of `disks` (and the DMA engine); `marker`: whether the run
+    /// places the marker device, which moves the engine's slot.
+    fn iommu_model(&self, disks: &[DiskSpec], marker: bool) -> Option<Arc<dyn IommuModel>> {
+        let endpoints = sluice_host::iommu_endpoints(disks, marker, self.dma_engine);
+        self.iommu_choice().map(|c| c.model(endpoints))
     }
 }
 
@@ -343,7 +378,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     spec.check()?;
     std::fs::create_dir_all(&spec.run_dir)
         .with_context(|| format!("cannot create {}", spec.run_dir.display()))?;
-    let have_iommu = spec.iommu != IommuArg::None;
+    let have_iommu = spec.iommu.kind().is_some();
     let mut disks = spec.disks.clone();
     if disks.is_empty() {
         let path = spec.run_dir.join("disk0.img");
@@ -384,7 +419,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
 
     let stats = Arc::new(DmaStats::default());
     let injector = build_injector(spec, &disks, system_map.as_deref())?;
-    let oracle = Oracle::new(topology_for(spec.iommu, &disks), OracleConfig::default());
+    // The kvm backend does not place the marker device (it delivers no marker lines yet).
+    let marker = spec.backend == Backend::Qemu;
+    let iommu = spec.iommu_model(&disks, marker);
+    let topology = Topology {
+        iommus: iommu.iter().map(|m| m.topology()).collect(),
+    };
+    let oracle = Oracle::new(topology, OracleConfig::default());
     {
         let o = oracle.clone();
         injector.set_sink(Arc::new(move |f: &Firing| {
@@ -415,13 +456,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     };
     let host_opts = HostOptions {
         marker: Some(marker_sink),
-        iommu: match spec.iommu {
-            IommuArg::None => None,
-            IommuArg::Virtio => Some(IommuChoice::Virtio(ViommuConfig {
-                boot_bypass: spec.boot_bypass,
-                ..Default::default()
-            })),
-        },
+        iommu: iommu.clone(),
         dma_engine: spec.dma_engine,
         ..Default::default()
     };
@@ -445,10 +480,12 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         rogue.set_engine(engine);
     }
     let mut acpi_tables = Vec::new();
-    if let Some(p) = &devices.iommu {
-        let path = spec.run_dir.join("viot.aml");
-        std::fs::write(&path, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(model) = &devices.iommu
+        && let FirmwareDescription::AcpiTable(table) = model.firmware(Arch::X86_64)?
+    {
+        let signature = String::from_utf8_lossy(table.get(..4).unwrap_or_default()).to_lowercase();
+        let path = spec.run_dir.join(format!("{signature}.aml"));
+        std::fs::write(&path, table).with_context(|| format!("cannot write {}", path.display()))?;
         acpi_tables.push(path);
     }
     let cmdline = format!(
@@ -688,65 +725,32 @@ fn plugin_socket_path(run_dir: &std::path::Path) -> PathBuf {
     std::env::temp_dir().join(format!("sluice-plugin-{}-{n}.sock", std::process::id()))
 }
 
-/// The injection points a run with `disks` disks and `iommu` can fire: its devices' and the
-/// models it has (no SMMUv3 or zPCI: neither is wired to a guest). Rules on other points are
-/// refused with this list, nearest first.
-pub fn registry_for(disks: usize, iommu: IommuArg) -> PointRegistry {
-    let mut models = vec![Model::VirtioPci];
-    if iommu == IommuArg::Virtio {
-        models.push(Model::VirtioIommu);
-    }
-    with_devices(points::registry(&models), disks, iommu)
+/// The IOMMU model of `iommu` for listing its points (its endpoints do not matter there).
+fn point_model(iommu: IommuArg) -> Option<Arc<dyn IommuModel>> {
+    iommu
+        .kind()
+        .map(|k| IommuChoice::default_for(k).model(Vec::new()))
 }
 
 /// The points of this run: its models and devices, the DMA engine's when it has one.
 fn run_registry(spec: &RunSpec, disks: usize) -> PointRegistry {
-    let mut reg = registry_for(disks, spec.iommu);
-    if spec.dma_engine.is_some() {
-        add_dma_engine(&mut reg);
-    }
-    reg
+    config_points(disks, spec.iommu, spec.dma_engine.is_some())
 }
 
-/// The DMA engine's points (`--dma-engine`; its instance is always `dma0`).
-pub fn add_dma_engine(reg: &mut PointRegistry) {
-    points::add_dma_engine(reg, "dma0");
-}
-
-/// The points a run with this configuration can fire (`sluice points`).
+/// The points a run with this configuration can fire (`sluice points`): its devices' and its
+/// IOMMU's. Rules on other points are refused with this list, nearest first.
 pub fn config_points(disks: usize, iommu: IommuArg, dma_engine: bool) -> PointRegistry {
-    let mut reg = registry_for(disks, iommu);
-    if dma_engine {
-        add_dma_engine(&mut reg);
-    }
-    reg
+    points::run_registry(disks, point_model(iommu).as_deref(), dma_engine)
 }
 
 /// Every point of every model (`sluice points --all`), with the device instances of such a run.
 pub fn all_points(disks: usize, iommu: IommuArg) -> PointRegistry {
-    let mut reg = with_devices(points::all_models(), disks, iommu);
-    add_dma_engine(&mut reg);
-    reg
-}
-
-fn with_devices(reg: PointRegistry, disks: usize, iommu: IommuArg) -> PointRegistry {
-    points::with_run_devices(reg, disks, iommu == IommuArg::Virtio)
-}
-
-/// What firmware tables declare: which endpoints sit behind which IOMMU.
-fn topology_for(iommu: IommuArg, disks: &[DiskSpec]) -> Topology {
-    match iommu {
-        IommuArg::None => Topology::default(),
-        IommuArg::Virtio => Topology::virtio(
-            Bdf::new(0, sluice_host::IOMMU_SLOT, 0),
-            disks
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.iommu)
-                .map(|(i, _)| Bdf::new(0, sluice_host::FIRST_SLOT + i as u8, 0))
-                .collect(),
-        ),
+    let mut reg = points::with_run_devices(points::all_models(), disks, false);
+    if let Some(m) = point_model(iommu) {
+        reg.add_instance(m.name(), &m.device_points());
     }
+    points::add_dma_engine(&mut reg, "dma0");
+    reg
 }
 
 /// Live console lines go to the timeline, and `SLUICE:` lines double as injection markers.
@@ -888,7 +892,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .join("target/sluice-runs")
             .join(format!("run-{stamp}-{}", std::process::id()))
     });
-    let have_iommu = args.iommu != IommuArg::None;
+    let have_iommu = args.iommu.kind().is_some();
     let disks = args
         .disks
         .iter()
@@ -957,9 +961,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             spec.run_dir.display()
         );
     }
-    if spec.iommu == IommuArg::Virtio {
+    if let Some(kind) = spec.iommu.kind() {
         println!(
-            "iommu:          virtio-iommu, boot bypass {}",
+            "iommu:          {}, boot bypass {}",
+            kind.long_name(),
             if spec.boot_bypass { "on" } else { "off" }
         );
     }

@@ -145,6 +145,25 @@ fn points_lists_what_the_configuration_can_fire_and_all_lists_every_model() {
             "{p} listed for an x86 virtio-iommu run:\n{x86}"
         );
     }
+    // Each IOMMU brings its own model's points and no other's; the points' properties are
+    // listed with them.
+    let smmu = list(&["--iommu", "smmuv3"]);
+    assert!(smmu.contains("smmuv3.cmd.CMD_SYNC"), "{smmu}");
+    assert!(
+        !smmu.contains("virtio-iommu.") && !smmu.contains("zpci."),
+        "{smmu}"
+    );
+    let zpci = list(&["--iommu", "zpci"]);
+    assert!(zpci.contains("zpci.rpcit"), "{zpci}");
+    assert!(
+        !zpci.contains("smmuv3.") && !zpci.contains("viommu0"),
+        "{zpci}"
+    );
+    let attach = x86
+        .lines()
+        .find(|l| l.starts_with("virtio-iommu.req.attach "))
+        .unwrap_or_default();
+    assert!(attach.contains("defer,doorbell"), "{attach}");
     let bare = list(&["--iommu", "none"]);
     assert!(!bare.contains("virtio-iommu.req.attach"), "{bare}");
     assert!(!bare.contains("dma.dma0"), "{bare}");
@@ -156,6 +175,22 @@ fn points_lists_what_the_configuration_can_fire_and_all_lists_every_model() {
         "virtio.blk0.notify",
     ] {
         assert!(all.contains(p), "{p} missing from:\n{all}");
+    }
+}
+
+#[test]
+fn an_iommu_the_platform_cannot_describe_is_refused_before_any_build() {
+    for (iommu, why) in [
+        ("smmuv3", "an SMMU is an Arm platform device"),
+        ("zpci", "zPCI translation exists only on s390"),
+    ] {
+        let line = refused(&format!("iommu-{iommu}"), &["--iommu", iommu]);
+        assert_eq!(
+            line,
+            format!(
+                "sluice: error: the {iommu} IOMMU cannot be described to an x86_64 guest: {why}"
+            )
+        );
     }
 }
 

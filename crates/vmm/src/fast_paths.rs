@@ -15,13 +15,14 @@ use crate::doorbell::DoorbellSet;
 use crate::msi_routes::MsiRouter;
 use crate::pci::BusObserver;
 
-/// The injection rules that need `device`'s doorbells to stay MMIO exits: a stall at one of
-/// doorbell points (`sluice_host::points::doorbell_points`) must hold the vCPU that rang, which only an exit can do (with an
+/// The injection rules that need `device`'s doorbells to stay MMIO exits: a stall at one of its
+/// doorbell points (`sluice_host::points::doorbell_points`, as its models declare them) must
+/// hold the vCPU that rang, which only an exit can do (with an
 /// ioeventfd the vCPU runs on and the doorbell loop would stall instead, holding every other
 /// device's doorbells too). Defer rules are included: deciding them on the loop thread would
 /// be harmless, but keeping one rule of a point on one path keeps the plan's semantics simple.
 pub fn rules_needing_exits(injector: &Injector, device: &HostedDevice) -> Vec<String> {
-    let points = sluice_host::points::doorbell_points(&device.name, device.kind);
+    let points = sluice_host::points::doorbell_points(device);
     injector
         .rules()
         .filter(|r| points.contains(&r.spec.point))
@@ -111,12 +112,10 @@ mod tests {
             read_only: false,
             iommu: true,
         };
-        let opts = HostOptions {
-            iommu: Some(IommuChoice::Virtio(Default::default())),
-            ..Default::default()
-        };
-        let set =
-            DeviceSet::with_options(&[disk], Arc::new(sluice_devapi::NoHooks), &opts).unwrap();
+        let disks = [disk];
+        let opts =
+            HostOptions::default().with_iommu(&IommuChoice::Virtio(Default::default()), &disks);
+        let set = DeviceSet::with_options(&disks, Arc::new(sluice_devapi::NoHooks), &opts).unwrap();
         let (viommu, blk) = (&set.devices[0], &set.devices[1]);
         assert_eq!((viommu.kind, blk.name.as_str()), ("virtio-iommu", "blk0"));
 

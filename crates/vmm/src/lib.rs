@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
 use sluice_devapi::Bdf;
+use sluice_host::iommu::FirmwareDescription;
 use sluice_host::{DeviceSet, GuestExit, HostOptions, IntxRelay, RunOutcome};
 use sluice_inject::Injector;
 use sluice_pci::PciFunction;
@@ -121,14 +122,18 @@ pub struct VmmConfig {
     pub serial_log: PathBuf,
     /// CPUID features to hide (names as in /proc/cpuinfo; see [`known_features`]).
     pub cpuid_mask: Vec<String>,
-    /// Extra ACPI tables (complete, checksummed). When the device set has a virtio-iommu and
-    /// no table here is a VIOT, [`Vmm::run`] adds the VIOT itself (`sluice_acpi`).
+    /// Extra ACPI tables (complete, checksummed). When the device set has an IOMMU, [`Vmm::run`]
+    /// adds the table its model describes it with (the VIOT), unless one with that signature
+    /// is here already.
     pub acpi_tables: Vec<Vec<u8>>,
 }
 
 /// The VMM could not run the guest.
 #[derive(Debug, Error)]
 pub enum VmmError {
+    /// The run's IOMMU has no description on this machine.
+    #[error(transparent)]
+    Iommu(sluice_host::iommu::IommuError),
     /// `/dev/kvm` cannot be used.
     #[error("KVM is not available: {0}")]
     NoKvm(String),
@@ -327,6 +332,7 @@ impl Vmm {
             msix_vectors: MSIX_VECTORS,
             msi: Some(self.msi.clone()),
             iommu: None,
+            iommu_irq: None,
             marker: None,
             dma_engine: None,
         }
@@ -434,10 +440,16 @@ impl Vmm {
         );
         let cpus = self.cfg.cpus as u8;
         let mut tables = self.cfg.acpi_tables.clone();
-        if let Some(p) = &devices.iommu
-            && !tables.iter().any(|t| t.starts_with(b"VIOT"))
-        {
-            tables.push(sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints));
+        if let Some(model) = &devices.iommu {
+            match model.firmware(sluice_host::machine::Arch::X86_64) {
+                Ok(FirmwareDescription::AcpiTable(t)) => {
+                    if !tables.iter().any(|have| have.get(..4) == t.get(..4)) {
+                        tables.push(t);
+                    }
+                }
+                Ok(FirmwareDescription::Discovered) => {}
+                Err(e) => return Err(VmmError::Iommu(e)),
+            }
         }
         for (addr, bytes) in acpi::build(cpus, &tables)?.blobs {
             self.mem

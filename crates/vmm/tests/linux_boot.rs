@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_host::{DeviceSet, DiskSpec, GuestExit, HostOptions, IommuChoice};
+use sluice_host::{DeviceSet, DiskSpec, GuestExit, IommuChoice};
 use sluice_vmm::{KvmStatus, PVM_CPUID_MASK, Vmm, VmmConfig, kvm_status};
 
 struct Images {
@@ -108,20 +108,16 @@ fn boot(b: &Boot<'_>, dir: &Path) -> Booted {
     };
     let mut vmm = Vmm::new(&cfg).expect("VM");
     vmm.prefer_64bit_elf_entry(b.elf_64bit);
-    let opts = HostOptions {
-        iommu: Some(IommuChoice::Virtio(Default::default())),
-        ..vmm.host_options()
-    };
-    let devices = DeviceSet::with_options(
-        &[DiskSpec {
-            path: disk.clone(),
-            read_only: false,
-            iommu: true,
-        }],
-        Arc::new(sluice_devapi::NoHooks),
-        &opts,
-    )
-    .expect("device set");
+    let disks = [DiskSpec {
+        path: disk.clone(),
+        read_only: false,
+        iommu: true,
+    }];
+    let opts = vmm
+        .host_options()
+        .with_iommu(&IommuChoice::Virtio(Default::default()), &disks);
+    let devices = DeviceSet::with_options(&disks, Arc::new(sluice_devapi::NoHooks), &opts)
+        .expect("device set");
     let stats = vmm.stats();
     let out = vmm.run(&devices).expect("run");
     let iommu = devices

@@ -76,6 +76,17 @@ pub mod points {
     pub fn rogue(name: &str) -> String {
         format!("dma.{name}.rogue")
     }
+    /// The points of engine `name`. The engine runs an operation inside the doorbell write
+    /// (no worker thread), so its doorbell and completion are both reached there; the
+    /// completion comes once per operation.
+    pub fn instance(name: &str) -> Vec<sluice_devapi::PointDecl> {
+        use sluice_devapi::PointDecl;
+        vec![
+            PointDecl::new(doorbell(name)).on_doorbell(),
+            PointDecl::new(complete(name)).on_doorbell().hot(),
+            PointDecl::new(rogue(name)),
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -21,11 +21,13 @@
 pub mod config;
 pub mod guard;
 pub mod irq;
+pub mod mmio;
 pub mod msix;
 
 pub use config::{BarKind, BarSpec, ConfigError, ConfigSpace, PciIds};
 pub use guard::{BarAccess, BarGuard};
 pub use irq::PciInterrupt;
+pub use mmio::{MmioDevice, MmioGuard};
 pub use msix::MsixTable;
 
 /// A PCI function the host can dispatch accesses to. Accesses are little-endian, 1/2/4/8 bytes.

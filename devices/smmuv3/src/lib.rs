@@ -47,6 +47,14 @@ pub use provenance::{FaultInjection, MAX_LISTED_USES, MAX_PENDING_INVALIDATIONS,
 pub use regs::IdRegs;
 pub use translate::{AbortCause, Access, Fault, Segment, Translation};
 
+/// [`points`] as declarations: none defers, none is reached inside a doorbell of a device.
+pub fn point_decls() -> Vec<sluice_devapi::PointDecl> {
+    points()
+        .into_iter()
+        .map(sluice_devapi::PointDecl::new)
+        .collect()
+}
+
 /// Every hook point name this model announces: `smmuv3.mmio.write.<REG>` before a register
 /// write takes effect, `smmuv3.cmd.<OPCODE>` when a command has taken effect but before its
 /// completion (CONS advance, CMD_SYNC signal) is visible, and `smmuv3.cmd.ILLEGAL`.

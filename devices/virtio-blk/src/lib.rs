@@ -32,9 +32,14 @@ pub fn complete_point(name: &str) -> String {
     format!("virtio.{name}.complete")
 }
 
-/// Points of a block device named `name` that can take `mode=defer`.
-pub fn defer_points(name: &str) -> Vec<String> {
-    vec![complete_point(name)]
+/// The points of block device `name` beyond its transport's: the completion, once per
+/// request, which the device can defer.
+pub fn instance_points(name: &str) -> Vec<sluice_devapi::PointDecl> {
+    vec![
+        sluice_devapi::PointDecl::new(complete_point(name))
+            .deferrable()
+            .hot(),
+    ]
 }
 
 /// Sector size the protocol counts in.

@@ -63,6 +63,28 @@ pub const REQUEST_POINTS: &[&str] = &[
     POINT_UNMAP,
     POINT_PROBE,
 ];
+/// Every point of this device with its properties: a request completion is reached inside the
+/// doorbell write (requests are answered on the vCPU that rang, the default) and can be
+/// deferred; MAP and UNMAP come once per I/O of a device behind the IOMMU.
+pub fn point_decls() -> Vec<sluice_devapi::PointDecl> {
+    POINTS
+        .iter()
+        .map(|&name| {
+            let mut d = sluice_devapi::PointDecl::new(name);
+            if REQUEST_POINTS.contains(&name) {
+                d = d.on_doorbell();
+            }
+            if DEFER_POINTS.contains(&name) {
+                d = d.deferrable();
+            }
+            if name == POINT_MAP || name == POINT_UNMAP {
+                d = d.hot();
+            }
+            d
+        })
+        .collect()
+}
+
 /// An ATTACH request completed (value: status).
 pub const POINT_ATTACH: &str = "virtio-iommu.req.attach";
 /// A DETACH request completed (value: status).

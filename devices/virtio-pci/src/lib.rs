@@ -52,6 +52,20 @@ pub mod points {
     pub fn status(name: &str) -> String {
         format!("virtio.{name}.status")
     }
+    /// The transport's own points (every virtio-pci function).
+    pub fn model() -> Vec<sluice_devapi::PointDecl> {
+        vec![sluice_devapi::PointDecl::new(CFG_WRITE_COMMAND)]
+    }
+    /// The points of device instance `name`: its doorbell is reached inside the doorbell write
+    /// and once per request.
+    pub fn instance(name: &str) -> Vec<sluice_devapi::PointDecl> {
+        vec![
+            sluice_devapi::PointDecl::new(notify(name))
+                .on_doorbell()
+                .hot(),
+            sluice_devapi::PointDecl::new(status(name)),
+        ]
+    }
 }
 
 /// VIRTIO_F_VERSION_1: the modern interface. A modern-only device requires it.

@@ -75,6 +75,14 @@ pub const POINT_RPCIT: &str = "zpci.rpcit";
 /// Hook point of deconfigure (before it takes effect).
 pub const POINT_DECONFIGURE: &str = "zpci.deconfigure";
 
+/// [`POINTS`] as declarations: none defers, none is reached inside a device's doorbell.
+pub fn point_decls() -> Vec<sluice_devapi::PointDecl> {
+    POINTS
+        .iter()
+        .map(|&n| sluice_devapi::PointDecl::new(n))
+        .collect()
+}
+
 /// Every hook point this model calls.
 pub const POINTS: &[&str] = &[
     POINT_REG_INT,
