@@ -421,6 +421,63 @@ mod tests {
         assert!(a.contains("-acpitable file=/t/viot.aml"));
     }
 
+    /// The full x86 q35 argument list, captured from the launcher before the platform became
+    /// a [`MachineSpec`] value: describing the machine must not change one argument.
+    #[test]
+    fn x86_q35_args_are_unchanged() {
+        let proxies = [("blk0".to_string(), 3, 7)];
+        let expected = |accel: [&'static str; 4]| {
+            let mut v = vec!["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"];
+            v.extend(accel);
+            v.extend([
+                "-M",
+                "q35,memory-backend=mem",
+                "-smp",
+                "2",
+                "-m",
+                "512M",
+                "-object",
+                "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                "/k",
+                "-initrd",
+                "/i",
+                "-append",
+                "console=ttyS0",
+                "-device",
+                "x-pci-proxy-dev,id=blk0,fd=7,addr=0x3",
+                "-acpitable",
+                "file=/t/viot.aml",
+                "-plugin",
+                "x.so",
+            ]);
+            v
+        };
+        let cfg = QemuConfig {
+            extra_args: vec!["-plugin".into(), "x.so".into()],
+            ..cfg()
+        };
+        assert_eq!(
+            qemu_args(&cfg, &proxies),
+            expected(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        );
+        let kvm = QemuConfig {
+            accel: Accel::Kvm,
+            ..cfg
+        };
+        assert_eq!(
+            qemu_args(&kvm, &proxies),
+            expected(["-accel", "kvm", "-cpu", "host"])
+        );
+    }
+
     #[test]
     fn missing_kernel_is_a_clear_error() {
         let set = DeviceSet {
