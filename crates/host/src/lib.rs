@@ -7,10 +7,11 @@
 #![forbid(unsafe_code)]
 
 mod dma_stats;
-pub mod machine;
 mod intx;
+pub mod machine;
 mod outcome;
 pub mod points;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::sync::Arc;
