@@ -60,6 +60,7 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
     let viot = dir.join("viot.aml");
     std::fs::write(&viot, sluice_acpi::viot_virtio_pci(p.bdf, &p.endpoints)).unwrap();
     let cfg = QemuConfig {
+        machine: sluice_host::machine::MachineSpec::x86_q35(),
         qemu: qemu.to_path_buf(),
         accel: Accel::detect(),
         cpus: 2,
