@@ -2,7 +2,12 @@
 # Build a Sluice guest image (kernel + modules + busybox initramfs) for one
 # variant under guest-images/variants/<name>/.
 #
-#   guest-images/build.sh [VARIANT]        (default: 6.12; see variants/)
+#   guest-images/build.sh [--arch ARCH] [VARIANT]   (default: 6.12; see variants/)
+#
+# A variant's architecture is its variants/<name>/arch file (x86_64 if
+# absent); --arch (or SLUICE_ARCH) must agree with it, and picks the default
+# variant (only x86_64 has one). Other architectures cross-compile
+# (lib/common.sh, arch_setup).
 #
 # Everything is built outside the work tree, under
 #   ${SLUICE_CACHE:-$HOME/.cache/sluice}/{src,build,guest}/
@@ -19,16 +24,39 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 case "${1:-}" in
     -h|--help)
-        sed -n '2,11p' "$HERE/build.sh" | sed 's/^# \{0,1\}//'
+        sed -n '2,16p' "$HERE/build.sh" | sed 's/^# \{0,1\}//'
         echo "variants: $(cd "$HERE/variants" && echo *)"
         exit 0 ;;
 esac
-[ $# -le 1 ] || die "usage: build.sh [VARIANT]"
+WANT_ARCH=${SLUICE_ARCH:-}
+if [ "${1:-}" = --arch ]; then
+    [ $# -ge 2 ] || die "usage: build.sh [--arch ARCH] [VARIANT]"
+    WANT_ARCH=$2
+    shift 2
+fi
+[ $# -le 1 ] || die "usage: build.sh [--arch ARCH] [VARIANT]"
+if [ -n "$WANT_ARCH" ]; then arch_setup "$WANT_ARCH"; WANT_ARCH=$ARCH; fi
 
-VARIANT=${1:-6.12}
+if [ $# -eq 1 ]; then
+    VARIANT=$1
+elif [ -z "$WANT_ARCH" ] || [ "$WANT_ARCH" = x86_64 ]; then
+    VARIANT=6.12
+else
+    die "no default variant for $WANT_ARCH: name one (none exists yet; they will be named like arm64-6.12)"
+fi
 VDIR=$HERE/variants/$VARIANT
 [ -f "$VDIR/variant.conf" ] || die "unknown variant '$VARIANT' (known: $(cd "$HERE/variants" && echo *))"
 [ -f "$VDIR/fragment.config" ] || die "$VDIR/fragment.config is missing"
+# The variant -> architecture mapping lives in this one file (sluice's image.rs
+# reads it too).
+VARIANT_ARCH=x86_64 ARCH_SOURCE="no variants/$VARIANT/arch file"
+if [ -f "$VDIR/arch" ]; then
+    VARIANT_ARCH=$(tr -d '[:space:]' < "$VDIR/arch") ARCH_SOURCE="variants/$VARIANT/arch"
+fi
+arch_setup "$VARIANT_ARCH"
+if [ -n "$WANT_ARCH" ] && [ "$WANT_ARCH" != "$ARCH" ]; then
+    die "variant $VARIANT is an $ARCH guest ($ARCH_SOURCE), not $WANT_ARCH"
+fi
 
 SOURCE_PKG='' TARBALL='' DESCRIPTION='' EXPECTED_OBJS=1400
 # shellcheck source=/dev/null
@@ -41,18 +69,34 @@ HB_PID=
 trap 'if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
 T_START=$(now)
 
-log "build.sh: variant $VARIANT: $DESCRIPTION"
+if [ "$ARCH" = x86_64 ]; then
+    log "build.sh: variant $VARIANT: $DESCRIPTION"
+else
+    log "build.sh: variant $VARIANT ($ARCH): $DESCRIPTION"
+fi
 
 # ---------------------------------------------------------------------------
 stage 1 $STAGES "host packages"
+# fragments/common.config and verify-only.config hold x86 options (PVH,
+# KVM_GUEST, ACPI, 8250); another architecture has its own common fragment.
+if [ "$ARCH" = x86_64 ]; then
+    COMMON_FRAGMENT=$HERE/fragments/common.config
+    COMMON_VERIFY=$HERE/fragments/verify-only.config
+else
+    COMMON_FRAGMENT=$HERE/fragments/common-$ARCH.config
+    COMMON_VERIFY=$HERE/fragments/verify-only-$ARCH.config
+    [ -f "$COMMON_FRAGMENT" ] || die "fragments/common-$ARCH.config is missing: $ARCH guests have no kernel configuration yet"
+fi
+# shellcheck disable=SC2086  # ARCH_CC_PKG: no word for x86_64
 need_packages "$SOURCE_PKG" build-essential flex bison bc libelf-dev libssl-dev \
-    cpio xz-utils kmod busybox-static gzip
+    cpio xz-utils kmod busybox-static gzip $ARCH_CC_PKG
 [ -f "$TARBALL" ] || die "$TARBALL not found although $SOURCE_PKG is installed"
 [ -x /bin/busybox ] || die "/bin/busybox missing (busybox-static)"
 SRCVER=$(dpkg-query -W -f='${Version}' "$SOURCE_PKG")
 
-FRAGMENTS=("$HERE/fragments/common.config" "$VDIR/fragment.config")
-VERIFY_ONLY=("$HERE/fragments/verify-only.config")
+FRAGMENTS=("$COMMON_FRAGMENT" "$VDIR/fragment.config")
+VERIFY_ONLY=()
+[ -f "$COMMON_VERIFY" ] && VERIFY_ONLY+=("$COMMON_VERIFY")
 [ -f "$VDIR/verify-only.config" ] && VERIFY_ONLY+=("$VDIR/verify-only.config")
 shopt -s nullglob
 PATCHES=("$VDIR"/patches/*.patch)
@@ -117,6 +161,15 @@ kernel_find_module() {
 }
 #@@ kernel-key end ---------------------------------------------------------
 
+# Another architecture: its kernel ARCH, cross compiler and boot image. Set
+# here, outside the key block, and mixed into the key below only for those
+# architectures, so that x86_64 keys (and cached kernels) stay what they were.
+if [ "$ARCH" != x86_64 ]; then
+    KERNEL_ARCH=$ARCH_KERNEL
+    KERNEL_TARGETS=("$ARCH_IMAGE" modules)
+    export CROSS_COMPILE=$ARCH_CROSS
+fi
+
 # A variant may ship another module list: variants/<name>/variant.conf sets
 # VARIANT_MODULES="a b", or "" for none (6.12-pvm builds every driver in).
 # Outside the kernel key on purpose: which .ko files are shipped does not
@@ -144,6 +197,9 @@ KEY=$( {
         cat "$f"
     done
     sed -n '/^#@@ kernel-key begin/,/^#@@ kernel-key end/p' "$HERE/build.sh"
+    if [ "$ARCH" != x86_64 ]; then
+        echo "arch $ARCH kernel $KERNEL_ARCH cross $ARCH_CROSS targets ${KERNEL_TARGETS[*]} image $ARCH_IMAGE_PATH"
+    fi
 } | short_hash )
 
 SRCTAG=$SOURCE_PKG-${SRCVER//[:\/]/_}
@@ -167,7 +223,7 @@ if ! flock -n 9; then
     flock 9
 fi
 
-KERNEL_FILES=(bzImage vmlinux System.map config)
+KERNEL_FILES=("$ARCH_IMAGE" vmlinux System.map config)
 for m in "${GUEST_MODULES[@]}"; do KERNEL_FILES+=("modules/$m.ko"); done
 kernel_cached() {
     local f
@@ -239,7 +295,7 @@ else
     rm -f "$IMAGE_DIR/.kernel-complete"
     rm -rf "$IMAGE_DIR/modules"
     mkdir -p "$IMAGE_DIR/modules"
-    cp "$OUT/arch/x86/boot/bzImage" "$IMAGE_DIR/bzImage"
+    cp "$OUT/$ARCH_IMAGE_PATH" "$IMAGE_DIR/$ARCH_IMAGE"
     cp "$OUT/vmlinux" "$IMAGE_DIR/vmlinux"
     cp "$OUT/System.map" "$IMAGE_DIR/System.map"
     cp "$OUT/.config" "$IMAGE_DIR/config"
@@ -272,7 +328,7 @@ else
     kmake M="$TOOLS.tmp/sluice_dma" modules >"$TOOLS.tmp/build.log" 2>&1 \
         || { tail -n 30 "$TOOLS.tmp/build.log" >&2; die "sluice_dma module build failed (log: $TOOLS.tmp/build.log)"; }
     cp "$TOOLS.tmp/sluice_dma/sluice_dma.ko" "$TOOLS.tmp/sluice_dma.ko"
-    gcc -static -O2 -Wall -Wextra -Werror -o "$TOOLS.tmp/vfio-dma" "$HERE/tools/vfio-dma/vfio_dma.c" \
+    "${ARCH_CROSS}gcc" -static -O2 -Wall -Wextra -Werror -o "$TOOLS.tmp/vfio-dma" "$HERE/tools/vfio-dma/vfio_dma.c" \
         >>"$TOOLS.tmp/build.log" 2>&1 \
         || { tail -n 30 "$TOOLS.tmp/build.log" >&2; die "vfio-dma build failed"; }
     rm -rf "$TOOLS"
@@ -281,16 +337,43 @@ else
 fi
 
 # ---------------------------------------------------------------------------
+# busybox for the guest: the host's for x86_64; for another architecture the
+# static busybox of Debian's package for it, unpacked into the cache (not
+# installed: busybox-static:<arch> would replace the host's busybox-static).
+BUSYBOX=/bin/busybox
+BUSYBOX_VERSION=$(dpkg-query -W -f='${Version}' busybox-static)
+if [ "$ARCH" != x86_64 ]; then
+    BB_DIR=$SLUICE_CACHE/busybox/$ARCH_DEB-$BUSYBOX_VERSION
+    BUSYBOX=$BB_DIR/bin/busybox
+    if [ ! -x "$BUSYBOX" ]; then
+        dpkg --print-foreign-architectures | grep -qx "$ARCH_DEB" \
+            || die "busybox-static:$ARCH_DEB needs the $ARCH_DEB Debian architecture: dpkg --add-architecture $ARCH_DEB && apt-get update"
+        rm -rf "$BB_DIR.tmp"
+        mkdir -p "$BB_DIR.tmp"
+        ( cd "$BB_DIR.tmp" && apt-get download -q "busybox-static:$ARCH_DEB=$BUSYBOX_VERSION" ) >&2 \
+            || die "apt-get download busybox-static:$ARCH_DEB=$BUSYBOX_VERSION failed"
+        dpkg-deb -x "$BB_DIR.tmp"/busybox-static_*.deb "$BB_DIR.tmp/root" \
+            || die "cannot unpack busybox-static:$ARCH_DEB"
+        rm -rf "$BB_DIR"
+        mv "$BB_DIR.tmp/root" "$BB_DIR"
+        rm -rf "$BB_DIR.tmp"
+        [ -x "$BUSYBOX" ] || die "busybox-static:$ARCH_DEB has no bin/busybox"
+    fi
+fi
+
+# ---------------------------------------------------------------------------
 # The initramfs is cheap (~2 s); it is rebuilt every time, reproducibly
 # (fixed mtimes, sorted names, gzip -n), and only replaces the cached file
 # when its bytes differ.
-stage 7 $STAGES "initramfs (busybox $(dpkg-query -W -f='${Version}' busybox-static) + init/init + ${GUEST_MODULES[*]} + sluice_dma, vfio-dma)"
+stage 7 $STAGES "initramfs (busybox $BUSYBOX_VERSION + init/init + ${GUEST_MODULES[*]} + sluice_dma, vfio-dma)"
 STAGE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sluice-initramfs.XXXXXX")
 trap 'rm -rf "$STAGE_DIR"; if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
 R=$STAGE_DIR/root
 mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,mnt,run,lib/modules,sys/kernel/debug,usr/bin,usr/sbin}
-cp /bin/busybox "$R/bin/busybox"
-for a in $("$R/bin/busybox" --list); do
+cp "$BUSYBOX" "$R/bin/busybox"
+# The applet list from the host's busybox: the same Debian version, and a
+# foreign one would not run here.
+for a in $(/bin/busybox --list); do
     # busybox lists itself as an applet: a symlink would replace the binary
     [ "$a" = busybox ] || ln -s busybox "$R/bin/$a"
 done
@@ -314,6 +397,7 @@ fi
 stage 8 $STAGES "manifest"
 {
     echo "variant: $VARIANT"
+    if [ "$ARCH" != x86_64 ]; then echo "arch: $ARCH"; fi
     echo "description: $DESCRIPTION"
     echo "key: $KEY"
     echo "source_package: $SOURCE_PKG $SRCVER"
@@ -322,7 +406,7 @@ stage 8 $STAGES "manifest"
     echo "fragments: $(for f in "${FRAGMENTS[@]}"; do printf '%s ' "${f#"$HERE"/}"; done)"
     echo "verify_only: $(for f in "${VERIFY_ONLY[@]}"; do printf '%s ' "${f#"$HERE"/}"; done)"
     echo "patches: ${PATCHES[*]:-none}"
-    echo "busybox: $(dpkg-query -W -f='${Version}' busybox-static)"
+    echo "busybox: $BUSYBOX_VERSION"
     echo "modules: ${GUEST_MODULES[*]}"
     echo "tools: $TOOLS (sluice_dma.ko, vfio-dma)"
     echo "build_tree: $OUT"
@@ -340,7 +424,7 @@ else
 fi
 
 log "build.sh: $VARIANT done in $(( $(now) - T_START ))s"
-echo "KERNEL=$IMAGE_DIR/bzImage"
+echo "KERNEL=$IMAGE_DIR/$ARCH_IMAGE"
 echo "VMLINUX=$IMAGE_DIR/vmlinux"
 echo "SYSTEM_MAP=$IMAGE_DIR/System.map"
 echo "INITRD=$IMAGE_DIR/initramfs.cpio.gz"

@@ -66,3 +66,36 @@ run_with_heartbeat() {
     fi
     return "$rc"
 }
+
+# ---------------------------------------------------------------------------
+# Target architectures. One table for every script: the guest's architecture
+# is a parameter (--arch / SLUICE_ARCH, default x86_64), and another
+# architecture is another row here, not a copy of a script.
+#
+# arch_setup ARCH  sets ARCH (canonical name) and
+#   ARCH_KERNEL      the kernel's ARCH=            x86_64  arm64                 s390
+#   ARCH_CROSS       CROSS_COMPILE prefix          ''      aarch64-linux-gnu-    s390x-linux-gnu-
+#   ARCH_CC_PKG      Debian package of that gcc    ''      gcc-aarch64-linux-gnu gcc-s390x-linux-gnu
+#   ARCH_IMAGE       the boot image's file name    bzImage Image                 bzImage
+#   ARCH_IMAGE_PATH  where make leaves it (in O=)  arch/x86/boot/bzImage ...
+#   ARCH_DEB         Debian architecture           amd64   arm64                 s390x
+#   ARCH_QEMU_TARGET QEMU --target-list            x86_64-softmmu aarch64-softmmu s390x-softmmu
+#   ARCH_QEMU_BIN    the QEMU binary               qemu-system-x86_64 / -aarch64 / -s390x
+# Names as in Sluice's `Arch` (x86_64, aarch64, s390x); arm64/s390/amd64 are
+# accepted too.
+arch_setup() {
+    case "$1" in
+        x86_64|x86-64|amd64)
+            ARCH=x86_64 ARCH_KERNEL=x86_64 ARCH_CROSS='' ARCH_CC_PKG='' \
+            ARCH_IMAGE=bzImage ARCH_IMAGE_PATH=arch/x86/boot/bzImage ARCH_DEB=amd64 ;;
+        aarch64|arm64)
+            ARCH=aarch64 ARCH_KERNEL=arm64 ARCH_CROSS=aarch64-linux-gnu- ARCH_CC_PKG=gcc-aarch64-linux-gnu \
+            ARCH_IMAGE=Image ARCH_IMAGE_PATH=arch/arm64/boot/Image ARCH_DEB=arm64 ;;
+        s390x|s390)
+            ARCH=s390x ARCH_KERNEL=s390 ARCH_CROSS=s390x-linux-gnu- ARCH_CC_PKG=gcc-s390x-linux-gnu \
+            ARCH_IMAGE=bzImage ARCH_IMAGE_PATH=arch/s390/boot/bzImage ARCH_DEB=s390x ;;
+        *) die "unknown architecture '$1' (known: x86_64, aarch64 or arm64, s390x)" ;;
+    esac
+    ARCH_QEMU_TARGET=$ARCH-softmmu
+    ARCH_QEMU_BIN=qemu-system-$ARCH
+}

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Build the patched guest-side QEMU (x86_64-softmmu only) that Sluice uses to
-# attach its out-of-process devices through x-pci-proxy-dev under TCG.
+# Build the patched guest-side QEMU that Sluice uses to attach its
+# out-of-process devices through x-pci-proxy-dev under TCG, for one target
+# architecture (default x86_64: x86_64-softmmu).
 #
-#   guest-images/qemu/build-qemu.sh
+#   guest-images/qemu/build-qemu.sh [--arch ARCH]     (or SLUICE_ARCH=ARCH)
 #
 # Source: Debian bookworm's own qemu source package (apt-get source, deb-src
 # entry added if missing), plus proxy-intx-tcg.patch from this directory.
-# Result: ${SLUICE_CACHE:-$HOME/.cache/sluice}/qemu/<key>/qemu-system-x86_64,
+# Result: ${SLUICE_CACHE:-$HOME/.cache/sluice}/qemu/<key>/qemu-system-<arch>,
 # key = sha256(source version, patch, configure flags), first 16 hex digits.
 # Also builds the Sluice TCG plugin (plugin/sluice-stall.c, see
 # plugin/build-plugin.sh) against this QEMU's qemu-plugin.h and prints
 # QEMU_PLUGIN=<abs path>. A plugin build failure fails this script: the
 # guest.sym.* points and their tests need the plugin.
 # Progress goes to stderr; the last line of stdout is QEMU=<abs path>.
+#
+# Another architecture also applies the patches in qemu/<arch>/*.patch (it
+# has none yet, so the script stops) and leaves out --enable-kvm.
 #
 # Environment:
 #   QEMU_SRC_VERSION   build this source version (default: newest in Sources)
@@ -29,14 +33,27 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib/common.sh
 . "$HERE/../lib/common.sh"
 
+WANT_ARCH=${SLUICE_ARCH:-x86_64}
 case "${1:-}" in
-    -h|--help) sed -n '2,20p' "$HERE/build-qemu.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$HERE/build-qemu.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --arch) [ $# -eq 2 ] || die "usage: build-qemu.sh [--arch ARCH]"; WANT_ARCH=$2 ;;
     '') ;;
-    *) die "usage: build-qemu.sh (no arguments)" ;;
+    *) die "usage: build-qemu.sh [--arch ARCH]" ;;
 esac
+arch_setup "$WANT_ARCH"
 
 PATCH=$HERE/proxy-intx-tcg.patch
 [ -f "$PATCH" ] || die "$PATCH is missing"
+# Patches another target needs on top (x86_64 needs none): stock QEMU builds
+# x-pci-proxy-dev only for KVM targets, and a foreign target has no KVM here.
+ARCH_PATCHES=()
+if [ "$ARCH" != x86_64 ]; then
+    shopt -s nullglob
+    ARCH_PATCHES=("$HERE/$ARCH"/*.patch)
+    shopt -u nullglob
+    [ ${#ARCH_PATCHES[@]} -gt 0 ] \
+        || die "no QEMU patches for $ARCH (qemu/$ARCH/*.patch): its x-pci-proxy-dev build is not set up yet"
+fi
 STAGES=6
 JOBS=$(nproc)
 HB_PID=
@@ -44,7 +61,7 @@ trap 'if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
 T_START=$(now)
 
 CONFIGURE_ARGS=(
-    --target-list=x86_64-softmmu
+    --target-list="$ARCH_QEMU_TARGET"
     --without-default-features
     --enable-kvm              # hw/remote (MULTIPROCESS) depends on KVM in Kconfig
     --enable-tcg
@@ -59,7 +76,14 @@ CONFIGURE_ARGS=(
     --disable-install-blobs
     --firmwarepath=/usr/share/qemu:/usr/share/seabios
 )
-NINJA_TARGET=qemu-system-x86_64
+NINJA_TARGET=$ARCH_QEMU_BIN
+if [ "$ARCH" != x86_64 ]; then
+    # KVM is only for the host's own architecture; the patches lift MULTIPROCESS's
+    # dependency on it.
+    args=()
+    for a in "${CONFIGURE_ARGS[@]}"; do [ "$a" = --enable-kvm ] || args+=("$a"); done
+    CONFIGURE_ARGS=("${args[@]}")
+fi
 
 # build_plugin: the TCG plugin, next to the binary (keyed by its own sources).
 build_plugin() {
@@ -130,9 +154,11 @@ KEY=$( {
     echo "patch"; cat "$PATCH"
     echo "configure ${CONFIGURE_ARGS[*]}"
     echo "target $NINJA_TARGET"
+    # Only other targets have these, so x86_64 keys stay what they were.
+    for p in "${ARCH_PATCHES[@]}"; do echo "patch ${p#"$HERE"/}"; cat "$p"; done
 } | short_hash )
 DEST=$SLUICE_CACHE/qemu/$KEY
-BIN=$DEST/qemu-system-x86_64
+BIN=$DEST/$ARCH_QEMU_BIN
 log "      qemu source $VER, key $KEY"
 
 # serialise concurrent builds of the same key (the second one then finds it cached)
@@ -180,10 +206,14 @@ dpkg-source -x "$DSC" "$SRC" > "$WORK/unpack.log" 2>&1 \
     || { tail -n 20 "$WORK/unpack.log" >&2; die "dpkg-source -x $DSC failed"; }
 patch -d "$SRC" -p1 --batch --forward < "$PATCH" > "$WORK/patch.log" 2>&1 \
     || { cat "$WORK/patch.log" >&2; die "$(basename "$PATCH") does not apply to qemu $VER"; }
+for p in "${ARCH_PATCHES[@]}"; do
+    patch -d "$SRC" -p1 --batch --forward < "$p" >> "$WORK/patch.log" 2>&1 \
+        || { cat "$WORK/patch.log" >&2; die "$ARCH/$(basename "$p") does not apply to qemu $VER"; }
+done
 sed 's/^/      /' "$WORK/patch.log" >&2
 
 # ---------------------------------------------------------------------------
-stage 5 $STAGES "configure (x86_64-softmmu, TCG + KVM + multiprocess)"
+stage 5 $STAGES "configure ($ARCH_QEMU_TARGET, TCG$([ "$ARCH" = x86_64 ] && echo ' + KVM') + multiprocess)"
 mkdir -p "$SRC/build"
 configure_progress() { echo "configuring, $(wc -l < "$SRC/build/configure.log") log lines"; }
 run_with_heartbeat "$SRC/build/configure.log" configure_progress -- \

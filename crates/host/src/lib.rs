@@ -12,6 +12,7 @@ pub mod iommu;
 pub mod machine;
 mod outcome;
 pub mod points;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -63,6 +63,7 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
     };
     std::fs::write(&viot, table).unwrap();
     let cfg = QemuConfig {
+        machine: sluice_host::machine::MachineSpec::x86_q35(),
         qemu: qemu.to_path_buf(),
         accel: Accel::detect(),
         cpus: 2,

@@ -26,9 +26,10 @@ pub const MAX_HELD_BYTES: usize = 8 << 20;
 /// How much of the end of QEMU's stderr is kept.
 pub const STDERR_KEEP: usize = 64 << 10;
 
-/// The phrase `/init` prints first (the boot-to-`/init` time and "did the guest get anywhere").
-pub const INIT_STARTED: &str = "SLUICE: init started";
-const KERNEL_PANIC: &str = "Kernel panic";
+/// The phrase `/init` prints first (the boot-to-`/init` time and "did the guest get anywhere");
+/// the same marker for every backend.
+pub use sluice_host::supervisor::INIT_STARTED;
+use sluice_host::supervisor::{is_init_line, is_panic_line};
 
 /// What the reader thread hands the supervisor.
 pub(crate) enum Console {
@@ -201,10 +202,10 @@ impl ConsoleState {
         if std::str::from_utf8(&raw).is_err() {
             self.summary.non_utf8_lines += 1;
         }
-        if self.init_at.is_none() && line.contains(INIT_STARTED) {
+        if self.init_at.is_none() && is_init_line(&line) {
             self.init_at = Some(at);
         }
-        self.panicked |= line.contains(KERNEL_PANIC);
+        self.panicked |= is_panic_line(&line);
         self.hold(line);
     }
 

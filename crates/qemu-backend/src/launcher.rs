@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sluice_host::{DeviceSet, GuestExit, RunOutcome};
+use sluice_host::machine::{FirmwareTables, MachineError, MachineSpec};
+use sluice_host::supervisor::{self, Ending, Observed};
+use sluice_host::{DeviceSet, RunOutcome};
 use thiserror::Error;
 
 use crate::channel::ChannelError;
@@ -20,28 +22,15 @@ use crate::console::{self, ConsoleState, ConsoleSummary};
 use crate::error_chain;
 use crate::server::{DeviceServer, ServeError};
 
-/// How QEMU runs the vCPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Multi-threaded TCG (software emulation).
-    Tcg,
-    /// Hardware KVM.
-    Kvm,
-}
-
-impl Accel {
-    /// KVM when `/dev/kvm` is real hardware virtualization, TCG otherwise (kvm_pvm, absent).
-    pub fn detect() -> Self {
-        let kvm = Path::new("/dev/kvm").exists();
-        let pvm = Path::new("/sys/module/kvm_pvm").exists();
-        if kvm && !pvm { Accel::Kvm } else { Accel::Tcg }
-    }
-}
+/// How QEMU runs the vCPUs (shared with the platform description, which picks `-cpu` by it).
+pub use sluice_host::machine::Accel;
 
 /// Everything needed to start the guest.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
-    /// QEMU binary.
+    /// The platform: machine type, firmware, console, CPU model, how tables are passed.
+    pub machine: MachineSpec,
+    /// QEMU binary (for the platform's architecture).
     pub qemu: PathBuf,
     /// Accelerator.
     pub accel: Accel,
@@ -59,7 +48,8 @@ pub struct QemuConfig {
     pub serial_log: PathBuf,
     /// Kill the guest after this long.
     pub timeout: Duration,
-    /// Extra ACPI tables (`-acpitable file=`).
+    /// Extra ACPI tables (`-acpitable file=`); only on platforms that take ACPI tables
+    /// ([`FirmwareTables::AcpiFiles`]).
     pub acpi_tables: Vec<PathBuf>,
     /// Extra raw QEMU arguments (in-process devices for comparisons, TCG plugins).
     pub extra_args: Vec<String>,
@@ -94,6 +84,19 @@ pub enum LaunchError {
     /// socketpair or spawn failed.
     #[error("cannot start QEMU")]
     Spawn(#[source] std::io::Error),
+    /// The platform cannot run under this backend (yet), or cannot take what was asked of it.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// ACPI tables for a platform that has none.
+    #[error("{arch} {machine} takes no ACPI tables, but {count} were given")]
+    NoAcpi {
+        /// Architecture.
+        arch: sluice_host::machine::Arch,
+        /// QEMU machine type.
+        machine: &'static str,
+        /// How many tables.
+        count: usize,
+    },
     /// The serial log cannot be written.
     #[error("cannot write the serial log {path}")]
     SerialLog {
@@ -136,15 +139,23 @@ fn proxy_socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
 pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
-    match cfg.accel {
-        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    let m = &cfg.machine;
+    for dir in m.firmware_dirs {
+        push(&["-L", dir]);
     }
+    match cfg.accel {
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi"]),
+        Accel::Kvm => push(&["-accel", "kvm"]),
+    }
+    push(&["-cpu", m.cpu(cfg.accel)]);
     let mem = format!("{}M", cfg.mem_mib);
+    // Guest RAM is a shared memfd so that this process can map it for the devices' DMA.
+    let mut machine = vec![m.machine_type];
+    machine.extend(m.machine_options);
+    machine.push("memory-backend=mem");
     push(&[
         "-M",
-        "q35,memory-backend=mem",
+        &machine.join(","),
         "-smp",
         &cfg.cpus.to_string(),
         "-m",
@@ -176,8 +187,10 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
             &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x}"),
         ]);
     }
-    for t in &cfg.acpi_tables {
-        push(&["-acpitable", &format!("file={}", t.display())]);
+    if m.tables == FirmwareTables::AcpiFiles {
+        for t in &cfg.acpi_tables {
+            push(&["-acpitable", &format!("file={}", t.display())]);
+        }
     }
     a.extend(cfg.extra_args.iter().cloned());
     a
@@ -205,6 +218,15 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
 
 /// [`run`], also saying how much of the console was kept in memory.
 pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, LaunchError> {
+    cfg.machine
+        .check_backend(sluice_host::machine::BackendKind::Qemu)?;
+    if !cfg.acpi_tables.is_empty() && cfg.machine.tables != FirmwareTables::AcpiFiles {
+        return Err(LaunchError::NoAcpi {
+            arch: cfg.machine.arch,
+            machine: cfg.machine.machine_type,
+            count: cfg.acpi_tables.len(),
+        });
+    }
     check_readable("kernel", &cfg.kernel)?;
     check_readable("initrd", &cfg.initrd)?;
     check_readable("QEMU binary", &cfg.qemu)?;
@@ -335,38 +357,21 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
     let stderr = err_rx
         .recv_timeout(Duration::from_secs(2))
         .unwrap_or_default();
-    let panicked = seen.panicked;
-    let exit = if let Some(e) = device_error {
-        GuestExit::DeviceError(e)
-    } else if timed_out {
-        GuestExit::Timeout
-    } else if panicked {
-        GuestExit::Panicked
-    } else {
-        match status {
-            Some(s) if s.success() && seen.init_at.is_some() => GuestExit::PoweredOff,
-            // A QEMU that exits cleanly before the guest's /init ran did not run the guest:
-            // bad arguments swallowed by a wrapper, a stand-in binary, a kernel that returned.
-            Some(s) if s.success() => GuestExit::QemuFailed {
-                code: s.code(),
-                stderr: format!(
-                    "QEMU exited with status 0 before the guest's /init started{}",
-                    match tail(&stderr, 2000) {
-                        t if t.is_empty() => String::new(),
-                        t => format!("; stderr: {t}"),
-                    }
-                ),
-            },
-            Some(s) => GuestExit::QemuFailed {
+    let exit = supervisor::classify(Observed {
+        ending: match status {
+            _ if timed_out => Ending::Timeout,
+            Some(s) => Ending::ProcessExited {
                 code: s.code(),
                 stderr: tail(&stderr, 2000),
             },
-            None => GuestExit::QemuFailed {
-                code: None,
+            None => Ending::ProcessLost {
                 stderr: tail(&stderr, 2000),
             },
-        }
-    };
+        },
+        device_error,
+        panic_seen: seen.panicked,
+        init_seen: seen.init_at.is_some(),
+    });
     let boot_to_init = seen.init_at;
     let (console, summary) = seen.into_lines();
     Ok(QemuRun {
@@ -392,9 +397,11 @@ fn tail(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_host::GuestExit;
 
     fn cfg() -> QemuConfig {
         QemuConfig {
+            machine: MachineSpec::x86_q35(),
             qemu: "/bin/false".into(),
             accel: Accel::Tcg,
             cpus: 2,
@@ -419,6 +426,102 @@ mod tests {
         assert!(a.contains("-device x-pci-proxy-dev,id=blk1,fd=9,addr=0x4"));
         assert!(a.contains("-accel tcg,thread=multi"));
         assert!(a.contains("-acpitable file=/t/viot.aml"));
+    }
+
+    /// The full x86 q35 argument list, captured from the launcher before the platform became
+    /// a [`MachineSpec`] value: describing the machine must not change one argument.
+    #[test]
+    fn x86_q35_args_are_unchanged() {
+        let proxies = [("blk0".to_string(), 3, 7)];
+        let expected = |accel: [&'static str; 4]| {
+            let mut v = vec!["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"];
+            v.extend(accel);
+            v.extend([
+                "-M",
+                "q35,memory-backend=mem",
+                "-smp",
+                "2",
+                "-m",
+                "512M",
+                "-object",
+                "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                "/k",
+                "-initrd",
+                "/i",
+                "-append",
+                "console=ttyS0",
+                "-device",
+                "x-pci-proxy-dev,id=blk0,fd=7,addr=0x3",
+                "-acpitable",
+                "file=/t/viot.aml",
+                "-plugin",
+                "x.so",
+            ]);
+            v
+        };
+        let cfg = QemuConfig {
+            extra_args: vec!["-plugin".into(), "x.so".into()],
+            ..cfg()
+        };
+        assert_eq!(
+            qemu_args(&cfg, &proxies),
+            expected(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        );
+        let kvm = QemuConfig {
+            accel: Accel::Kvm,
+            ..cfg
+        };
+        assert_eq!(
+            qemu_args(&kvm, &proxies),
+            expected(["-accel", "kvm", "-cpu", "host"])
+        );
+    }
+
+    #[test]
+    fn other_platforms_shape_the_args_but_do_not_run_yet() {
+        let arm = QemuConfig {
+            machine: MachineSpec::arm64_virt(),
+            cmdline: MachineSpec::arm64_virt()
+                .base_cmdline(sluice_host::machine::BackendKind::Qemu),
+            ..cfg()
+        };
+        let a = qemu_args(&arm, &[]).join(" ");
+        assert!(
+            a.starts_with("-L /usr/share/qemu -accel tcg,thread=multi -cpu max "),
+            "{a}"
+        );
+        assert!(
+            a.contains("-M virt,gic-version=3,highmem=off,memory-backend=mem"),
+            "{a}"
+        );
+        assert!(a.contains("-append console=ttyAMA0 panic=-1"), "{a}");
+        assert!(
+            !a.contains("-acpitable"),
+            "virt's tables come from QEMU: {a}"
+        );
+        let s390 = QemuConfig {
+            machine: MachineSpec::s390x_ccw(),
+            acpi_tables: vec![],
+            ..cfg()
+        };
+        assert!(
+            qemu_args(&s390, &[])
+                .join(" ")
+                .contains("-M s390-ccw-virtio,memory-backend=mem")
+        );
+        let err = run(&arm, &no_devices()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("aarch64 guests (virt) cannot run yet: "),
+            "{err}"
+        );
     }
 
     #[test]

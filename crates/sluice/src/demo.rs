@@ -30,6 +30,7 @@ pub fn run() -> Result<ExitCode> {
         "  widening viommu_probe()'s registration window. See scenarios/registration-window.toml."
     );
     let spec = RunSpec {
+        arch: sluice_host::machine::Arch::X86_64,
         guest: GuestSource::Variant(image::DEFAULT_VARIANT.to_string()),
         qemu: std::env::var_os("SLUICE_QEMU").map(Into::into),
         cpus: 2,

@@ -13,6 +13,7 @@ use clap::Args;
 use sluice_harness::plan::{self, Shard};
 use sluice_harness::verdict::{self, Observation};
 use sluice_harness::{IommuKind, RunCase, Runner, Scenario, junit};
+use sluice_host::machine::Arch;
 use sluice_host::{DiskSpec, DmaEngineSpec};
 use sluice_inject::{Plan, PointRegistry, SymbolMap};
 
@@ -109,7 +110,8 @@ impl Guests {
                 continue;
             }
             let started = Instant::now();
-            let built = image::build_guest_with(v, BuildOutput::QuietIfCached);
+            let built = image::variant_arch(v)
+                .and_then(|arch| image::build_guest_with(v, arch, BuildOutput::QuietIfCached));
             match &built {
                 Ok(img) => eprintln!(
                     "harness: guest {v} ready ({:.1} s; {})",
@@ -123,7 +125,8 @@ impl Guests {
         let qemu = match qemu {
             Some(q) => Some(q),
             None if sluice_qemu::Accel::detect() == sluice_qemu::Accel::Tcg => {
-                let q = image::build_qemu_with(BuildOutput::QuietIfCached)
+                // Scenarios run x86_64 guests only (run::execute refuses others).
+                let q = image::build_qemu_with(Arch::X86_64, BuildOutput::QuietIfCached)
                     .context("the patched QEMU could not be built")?;
                 eprintln!("harness: QEMU {}", q.display());
                 Some(q)
@@ -281,6 +284,7 @@ impl GuestRunner<'_> {
             cmdline = format!("{cmdline} sluice.load={load}");
         }
         Ok(RunSpec {
+            arch: image::variant_arch(&case.variant)?,
             guest: GuestSource::Files {
                 kernel: img.kernel.clone(),
                 initrd: img.initrd.clone(),

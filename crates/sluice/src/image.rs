@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use sluice_host::machine::Arch;
 
 /// The guest variant used when none is named.
 pub const DEFAULT_VARIANT: &str = "6.12";
@@ -176,16 +177,40 @@ fn var(vars: &[(String, String)], key: &str) -> Result<PathBuf> {
         .with_context(|| format!("build script printed no {key}="))
 }
 
-/// Builds or finds guest `variant`.
-pub fn build_guest(variant: &str) -> Result<GuestImage> {
-    build_guest_with(variant, BuildOutput::Verbose)
+/// The architecture of guest `variant`: the one-line `arch` file in its directory
+/// (`guest-images/variants/<name>/arch`), x86_64 when there is none. `build.sh` reads the same
+/// file; it is the only place a variant's architecture is written down.
+pub fn variant_arch(variant: &str) -> Result<Arch> {
+    variant_arch_in(&repo_root().join("guest-images/variants"), variant)
+}
+
+fn variant_arch_in(variants: &Path, variant: &str) -> Result<Arch> {
+    // A name with a path in it would read some other file.
+    if variant.is_empty() || variant.contains('/') || variant.starts_with('.') {
+        bail!("bad guest variant name {variant:?}");
+    }
+    let path = variants.join(variant).join("arch");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Arch::X86_64),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Builds or finds guest `variant` for `arch` (the script refuses a variant of another
+/// architecture).
+pub fn build_guest(variant: &str, arch: Arch) -> Result<GuestImage> {
+    build_guest_with(variant, arch, BuildOutput::Verbose)
 }
 
 /// [`build_guest`] with a choice of how much progress to show.
-pub fn build_guest_with(variant: &str, output: BuildOutput) -> Result<GuestImage> {
+pub fn build_guest_with(variant: &str, arch: Arch, output: BuildOutput) -> Result<GuestImage> {
     let vars = run_script_with(
         &repo_root().join("guest-images/build.sh"),
-        &[variant],
+        &["--arch", arch.name(), variant],
         output,
     )?;
     Ok(GuestImage {
@@ -196,16 +221,16 @@ pub fn build_guest_with(variant: &str, output: BuildOutput) -> Result<GuestImage
     })
 }
 
-/// Builds or finds the QEMU with the project's proxy patch (needed under TCG).
-pub fn build_qemu() -> Result<PathBuf> {
-    build_qemu_with(BuildOutput::Verbose)
+/// Builds or finds the QEMU with the project's proxy patch (needed under TCG) for `arch`.
+pub fn build_qemu(arch: Arch) -> Result<PathBuf> {
+    build_qemu_with(arch, BuildOutput::Verbose)
 }
 
 /// [`build_qemu`] with a choice of how much progress to show.
-pub fn build_qemu_with(output: BuildOutput) -> Result<PathBuf> {
+pub fn build_qemu_with(arch: Arch, output: BuildOutput) -> Result<PathBuf> {
     let vars = run_script_with(
         &repo_root().join("guest-images/qemu/build-qemu.sh"),
-        &[],
+        &["--arch", arch.name()],
         output,
     )?;
     var(&vars, "QEMU")
@@ -218,6 +243,29 @@ mod tests {
     fn shown(transcript: &str) -> Vec<String> {
         let mut f = CacheHitFilter::default();
         transcript.lines().flat_map(|l| f.line(l)).collect()
+    }
+
+    #[test]
+    fn a_variant_names_its_arch_in_one_file() {
+        let dir = std::env::temp_dir().join(format!("sluice-variants-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("6.12")).unwrap();
+        std::fs::create_dir_all(dir.join("arm64-6.12")).unwrap();
+        std::fs::create_dir_all(dir.join("odd")).unwrap();
+        std::fs::write(dir.join("arm64-6.12/arch"), "aarch64\n").unwrap();
+        std::fs::write(dir.join("odd/arch"), "mips\n").unwrap();
+        assert_eq!(variant_arch_in(&dir, "6.12").unwrap(), Arch::X86_64);
+        assert_eq!(variant_arch_in(&dir, "arm64-6.12").unwrap(), Arch::Aarch64);
+        let e = format!("{:#}", variant_arch_in(&dir, "odd").unwrap_err());
+        assert!(
+            e.ends_with(
+                "odd/arch: unknown architecture `mips` (known: x86_64, aarch64 or arm64, s390x)"
+            ),
+            "{e}"
+        );
+        assert!(variant_arch_in(&dir, "../etc").is_err());
+        // The checkout's own variants are all x86_64 today.
+        assert_eq!(variant_arch(DEFAULT_VARIANT).unwrap(), Arch::X86_64);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -146,13 +146,15 @@ fn main() -> ExitCode {
             }),
         Cmd::Image {
             command: ImageCmd::Build { variant },
-        } => image::build_guest(&variant).map(|img| {
-            println!("KERNEL={}", img.kernel.display());
-            println!("VMLINUX={}", img.vmlinux.display());
-            println!("SYSTEM_MAP={}", img.system_map.display());
-            println!("INITRD={}", img.initrd.display());
-            ExitCode::SUCCESS
-        }),
+        } => image::variant_arch(&variant)
+            .and_then(|arch| image::build_guest(&variant, arch))
+            .map(|img| {
+                println!("KERNEL={}", img.kernel.display());
+                println!("VMLINUX={}", img.vmlinux.display());
+                println!("SYSTEM_MAP={}", img.system_map.display());
+                println!("INITRD={}", img.initrd.display());
+                ExitCode::SUCCESS
+            }),
     };
     match result {
         Ok(code) => code,

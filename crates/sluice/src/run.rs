@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use sluice_devapi::{Fanout, Hooks};
 use sluice_host::iommu::FirmwareDescription;
-use sluice_host::machine::Arch;
+use sluice_host::machine::{Arch, BackendKind, MachineSpec};
 use sluice_host::points;
 use sluice_host::{
     DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, IommuKind,
@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// CPU backend (default: qemu where /dev/kvm is absent or nested PVM).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
+    /// Guest architecture: x86_64 (q35). aarch64 (virt) and s390x (s390-ccw-virtio) are
+    /// described but refused until their devices and images exist.
+    #[arg(long, default_value = "x86_64", value_parser = parse_arch)]
+    arch: Arch,
     /// Guest variant to build or find (guest-images/variants/<name>).
     #[arg(long, default_value = image::DEFAULT_VARIANT, conflicts_with_all = ["kernel"])]
     guest: String,
@@ -143,8 +147,9 @@ pub struct RunArgs {
     rogue: Vec<String>,
 }
 
-/// Debian's QEMU, used under hardware KVM when installed.
-const STOCK_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// Where Debian installs its QEMU binaries (`qemu-system-<arch>`), used under hardware KVM
+/// when installed.
+const STOCK_QEMU_DIR: &str = "/usr/bin";
 
 /// Where the DMA engine sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,6 +179,11 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         Some(v) if MEM_MIB.contains(&v) => Ok(v),
         _ => Err(format!("size {s:?} out of range (64M..64G)")),
     }
+}
+
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    s.parse()
+        .map_err(|e: sluice_host::machine::UnknownArch| e.to_string())
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -235,6 +245,8 @@ pub enum GuestSource {
 /// Everything one guest run needs; `sluice run` and the harness both build one.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
+    /// Guest architecture; its platform is [`MachineSpec::for_arch`].
+    pub arch: Arch,
     pub guest: GuestSource,
     pub qemu: Option<PathBuf>,
     pub cpus: u32,
@@ -301,10 +313,31 @@ fn check_file(what: &str, path: &Path, write: bool) -> Result<()> {
 }
 
 impl RunSpec {
+    /// The platform this run emulates.
+    pub fn machine(&self) -> MachineSpec {
+        MachineSpec::for_arch(self.arch)
+    }
+
     /// Everything that can be checked without building or booting anything: sizes, files,
     /// the injection plan against this run's points. A bad command line then fails in
     /// milliseconds, not after minutes of kernel and QEMU builds.
     pub fn check(&self) -> Result<()> {
+        // First: nothing else matters for a platform that cannot run, and a variant of another
+        // architecture must not be built only to be refused.
+        let backend = match self.backend {
+            Backend::Qemu => BackendKind::Qemu,
+            Backend::Kvm => BackendKind::Kvm,
+        };
+        self.machine().check_backend(backend)?;
+        if let GuestSource::Variant(v) = &self.guest {
+            let variant_arch = image::variant_arch(v)?;
+            if variant_arch != self.arch {
+                bail!(
+                    "guest variant {v} is an {variant_arch} guest, but the run is --arch {}",
+                    self.arch
+                );
+            }
+        }
         if !CPUS.contains(&self.cpus) {
             bail!(
                 "--cpus {}: a guest has {} to {} vCPUs",
@@ -351,7 +384,7 @@ impl RunSpec {
             _ => None,
         };
         if let Some(model) = self.iommu_model(&[], false) {
-            model.firmware(Arch::X86_64)?;
+            model.firmware(self.arch)?;
         }
         let disks = self.disks.len().max(1);
         check_plan(self, disks, symbols)?;
@@ -401,19 +434,21 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         }
         GuestSource::Variant(v) => {
             eprintln!("sluice: guest image {v} (built once, then cached)");
-            let img = image::build_guest(v)?;
+            let img = image::build_guest(v, spec.arch)?;
             (img.kernel, img.vmlinux, img.initrd, Some(img.system_map))
         }
     };
+    let machine = spec.machine();
     let accel = Accel::detect();
+    let stock_qemu = Path::new(STOCK_QEMU_DIR).join(machine.qemu_binary);
     let qemu = match (&spec.qemu, accel) {
         (Some(q), _) => q.clone(),
         // Stock QEMU wires the proxy's INTx through KVM irqfds; the image build no longer
         // installs Debian's (it would displace a newer qemu-utils), so fall back to ours.
-        (None, Accel::Kvm) if Path::new(STOCK_QEMU).is_file() => PathBuf::from(STOCK_QEMU),
+        (None, Accel::Kvm) if stock_qemu.is_file() => stock_qemu,
         (None, _) => {
             eprintln!("sluice: QEMU with the proxy INTx patch (built once, then cached)");
-            image::build_qemu()?
+            image::build_qemu(spec.arch)?
         }
     };
 
@@ -481,24 +516,27 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     }
     let mut acpi_tables = Vec::new();
     if let Some(model) = &devices.iommu
-        && let FirmwareDescription::AcpiTable(table) = model.firmware(Arch::X86_64)?
+        && let FirmwareDescription::AcpiTable(table) = model.firmware(spec.arch)?
     {
         let signature = String::from_utf8_lossy(table.get(..4).unwrap_or_default()).to_lowercase();
         let path = spec.run_dir.join(format!("{signature}.aml"));
         std::fs::write(&path, table).with_context(|| format!("cannot write {}", path.display()))?;
         acpi_tables.push(path);
     }
+    // The platform's pieces first (x86: `console=ttyS0 panic=-1 nokaslr tsc=unstable`).
     let cmdline = format!(
-        // tsc=unstable: under a busy TCG host the guest sometimes miscalibrates the TSC against the
-        // PIT and its clock runs ~10x fast, which breaks timings and /init watchdogs.
-        "console=ttyS0 panic=-1 nokaslr tsc=unstable sluice.workload={} sluice.seed={} {}",
-        spec.workload, spec.seed, spec.cmdline
+        "{} sluice.workload={} sluice.seed={} {}",
+        machine.base_cmdline(BackendKind::Qemu),
+        spec.workload,
+        spec.seed,
+        spec.cmdline
     );
     let serial_log = spec
         .serial_log
         .clone()
         .unwrap_or_else(|| spec.run_dir.join("serial.log"));
     let cfg = QemuConfig {
+        machine,
         qemu,
         accel,
         cpus: spec.cpus,
@@ -794,9 +832,15 @@ fn execute_kvm(
         KvmStatus::Hardware => {}
     }
     let pvm = status == KvmStatus::Pvm;
+    let machine = spec.machine();
+    // x86: `console=ttyS0 panic=-1 nokaslr`; the platform's qemu-only pieces (tsc=unstable)
+    // are left out, as they always were here.
     let mut cmdline = format!(
-        "console=ttyS0 panic=-1 nokaslr sluice.workload={} sluice.seed={} {}",
-        spec.workload, spec.seed, spec.cmdline
+        "{} sluice.workload={} sluice.seed={} {}",
+        machine.base_cmdline(BackendKind::Kvm),
+        spec.workload,
+        spec.seed,
+        spec.cmdline
     );
     let mut cpuid_mask = spec.cpuid_mask.clone();
     if pvm {
@@ -809,6 +853,7 @@ fn execute_kvm(
         .clone()
         .unwrap_or_else(|| spec.run_dir.join("serial.log"));
     let mut vmm = Vmm::new(&VmmConfig {
+        machine,
         // Under PVM the bzImage decompressor is far too slow; boot the PVH vmlinux.
         kernel: if pvm { vmlinux } else { kernel },
         initrd: Some(initrd),
@@ -906,6 +951,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         _ => GuestSource::Variant(args.guest.clone()),
     };
     let spec = RunSpec {
+        arch: args.arch,
         guest,
         qemu: args.qemu.clone(),
         cpus: args.cpus,
@@ -1026,6 +1072,7 @@ mod tests {
 
     fn spec(dir: &Path) -> RunSpec {
         RunSpec {
+            arch: Arch::X86_64,
             guest: GuestSource::Variant("6.12".into()),
             qemu: None,
             cpus: 2,
@@ -1161,6 +1208,38 @@ mod tests {
             ..spec(&dir)
         };
         s.check().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Only x86_64 runs today; other architectures are refused in one line, before anything
+    /// is built.
+    #[test]
+    fn other_architectures_are_refused_before_any_build() {
+        assert_eq!(parse("").unwrap().arch, Arch::X86_64, "x86_64 by default");
+        assert_eq!(parse("--arch arm64").unwrap().arch, Arch::Aarch64);
+        let e = parse("--arch mips").unwrap_err().to_string();
+        assert!(e.contains("unknown architecture `mips`"), "{e}");
+        let dir = std::env::temp_dir().join(format!("sluice-arch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |s: &RunSpec| format!("{:#}", s.check().unwrap_err());
+        let arm = RunSpec {
+            arch: Arch::Aarch64,
+            ..spec(&dir)
+        };
+        assert!(
+            err(&arm).starts_with("aarch64 guests (virt) cannot run yet: "),
+            "{}",
+            err(&arm)
+        );
+        let s390_kvm = RunSpec {
+            arch: Arch::S390x,
+            backend: Backend::Kvm,
+            ..spec(&dir)
+        };
+        assert_eq!(
+            err(&s390_kvm),
+            "the kvm backend runs x86_64 guests only, not s390x"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -60,7 +60,9 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config}
 use kvm_ioctls::{Kvm, VmFd};
 use sluice_devapi::Bdf;
 use sluice_host::iommu::FirmwareDescription;
-use sluice_host::{DeviceSet, GuestExit, HostOptions, IntxRelay, RunOutcome};
+use sluice_host::machine::{BackendKind, MachineError, MachineSpec};
+use sluice_host::supervisor::{self, Ending, Observed};
+use sluice_host::{DeviceSet, HostOptions, IntxRelay, RunOutcome};
 use sluice_inject::Injector;
 use sluice_pci::PciFunction;
 use thiserror::Error;
@@ -105,6 +107,9 @@ pub const PVM_CPUID_MASK: &[&str] = &[
 /// One run's machine.
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
+    /// The platform. This VMM builds an x86 q35-like machine (16550 at `ttyS0`, ACPI) and
+    /// refuses any other.
+    pub machine: MachineSpec,
     /// Kernel: an ELF (`vmlinux` with a PVH note boots 32-bit PVH; other ELFs are entered in
     /// 64-bit mode) or a bzImage (64-bit boot protocol).
     pub kernel: PathBuf,
@@ -143,6 +148,9 @@ pub enum VmmError {
     /// A host I/O operation failed.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    /// The platform is not one this VMM emulates.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
     /// The configuration cannot work.
     #[error("bad VM configuration: {0}")]
     Config(String),
@@ -255,6 +263,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 impl Vmm {
     /// Creates the VM: RAM, TSS, in-kernel irqchip and PIT.
     pub fn new(cfg: &VmmConfig) -> Result<Self, VmmError> {
+        cfg.machine.check_backend(BackendKind::Kvm)?;
         if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
             return Err(VmmError::Config(format!(
                 "{} vCPUs (1..={MAX_CPUS})",
@@ -441,7 +450,7 @@ impl Vmm {
         let cpus = self.cfg.cpus as u8;
         let mut tables = self.cfg.acpi_tables.clone();
         if let Some(model) = &devices.iommu {
-            match model.firmware(sluice_host::machine::Arch::X86_64) {
+            match model.firmware(self.cfg.machine.arch) {
                 Ok(FirmwareDescription::AcpiTable(t)) => {
                     if !tables.iter().any(|have| have.get(..4) == t.get(..4)) {
                         tables.push(t);
@@ -560,18 +569,21 @@ impl Vmm {
                 }
             }
         }
-        let panicked = console.iter().any(|l| l.contains("Kernel panic"));
-        let exit = match &end {
-            End::Timeout => GuestExit::Timeout,
-            End::Vcpu(_, platform::VcpuStop::Error(e)) => GuestExit::VmmError(e.clone()),
-            _ if panicked => GuestExit::Panicked,
-            End::Vcpu(_, platform::VcpuStop::PowerOff | platform::VcpuStop::Reset(_)) => {
-                GuestExit::PoweredOff
-            }
-            End::Vcpu(id, platform::VcpuStop::Stopped { .. }) => {
-                GuestExit::VmmError(format!("vCPU {id} stopped unexpectedly"))
-            }
-        };
+        let exit = supervisor::classify(Observed {
+            ending: match &end {
+                End::Timeout => Ending::Timeout,
+                End::Vcpu(_, platform::VcpuStop::Error(e)) => Ending::VmmFailed(e.clone()),
+                End::Vcpu(_, platform::VcpuStop::PowerOff | platform::VcpuStop::Reset(_)) => {
+                    Ending::GuestStopped
+                }
+                End::Vcpu(id, platform::VcpuStop::Stopped { .. }) => {
+                    Ending::VcpuStopped { vcpu: *id }
+                }
+            },
+            device_error: None,
+            panic_seen: console.iter().any(|l| supervisor::is_panic_line(l)),
+            init_seen: init_at.is_some(),
+        });
         if let End::Vcpu(id, platform::VcpuStop::Reset(why)) = &end {
             log::info!("guest reset ({why}) on vCPU {id}: run ends");
         }
@@ -690,7 +702,7 @@ fn supervise(
         match rx.recv_timeout(left.min(Duration::from_millis(100))) {
             Ok(platform::Event::Console(line, at)) => {
                 let _ = writeln!(serial, "[{:9.3}] {line}", at.as_secs_f64());
-                if init_at.is_none() && line.contains("SLUICE: init started") {
+                if init_at.is_none() && supervisor::is_init_line(&line) {
                     init_at = Some(at);
                 }
                 console.push(line);
@@ -738,5 +750,27 @@ mod tests {
         assert!(KvmStatus::Absent.message().contains("/dev/kvm"));
         assert!(KvmStatus::Pvm.message().contains("PVM"));
         assert!(cpuid::CpuidMask::parse(PVM_CPUID_MASK).is_ok());
+    }
+
+    /// Only x86 q35 runs here, and another platform is refused before `/dev/kvm` is touched.
+    #[test]
+    fn other_platforms_are_refused_first() {
+        let cfg = VmmConfig {
+            machine: MachineSpec::arm64_virt(),
+            kernel: "/nonexistent".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            mem_mib: 64,
+            timeout: Duration::from_secs(1),
+            serial_log: "/nonexistent/serial.log".into(),
+            cpuid_mask: Vec::new(),
+            acpi_tables: Vec::new(),
+        };
+        let err = Vmm::new(&cfg).err().expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "the kvm backend runs x86_64 guests only, not aarch64"
+        );
     }
 }

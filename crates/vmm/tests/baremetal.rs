@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_devapi::{Bdf, Hooks, NoHooks};
+use sluice_host::machine::MachineSpec;
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, IntxRelay};
 use sluice_inject::{Injector, Plan};
 use sluice_pci::msix::{CAP_ID_MSIX, MsixTable};
@@ -172,6 +173,7 @@ fn try_run_guest(run: &GuestRun) -> Option<Result<Ran, VmmError>> {
     image[..4].copy_from_slice(&SECTOR0);
     std::fs::write(&disk, &image).unwrap();
     let cfg = VmmConfig {
+        machine: MachineSpec::x86_q35(),
         kernel: guest.into(),
         initrd: None,
         cmdline: String::new(),
@@ -409,6 +411,7 @@ fn missing_kernel_and_bad_mask_are_clear_errors() {
         return;
     }
     let cfg = VmmConfig {
+        machine: MachineSpec::x86_q35(),
         kernel: "/nonexistent/vmlinux".into(),
         initrd: None,
         cmdline: String::new(),

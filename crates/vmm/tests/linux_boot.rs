@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_host::machine::MachineSpec;
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, IommuChoice};
 use sluice_vmm::{KvmStatus, PVM_CPUID_MASK, Vmm, VmmConfig, kvm_status};
 
@@ -96,6 +97,7 @@ fn boot(b: &Boot<'_>, dir: &Path) -> Booted {
         .set_len(64 << 20)
         .unwrap();
     let cfg = VmmConfig {
+        machine: MachineSpec::x86_q35(),
         kernel: b.kernel.to_path_buf(),
         initrd: Some(b.initrd.to_path_buf()),
         cmdline: b.cmdline.to_string(),
