@@ -27,6 +27,7 @@ mod hooks;
 mod irq;
 mod provenance;
 mod recording;
+mod state;
 
 pub use dma::{
     DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON, SeamGuard,
@@ -34,7 +35,7 @@ pub use dma::{
 };
 pub use endpoint::{Bdf, BdfParseError, Endpoint};
 pub use hooks::{
-    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent, probe_state,
+    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent,
 };
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
 pub use provenance::{
@@ -43,4 +44,7 @@ pub use provenance::{
 pub use recording::{
     CountingTranslator, RecordedCachedDma, RecordedEvent, RecordedInvalidation, RecordedMapping,
     RecordedPoint, RecordedState, RecordingHooks,
+};
+pub use state::{
+    DeviceState, SmmuState, StateChange, SteConfig, SteMode, ViommuRequest, ViommuState, ZpciState,
 };
