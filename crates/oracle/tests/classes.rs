@@ -776,3 +776,73 @@ fn only_the_callers_hot_points_are_sampled() {
         10
     );
 }
+
+#[test]
+fn a_completed_request_ends_the_window_of_its_change_and_stays_off_the_timeline() {
+    let oracle = Oracle::new(
+        Topology::virtio(VIOMMU, vec![DISK]),
+        OracleConfig::default(),
+    );
+    let mem = seam_with(
+        &oracle,
+        Endpoint::Pci(DISK),
+        DmaResolution::Translated { domain: 4 },
+    );
+    let disk = Some(Endpoint::Pci(DISK));
+    state(
+        &oracle,
+        "virtio-pci",
+        DeviceState::DriverOk { usable: true },
+        Some(Endpoint::Pci(VIOMMU)),
+    );
+    state(
+        &oracle,
+        "viommu0",
+        ViommuState::AttachBegin {
+            domain: 4,
+            bypass: false,
+        },
+        disk,
+    );
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x5000)).unwrap(); // in progress: allowed
+    // The request completes without its `attach` (a model that gave up half-way): nothing is
+    // in progress any more, and the endpoint was never attached to domain 4.
+    oracle.point(&PointCtx::new("virtio-iommu.req.attach", 1));
+    state(
+        &oracle,
+        "viommu0",
+        ViommuState::RequestDone {
+            request: sluice_devapi::ViommuRequest::Attach,
+            domain: 4,
+            status: 1,
+        },
+        disk,
+    );
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x5008)).unwrap();
+    let dir = scratch("request-done");
+    let r = oracle.finish(&dir).unwrap();
+    only_escape(
+        &r,
+        EscapeClass::WrongDomain,
+        &["iova 0x5008", "not attached (domain 4)"],
+    );
+    let text = std::fs::read_to_string(dir.join("timeline.jsonl")).unwrap();
+    let events: Vec<sluice_oracle::TimelineEvent> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let states: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::State { what, .. } => Some(what.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        ["driver-ok", "attach-begin"],
+        "the point says it already"
+    );
+    assert!(events.iter().any(|e| matches!(&e.kind,
+        EventKind::Point { name, .. } if name == "virtio-iommu.req.attach")));
+}
