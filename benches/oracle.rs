@@ -39,9 +39,8 @@ fn bed(hooks: Arc<dyn Hooks>) -> (VirtioIommu, EndpointIommu) {
     };
     hooks.state(&StateEvent {
         source: "virtio-pci",
-        what: "driver-ok",
         endpoint: Some(sluice_devapi::Endpoint::Pci(Bdf::new(0, 2, 0))),
-        value: 1,
+        change: sluice_devapi::DeviceState::DriverOk { usable: true }.into(),
     });
     let d = VirtioIommu::new("bench", cfg, hooks);
     d.set_acked_features(OFFERED_FEATURES);

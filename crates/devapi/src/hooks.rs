@@ -8,6 +8,7 @@
 
 use crate::endpoint::Endpoint;
 use crate::provenance::{CachedTranslation, Invalidation, MapEvent};
+use crate::state::StateChange;
 
 /// Context of one arrival at a named point.
 #[derive(Debug, Clone, Copy)]
@@ -64,17 +65,6 @@ pub enum DmaOutcome {
     Direct,
 }
 
-/// State events that bracket a host-armed probe DMA of a device (a "rogue" DMA: the device
-/// DMAs on the host's command, not the guest's). The oracle judges what such a DMA *reached*;
-/// a refusal answers the probe's question ("could this device reach memory now?") with no and
-/// is a fault, not a device-side symptom of the guest. Emitted with the issuing endpoint.
-pub mod probe_state {
-    /// A probe DMA of the event's endpoint begins (value: its IOVA).
-    pub const BEGIN: &str = "rogue-dma";
-    /// The probe DMA of the event's endpoint is over (value: bytes it moved).
-    pub const END: &str = "rogue-dma-done";
-}
-
 /// One DMA observation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaRecord {
@@ -93,14 +83,13 @@ pub struct DmaRecord {
 /// A change of IOMMU or device state worth a line on the timeline.
 #[derive(Debug, Clone, Copy)]
 pub struct StateEvent<'a> {
-    /// Who changed, e.g. `virtio-iommu`, `smmuv3`, `pci 0000:00:02.0`.
+    /// Who changed (the model's instance name), e.g. `viommu0`, `smmuv3`, `virtio-pci`.
     pub source: &'a str,
-    /// What happened, e.g. `attach`, `driver-ok`, `bus-master-enable`.
-    pub what: &'a str,
     /// Endpoint concerned, if any.
     pub endpoint: Option<Endpoint>,
-    /// A value (domain, register value, new status, ...).
-    pub value: u64,
+    /// What happened, typed ([`StateChange::name`] and [`StateChange::value`] give its display
+    /// form).
+    pub change: StateChange,
 }
 
 /// Injection and observation, as one trait object handed to every model at construction.
@@ -318,9 +307,8 @@ mod tests {
         });
         f.state(&StateEvent {
             source: "s",
-            what: "w",
             endpoint: None,
-            value: 0,
+            change: crate::DeviceState::Reset.into(),
         });
         for c in [a, b] {
             assert_eq!(

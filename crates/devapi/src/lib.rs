@@ -28,6 +28,7 @@ mod irq;
 mod point_decl;
 mod provenance;
 mod recording;
+mod state;
 
 pub use dma::{
     DmaFault, DmaResolution, DmaStats, DmaTranslate, EndpointIommu, SEAM_FAULT_REASON, SeamGuard,
@@ -35,7 +36,7 @@ pub use dma::{
 };
 pub use endpoint::{Bdf, BdfParseError, Endpoint};
 pub use hooks::{
-    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent, probe_state,
+    DmaDirection, DmaOutcome, DmaRecord, Fanout, Hooks, NoHooks, PointCtx, StateEvent,
 };
 pub use irq::{InterruptSink, NullInterrupts, RecordedInterrupt, RecordingInterrupts};
 pub use point_decl::PointDecl;
@@ -45,4 +46,7 @@ pub use provenance::{
 pub use recording::{
     CountingTranslator, RecordedCachedDma, RecordedEvent, RecordedInvalidation, RecordedMapping,
     RecordedPoint, RecordedState, RecordingHooks,
+};
+pub use state::{
+    DeviceState, SmmuState, StateChange, SteConfig, SteMode, ViommuRequest, ViommuState, ZpciState,
 };

@@ -41,12 +41,14 @@ impl From<&PointCtx<'_>> for RecordedPoint {
 pub struct RecordedState {
     /// Who changed.
     pub source: String,
-    /// What happened.
+    /// What happened ([`crate::StateChange::name`]).
     pub what: String,
     /// Endpoint concerned, if any.
     pub endpoint: Option<Endpoint>,
-    /// The event's value.
+    /// The event's value ([`crate::StateChange::value`]).
     pub value: u64,
+    /// The event itself.
+    pub change: crate::StateChange,
 }
 
 /// A completed invalidation ([`Invalidation`], owned; without its wall-clock time, so records
@@ -287,9 +289,10 @@ impl Hooks for RecordingHooks {
     fn state(&self, ev: &StateEvent<'_>) {
         self.push(RecordedEvent::State(RecordedState {
             source: ev.source.to_string(),
-            what: ev.what.to_string(),
+            what: ev.change.name().to_string(),
             endpoint: ev.endpoint,
-            value: ev.value,
+            value: ev.change.value(),
+            change: ev.change,
         }));
     }
     fn invalidated(&self, inv: &Invalidation<'_>) {
@@ -392,9 +395,8 @@ mod tests {
         });
         r.state(&StateEvent {
             source: "m",
-            what: "attach",
             endpoint: None,
-            value: 3,
+            change: crate::ViommuState::Attach { domain: 3 }.into(),
         });
         r.dma(&dma(DmaOutcome::Faulted { reason: 4 }));
         r.mapped(&MapEvent {

@@ -15,7 +15,8 @@
 //!
 //! Module map:
 //! - [`topology`]: which endpoints firmware declares behind which IOMMU;
-//! - `shadow`: the shadow state and the rules;
+//! - `shadow`: the shadow state and the rules common to every IOMMU; `shadow::{virtio, smmu,
+//!   zpci}`: each kind's rules, behind one `IommuRules` trait;
 //! - `stale`: the invalidated IOVA ranges per IOMMU context, bounded, and the stale-use tests;
 //! - [`marker`]: guest marker lines;
 //! - [`timeline`]: record types of `timeline.jsonl`;

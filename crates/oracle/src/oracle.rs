@@ -4,7 +4,7 @@
 mod provenance;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -58,6 +58,11 @@ pub struct OracleConfig {
     pub stale_ranges_per_context: usize,
     /// IOMMU contexts (domains, ASIDs, ...) with invalidated ranges kept.
     pub stale_contexts: usize,
+    /// Names of the points that fire per I/O rather than per configuration change (doorbells,
+    /// request completions, MAP/UNMAP): the caller, which knows its devices' points, lists them.
+    /// Their arrivals are sampled like legitimate DMAs (one in `sample_every`); every other
+    /// point is written in full. Empty (the default): every point is written.
+    pub hot_points: HashSet<String>,
 }
 
 impl Default for OracleConfig {
@@ -72,6 +77,7 @@ impl Default for OracleConfig {
             paranoid: false,
             stale_ranges_per_context: DEFAULT_RANGES_PER_CONTEXT,
             stale_contexts: DEFAULT_CONTEXTS,
+            hot_points: HashSet::new(),
         }
     }
 }
@@ -607,32 +613,24 @@ impl Oracle {
 }
 
 impl Hooks for Oracle {
+    /// Points only go to the timeline: the shadow learns from typed state events.
     fn point(&self, ctx: &PointCtx<'_>) {
         let t = self.now_ns();
-        let relevant = matches!(
-            ctx.point,
-            "virtio-iommu.req.attach" | "virtio-iommu.req.detach" | "smmuv3.cmd.CMD_SYNC"
-        );
         // Doorbells, request completions and MAP/UNMAP fire thousands of times per second of
         // guest I/O; writing each costs two allocations and a JSON line, which measurably slowed
         // guest I/O. They are sampled like legitimate DMAs; rare points stay in full.
-        if !relevant && is_hot_point(ctx.point) && !self.sample_hot() {
+        if self.is_hot_point(ctx.point) && !self.sample_hot() {
             return;
         }
-        let ev = EventKind::Point {
-            name: ctx.point.to_string(),
-            endpoint: ep_string(ctx.endpoint),
-            domain: ctx.domain,
-            value: ctx.value,
-        };
-        if relevant {
-            let mut sh = lock(&self.shadow);
-            sh.on_point(ctx, t);
-            self.refresh_fast(&sh);
-            self.push(t, ev);
-        } else {
-            self.push(t, ev);
-        }
+        self.push(
+            t,
+            EventKind::Point {
+                name: ctx.point.to_string(),
+                endpoint: ep_string(ctx.endpoint),
+                domain: ctx.domain,
+                value: ctx.value,
+            },
+        );
     }
 
     fn dma(&self, rec: &DmaRecord) {
@@ -675,23 +673,28 @@ impl Hooks for Oracle {
         let t = self.now_ns();
         sh.on_state(ev, t);
         self.refresh_fast(&sh);
+        // The point just before it is already on the timeline.
+        if ev.change.echoes_point() {
+            return;
+        }
         self.push(
             t,
             EventKind::State {
                 source: ev.source.to_string(),
-                what: ev.what.to_string(),
+                what: ev.change.name().to_string(),
                 endpoint: ep_string(ev.endpoint),
-                value: ev.value,
+                value: ev.change.value(),
             },
         );
     }
 }
 
-/// Points that fire per I/O rather than per configuration change.
-fn is_hot_point(name: &str) -> bool {
-    name.ends_with(".notify")
-        || name.ends_with(".complete")
-        || matches!(name, "virtio-iommu.req.map" | "virtio-iommu.req.unmap")
+impl Oracle {
+    /// Whether `name` is one of the caller's high-frequency points
+    /// ([`OracleConfig::hot_points`]); no hashing while there are none.
+    fn is_hot_point(&self, name: &str) -> bool {
+        !self.cfg.hot_points.is_empty() && self.cfg.hot_points.contains(name)
+    }
 }
 
 impl Oracle {

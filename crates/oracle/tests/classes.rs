@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sluice_devapi::{
-    Bdf, DmaFault, DmaResolution, DmaTranslate, Endpoint, EndpointIommu, Hooks, PointCtx,
-    StateEvent,
+    Bdf, DeviceState, DmaFault, DmaResolution, DmaTranslate, Endpoint, EndpointIommu, Hooks,
+    PointCtx, SmmuState, StateChange, StateEvent, SteConfig, SteMode, ViommuState,
 };
 use sluice_oracle::{
     ConfigProbe, EscapeClass, EventKind, IommuTopo, Oracle, OracleConfig, OracleReport, Topology,
@@ -70,9 +70,8 @@ impl Viommu {
     fn driver_ok(&self) {
         self.oracle.state(&StateEvent {
             source: "virtio-pci",
-            what: "driver-ok",
             endpoint: Some(Endpoint::Pci(VIOMMU)),
-            value: 1,
+            change: DeviceState::DriverOk { usable: true }.into(),
         });
     }
 
@@ -218,14 +217,16 @@ fn after_release_fires_after_detach() {
 }
 
 /// What the DMA engine announces around a host-armed probe DMA (`--rogue`).
-fn probe(v: &Viommu, what: &str) {
+fn probe(v: &Viommu, change: DeviceState) {
     v.oracle.state(&StateEvent {
         source: "dma-engine",
-        what,
         endpoint: Some(Endpoint::Pci(DISK)),
-        value: 0,
+        change: change.into(),
     });
 }
+
+const PROBE_BEGIN: DeviceState = DeviceState::RogueDma { iova: 0 };
+const PROBE_END: DeviceState = DeviceState::RogueDmaDone { moved: 0 };
 
 #[test]
 fn a_refused_probe_after_release_is_a_fault_and_one_that_reaches_memory_is_an_escape() {
@@ -237,9 +238,9 @@ fn a_refused_probe_after_release_is_a_fault_and_one_that_reaches_memory_is_an_es
         domain: 1,
         endpoint: u32::from(DISK.0),
     });
-    probe(&v, sluice_devapi::probe_state::BEGIN);
+    probe(&v, PROBE_BEGIN);
     assert!(!v.read(0x10_0000), "detached, bypass off: refused");
-    probe(&v, sluice_devapi::probe_state::END);
+    probe(&v, PROBE_END);
     let r = v.finish("probe-refused");
     assert_eq!(r.escape_count, 0, "{:#?}", r.escapes);
     assert_eq!(r.endpoints[0].faulted, 1);
@@ -251,9 +252,9 @@ fn a_refused_probe_after_release_is_a_fault_and_one_that_reaches_memory_is_an_es
         domain: 1,
         endpoint: u32::from(DISK.0),
     });
-    probe(&v, sluice_devapi::probe_state::BEGIN);
+    probe(&v, PROBE_BEGIN);
     assert!(v.read(0x10_0000), "detached, bypass on: reaches memory");
-    probe(&v, sluice_devapi::probe_state::END);
+    probe(&v, PROBE_END);
     // outside a probe, the device's own refused DMA after release is still reported
     let v2 = Viommu::with_boot_bypass(false);
     v2.driver_ok();
@@ -262,8 +263,8 @@ fn a_refused_probe_after_release_is_a_fault_and_one_that_reaches_memory_is_an_es
         domain: 1,
         endpoint: u32::from(DISK.0),
     });
-    probe(&v2, sluice_devapi::probe_state::BEGIN);
-    probe(&v2, sluice_devapi::probe_state::END);
+    probe(&v2, PROBE_BEGIN);
+    probe(&v2, PROBE_END);
     assert!(!v2.read(0x10_0000));
     only_escape(
         &v.finish("probe-reached"),
@@ -330,13 +331,23 @@ fn seam_with(
     IommuMemory::new(ram(), seam, true, ())
 }
 
-fn state(o: &Oracle, source: &str, what: &str, ep: Option<Endpoint>, value: u64) {
+fn state(o: &Oracle, source: &str, change: impl Into<StateChange>, ep: Option<Endpoint>) {
     o.state(&StateEvent {
         source,
-        what,
         endpoint: ep,
-        value,
+        change: change.into(),
     });
+}
+
+/// What a CFGI_STE of a valid STE in `mode` announces (the SMMUv3 model decodes the STE).
+fn cfgi_ste(mode: SteMode, raw: u8) -> SmmuState {
+    SmmuState::CfgiSte {
+        config: Some(SteConfig {
+            valid: true,
+            mode,
+            raw,
+        }),
+    }
 }
 
 #[test]
@@ -349,19 +360,25 @@ fn stale_config_fires_when_a_model_serves_bypass_after_a_completed_attach() {
     state(
         &oracle,
         "virtio-pci",
-        "driver-ok",
+        DeviceState::DriverOk { usable: true },
         Some(Endpoint::Pci(VIOMMU)),
-        1,
     );
     // The ATTACH completes as the model announces it...
     state(
         &oracle,
         "viommu0",
-        "attach-begin",
+        ViommuState::AttachBegin {
+            domain: 3,
+            bypass: false,
+        },
         Some(Endpoint::Pci(DISK)),
-        3,
     );
-    state(&oracle, "viommu0", "attach", Some(Endpoint::Pci(DISK)), 3);
+    state(
+        &oracle,
+        "viommu0",
+        ViommuState::Attach { domain: 3 },
+        Some(Endpoint::Pci(DISK)),
+    );
     // ...but the broken model still lets the endpoint bypass.
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x7000)).unwrap();
     let r = oracle.finish(&scratch("stale-virtio")).unwrap();
@@ -383,14 +400,14 @@ fn stale_config_fires_when_an_smmu_serves_a_translation_after_cfgi_and_sync() {
     let oracle = Oracle::new(topo, OracleConfig::default());
     let ep = Endpoint::Stream { sid: 8, ssid: None };
     let mem = seam_with(&oracle, ep, DmaResolution::Translated { domain: 1 });
-    state(&oracle, "smmuv3", "smmuen", None, 1);
-    state(&oracle, "smmuv3", "cfgi_ste", Some(ep), 1 | (5 << 1));
-    oracle.point(&PointCtx::new("smmuv3.cmd.CMD_SYNC", 0));
+    state(&oracle, "smmuv3", SmmuState::SmmuEn { enabled: true }, None);
+    state(&oracle, "smmuv3", cfgi_ste(SteMode::Stage1, 0xb), Some(ep));
+    state(&oracle, "smmuv3", SmmuState::SyncCompleted, None);
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x3000)).unwrap();
     // The guest writes an abort STE, invalidates it and syncs: the old translation is dead.
-    state(&oracle, "smmuv3", "cfgi_ste", Some(ep), 1);
+    state(&oracle, "smmuv3", cfgi_ste(SteMode::Abort, 1), Some(ep));
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x3008)).unwrap(); // before the SYNC: allowed
-    oracle.point(&PointCtx::new("smmuv3.cmd.CMD_SYNC", 0));
+    state(&oracle, "smmuv3", SmmuState::SyncCompleted, None);
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x3010)).unwrap();
     let r = oracle.finish(&scratch("stale-smmu")).unwrap();
     only_escape(
@@ -414,28 +431,20 @@ fn wrong_domain_fires_when_a_model_translates_in_the_domain_the_endpoint_left() 
     state(
         &oracle,
         "virtio-pci",
-        "driver-ok",
+        DeviceState::DriverOk { usable: true },
         Some(Endpoint::Pci(VIOMMU)),
-        1,
     );
-    state(
-        &oracle,
-        "viommu0",
-        "attach-begin",
-        Some(Endpoint::Pci(DISK)),
-        1,
-    );
-    state(&oracle, "viommu0", "attach", Some(Endpoint::Pci(DISK)), 1);
+    let disk = Some(Endpoint::Pci(DISK));
+    let begin = |domain| ViommuState::AttachBegin {
+        domain,
+        bypass: false,
+    };
+    state(&oracle, "viommu0", begin(1), disk);
+    state(&oracle, "viommu0", ViommuState::Attach { domain: 1 }, disk);
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x9000)).unwrap();
-    state(
-        &oracle,
-        "viommu0",
-        "attach-begin",
-        Some(Endpoint::Pci(DISK)),
-        2,
-    );
+    state(&oracle, "viommu0", begin(2), disk);
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x9000)).unwrap(); // in flight: allowed
-    state(&oracle, "viommu0", "attach", Some(Endpoint::Pci(DISK)), 2);
+    state(&oracle, "viommu0", ViommuState::Attach { domain: 2 }, disk);
     mem.read_slice(&mut [0u8; 8], GuestAddress(0x9000)).unwrap();
     let r = oracle.finish(&scratch("wrong-model")).unwrap();
     only_escape(
@@ -522,14 +531,14 @@ mod smmu {
     pub struct SteProbe(pub GuestMemoryMmap);
 
     impl ConfigProbe for SteProbe {
-        fn config_now(&self, ep: Endpoint) -> Option<u64> {
+        fn config_now(&self, ep: Endpoint) -> Option<SteConfig> {
             let Endpoint::Stream { sid, .. } = ep else {
                 return None;
             };
             self.0
                 .read_obj::<u64>(GuestAddress(STRTAB + u64::from(sid) * 64))
                 .ok()
-                .map(|w| w & 0xf)
+                .map(sluice_smmuv3::ste::ste_config)
         }
     }
 }
@@ -724,4 +733,116 @@ fn console_lines_can_carry_markers() {
     assert!(v.read(0x10_0000));
     let r = v.finish("console");
     only_escape(&r, EscapeClass::WrongDomain, &["0x500000"]);
+}
+
+#[test]
+fn only_the_callers_hot_points_are_sampled() {
+    let hot = ["virtio.blk0.notify", "virtio.blk0.complete"];
+    let oracle = Oracle::new(
+        Topology::virtio(VIOMMU, vec![DISK]),
+        OracleConfig {
+            sample_every: 10,
+            hot_points: hot.iter().map(|p| p.to_string()).collect(),
+            ..OracleConfig::default()
+        },
+    );
+    for _ in 0..50 {
+        for p in hot {
+            oracle.point(&PointCtx::new(p, 0));
+        }
+        // a point whose name looks hot, but the caller did not list it: written in full
+        oracle.point(&PointCtx::new("virtio.viommu0.notify", 0));
+    }
+    let dir = scratch("hot-points");
+    let r = oracle.finish(&dir).unwrap();
+    assert_eq!(
+        r.timeline.unsampled_points, 90,
+        "one in 10 of the 100 hot arrivals kept"
+    );
+    let text = std::fs::read_to_string(dir.join("timeline.jsonl")).unwrap();
+    let events: Vec<sluice_oracle::TimelineEvent> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let count = |name: &str| {
+        events
+            .iter()
+            .filter(|e| matches!(&e.kind, EventKind::Point { name: n, .. } if n == name))
+            .count()
+    };
+    assert_eq!(count("virtio.viommu0.notify"), 50);
+    assert_eq!(
+        count("virtio.blk0.notify") + count("virtio.blk0.complete"),
+        10
+    );
+}
+
+#[test]
+fn a_completed_request_ends_the_window_of_its_change_and_stays_off_the_timeline() {
+    let oracle = Oracle::new(
+        Topology::virtio(VIOMMU, vec![DISK]),
+        OracleConfig::default(),
+    );
+    let mem = seam_with(
+        &oracle,
+        Endpoint::Pci(DISK),
+        DmaResolution::Translated { domain: 4 },
+    );
+    let disk = Some(Endpoint::Pci(DISK));
+    state(
+        &oracle,
+        "virtio-pci",
+        DeviceState::DriverOk { usable: true },
+        Some(Endpoint::Pci(VIOMMU)),
+    );
+    state(
+        &oracle,
+        "viommu0",
+        ViommuState::AttachBegin {
+            domain: 4,
+            bypass: false,
+        },
+        disk,
+    );
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x5000)).unwrap(); // in progress: allowed
+    // The request completes without its `attach` (a model that gave up half-way): nothing is
+    // in progress any more, and the endpoint was never attached to domain 4.
+    oracle.point(&PointCtx::new("virtio-iommu.req.attach", 1));
+    state(
+        &oracle,
+        "viommu0",
+        ViommuState::RequestDone {
+            request: sluice_devapi::ViommuRequest::Attach,
+            domain: 4,
+            status: 1,
+        },
+        disk,
+    );
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x5008)).unwrap();
+    let dir = scratch("request-done");
+    let r = oracle.finish(&dir).unwrap();
+    only_escape(
+        &r,
+        EscapeClass::WrongDomain,
+        &["iova 0x5008", "not attached (domain 4)"],
+    );
+    let text = std::fs::read_to_string(dir.join("timeline.jsonl")).unwrap();
+    let events: Vec<sluice_oracle::TimelineEvent> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let states: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::State { what, .. } => Some(what.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        ["driver-ok", "attach-begin"],
+        "the point says it already"
+    );
+    assert!(events.iter().any(|e| matches!(&e.kind,
+        EventKind::Point { name, .. } if name == "virtio-iommu.req.attach")));
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_devapi::{
-    Bdf, DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, PointCtx, StateEvent,
+    Bdf, DeviceState, DmaDirection, DmaOutcome, DmaRecord, Endpoint, Hooks, PointCtx, StateChange,
+    StateEvent, ViommuState,
 };
 use sluice_oracle::{Oracle, OracleConfig, Topology, render_report};
 
@@ -50,9 +51,8 @@ fn run(dir: &Path) -> Arc<Oracle> {
     );
     o.state(&StateEvent {
         source: "virtio-pci",
-        what: "driver-ok",
         endpoint: Some(Endpoint::Pci(VIOMMU)),
-        value: 1,
+        change: DeviceState::DriverOk { usable: true }.into(),
     });
     let o2 = o.clone();
     std::thread::Builder::new()
@@ -61,12 +61,19 @@ fn run(dir: &Path) -> Arc<Oracle> {
         .unwrap()
         .join()
         .unwrap();
-    for (what, v) in [("attach-begin", 1), ("attach", 1)] {
+    let attach: [StateChange; 2] = [
+        ViommuState::AttachBegin {
+            domain: 1,
+            bypass: false,
+        }
+        .into(),
+        ViommuState::Attach { domain: 1 }.into(),
+    ];
+    for change in attach {
         o.state(&StateEvent {
             source: "viommu0",
-            what,
             endpoint: Some(Endpoint::Pci(DISK)),
-            value: v,
+            change,
         });
     }
     dma(&o, 0x10_6000, DmaOutcome::Faulted { reason: 2 });

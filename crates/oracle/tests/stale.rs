@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, StateEvent};
+use sluice_devapi::{Bdf, DeviceState, Endpoint, EndpointIommu, Hooks, StateEvent};
 use sluice_oracle::{
     EscapeClass, EventKind, IommuTopo, Oracle, OracleConfig, OracleReport, Topology,
 };
@@ -93,9 +93,8 @@ mod viommu {
             let mem = IommuMemory::new(ram.clone(), seam, true, ());
             oracle.state(&StateEvent {
                 source: "virtio-pci",
-                what: "driver-ok",
                 endpoint: Some(Endpoint::Pci(VIOMMU)),
-                value: 1,
+                change: DeviceState::DriverOk { usable: true }.into(),
             });
             let bed = Bed {
                 oracle,

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sluice_devapi::{Endpoint, Hooks, InterruptSink, PointCtx, StateEvent, probe_state};
+use sluice_devapi::{DeviceState, Endpoint, Hooks, InterruptSink, PointCtx, StateEvent};
 use sluice_pci::config::CMD_INTX_DISABLE;
 use sluice_pci::{BarKind, BarSpec, ConfigError, ConfigSpace, PciFunction, PciIds, PciInterrupt};
 use sluice_virtio_pci::DmaMemory;
@@ -129,12 +129,11 @@ impl DmaEngine {
         });
     }
 
-    fn state(&self, what: &str, value: u64) {
+    fn state(&self, change: DeviceState) {
         self.hooks.state(&StateEvent {
             source: SOURCE,
-            what,
             endpoint: Some(self.endpoint),
-            value,
+            change: change.into(),
         });
     }
 
@@ -200,10 +199,10 @@ impl DmaEngine {
     /// IOMMU is what must stop it. Touches no register: the guest cannot tell it happened except
     /// by memory.
     pub fn rogue(&self, op: RogueDma) -> RogueOutcome {
-        self.state(probe_state::BEGIN, op.iova);
+        self.state(DeviceState::RogueDma { iova: op.iova });
         self.point(&self.rogue_point, op.iova);
         let out = self.rogue_dma(op);
-        self.state(probe_state::END, out.moved);
+        self.state(DeviceState::RogueDmaDone { moved: out.moved });
         out
     }
 
@@ -263,7 +262,7 @@ impl PciFunction for DmaEngine {
                 .set_intx_disabled(new & CMD_INTX_DISABLE != 0);
         }
         if let Some(bme) = effect.bus_master_change() {
-            self.state("bus-master-enable", u64::from(bme));
+            self.state(DeviceState::BusMasterEnable { enabled: bme });
         }
     }
 
@@ -304,6 +303,6 @@ impl PciFunction for DmaEngine {
         }
         self.interrupt.set_intx_disabled(false);
         self.interrupt.set_intx(false);
-        self.state("reset", 0);
+        self.state(DeviceState::Reset);
     }
 }

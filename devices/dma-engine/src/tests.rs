@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_devapi::{
-    Bdf, DmaFault, DmaOutcome, DmaRecord, DmaResolution, DmaTranslate, Endpoint, EndpointIommu,
-    RecordedInterrupt, RecordingHooks, RecordingInterrupts,
+    Bdf, DeviceState, DmaFault, DmaOutcome, DmaRecord, DmaResolution, DmaTranslate, Endpoint,
+    EndpointIommu, RecordedInterrupt, RecordingHooks, RecordingInterrupts, StateChange,
 };
 use sluice_pci::PciFunction;
 use sluice_pci::config::{CMD_BUS_MASTER, CMD_MEMORY};
@@ -373,19 +373,19 @@ fn rogue_dmas_go_through_the_iommu_and_say_what_they_reached() {
         .filter(|w| w.starts_with("rogue-dma"))
         .collect();
     // every probe DMA is bracketed, so the oracle knows which DMAs the host asked for
+    assert_eq!(probes, ["rogue-dma", "rogue-dma-done"].repeat(3));
+    let probe_ends: Vec<DeviceState> = r
+        .seen
+        .states()
+        .into_iter()
+        .filter_map(|s| match s.change {
+            StateChange::Device(d @ DeviceState::RogueDmaDone { .. }) => Some(d),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        probes,
-        [
-            sluice_devapi::probe_state::BEGIN,
-            sluice_devapi::probe_state::END
-        ]
-        .repeat(3)
-    );
-    assert_eq!(
-        states
-            .iter()
-            .rfind(|(w, _)| w == sluice_devapi::probe_state::END),
-        Some(&(sluice_devapi::probe_state::END.to_string(), 0x100)),
+        probe_ends.last(),
+        Some(&DeviceState::RogueDmaDone { moved: 0x100 }),
         "the last probe moved 0x100 bytes before its fault"
     );
     let points = r.seen.point_values();

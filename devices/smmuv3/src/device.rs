@@ -10,7 +10,7 @@ use crate::regs::{
     self, IdRegs, MMIO_SIZE, MSI_ADDR_MASK, PAGE1, Part, REG64, RegFile, STRTAB_BASE_CFG_MASK,
     STRTAB_BASE_MASK, Snapshot, StrtabCfg, cr0, gbpa, gerror, irq_ctrl, off, q,
 };
-use sluice_devapi::{Hooks, InterruptSink, PointCtx, StateEvent};
+use sluice_devapi::{Hooks, InterruptSink, PointCtx, SmmuState, StateEvent};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::GuestMemoryBackend;
@@ -341,10 +341,15 @@ impl SmmuV3 {
         };
         self.deliver_all(mem, &irqs);
         if (old.0 ^ new.0) & cr0::SMMUEN != 0 {
-            self.state("smmuen", None, u64::from(new.0 & cr0::SMMUEN));
+            self.state(
+                SmmuState::SmmuEn {
+                    enabled: new.0 & cr0::SMMUEN != 0,
+                },
+                None,
+            );
         }
         if o == off::GBPA && old.1 != new.1 {
-            self.state("gbpa", None, u64::from(new.1));
+            self.state(SmmuState::Gbpa { value: new.1 }, None);
         }
         if kick {
             // Commands beyond one batch wait for the next trigger (see `process_cmdq`).
@@ -421,12 +426,11 @@ impl SmmuV3 {
         false
     }
 
-    pub(crate) fn state(&self, what: &str, endpoint: Option<sluice_devapi::Endpoint>, value: u64) {
+    pub(crate) fn state(&self, change: SmmuState, endpoint: Option<sluice_devapi::Endpoint>) {
         self.hooks.state(&StateEvent {
             source: "smmuv3",
-            what,
             endpoint,
-            value,
+            change: change.into(),
         });
     }
 

@@ -7,8 +7,8 @@ use crate::guest::{read_dwords, read_u64};
 use crate::iotlb::{ASID_NONE, Tag, TagSel};
 use crate::provenance::{Pending, cd_slot, tlb_contexts};
 use crate::regs::{cerror, cr0, gerror, q};
-use crate::ste::ste_address;
-use sluice_devapi::{CacheKind, ContextSel, Endpoint, PointCtx};
+use crate::ste::{ste_address, ste_config};
+use sluice_devapi::{CacheKind, ContextSel, Endpoint, PointCtx, SmmuState, SteConfig};
 use std::sync::atomic::Ordering;
 use vm_memory::GuestMemoryBackend;
 
@@ -104,6 +104,10 @@ impl SmmuV3 {
         };
         self.execute(mem, &cmd);
         self.hooks.point(&PointCtx::new(cmd.point(), words[0]));
+        if matches!(cmd, Command::Sync { .. }) {
+            // After the point: a stall injected there delays the sync's effect too.
+            self.state(SmmuState::SyncCompleted, None);
+        }
         {
             let mut r = self.lock();
             // Only advance if nobody moved CONS under us (it is RO while CMDQEN=1).
@@ -159,7 +163,12 @@ impl SmmuV3 {
                 let endpoint = Endpoint::Stream { sid, ssid: None };
                 let contexts = ContextSel::exact(sid.into());
                 self.note_config("CFGI_STE", Some(endpoint), contexts, (0, 0), generation);
-                self.state("cfgi_ste", Some(endpoint), self.ste_config_now(mem, sid));
+                self.state(
+                    SmmuState::CfgiSte {
+                        config: self.ste_config_now(mem, sid),
+                    },
+                    Some(endpoint),
+                );
             }
             Command::CfgiSteRange { sid, range } => {
                 let mask = if range >= 31 {
@@ -177,9 +186,12 @@ impl SmmuV3 {
                 };
                 self.note_config("CFGI_STE_RANGE", None, contexts, (0, 0), generation);
                 self.state(
-                    "cfgi_ste_range",
+                    SmmuState::CfgiSteRange {
+                        range,
+                        first_sid: sid & !mask,
+                        last_sid: sid | mask,
+                    },
                     Some(Endpoint::Stream { sid, ssid: None }),
-                    u64::from(range),
                 );
             }
             Command::CfgiCd { sid, ssid, .. } => {
@@ -198,7 +210,7 @@ impl SmmuV3 {
                     (slot, slot),
                     generation,
                 );
-                self.state("cfgi_cd", Some(endpoint), 0);
+                self.state(SmmuState::CfgiCd, Some(endpoint));
             }
             Command::CfgiCdAll { sid } => {
                 let removal = self.provenance.config_removal();
@@ -207,7 +219,7 @@ impl SmmuV3 {
                 let contexts = ContextSel::exact(sid.into());
                 let slots = (cd_slot(0), u64::MAX);
                 self.note_config("CFGI_CD_ALL", Some(endpoint), contexts, slots, generation);
-                self.state("cfgi_cd_all", Some(endpoint), 0);
+                self.state(SmmuState::CfgiCdAll, Some(endpoint));
             }
             Command::TlbiNhAll { vmid } => {
                 self.tlbi("TLBI_NH_ALL", TagSel::VmidS1(self.vmid(vmid)), None);
@@ -314,14 +326,14 @@ impl SmmuV3 {
         }
     }
 
-    /// STE V and Config bits (`d0 & 0xf`) as memory holds them now (for the timeline), or
-    /// `u64::MAX` if unreadable.
-    fn ste_config_now<M: GuestMemoryBackend>(&self, mem: &M, sid: u32) -> u64 {
+    /// The STE's V and Config as memory holds them now (for the oracle and the timeline), or
+    /// `None` if unreadable.
+    fn ste_config_now<M: GuestMemoryBackend>(&self, mem: &M, sid: u32) -> Option<SteConfig> {
         let snap = self.snapshot();
         ste_address(mem, &snap.strtab, sid)
             .ok()
             .and_then(|a| read_u64(mem, a).ok())
-            .map_or(u64::MAX, |d0| d0 & 0xf)
+            .map(ste_config)
     }
 }
 

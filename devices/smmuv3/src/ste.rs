@@ -4,6 +4,7 @@ use crate::evtq::EventType;
 use crate::guest::read_u64;
 use crate::regs::{IdRegs, StrtabCfg, pa_size_bits};
 use crate::walk::{Granule, WalkCfg, s2_concat, s2_start_level};
+use sluice_devapi::{SteConfig, SteMode};
 use thiserror::Error;
 use vm_memory::GuestMemoryBackend;
 
@@ -118,6 +119,25 @@ pub enum Ste {
 
 fn bits(w: u64, lo: u32, n: u32) -> u64 {
     (w >> lo) & ((1u64 << n) - 1)
+}
+
+/// STE word 0's V and Config fields, decoded for observers (the escape oracle, the timeline):
+/// what the STE would do with a transaction, before the other validity rules of [`Ste::parse`].
+pub fn ste_config(d0: u64) -> SteConfig {
+    let config = bits(d0, 1, 3);
+    let mode = match config {
+        // Config 0b0xx: abort (0b000) or reserved, which no transaction gets through either.
+        _ if config & 4 == 0 => SteMode::Abort,
+        4 => SteMode::Bypass,
+        5 => SteMode::Stage1,
+        6 => SteMode::Stage2,
+        _ => SteMode::Nested,
+    };
+    SteConfig {
+        valid: d0 & 1 != 0,
+        mode,
+        raw: (d0 & 0xf) as u8,
+    }
 }
 
 impl Ste {
@@ -251,6 +271,24 @@ impl Ste {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ste_config_decodes_v_and_config_for_observers() {
+        let c = |d0: u64| {
+            let s = ste_config(d0);
+            (s.valid, s.mode, s.raw)
+        };
+        assert_eq!(c(0), (false, SteMode::Abort, 0));
+        assert_eq!(
+            c(1 | 2 << 1),
+            (true, SteMode::Abort, 5),
+            "reserved: no DMA passes"
+        );
+        assert_eq!(c(1 | 4 << 1), (true, SteMode::Bypass, 9));
+        assert_eq!(c(1 | 5 << 1 | 0xf0), (true, SteMode::Stage1, 0xb));
+        assert_eq!(c(1 | 6 << 1), (true, SteMode::Stage2, 0xd));
+        assert_eq!(c(7 << 1), (false, SteMode::Nested, 0xe));
+    }
 
     fn s2_dwords(t0sz: u64, sl0: u64, tg: u64) -> [u64; 8] {
         let d0 = 1 | (0b110 << 1);

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, PointCtx, StateEvent};
+use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, PointCtx, StateEvent, ViommuState};
 use sluice_virtio_pci::{
     ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt, next_messages,
 };
@@ -228,9 +228,8 @@ impl VirtioIommu {
             }
             e.hooks.state(&StateEvent {
                 source: &e.name,
-                what: "bypass",
                 endpoint: None,
-                value: u64::from(value),
+                change: ViommuState::Bypass { enabled: new }.into(),
             });
         }
     }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sluice_devapi::{Bdf, Endpoint, Hooks, PointCtx};
+use sluice_devapi::{Bdf, Endpoint, Hooks, PointCtx, StateEvent, ViommuRequest, ViommuState};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::ViommuConfig;
@@ -180,7 +180,9 @@ impl Engine {
         }
     }
 
-    /// Counts the status, announces the completion point (no lock held), builds the reply.
+    /// Counts the status, announces the completion point (no lock held) and, for ATTACH and
+    /// DETACH, the typed completion an observer keys its "in progress" state on; builds the
+    /// reply.
     fn finish(
         &self,
         req: Option<&Request>,
@@ -195,6 +197,19 @@ impl Engine {
             && let Some(ctx) = point_ctx(req, u64::from(status.code()))
         {
             self.hooks.point(&ctx);
+            // After the point: a stall injected there keeps the request in progress.
+            if let Some((request, domain, endpoint)) = context_change(req) {
+                self.hooks.state(&StateEvent {
+                    source: &self.name,
+                    endpoint: Some(Endpoint::Pci(Bdf(endpoint as u16))),
+                    change: ViommuState::RequestDone {
+                        request,
+                        domain,
+                        status: status.code(),
+                    }
+                    .into(),
+                });
+            }
         }
         reply(writable_len, status, body)
     }
@@ -209,6 +224,17 @@ impl Engine {
     ) -> Option<std::time::Duration> {
         let req = request::parse(readable, readable_len, writable_len, self.cfg.probe_size).ok()?;
         self.hooks.defer(&point_ctx(&req, 0)?)
+    }
+}
+
+/// The request kind, domain and endpoint of an ATTACH or DETACH.
+fn context_change(req: &Request) -> Option<(ViommuRequest, u32, u32)> {
+    match *req {
+        Request::Attach {
+            domain, endpoint, ..
+        } => Some((ViommuRequest::Attach, domain, endpoint)),
+        Request::Detach { domain, endpoint } => Some((ViommuRequest::Detach, domain, endpoint)),
+        _ => None,
     }
 }
 

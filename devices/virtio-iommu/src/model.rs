@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use sluice_devapi::{
     Bdf, CacheKind, ContextSel, Endpoint, EndpointIommu, Hooks, Invalidation, MapEvent, StateEvent,
+    ViommuState,
 };
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -172,12 +173,11 @@ impl Model {
         (self.cfg.domain_range.0..=self.cfg.domain_range.1).contains(&d)
     }
 
-    fn state(&self, what: &str, endpoint: Option<u32>, value: u64) {
+    fn state(&self, change: ViommuState, endpoint: Option<u32>) {
         self.hooks.state(&StateEvent {
             source: &self.name,
-            what,
             endpoint: endpoint.map(|e| Endpoint::Pci(Bdf(e as u16))),
-            value,
+            change: change.into(),
         });
     }
 
@@ -191,7 +191,7 @@ impl Model {
             self.total_mappings = self
                 .total_mappings
                 .saturating_sub(rlock(&e.dom.store).len());
-            self.state("domain-free", None, u64::from(domain));
+            self.state(ViommuState::DomainFree { domain }, None);
         }
         self.ep_domain.remove(&ep);
     }
@@ -238,11 +238,7 @@ impl Model {
         }
         // Every check passed: announce the change before it starts, so an observer knows that
         // both the old and the new context are legitimate until `attach` (completion).
-        self.state(
-            "attach-begin",
-            Some(ep),
-            u64::from(domain) | (u64::from(bypass) << 32),
-        );
+        self.state(ViommuState::AttachBegin { domain, bypass }, Some(ep));
         if let Some(o) = old {
             self.leave(o, ep);
         }
@@ -255,7 +251,7 @@ impl Model {
         self.ep_domain.insert(ep, domain);
         *wlock(&slot.state.attached) = Some(dom);
         slot.iommu.invalidate_all();
-        self.state("attach", Some(ep), u64::from(domain));
+        self.state(ViommuState::Attach { domain }, Some(ep));
         Status::Ok
     }
 
@@ -270,11 +266,11 @@ impl Model {
         if self.ep_domain.get(&ep) != Some(&domain) {
             return Status::Inval;
         }
-        self.state("detach-begin", Some(ep), u64::from(domain));
+        self.state(ViommuState::DetachBegin { domain }, Some(ep));
         self.leave(domain, ep);
         *wlock(&slot.state.attached) = None;
         slot.iommu.invalidate_all();
-        self.state("detach", Some(ep), u64::from(domain));
+        self.state(ViommuState::Detach { domain }, Some(ep));
         Status::Ok
     }
 

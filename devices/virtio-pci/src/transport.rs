@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, InterruptSink, PointCtx, StateEvent};
+use sluice_devapi::{
+    Bdf, DeviceState, Endpoint, EndpointIommu, Hooks, InterruptSink, PointCtx, StateEvent,
+};
 use sluice_pci::config::ConfigWriteEffect;
 use sluice_pci::{BarKind, BarSpec, ConfigSpace, MsixTable, PciFunction, PciIds, PciInterrupt};
 use virtio_queue::{Queue, QueueT};
@@ -184,12 +186,11 @@ impl VirtioPciFunction {
         });
     }
 
-    fn state(&self, what: &str, value: u64) {
+    fn state(&self, change: DeviceState) {
         self.hooks.state(&StateEvent {
             source: "virtio-pci",
-            what,
             endpoint: Some(self.endpoint),
-            value,
+            change: change.into(),
         });
     }
 
@@ -279,7 +280,7 @@ impl VirtioPciFunction {
         match inner.status.on_write(value) {
             StatusWrite::Reset => {
                 self.reset_locked(inner);
-                self.state("reset", 0);
+                self.state(DeviceState::Reset);
             }
             StatusWrite::Advance {
                 to,
@@ -293,7 +294,9 @@ impl VirtioPciFunction {
                         return;
                     }
                     inner.common.features_frozen = true;
-                    self.state("features-ok", inner.common.driver_features);
+                    self.state(DeviceState::FeaturesOk {
+                        features: inner.common.driver_features,
+                    });
                 }
                 inner.status = to;
                 if activate {
@@ -302,7 +305,9 @@ impl VirtioPciFunction {
                         inner.needs_reset = true;
                         self.interrupt.signal_config();
                     }
-                    self.state("driver-ok", u64::from(!inner.needs_reset));
+                    self.state(DeviceState::DriverOk {
+                        usable: !inner.needs_reset,
+                    });
                 }
             }
             StatusWrite::Illegal => log::warn!(
@@ -431,7 +436,7 @@ impl VirtioPciFunction {
                 .set_intx_disabled(new & sluice_pci::config::CMD_INTX_DISABLE != 0);
         }
         if let Some(bme) = effect.bus_master_change() {
-            self.state("bus-master-enable", u64::from(bme));
+            self.state(DeviceState::BusMasterEnable { enabled: bme });
         }
         if let (Some(cap), Some(m)) = (inner.msix_cap, &self.msix) {
             let ctrl = u16::from(cap) + 2;

@@ -3,6 +3,7 @@
 //! `dasm`) and SET PCI FN (enable/disable). Typed requests and responses; response codes as
 //! Linux `asm/pci_clp.h` defines them.
 
+use sluice_devapi::ZpciState;
 use thiserror::Error;
 
 use crate::function::{FunctionState, Transition, fh};
@@ -157,7 +158,7 @@ impl Zpci {
     /// SET PCI FN: enable or disable; returns the new handle.
     pub fn clp_set_pci_fn(&self, handle: u32, op: SetPciFnOp) -> Result<u32, ClpRc> {
         let s = self.slot_by_fh(handle).ok_or(ClpRc(rc::SETPCIFN_FH))?;
-        let (new_fh, epoch, what) = {
+        let (new_fh, change) = {
             let mut g = s.write();
             if g.fh(s.idx) != handle {
                 return Err(ClpRc(rc::SETPCIFN_FH));
@@ -174,7 +175,7 @@ impl Zpci {
                     }
                     g.transition(Transition::Enable)
                         .map_err(|_| ClpRc(rc::SETPCIFN_FHOP))?;
-                    (g.fh(s.idx), g.epoch, "enable")
+                    (g.fh(s.idx), ZpciState::Enable { epoch: g.epoch })
                 }
                 SetPciFnOp::Disable => {
                     if handle & fh::ENABLE == 0 {
@@ -186,11 +187,11 @@ impl Zpci {
                     self.budget.give(freed);
                     g.irq = None;
                     g.fmb_addr = 0;
-                    (g.fh(s.idx), g.epoch, "disable")
+                    (g.fh(s.idx), ZpciState::Disable { epoch: g.epoch })
                 }
             }
         };
-        self.emit_state(what, new_fh, epoch);
+        self.emit_state(change, new_fh);
         self.report_drops(s);
         Ok(new_fh)
     }

@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use sluice_devapi::{Endpoint, Hooks, PointCtx, StateEvent};
+use sluice_devapi::{Endpoint, Hooks, PointCtx, StateEvent, ZpciState};
 use thiserror::Error;
 
 use crate::function::{
@@ -378,20 +378,15 @@ impl Zpci {
                 log.events.push(ev);
             }
         }
-        self.hooks.state(&StateEvent {
-            source: "zpci",
-            what: "error-event",
-            endpoint: Some(Endpoint::Zpci { fh: ev.fh }),
-            value: u64::from(ev.pec),
-        });
+        self.emit_state(ZpciState::ErrorEvent { pec: ev.pec }, ev.fh);
     }
 
-    pub(crate) fn emit_state(&self, what: &str, fh: u32, value: u64) {
+    /// Announces a change of the function with handle `fh`.
+    pub(crate) fn emit_state(&self, change: ZpciState, fh: u32) {
         self.hooks.state(&StateEvent {
             source: "zpci",
-            what,
             endpoint: Some(Endpoint::Zpci { fh }),
-            value,
+            change: change.into(),
         });
     }
 
@@ -440,7 +435,7 @@ impl Zpci {
         &self,
         fid: u32,
         cause: Transition,
-        what: &str,
+        what: fn(u64) -> ZpciState,
         reset: bool,
     ) -> Result<FunctionState, LifecycleError> {
         let slot = self
@@ -469,14 +464,19 @@ impl Zpci {
             }
             (to, g.fh(slot.idx), g.epoch)
         };
-        self.emit_state(what, fh, epoch);
+        self.emit_state(what(epoch), fh);
         self.report_drops(slot);
         Ok(to)
     }
 
     /// SCLP configure: standby → disabled, with a new handle instance.
     pub fn configure(&self, fid: u32) -> Result<FunctionState, LifecycleError> {
-        self.lifecycle(fid, Transition::Configure, "configure", false)
+        self.lifecycle(
+            fid,
+            Transition::Configure,
+            |epoch| ZpciState::Configure { epoch },
+            false,
+        )
     }
 
     /// SCLP deconfigure / hot-unplug: any configured state → standby. Can happen at any instant,
@@ -491,16 +491,31 @@ impl Zpci {
             domain: None,
             value: u64::from(fid),
         });
-        self.lifecycle(fid, Transition::Deconfigure, "deconfigure", true)
+        self.lifecycle(
+            fid,
+            Transition::Deconfigure,
+            |epoch| ZpciState::Deconfigure { epoch },
+            true,
+        )
     }
 
     /// Hypervisor reserves a standby function.
     pub fn reserve(&self, fid: u32) -> Result<FunctionState, LifecycleError> {
-        self.lifecycle(fid, Transition::Reserve, "reserve", true)
+        self.lifecycle(
+            fid,
+            Transition::Reserve,
+            |epoch| ZpciState::Reserve { epoch },
+            true,
+        )
     }
 
     /// Hypervisor returns a reserved function to standby.
     pub fn unreserve(&self, fid: u32) -> Result<FunctionState, LifecycleError> {
-        self.lifecycle(fid, Transition::Unreserve, "unreserve", false)
+        self.lifecycle(
+            fid,
+            Transition::Unreserve,
+            |epoch| ZpciState::Unreserve { epoch },
+            false,
+        )
     }
 }

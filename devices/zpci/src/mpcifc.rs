@@ -6,6 +6,7 @@
 //! (addressing exception), FIB format (operand exception), then the operation. Parse first
 //! ([`MpcifcRequest::parse`]), then apply ([`Zpci::mpcifc_apply`]).
 
+use sluice_devapi::ZpciState;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::codes::{InsnStatus, ProgramException, pec, status};
@@ -143,7 +144,7 @@ enum Plan {
 type Outcome = (
     Result<InsnStatus, ProgramException>,
     Option<ErrorEvent>,
-    Option<&'static str>,
+    Option<ZpciState>,
 );
 
 fn plain(r: Result<InsnStatus, ProgramException>) -> Outcome {
@@ -215,63 +216,64 @@ impl Zpci {
             handle_ok(slot, g, req.fh).map_err(|cc3| plain(Ok(cc3)))?;
             prepare(mem, slot, g, req.dmaas, op, &fib)
         };
-        let commit = |g: &mut FnInner, p: Plan| self.commit(slot, g, p);
-        let (result, event, what) = self.windowed(slot, op.point(), value, &prepare, &commit);
+        let commit = |g: &mut FnInner, p: Plan| self.commit(slot, g, p, value);
+        let (result, event, change) = self.windowed(slot, op.point(), value, &prepare, &commit);
         if let Some(ev) = event {
             self.emit_error(ev);
         }
         self.report_drops(slot);
         if let (
-            Some(what),
+            Some(change),
             Ok(InsnStatus {
                 cc: crate::Cc::Ok, ..
             }),
-        ) = (what, result)
+        ) = (change, result)
         {
-            self.emit_state(what, req.fh, value);
+            self.emit_state(change, req.fh);
         }
         result
     }
 
-    fn commit(&self, slot: &Slot, g: &mut FnInner, p: Plan) -> Outcome {
-        let ok = |what| (Ok(InsnStatus::OK), None, Some(what));
+    /// Applies a prepared plan; `value` is the IOTA of a (re-)registration.
+    fn commit(&self, slot: &Slot, g: &mut FnInner, p: Plan, value: u64) -> Outcome {
+        let ok = |change| (Ok(InsnStatus::OK), None, Some(change));
         match p {
             Plan::SetIoat(r) => {
                 let freed = g.drop_translations("REG_IOAT");
                 self.budget.give(freed);
                 g.ioat = Some(r);
-                ok("reg-ioat")
+                ok(ZpciState::RegIoat { iota: value })
             }
             Plan::ClearIoat => {
                 let freed = g.drop_translations("DEREG_IOAT");
                 self.budget.give(freed);
-                ok("dereg-ioat")
+                ok(ZpciState::DeregIoat)
             }
             Plan::ReplaceIoat(r) => {
                 let freed = g.drop_translations("REREG_IOAT");
                 self.budget.give(freed);
                 g.ioat = Some(r);
-                ok("rereg-ioat")
+                ok(ZpciState::ReregIoat { iota: value })
             }
             Plan::State(t) => match g.transition(t) {
                 Ok(_) => ok(if t == Transition::ResetError {
-                    "reset-error"
+                    ZpciState::ResetError
                 } else {
-                    "reset-block"
+                    ZpciState::ResetBlock
                 }),
                 Err(_) => plain(Ok(InsnStatus::error(status::MOD_SEQUENCE))),
             },
             Plan::SetIrq(r) => {
                 g.irq = Some(r);
-                ok("reg-int")
+                ok(ZpciState::RegInt)
             }
             Plan::ClearIrq => {
                 g.irq = None;
-                ok("dereg-int")
+                ok(ZpciState::DeregInt)
             }
             Plan::SetFmb(a) => {
                 g.fmb_addr = a;
-                ok("set-measure")
+                ok(ZpciState::SetMeasure)
             }
             Plan::FmbFault(a) => {
                 g.fmb_addr = 0;

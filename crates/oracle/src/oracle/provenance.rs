@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use sluice_devapi::{
     CacheKind, CacheUse, CachedTranslation, Derived, Divergence, DmaOutcome, DmaRecord, Endpoint,
-    Invalidation, MapEvent, StateEvent,
+    Invalidation, MapEvent, StateChange, StateEvent, ViommuState,
 };
 
 use super::{EpEntry, Oracle};
@@ -47,7 +47,10 @@ impl Oracle {
     /// A virtio-iommu model names itself in its state events; its ATTACH events tie the name to
     /// the IOMMU that firmware declares the endpoint behind.
     pub(super) fn learn_model_name(&self, ev: &StateEvent<'_>) {
-        if !matches!(ev.what, "attach-begin" | "attach") {
+        if !matches!(
+            ev.change,
+            StateChange::Viommu(ViommuState::AttachBegin { .. } | ViommuState::Attach { .. })
+        ) {
             return;
         }
         let Some(index) = ev

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sluice_devapi::NoHooks;
+use sluice_devapi::{NoHooks, RecordedEvent, StateChange, ViommuRequest, ViommuState};
 
 use super::*;
 use crate::spec::{
@@ -51,7 +51,7 @@ fn attach_and_detach_announce_their_start_before_the_change() {
             endpoint: EP,
         },
     );
-    // A refused request announces nothing.
+    // A refused request announces no change, only its completion.
     assert_eq!(
         send(
             &d,
@@ -68,13 +68,34 @@ fn attach_and_detach_announce_their_start_before_the_change() {
         vec![
             ("attach-begin".to_string(), 1),
             ("attach".to_string(), 1),
+            ("attach-done".to_string(), 0),
             ("attach-begin".to_string(), 2 | (1 << 32)),
             ("domain-free".to_string(), 1),
             ("attach".to_string(), 2),
+            ("attach-done".to_string(), 0),
             ("detach-begin".to_string(), 2),
             ("domain-free".to_string(), 2),
             ("detach".to_string(), 2),
+            ("detach-done".to_string(), 0),
+            ("detach-done".to_string(), u64::from(Status::Inval.code())),
         ]
+    );
+    // The completion comes after the request's point (a stall there keeps it in progress).
+    let done = StateChange::Viommu(ViommuState::RequestDone {
+        request: ViommuRequest::Detach,
+        domain: 2,
+        status: 0,
+    });
+    let events = rec.events();
+    let point = events
+        .iter()
+        .position(|e| matches!(e, RecordedEvent::Point(p) if p.point == crate::POINT_DETACH));
+    let state = events
+        .iter()
+        .position(|e| matches!(e, RecordedEvent::State(s) if s.change == done));
+    assert!(
+        point.is_some() && state > point,
+        "DETACH's completion follows its point"
     );
     assert_invalidations_carry_no_generation(&rec);
 }
