@@ -4,8 +4,9 @@
 //! Sluice's devices live in this process and QEMU reaches them through `x-pci-proxy-dev`:
 //! [`protocol`] parses the multi-process messages, [`channel`] moves them (with file
 //! descriptors) over the socket, [`memory`] maps the guest RAM QEMU shares as memfds,
-//! [`server`] answers one device's config/BAR accesses and relays its INTx, and [`launcher`]
-//! starts and supervises QEMU.
+//! [`server`] answers one device's config/BAR accesses and relays its INTx, [`platform`] serves
+//! a platform device's register window and wired lines (the SMMUv3 behind QEMU's
+//! `x-smmuv3-proxy`), and [`launcher`] starts and supervises QEMU.
 
 pub mod channel;
 pub mod console;
@@ -13,11 +14,14 @@ pub mod console;
 pub mod fuzzing;
 pub mod launcher;
 pub mod memory;
+pub mod platform;
 pub mod protocol;
 pub mod server;
+mod serving;
 
 pub use console::ConsoleSummary;
 pub use launcher::{Accel, ConsoleSink, QemuConfig, QemuRun, run, run_qemu};
+pub use platform::{PlatformInterrupts, PlatformServer};
 pub use sluice_host::{GuestExit, RunOutcome};
 
 /// An error and its causes on one line, `outer: cause: root cause`. Every error type here

@@ -182,6 +182,10 @@ pub enum ProtocolError {
     /// The header was cut short.
     #[error("truncated header ({0} of {HEADER_LEN} bytes)")]
     TruncatedHeader(usize),
+    /// A well-formed command this kind of channel has no use for (config space on a platform
+    /// device's channel).
+    #[error("{0:?} is not served on this channel")]
+    NotServed(Command),
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {

@@ -1,6 +1,6 @@
 //! Serving one device over its proxy socket: the remote half of `x-pci-proxy-dev`.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,8 +13,9 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, ChannelError};
-use crate::memory::{MemoryMapError, map_regions};
+use crate::memory::MemoryMapError;
 use crate::protocol::{FAILED, Request};
+use crate::serving::{self, Handler, into_eventfd};
 
 const CONFIG_SPACE: u32 = 256;
 const RESAMPLE_POLL: Duration = Duration::from_millis(100);
@@ -120,27 +121,9 @@ impl DeviceServer {
         self.stats.clone()
     }
 
-    fn err(&self, source: ChannelError) -> ServeError {
-        ServeError::Channel {
-            device: self.device.name.clone(),
-            source,
-        }
-    }
-
     /// Handles messages until QEMU closes the connection.
     pub fn run(mut self) -> Result<(), ServeError> {
-        loop {
-            let request = match self.channel.recv() {
-                Ok(Some(r)) => r,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.err(e)),
-            };
-            if let Some(value) = self.handle(request)? {
-                self.channel
-                    .reply(value)
-                    .map_err(|e| self.err(ChannelError::Io(e)))?;
-            }
-        }
+        serving::serve(&mut self)
     }
 
     /// Executes one request; returns the reply value for commands that get one.
@@ -148,12 +131,12 @@ impl DeviceServer {
         let f = self.device.function.as_ref();
         Ok(Some(match request {
             Request::SyncSysmem(regions) => {
-                let mem = map_regions(regions).map_err(|source| ServeError::Memory {
-                    device: self.device.name.clone(),
-                    source,
-                })?;
-                self.mem.replace(mem);
-                self.stats.memory_syncs.fetch_add(1, Ordering::Relaxed);
+                serving::sync_memory(
+                    &self.device.name,
+                    &self.mem,
+                    regions,
+                    &self.stats.memory_syncs,
+                )?;
                 return Ok(None);
             }
             Request::SetIrqfd { intr, resample } => {
@@ -229,13 +212,10 @@ impl DeviceServer {
     }
 
     fn connect_intx(&mut self, intr: OwnedFd, resample: OwnedFd) {
-        // SAFETY: `intr` is an owned descriptor QEMU sent us; ownership moves into the EventFd.
-        let intr = unsafe { EventFd::from_raw_fd(intr.into_raw_fd()) };
-        self.device.intx.connect(intr);
+        self.device.intx.connect(into_eventfd(intr));
         // The previous resample descriptor is QEMU's old route: stop relaying it first.
         self.resample = None;
-        // SAFETY: as above, for the resample descriptor.
-        let resample = unsafe { EventFd::from_raw_fd(resample.into_raw_fd()) };
+        let resample = into_eventfd(resample);
         let quit = match EventFd::new(libc::EFD_NONBLOCK).and_then(|q| Ok((q.try_clone()?, q))) {
             Ok(pair) => pair,
             Err(e) => {
@@ -288,6 +268,20 @@ impl DeviceServer {
     }
 }
 
+impl Handler for DeviceServer {
+    fn device_name(&self) -> &str {
+        &self.device.name
+    }
+
+    fn channel(&mut self) -> &mut Channel {
+        &mut self.channel
+    }
+
+    fn handle(&mut self, request: Request) -> Result<Option<u64>, ServeError> {
+        DeviceServer::handle(self, request)
+    }
+}
+
 /// Why a resample thread woke up.
 enum Wake {
     /// The resample eventfd is readable.
@@ -335,6 +329,7 @@ mod tests {
     use sluice_devapi::NoHooks;
     use sluice_host::{DeviceSet, DiskSpec};
     use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, IntoRawFd};
 
     fn bar_msg(cmd: Command, addr: u64, val: u64, size: u32) -> Vec<u8> {
         let mut p = vec![0u8; 24];
