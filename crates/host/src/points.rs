@@ -178,4 +178,25 @@ mod tests {
         assert!(r.get("virtio.viommu0.notify").is_some_and(|i| !i.defer));
         assert!(r.get("dma.dma0.rogue").is_some());
     }
+
+    /// The points the timeline samples are those reached once per I/O: doorbells, request
+    /// completions, MAP/UNMAP (what the oracle hard-coded before the models declared it).
+    #[test]
+    fn hot_points_are_the_per_io_ones() {
+        let viommu = crate::IommuChoice::default_for(crate::IommuKind::Virtio).model(Vec::new());
+        let reg = run_registry(1, Some(&*viommu), true);
+        let mut hot: Vec<String> = reg.hot_points().into_iter().collect();
+        hot.sort();
+        assert_eq!(
+            hot,
+            [
+                "dma.dma0.complete",
+                "virtio-iommu.req.map",
+                "virtio-iommu.req.unmap",
+                "virtio.blk0.complete",
+                "virtio.blk0.notify",
+                "virtio.viommu0.notify",
+            ]
+        );
+    }
 }

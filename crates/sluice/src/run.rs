@@ -460,7 +460,12 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     let topology = Topology {
         iommus: iommu.iter().map(|m| m.topology()).collect(),
     };
-    let oracle = Oracle::new(topology, OracleConfig::default());
+    // Points reached once per I/O are sampled on the timeline, as their models declare.
+    let oracle_cfg = OracleConfig {
+        hot_points: run_registry(spec, disks.len()).hot_points(),
+        ..OracleConfig::default()
+    };
+    let oracle = Oracle::new(topology, oracle_cfg);
     {
         let o = oracle.clone();
         injector.set_sink(Arc::new(move |f: &Firing| {

@@ -370,8 +370,12 @@ mod tests {
             "the runs done are a prefix of the launch order"
         );
         assert_eq!(count.load(Ordering::SeqCst) as usize, ran, "each run once");
-        // Admitted while elapsed + 1 s <= 25 s, with up to 3 in flight at the last admission.
-        assert!((25..=27).contains(&ran), "about the budget's worth: {ran}");
+        // Never more than the budget's worth plus the 2 others in flight at the last admission.
+        // Fewer is possible: the clock is shared, so a run's measured duration also counts the
+        // advances of the runs beside it (up to 3 s with 3 jobs), which raises the estimate
+        // and stops admission earlier, by how the threads happened to interleave. The exact
+        // count is the serial tests' job.
+        assert!((8..=27).contains(&ran), "about the budget's worth: {ran}");
         assert_eq!(d.stopped.map(|s| s.first_not_run), Some(ran));
     }
 }
