@@ -153,6 +153,9 @@ pub struct MachineSpec {
     pub cpu_tcg: &'static str,
     /// `-cpu` under KVM.
     pub cpu_kvm: &'static str,
+    /// Where the machine places a platform IOMMU's register window (arm64 `virt`: the
+    /// SMMUv3 at 0x0905_0000), if it has a place for one.
+    pub platform_iommu_base: Option<u64>,
     /// Why runs of this platform are refused, while its device side is missing.
     pub not_yet_runnable: Option<&'static str>,
 }
@@ -199,6 +202,7 @@ impl MachineSpec {
             qemu_binary: "qemu-system-x86_64",
             cpu_tcg: "max",
             cpu_kvm: "host",
+            platform_iommu_base: None,
             not_yet_runnable: None,
         }
     }
@@ -220,6 +224,8 @@ impl MachineSpec {
             qemu_binary: "qemu-system-aarch64",
             cpu_tcg: "max",
             cpu_kvm: "host",
+            // hw/arm/virt.c memmap: VIRT_SMMU.
+            platform_iommu_base: Some(0x0905_0000),
             not_yet_runnable: Some(
                 "no arm64 guest variant, patched qemu-system-aarch64 or SMMUv3 device wiring yet",
             ),
@@ -241,6 +247,7 @@ impl MachineSpec {
             qemu_binary: "qemu-system-s390x",
             cpu_tcg: "max",
             cpu_kvm: "host",
+            platform_iommu_base: None,
             not_yet_runnable: Some(
                 "no s390x guest variant, patched qemu-system-s390x or zPCI device wiring yet",
             ),

@@ -77,6 +77,7 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
         acpi_tables: vec![viot],
         extra_args: vec![],
         console_sink: None,
+        platform_iommu: None,
     };
     let out = sluice_qemu::run(&cfg, &devices).unwrap();
     let console = out.console.join("\n");

@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::channel::ChannelError;
 use crate::console::{self, ConsoleState, ConsoleSummary};
 use crate::error_chain;
+use crate::platform::{PlatformInterrupts, PlatformServer};
 use crate::server::{DeviceServer, ServeError};
 
 /// How QEMU runs the vCPUs (shared with the platform description, which picks `-cpu` by it).
@@ -55,6 +56,30 @@ pub struct QemuConfig {
     pub extra_args: Vec<String>,
     /// Called with every console line as it arrives (the oracle's timeline, injection markers).
     pub console_sink: Option<ConsoleSink>,
+    /// Where the device set's platform IOMMU (its register window) goes, when it has one.
+    pub platform_iommu: Option<PlatformIommu>,
+}
+
+/// A platform IOMMU whose registers and interrupt lines this process serves, on its own
+/// channel (arm64 `virt`'s SMMUv3 through the patched QEMU's `x-smmuv3-proxy`).
+#[derive(Clone)]
+pub struct PlatformIommu {
+    /// Machine option that makes QEMU place the IOMMU and describe it to the guest
+    /// (`iommu=smmuv3`); the launcher adds `x-smmuv3-proxy-fd=` with the channel.
+    pub machine_option: String,
+    /// Guest-physical base of its register window on this machine.
+    pub base: u64,
+    /// Its interrupt lines, the sink the model was built with.
+    pub irq: Arc<PlatformInterrupts>,
+}
+
+impl std::fmt::Debug for PlatformIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlatformIommu")
+            .field("machine_option", &self.machine_option)
+            .field("base", &format_args!("{:#x}", self.base))
+            .finish()
+    }
 }
 
 /// A live consumer of guest console lines.
@@ -70,6 +95,9 @@ impl std::fmt::Debug for ConsoleSink {
 /// QEMU could not be started.
 #[derive(Debug, Error)]
 pub enum LaunchError {
+    /// The device set has a platform IOMMU but the configuration does not say where it goes.
+    #[error("the run's IOMMU is a platform device, but this machine has no place for it")]
+    PlatformIommuUnplaced,
     /// A file the guest needs is missing or unreadable.
     #[error("{what} {path}")]
     Input {
@@ -137,6 +165,15 @@ fn proxy_socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
 
 /// The QEMU argument list for `cfg` with proxy devices on the given descriptors.
 pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String> {
+    qemu_args_with(cfg, proxies, None)
+}
+
+/// [`qemu_args`], with the platform IOMMU's channel on descriptor `iommu_fd`.
+fn qemu_args_with(
+    cfg: &QemuConfig,
+    proxies: &[(String, u8, i32)],
+    iommu_fd: Option<i32>,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let m = &cfg.machine;
@@ -150,9 +187,13 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
     push(&["-cpu", m.cpu(cfg.accel)]);
     let mem = format!("{}M", cfg.mem_mib);
     // Guest RAM is a shared memfd so that this process can map it for the devices' DMA.
-    let mut machine = vec![m.machine_type];
-    machine.extend(m.machine_options);
-    machine.push("memory-backend=mem");
+    let mut machine: Vec<String> = vec![m.machine_type.to_string()];
+    machine.extend(m.machine_options.iter().map(|o| o.to_string()));
+    if let (Some(p), Some(fd)) = (&cfg.platform_iommu, iommu_fd) {
+        machine.push(p.machine_option.clone());
+        machine.push(format!("x-smmuv3-proxy-fd={fd}"));
+    }
+    machine.push("memory-backend=mem".to_string());
     push(&[
         "-M",
         &machine.join(","),
@@ -244,7 +285,18 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
         ours.push((a, d.clone()));
         theirs.push(b);
     }
-    let args = qemu_args(cfg, &proxies);
+    // The platform IOMMU's register window gets a channel of its own.
+    let platform = match (&devices.iommu_mmio, &cfg.platform_iommu) {
+        (None, _) => None,
+        (Some(window), Some(p)) => {
+            let (a, b) = proxy_socketpair().map_err(LaunchError::Spawn)?;
+            let fd = b.as_raw_fd();
+            theirs.push(b);
+            Some((a, window.clone(), p.clone(), fd))
+        }
+        (Some(_), None) => return Err(LaunchError::PlatformIommuUnplaced),
+    };
+    let args = qemu_args_with(cfg, &proxies, platform.as_ref().map(|p| p.3));
     log::info!("starting {} {}", cfg.qemu.display(), args.join(" "));
     let start = Instant::now();
     let mut child: Child = Command::new(&cfg.qemu)
@@ -263,6 +315,15 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
         let tx = dev_tx.clone();
         let _ = std::thread::Builder::new()
             .name(format!("{}-proxy", dev.name))
+            .spawn(move || {
+                let _ = tx.send(server.run());
+            });
+    }
+    if let Some((sock, window, p, _)) = platform {
+        let server = PlatformServer::new(sock, "iommu", p.base, window, devices.mem.clone(), p.irq);
+        let tx = dev_tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("iommu-proxy".into())
             .spawn(move || {
                 let _ = tx.send(server.run());
             });
@@ -414,6 +475,7 @@ mod tests {
             acpi_tables: vec!["/t/viot.aml".into()],
             extra_args: vec![],
             console_sink: None,
+            platform_iommu: None,
         }
     }
 
@@ -506,6 +568,22 @@ mod tests {
         assert!(
             !a.contains("-acpitable"),
             "virt's tables come from QEMU: {a}"
+        );
+        // A platform IOMMU joins the machine options with its channel.
+        let smmu = QemuConfig {
+            platform_iommu: Some(PlatformIommu {
+                machine_option: "iommu=smmuv3".into(),
+                base: 0x0905_0000,
+                irq: PlatformInterrupts::new("smmuv3", 4),
+            }),
+            ..arm.clone()
+        };
+        let a = qemu_args_with(&smmu, &[], Some(11)).join(" ");
+        assert!(
+            a.contains(
+                "-M virt,gic-version=3,highmem=off,iommu=smmuv3,x-smmuv3-proxy-fd=11,memory-backend=mem"
+            ),
+            "{a}"
         );
         let s390 = QemuConfig {
             machine: MachineSpec::s390x_ccw(),

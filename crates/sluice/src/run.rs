@@ -19,7 +19,8 @@ use sluice_inject::registry::GUEST_SYM_PREFIX;
 use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap};
 use sluice_oracle::topology::Topology;
 use sluice_oracle::{Oracle, OracleConfig};
-use sluice_qemu::{Accel, ConsoleSink, QemuConfig};
+use sluice_qemu::launcher::PlatformIommu;
+use sluice_qemu::{Accel, ConsoleSink, PlatformInterrupts, QemuConfig};
 
 use crate::report::{self, DiskVerdict};
 use crate::rogue::{RogueArm, RogueRule};
@@ -494,9 +495,38 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             r.marker(line);
         })
     };
+    // How the guest learns about the IOMMU; a platform device (arm64's SMMUv3) also needs its
+    // interrupt lines before the model is built, and a place on the machine.
+    let firmware = iommu.as_ref().map(|m| m.firmware(spec.arch)).transpose()?;
+    let platform_iommu = match (&firmware, &iommu) {
+        (
+            Some(FirmwareDescription::PlatformDevice {
+                machine_option,
+                irq_lines,
+            }),
+            Some(model),
+        ) => {
+            let Some(base) = machine.platform_iommu_base else {
+                bail!(
+                    "the {} machine has no place for the {} IOMMU's registers",
+                    machine.machine_type,
+                    model.kind()
+                );
+            };
+            Some(PlatformIommu {
+                machine_option: machine_option.clone(),
+                base,
+                irq: PlatformInterrupts::new(model.name(), *irq_lines),
+            })
+        }
+        _ => None,
+    };
     let host_opts = HostOptions {
         marker: Some(marker_sink),
         iommu: iommu.clone(),
+        iommu_irq: platform_iommu
+            .as_ref()
+            .map(|p| p.irq.clone() as Arc<dyn sluice_devapi::InterruptSink>),
         dma_engine: spec.dma_engine,
         ..Default::default()
     };
@@ -520,9 +550,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         rogue.set_engine(engine);
     }
     let mut acpi_tables = Vec::new();
-    if let Some(model) = &devices.iommu
-        && let FirmwareDescription::AcpiTable(table) = model.firmware(spec.arch)?
-    {
+    if let Some(FirmwareDescription::AcpiTable(table)) = firmware {
         let signature = String::from_utf8_lossy(table.get(..4).unwrap_or_default()).to_lowercase();
         let path = spec.run_dir.join(format!("{signature}.aml"));
         std::fs::write(&path, table).with_context(|| format!("cannot write {}", path.display()))?;
@@ -554,6 +582,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         acpi_tables,
         extra_args: vec![],
         console_sink: Some(console_sink(&oracle, &injector)),
+        platform_iommu,
     };
     let mut cfg = cfg;
     let plugin = if injector.guest_watch().is_empty() {

@@ -136,6 +136,9 @@ pub struct VmmConfig {
 /// The VMM could not run the guest.
 #[derive(Debug, Error)]
 pub enum VmmError {
+    /// The run's IOMMU is a platform device; this VMM places PCI functions only.
+    #[error("the kvm backend cannot place a platform IOMMU (its register window)")]
+    PlatformIommu,
     /// The run's IOMMU has no description on this machine.
     #[error(transparent)]
     Iommu(sluice_host::iommu::IommuError),
@@ -457,6 +460,10 @@ impl Vmm {
                     }
                 }
                 Ok(FirmwareDescription::Discovered) => {}
+                // This VMM has no platform bus (the kvm backend runs x86 only).
+                Ok(FirmwareDescription::PlatformDevice { .. }) => {
+                    return Err(VmmError::PlatformIommu);
+                }
                 Err(e) => return Err(VmmError::Iommu(e)),
             }
         }

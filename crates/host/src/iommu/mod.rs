@@ -98,14 +98,21 @@ impl IommuChoice {
                 boot_bypass: on,
                 ..cfg
             }),
-            IommuChoice::Smmuv3(cfg) => IommuChoice::Smmuv3(sluice_smmuv3::SmmuConfig {
-                gbpa_reset: if on {
-                    0
-                } else {
-                    sluice_smmuv3::regs::gbpa::ABORT
-                },
-                ..cfg
-            }),
+            IommuChoice::Smmuv3(mut cfg) => {
+                // Wired interrupts only: an MSI would be a write to the GIC ITS doorbell, which
+                // is a QEMU register, not guest RAM this process can write.
+                if let Some(idr0) = cfg.idr.idr.first_mut() {
+                    *idr0 &= !sluice_smmuv3::regs::idr0::MSI;
+                }
+                IommuChoice::Smmuv3(sluice_smmuv3::SmmuConfig {
+                    gbpa_reset: if on {
+                        0
+                    } else {
+                        sluice_smmuv3::regs::gbpa::ABORT
+                    },
+                    ..cfg
+                })
+            }
             zpci @ IommuChoice::Zpci(_) => zpci,
         }
     }
@@ -138,6 +145,15 @@ pub enum FirmwareDescription {
     /// Nothing to add: the platform's own discovery finds it (zPCI functions are listed by
     /// CLP, which the model answers).
     Discovered,
+    /// A platform device the machine places and describes itself (arm64 `virt`: device-tree
+    /// node with `iommu-map`, and the IORT) when given `machine_option`; its register window
+    /// and `irq_lines` wired interrupts are served by this process.
+    PlatformDevice {
+        /// The QEMU machine option (`iommu=smmuv3`).
+        machine_option: String,
+        /// Wired interrupt lines, in the machine's order.
+        irq_lines: usize,
+    },
 }
 
 /// The IOMMU cannot be used as asked.

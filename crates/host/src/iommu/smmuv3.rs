@@ -17,6 +17,8 @@ use crate::points::Model;
 
 /// The SMMU's instance name: the `source` of its state events.
 pub const SMMU_NAME: &str = sluice_smmuv3::SOURCE;
+/// Wired interrupt lines of an SMMU on a platform (eventq, priq, cmdq-sync, gerror).
+const SMMU_IRQ_LINES: usize = 4;
 
 #[derive(Debug)]
 pub(super) struct SmmuModel {
@@ -68,14 +70,19 @@ impl IommuModel for SmmuModel {
     }
 
     fn firmware(&self, arch: Arch) -> Result<FirmwareDescription, IommuError> {
-        Err(IommuError::Unsupported {
-            kind: IommuKind::Smmuv3,
-            arch,
-            why: match arch {
-                Arch::Aarch64 => "the arm64 machine description is not wired yet",
-                Arch::X86_64 | Arch::S390x => "an SMMU is an Arm platform device",
-            },
-        })
+        match arch {
+            // virt places the SMMU at its fixed address, with its four SPIs (eventq, priq,
+            // cmdq-sync, gerror), and writes the DT node, `iommu-map` and IORT itself.
+            Arch::Aarch64 => Ok(FirmwareDescription::PlatformDevice {
+                machine_option: "iommu=smmuv3".into(),
+                irq_lines: SMMU_IRQ_LINES,
+            }),
+            Arch::X86_64 | Arch::S390x => Err(IommuError::Unsupported {
+                kind: IommuKind::Smmuv3,
+                arch,
+                why: "an SMMU is an Arm platform device",
+            }),
+        }
     }
 
     fn build(&self, ctx: &IommuBuild) -> Result<Box<dyn IommuInstance>, IommuError> {
