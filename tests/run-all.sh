@@ -55,7 +55,9 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode; the regi
 ./target/release/sluice harness run scenarios/release.toml scenarios/release-setup.toml \
     scenarios/release-probe.toml scenarios/release-bypass.toml --seeds 2 --filter='--6\.1(2)?--' \
     --out target/ci-harness/release --junit target/ci-harness/release.xml
-# A two-cell sweep (baseline vs the stall), bounded: proves the sweep driver end to end.
+# A two-cell sweep (baseline vs the stall), bounded: proves the sweep driver end to end. Three
+# seeds: the judgement fails only if no run of the stall cell reproduces, and on a host loaded
+# with other builds one run in a few misses the window (seen once in CI at load 10).
 ./target/release/sluice harness sweep scenarios/registration-window.toml --variant 6.12 \
-    --point guest.sym.bus_iommu_probe --delays 0ms,300ms --seeds 1 --replace --budget 3m \
+    --point guest.sym.bus_iommu_probe --delays 0ms,300ms --seeds 3 --replace --budget 3m \
     --out target/ci-harness/sweep --junit target/ci-harness/sweep.xml
