@@ -77,8 +77,9 @@ fi
 
 # ---------------------------------------------------------------------------
 stage 1 $STAGES "host packages"
-# fragments/common.config and verify-only.config hold x86 options (PVH,
-# KVM_GUEST, ACPI, 8250); another architecture has its own common fragment.
+# fragments/common.config and verify-only.config hold the shared options and
+# x86 ones (PVH, KVM_GUEST, ACPI, 8250); another architecture adds its own
+# common fragment on top, which switches the x86-only ones off.
 if [ "$ARCH" = x86_64 ]; then
     COMMON_FRAGMENT=$HERE/fragments/common.config
     COMMON_VERIFY=$HERE/fragments/verify-only.config
@@ -96,6 +97,12 @@ SRCVER=$(dpkg-query -W -f='${Version}' "$SOURCE_PKG")
 
 FRAGMENTS=("$COMMON_FRAGMENT" "$VDIR/fragment.config")
 VERIFY_ONLY=()
+if [ "$ARCH" != x86_64 ]; then
+    # Another architecture's common fragment is an overlay on the shared one (the IOMMU, VFIO,
+    # virtio and module choices are the same everywhere); it switches off what is x86-only.
+    FRAGMENTS=("$HERE/fragments/common.config" "${FRAGMENTS[@]}")
+    VERIFY_ONLY+=("$HERE/fragments/verify-only.config")
+fi
 [ -f "$COMMON_VERIFY" ] && VERIFY_ONLY+=("$COMMON_VERIFY")
 [ -f "$VDIR/verify-only.config" ] && VERIFY_ONLY+=("$VDIR/verify-only.config")
 shopt -s nullglob

@@ -43,20 +43,30 @@ pub fn guest(variant: &str) -> (PathBuf, PathBuf) {
 /// The QEMU binary the qemu backend uses here.
 pub fn qemu() -> PathBuf {
     static QEMU: OnceLock<PathBuf> = OnceLock::new();
-    QEMU.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = Command::new("bash")
-            .arg(root.join("guest-images/qemu/build-qemu.sh"))
-            .output()
-            .expect("run build-qemu.sh");
-        assert!(
-            out.status.success(),
-            "QEMU build failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        kv(&out, "QEMU")
-    })
-    .clone()
+    QEMU.get_or_init(|| build_qemu("x86_64")).clone()
+}
+
+/// The patched QEMU for guests of `arch` (`aarch64`: with the SMMUv3 proxy).
+pub fn qemu_for(arch: &str) -> PathBuf {
+    match arch {
+        "x86_64" => qemu(),
+        _ => build_qemu(arch),
+    }
+}
+
+fn build_qemu(arch: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("bash")
+        .arg(root.join("guest-images/qemu/build-qemu.sh"))
+        .args(["--arch", arch])
+        .output()
+        .expect("run build-qemu.sh");
+    assert!(
+        out.status.success(),
+        "QEMU build ({arch}) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kv(&out, "QEMU")
 }
 
 /// A fresh directory under the target dir.

@@ -226,9 +226,7 @@ impl MachineSpec {
             cpu_kvm: "host",
             // hw/arm/virt.c memmap: VIRT_SMMU.
             platform_iommu_base: Some(0x0905_0000),
-            not_yet_runnable: Some(
-                "no arm64 guest variant, patched qemu-system-aarch64 or SMMUv3 device wiring yet",
-            ),
+            not_yet_runnable: None,
         }
     }
 

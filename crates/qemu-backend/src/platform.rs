@@ -23,8 +23,9 @@
 //!   answers a BAR access that decodes to nothing), and
 //!   [`PlatformStats::refused_accesses`] counts it.
 //! - `DEVICE_RESET` (reply RET 0): machine reset. Resets the device and lowers every line; the
-//!   eventfd bindings stay (QEMU sends SET_IRQFD only at realize). The prototype patch does not
-//!   send it yet (`x-smmuv3-proxy` has no reset handler); the server is ready for it.
+//!   eventfd bindings stay (QEMU sends SET_IRQFD only at realize). `x-smmuv3-proxy`
+//!   (`guest-images/qemu/aarch64/20-smmuv3-proxy.patch`) sends it on every system reset, the
+//!   first one before the guest starts.
 //! - `PCI_CONFIG_READ` / `PCI_CONFIG_WRITE`: a platform device has no configuration space, and
 //!   the only peer that sends them is an `x-pci-proxy-dev` wired to the wrong socket. Protocol
 //!   error, like an unknown command on the PCI server's channel: the connection ends with

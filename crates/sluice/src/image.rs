@@ -11,6 +11,16 @@ use sluice_host::machine::Arch;
 /// The guest variant used when none is named.
 pub const DEFAULT_VARIANT: &str = "6.12";
 
+/// The guest variant a run of `arch` boots when none is named.
+pub fn default_variant(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => DEFAULT_VARIANT,
+        Arch::Aarch64 => "arm64-6.12",
+        // No s390x variant yet: the name the s390x issue will give it, refused by its check.
+        Arch::S390x => "s390x-6.12",
+    }
+}
+
 /// Paths of one built guest.
 #[derive(Debug, Clone)]
 pub struct GuestImage {

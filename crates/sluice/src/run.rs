@@ -71,8 +71,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "x86_64", value_parser = parse_arch)]
     arch: Arch,
     /// Guest variant to build or find (guest-images/variants/<name>).
-    #[arg(long, default_value = image::DEFAULT_VARIANT, conflicts_with_all = ["kernel"])]
-    guest: String,
+    /// Default: 6.12 on x86_64, arm64-6.12 on aarch64.
+    #[arg(long, conflicts_with_all = ["kernel"])]
+    guest: Option<String>,
     /// Kernel image (instead of --guest).
     #[arg(long, requires = "initrd")]
     kernel: Option<PathBuf>,
@@ -982,7 +983,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             kernel: kernel.clone(),
             initrd: initrd.clone(),
         },
-        _ => GuestSource::Variant(args.guest.clone()),
+        _ => GuestSource::Variant(
+            args.guest
+                .clone()
+                .unwrap_or_else(|| image::default_variant(args.arch).to_string()),
+        ),
     };
     let spec = RunSpec {
         arch: args.arch,
