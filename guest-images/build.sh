@@ -353,8 +353,15 @@ if [ "$ARCH" != x86_64 ]; then
     BB_DIR=$SLUICE_CACHE/busybox/$ARCH_DEB-$BUSYBOX_VERSION
     BUSYBOX=$BB_DIR/bin/busybox
     if [ ! -x "$BUSYBOX" ]; then
-        dpkg --print-foreign-architectures | grep -qx "$ARCH_DEB" \
-            || die "busybox-static:$ARCH_DEB needs the $ARCH_DEB Debian architecture: dpkg --add-architecture $ARCH_DEB && apt-get update"
+        # Adding a foreign architecture only adds package indexes; nothing is installed or
+        # removed (the package is downloaded and unpacked below, not installed).
+        if ! dpkg --print-foreign-architectures | grep -qx "$ARCH_DEB"; then
+            [ "$(id -u)" = 0 ] \
+                || die "busybox-static:$ARCH_DEB needs the $ARCH_DEB Debian architecture: dpkg --add-architecture $ARCH_DEB && apt-get update (as root)"
+            log "adding the $ARCH_DEB Debian architecture (package indexes only) for busybox-static:$ARCH_DEB"
+            dpkg --add-architecture "$ARCH_DEB" && apt-get update -q >&2 \
+                || die "dpkg --add-architecture $ARCH_DEB / apt-get update failed"
+        fi
         rm -rf "$BB_DIR.tmp"
         mkdir -p "$BB_DIR.tmp"
         ( cd "$BB_DIR.tmp" && apt-get download -q "busybox-static:$ARCH_DEB=$BUSYBOX_VERSION" ) >&2 \
