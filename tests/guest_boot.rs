@@ -268,8 +268,15 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
 /// program bypass STEs, so every DMA bypasses the model, legitimately: no escape.
 #[test]
 fn arm64_smmuv3_identity_domain_bypasses_without_escapes() {
-    let r = arm64_smmuv3("iommu.passthrough=1", "smmuv3.cmd.CFGI_STE:delay=1ms,count=1");
-    assert_eq!(r["guest"]["iommu_groups"][0][2], "identity", "{}", r["guest"]);
+    let r = arm64_smmuv3(
+        "iommu.passthrough=1",
+        "smmuv3.cmd.CFGI_STE:delay=1ms,count=1",
+    );
+    assert_eq!(
+        r["guest"]["iommu_groups"][0][2], "identity",
+        "{}",
+        r["guest"]
+    );
     let dma = &r["dma"][0];
     assert!(dma["bypassed"].as_u64().unwrap() > 1000, "{dma}");
     assert_eq!(dma["translated"], 0, "{dma}");

@@ -322,6 +322,14 @@ impl DmaTranslate for Stale {
     }
 }
 
+/// An oracle for the usual platform: the virtio-iommu in front of the disk.
+fn disk_oracle() -> Arc<Oracle> {
+    Oracle::new(
+        Topology::virtio(VIOMMU, vec![DISK]),
+        OracleConfig::default(),
+    )
+}
+
 fn seam_with(
     oracle: &Arc<Oracle>,
     ep: Endpoint,
@@ -352,10 +360,7 @@ fn cfgi_ste(mode: SteMode, raw: u8) -> SmmuState {
 
 #[test]
 fn stale_config_fires_when_a_model_serves_bypass_after_a_completed_attach() {
-    let oracle = Oracle::new(
-        Topology::virtio(VIOMMU, vec![DISK]),
-        OracleConfig::default(),
-    );
+    let oracle = disk_oracle();
     let mem = seam_with(&oracle, Endpoint::Pci(DISK), DmaResolution::Bypassed);
     state(
         &oracle,
@@ -419,10 +424,7 @@ fn stale_config_fires_when_an_smmu_serves_a_translation_after_cfgi_and_sync() {
 
 #[test]
 fn wrong_domain_fires_when_a_model_translates_in_the_domain_the_endpoint_left() {
-    let oracle = Oracle::new(
-        Topology::virtio(VIOMMU, vec![DISK]),
-        OracleConfig::default(),
-    );
+    let oracle = disk_oracle();
     let mem = seam_with(
         &oracle,
         Endpoint::Pci(DISK),
@@ -779,10 +781,7 @@ fn only_the_callers_hot_points_are_sampled() {
 
 #[test]
 fn a_completed_request_ends_the_window_of_its_change_and_stays_off_the_timeline() {
-    let oracle = Oracle::new(
-        Topology::virtio(VIOMMU, vec![DISK]),
-        OracleConfig::default(),
-    );
+    let oracle = disk_oracle();
     let mem = seam_with(
         &oracle,
         Endpoint::Pci(DISK),
