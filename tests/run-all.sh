@@ -47,9 +47,11 @@ cargo nextest run --workspace --no-fail-fast
 stage "fuzz targets (stable replay of committed corpora and recorded findings)"
 tests/fuzz-replay.sh
 
-stage "scenario suite (CI-sized: clean boots once per variant and mode; the registration window over 5 seeds, race 1 and ownership over 3, release on stock kernels over 2)"
+stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on the SMMUv3 too; the registration window over 5 seeds, race 1 and ownership over 3, release on stock kernels over 2)"
 ./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \
     --out target/ci-harness/clean --junit target/ci-harness/clean.xml
+./target/release/sluice harness run scenarios/arm64-clean-boot.toml scenarios/arm64-clean-boot-strict.toml \
+    --out target/ci-harness/arm64 --junit target/ci-harness/arm64.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
     --out target/ci-harness/race --junit target/ci-harness/race.xml
 ./target/release/sluice harness run scenarios/race1-probe-phases.toml --seeds 3 \

@@ -95,8 +95,9 @@ pub fn load_scenarios(paths: &[PathBuf]) -> Result<Vec<Arc<Scenario>>> {
 pub(crate) struct Guests {
     /// Per variant: the image, or why it could not be built (its runs then fail with that).
     images: BTreeMap<String, Result<GuestImage, String>>,
-    /// QEMU to use; `None` lets `run::execute` pick (stock QEMU under hardware KVM).
-    qemu: Option<PathBuf>,
+    /// QEMU per guest architecture (the patched build under TCG, or the one given); absent:
+    /// `run::execute` picks (stock QEMU under hardware KVM).
+    qemu: std::collections::HashMap<Arch, PathBuf>,
 }
 
 impl Guests {
@@ -122,18 +123,34 @@ impl Guests {
             }
             images.insert(v.clone(), built.map_err(|e| format!("{e:#}")));
         }
-        let qemu = match qemu {
-            Some(q) => Some(q),
-            None if sluice_qemu::Accel::detect() == sluice_qemu::Accel::Tcg => {
-                // Scenarios run x86_64 guests only (run::execute refuses others).
-                let q = image::build_qemu_with(Arch::X86_64, BuildOutput::QuietIfCached)
-                    .context("the patched QEMU could not be built")?;
-                eprintln!("harness: QEMU {}", q.display());
-                Some(q)
-            }
-            None => None,
-        };
-        Ok(Guests { images, qemu })
+        // One QEMU per architecture the variants need (x86_64 when none could be read).
+        let mut arches: Vec<Arch> = variants
+            .iter()
+            .filter_map(|v| image::variant_arch(v).ok())
+            .collect();
+        arches.sort_by_key(|a| a.name());
+        arches.dedup();
+        if arches.is_empty() {
+            arches.push(Arch::X86_64);
+        }
+        let mut by_arch = std::collections::HashMap::new();
+        for arch in arches {
+            let q = match &qemu {
+                Some(q) => q.clone(),
+                None if sluice_qemu::Accel::detect() == sluice_qemu::Accel::Tcg => {
+                    let q = image::build_qemu_with(arch, BuildOutput::QuietIfCached)
+                        .with_context(|| format!("the patched QEMU ({arch}) could not be built"))?;
+                    eprintln!("harness: QEMU {}", q.display());
+                    q
+                }
+                None => continue,
+            };
+            by_arch.insert(arch, q);
+        }
+        Ok(Guests {
+            images,
+            qemu: by_arch,
+        })
     }
 
     /// Whether `variant`'s image was built.
@@ -283,13 +300,14 @@ impl GuestRunner<'_> {
         if let Some(load) = &s.guest.load {
             cmdline = format!("{cmdline} sluice.load={load}");
         }
+        let arch = image::variant_arch(&case.variant)?;
         Ok(RunSpec {
-            arch: image::variant_arch(&case.variant)?,
+            arch,
             guest: GuestSource::Files {
                 kernel: img.kernel.clone(),
                 initrd: img.initrd.clone(),
             },
-            qemu: self.guests.qemu.clone(),
+            qemu: self.guests.qemu.get(&arch).cloned(),
             cpus: s.cpus,
             mem_mib: 512,
             disks,
