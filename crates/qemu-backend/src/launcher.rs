@@ -548,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn other_platforms_shape_the_args_but_do_not_run_yet() {
+    fn other_platforms_shape_the_args_and_s390x_does_not_run_yet() {
         let arm = QemuConfig {
             machine: MachineSpec::arm64_virt(),
             cmdline: MachineSpec::arm64_virt()
@@ -595,9 +595,9 @@ mod tests {
                 .join(" ")
                 .contains("-M s390-ccw-virtio,memory-backend=mem")
         );
-        let err = run(&arm, &no_devices()).unwrap_err().to_string();
+        let err = run(&s390, &no_devices()).unwrap_err().to_string();
         assert!(
-            err.starts_with("aarch64 guests (virt) cannot run yet: "),
+            err.starts_with("s390x guests (s390-ccw-virtio) cannot run yet: "),
             "{err}"
         );
     }

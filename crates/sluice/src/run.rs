@@ -1253,7 +1253,7 @@ mod tests {
     /// Only x86_64 runs today; other architectures are refused in one line, before anything
     /// is built.
     #[test]
-    fn other_architectures_are_refused_before_any_build() {
+    fn architectures_that_cannot_run_are_refused_before_any_build() {
         assert_eq!(parse("").unwrap().arch, Arch::X86_64, "x86_64 by default");
         assert_eq!(parse("--arch arm64").unwrap().arch, Arch::Aarch64);
         let e = parse("--arch mips").unwrap_err().to_string();
@@ -1261,14 +1261,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-arch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let err = |s: &RunSpec| format!("{:#}", s.check().unwrap_err());
+        // arm64 runs, but not an x86 variant: refused before the image is built.
         let arm = RunSpec {
             arch: Arch::Aarch64,
+            guest: GuestSource::Variant("6.12".into()),
+            ..spec(&dir)
+        };
+        assert_eq!(
+            err(&arm),
+            "guest variant 6.12 is an x86_64 guest, but the run is --arch aarch64"
+        );
+        let s390 = RunSpec {
+            arch: Arch::S390x,
             ..spec(&dir)
         };
         assert!(
-            err(&arm).starts_with("aarch64 guests (virt) cannot run yet: "),
+            err(&s390).starts_with("s390x guests (s390-ccw-virtio) cannot run yet: "),
             "{}",
-            err(&arm)
+            err(&s390)
         );
         let s390_kvm = RunSpec {
             arch: Arch::S390x,
