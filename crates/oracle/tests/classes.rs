@@ -322,6 +322,16 @@ impl DmaTranslate for Stale {
     }
 }
 
+/// The virtio-iommu driver sets DRIVER_OK on the IOMMU function: from now on it owns translation.
+fn viommu_driver_takes_over(oracle: &Oracle) {
+    state(
+        oracle,
+        "virtio-pci",
+        DeviceState::DriverOk { usable: true },
+        Some(Endpoint::Pci(VIOMMU)),
+    );
+}
+
 /// An oracle for the usual platform: the virtio-iommu in front of the disk.
 fn disk_oracle() -> Arc<Oracle> {
     Oracle::new(
@@ -362,12 +372,7 @@ fn cfgi_ste(mode: SteMode, raw: u8) -> SmmuState {
 fn stale_config_fires_when_a_model_serves_bypass_after_a_completed_attach() {
     let oracle = disk_oracle();
     let mem = seam_with(&oracle, Endpoint::Pci(DISK), DmaResolution::Bypassed);
-    state(
-        &oracle,
-        "virtio-pci",
-        DeviceState::DriverOk { usable: true },
-        Some(Endpoint::Pci(VIOMMU)),
-    );
+    viommu_driver_takes_over(&oracle);
     // The ATTACH completes as the model announces it...
     state(
         &oracle,
@@ -430,12 +435,7 @@ fn wrong_domain_fires_when_a_model_translates_in_the_domain_the_endpoint_left() 
         Endpoint::Pci(DISK),
         DmaResolution::Translated { domain: 1 },
     );
-    state(
-        &oracle,
-        "virtio-pci",
-        DeviceState::DriverOk { usable: true },
-        Some(Endpoint::Pci(VIOMMU)),
-    );
+    viommu_driver_takes_over(&oracle);
     let disk = Some(Endpoint::Pci(DISK));
     let begin = |domain| ViommuState::AttachBegin {
         domain,
@@ -788,12 +788,7 @@ fn a_completed_request_ends_the_window_of_its_change_and_stays_off_the_timeline(
         DmaResolution::Translated { domain: 4 },
     );
     let disk = Some(Endpoint::Pci(DISK));
-    state(
-        &oracle,
-        "virtio-pci",
-        DeviceState::DriverOk { usable: true },
-        Some(Endpoint::Pci(VIOMMU)),
-    );
+    viommu_driver_takes_over(&oracle);
     state(
         &oracle,
         "viommu0",
