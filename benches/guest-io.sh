@@ -2,33 +2,63 @@
 # Guest disk throughput, Sluice's virtio-blk (served through x-pci-proxy-dev) against QEMU's
 # in-process virtio-blk-pci, in one run on the same guest, kernel, QEMU binary and workload.
 #
-# Usage: benches/guest-io.sh [ROUNDS] [VARIANT]      (defaults: 3 rounds, guest 6.12)
-# Modes (env MODES, default "none lazy strict"): no IOMMU; virtio-iommu with the default lazy
-# (DMA-FQ) domains; virtio-iommu with iommu.strict=1. Sluice's virtio-iommu + virtio-blk
-# against QEMU's virtio-iommu-pci + virtio-blk-pci,iommu_platform=on.
+# Usage: benches/guest-io.sh [--arch x86_64|arm64] [ROUNDS] [VARIANT]
+#        (defaults: x86_64, 5 rounds, the architecture's default guest: 6.12 / arm64-6.12)
+# Modes (env MODES, default "none lazy strict"): no IOMMU; the IOMMU with the default lazy
+# (DMA-FQ) domains; the IOMMU with iommu.strict=1. The IOMMU is the architecture's peer pair:
+#   x86_64: Sluice's virtio-iommu + virtio-blk against QEMU's virtio-iommu-pci +
+#           virtio-blk-pci,iommu_platform=on (q35);
+#   arm64:  Sluice's SMMUv3 (served through x-smmuv3-proxy) + virtio-blk against QEMU's own
+#           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on.
 # Env:   DDMB (MiB per 1M test, default 256), DD4K (4 KiB blocks per 4k test, default 8192),
-#        CPUS (default 2), SLUICE (path to the sluice binary; built if unset).
+#        CPUS (default 2), SLUICE (path to the sluice binary; built if unset),
+#        FORCE=1 (measure even if the machine is busy; see the load check below).
 # Prints per-round figures, then medians and the ratio Sluice / QEMU for each test.
 # Figures are guest-side (dd timed with /proc/uptime, 10 ms resolution) under QEMU TCG here.
 set -euo pipefail
-ROUNDS=${1:-3}
-VARIANT=${2:-6.12}
+ARCH=x86_64
+if [ "${1:-}" = --arch ]; then
+    case "${2:-}" in
+        x86_64|x86-64|amd64) ARCH=x86_64 ;;
+        aarch64|arm64) ARCH=aarch64 ;;
+        *) echo "usage: guest-io.sh [--arch x86_64|arm64] [ROUNDS] [VARIANT]" >&2; exit 2 ;;
+    esac
+    shift 2
+fi
+ROUNDS=${1:-5}
+if [ "$ARCH" = aarch64 ]; then VARIANT=${2:-arm64-6.12}; else VARIANT=${2:-6.12}; fi
 DDMB=${DDMB:-256}
 DD4K=${DD4K:-8192}
 CPUS=${CPUS:-2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${WORK:-$ROOT/target/guest-io}
+WORK=${WORK:-$ROOT/target/guest-io-$ARCH}
 mkdir -p "$WORK"
+
+# Both sides share this machine's cores with whatever else runs: refuse to measure on a busy
+# machine (the 1-minute load average, less this script's own share, above half the cores).
+if [ "${FORCE:-0}" != 1 ]; then
+    read -r load1 _ < /proc/loadavg
+    if awk -v l="$load1" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+        echo "guest-io.sh: load average $load1 on $(nproc) cores: another heavy process is running;" \
+             "not measuring (FORCE=1 to measure anyway)" >&2
+        exit 3
+    fi
+fi
 
 if [ -z "${SLUICE:-}" ]; then
     cargo build -q --release -p sluice --manifest-path "$ROOT/Cargo.toml"
     SLUICE=$ROOT/target/release/sluice
 fi
 eval "$("$SLUICE" image build "$VARIANT" | grep -E '^(KERNEL|INITRD)=')"
-QEMU=$(bash "$ROOT/guest-images/qemu/build-qemu.sh" 2>/dev/null | sed -n 's/^QEMU=//p' | tail -1)
+QEMU=$(bash "$ROOT/guest-images/qemu/build-qemu.sh" --arch "$ARCH" 2>/dev/null | sed -n 's/^QEMU=//p' | tail -1)
 [ -x "$QEMU" ] || { echo "no QEMU binary" >&2; exit 1; }
 
-CMDLINE="console=ttyS0 panic=-1 nokaslr tsc=unstable quiet sluice.workload=bench sluice.ddmb=$DDMB sluice.dd4k=$DD4K"
+if [ "$ARCH" = aarch64 ]; then
+    CONSOLE=ttyAMA0 BASE_CMDLINE="panic=-1" SLUICE_IOMMU=smmuv3
+else
+    CONSOLE=ttyS0 BASE_CMDLINE="panic=-1 nokaslr tsc=unstable" SLUICE_IOMMU=virtio
+fi
+CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.ddmb=$DDMB sluice.dd4k=$DD4K"
 DISK=$WORK/disk.img
 rm -f "$DISK"; truncate -s 1G "$DISK"
 
@@ -37,20 +67,28 @@ iommu_cmdline() { [ "$1" = strict ] && echo "iommu.strict=1" || true; }
 
 run_sluice() { # MODE -> console on stdout
     local mode=$1 iommu=()
-    [ "$mode" != none ] && iommu=(--iommu virtio)
-    "$SLUICE" run --kernel "$KERNEL" --initrd "$INITRD" --qemu "$QEMU" --cpus "$CPUS" \
+    [ "$mode" != none ] && iommu=(--iommu "$SLUICE_IOMMU")
+    "$SLUICE" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$QEMU" --cpus "$CPUS" \
         "${iommu[@]}" --disk "$DISK" --workload bench \
         --cmdline "quiet sluice.ddmb=$DDMB sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
         --run-dir "$WORK/sluice" --timeout 900 >/dev/null 2>&1 || true
     cat "$WORK/sluice/serial.log"
 }
 
+# QEMU's own devices on the same machine shape as Sluice's launcher gives it (memfd RAM, the
+# disk at slot 3).
 run_qemu() { # MODE
-    local mode=$1 dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,addr=0x3)
-    [ "$mode" != none ] && dev=(-device virtio-iommu-pci,addr=0x2
-        -device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
-    timeout 900 "$QEMU" -L /usr/share/seabios -L /usr/share/qemu -accel tcg,thread=multi -cpu max \
-        -M q35,memory-backend=mem -smp "$CPUS" -m 512M \
+    local mode=$1 machine dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,addr=0x3)
+    if [ "$ARCH" = aarch64 ]; then
+        machine=(-L /usr/share/qemu -M virt,gic-version=3,highmem=off,memory-backend=mem$([ "$mode" != none ] && echo ,iommu=smmuv3))
+        [ "$mode" != none ] && dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
+    else
+        machine=(-L /usr/share/seabios -L /usr/share/qemu -M q35,memory-backend=mem)
+        [ "$mode" != none ] && dev=(-device virtio-iommu-pci,addr=0x2
+            -device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
+    fi
+    timeout 900 "$QEMU" -accel tcg,thread=multi -cpu max \
+        "${machine[@]}" -smp "$CPUS" -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
         -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE $(iommu_cmdline "$mode")" \
@@ -79,7 +117,7 @@ median() { # WHO MODE TEST
 }
 
 echo
-echo "medians over $ROUNDS rounds (guest $VARIANT, $CPUS vCPUs, TCG; ddmb=$DDMB dd4k=$DD4K), MB/s"
+echo "medians over $ROUNDS rounds ($ARCH guest $VARIANT, $CPUS vCPUs, TCG; ddmb=$DDMB dd4k=$DD4K), MB/s"
 printf '%-8s %-10s %10s %10s %8s\n' mode test sluice qemu ratio
 for mode in $MODES; do
     for test in read1M write1M read4k write4k; do

@@ -176,6 +176,10 @@ if [ "$ARCH" != x86_64 ]; then
     KERNEL_TARGETS=("$ARCH_IMAGE" modules)
     export CROSS_COMPILE=$ARCH_CROSS
 fi
+# arm64 ships its SMMUv3 driver as a module too (fragments/common-aarch64.config).
+if [ "$ARCH" = aarch64 ]; then
+    GUEST_MODULES=(arm_smmu_v3 "${GUEST_MODULES[@]}")
+fi
 
 # A variant may ship another module list: variants/<name>/variant.conf sets
 # VARIANT_MODULES="a b", or "" for none (6.12-pvm builds every driver in).

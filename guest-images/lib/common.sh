@@ -75,7 +75,8 @@ run_with_heartbeat() {
 # arch_setup ARCH  sets ARCH (canonical name) and
 #   ARCH_KERNEL      the kernel's ARCH=            x86_64  arm64                 s390
 #   ARCH_CROSS       CROSS_COMPILE prefix          ''      aarch64-linux-gnu-    s390x-linux-gnu-
-#   ARCH_CC_PKG      Debian package of that gcc    ''      gcc-aarch64-linux-gnu gcc-s390x-linux-gnu
+#   ARCH_CC_PKG      Debian packages of that gcc   ''      gcc-aarch64-linux-gnu gcc-s390x-linux-gnu
+#                    and of its C library (static guest tools): libc6-dev-arm64-cross, -s390x-
 #   ARCH_IMAGE       the boot image's file name    bzImage Image                 bzImage
 #   ARCH_IMAGE_PATH  where make leaves it (in O=)  arch/x86/boot/bzImage ...
 #   ARCH_DEB         Debian architecture           amd64   arm64                 s390x
@@ -89,10 +90,10 @@ arch_setup() {
             ARCH=x86_64 ARCH_KERNEL=x86_64 ARCH_CROSS='' ARCH_CC_PKG='' \
             ARCH_IMAGE=bzImage ARCH_IMAGE_PATH=arch/x86/boot/bzImage ARCH_DEB=amd64 ;;
         aarch64|arm64)
-            ARCH=aarch64 ARCH_KERNEL=arm64 ARCH_CROSS=aarch64-linux-gnu- ARCH_CC_PKG=gcc-aarch64-linux-gnu \
+            ARCH=aarch64 ARCH_KERNEL=arm64 ARCH_CROSS=aarch64-linux-gnu- ARCH_CC_PKG='gcc-aarch64-linux-gnu libc6-dev-arm64-cross' \
             ARCH_IMAGE=Image ARCH_IMAGE_PATH=arch/arm64/boot/Image ARCH_DEB=arm64 ;;
         s390x|s390)
-            ARCH=s390x ARCH_KERNEL=s390 ARCH_CROSS=s390x-linux-gnu- ARCH_CC_PKG=gcc-s390x-linux-gnu \
+            ARCH=s390x ARCH_KERNEL=s390 ARCH_CROSS=s390x-linux-gnu- ARCH_CC_PKG='gcc-s390x-linux-gnu libc6-dev-s390x-cross' \
             ARCH_IMAGE=bzImage ARCH_IMAGE_PATH=arch/s390/boot/bzImage ARCH_DEB=s390x ;;
         *) die "unknown architecture '$1' (known: x86_64, aarch64 or arm64, s390x)" ;;
     esac

@@ -250,6 +250,22 @@ pub struct QemuRun {
     pub outcome: RunOutcome,
     /// Lines seen, and what was cut or left out of `outcome.console`.
     pub console: ConsoleSummary,
+    /// What crossed the platform IOMMU's socket, when the run had one.
+    pub platform: Option<PlatformTraffic>,
+}
+
+/// Traffic of a platform IOMMU served over its own socket: what the guest's driver cost in
+/// round trips (each register access is one), and how its interrupts were delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlatformTraffic {
+    /// Register accesses served (one socket round trip each).
+    pub register_accesses: u64,
+    /// Register accesses refused before they reached the model.
+    pub refused_accesses: u64,
+    /// Wired-line interrupts signalled to QEMU (eventfd writes, no round trip).
+    pub line_interrupts: u64,
+    /// MSIs the model wrote into guest memory itself (CMD_SYNC completions), or refused.
+    pub msis: u64,
 }
 
 /// Boots the guest with `devices` served by this process, and waits for it to finish.
@@ -319,8 +335,17 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
                 let _ = tx.send(server.run());
             });
     }
+    let mut platform_counters = None;
     if let Some((sock, window, p, _)) = platform {
-        let server = PlatformServer::new(sock, "iommu", p.base, window, devices.mem.clone(), p.irq);
+        let server = PlatformServer::new(
+            sock,
+            "iommu",
+            p.base,
+            window,
+            devices.mem.clone(),
+            p.irq.clone(),
+        );
+        platform_counters = Some((server.stats(), p.irq));
         let tx = dev_tx.clone();
         let _ = std::thread::Builder::new()
             .name("iommu-proxy".into())
@@ -443,6 +468,12 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
             console,
         },
         console: summary,
+        platform: platform_counters.map(|(s, irq)| PlatformTraffic {
+            register_accesses: s.accesses.load(Ordering::Relaxed),
+            refused_accesses: s.refused_accesses.load(Ordering::Relaxed),
+            line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
+            msis: irq.stats().msi_seen.load(Ordering::Relaxed),
+        }),
     })
 }
 

@@ -20,7 +20,7 @@ pub mod server;
 mod serving;
 
 pub use console::ConsoleSummary;
-pub use launcher::{Accel, ConsoleSink, QemuConfig, QemuRun, run, run_qemu};
+pub use launcher::{Accel, ConsoleSink, PlatformTraffic, QemuConfig, QemuRun, run, run_qemu};
 pub use platform::{PlatformInterrupts, PlatformServer};
 pub use sluice_host::{GuestExit, RunOutcome};
 

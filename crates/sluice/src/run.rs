@@ -608,7 +608,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     let sluice_qemu::QemuRun {
         outcome,
         console: kept,
+        platform,
     } = sluice_qemu::run_qemu(&cfg, &devices)?;
+    if let Some(t) = platform.filter(|_| !spec.quiet) {
+        println!(
+            "iommu proxy:    {} register accesses over the socket ({} refused), {} wired \
+             interrupts, {} MSI writes in guest memory",
+            t.register_accesses, t.refused_accesses, t.line_interrupts, t.msis
+        );
+    }
     if kept.unfinished && !spec.quiet {
         eprintln!(
             "sluice: console: QEMU exited but its console did not end; the last lines may be \
@@ -636,6 +644,12 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         "serial_log": cfg.serial_log,
         "guest_code_hits": guest_hits.len(),
         "rogue": rogue.reports(),
+        "iommu_proxy": platform.map(|t| serde_json::json!({
+            "register_accesses": t.register_accesses,
+            "refused_accesses": t.refused_accesses,
+            "line_interrupts": t.line_interrupts,
+            "msis": t.msis,
+        })),
         // What the report's console-derived fields were computed from.
         "console": {
             "lines": kept.lines,

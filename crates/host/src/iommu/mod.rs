@@ -98,12 +98,11 @@ impl IommuChoice {
                 boot_bypass: on,
                 ..cfg
             }),
-            IommuChoice::Smmuv3(mut cfg) => {
-                // Wired interrupts only: an MSI would be a write to the GIC ITS doorbell, which
-                // is a QEMU register, not guest RAM this process can write.
-                if let Some(idr0) = cfg.idr.idr.first_mut() {
-                    *idr0 &= !sluice_smmuv3::regs::idr0::MSI;
-                }
+            IommuChoice::Smmuv3(cfg) => {
+                // IDR0.MSI stays set: Linux then completes CMD_SYNC by an MSI into the sync
+                // command's own queue entry and polls that memory instead of CMDQ_CONS, so
+                // strict mode's syncs cost no register read over the proxy socket. Its event
+                // queue and GERROR stay on the wired lines (QEMU's DT node has no MSI domain).
                 IommuChoice::Smmuv3(sluice_smmuv3::SmmuConfig {
                     gbpa_reset: if on {
                         0
