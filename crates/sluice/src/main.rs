@@ -28,9 +28,14 @@ struct Cli {
 enum Cmd {
     /// Boot a guest with Sluice's devices, run its workload, verify the disks, print the verdict.
     Run(Box<run::RunArgs>),
-    /// The race demo: stock Linux 6.12 falls into virtio-iommu's registration window under
-    /// Sluice's injection; prints the escape verdict and where the timeline is.
-    Demo,
+    /// The race demo: stock Linux 6.12 falls into its IOMMU driver's registration window under
+    /// Sluice's injection (x86_64: virtio-iommu, the DMA escapes; arm64: SMMUv3, the DMA is
+    /// refused); prints the verdict and where the timeline is.
+    Demo {
+        /// Guest architecture: x86_64 or arm64.
+        #[arg(long, default_value = "x86_64", value_parser = run::parse_arch)]
+        arch: sluice_host::machine::Arch,
+    },
     /// Regression harness: scenarios x kernel variants x seeds.
     Harness {
         #[command(subcommand)]
@@ -98,7 +103,7 @@ fn main() -> ExitCode {
         Cmd::Harness {
             command: HarnessCmd::Sweep(args),
         } => sweep_cmd::sweep(*args),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo { arch } => demo::run(arch),
         Cmd::Points {
             disks,
             iommu,

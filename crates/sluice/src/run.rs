@@ -183,7 +183,7 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
     }
 }
 
-fn parse_arch(s: &str) -> Result<Arch, String> {
+pub(crate) fn parse_arch(s: &str) -> Result<Arch, String> {
     s.parse()
         .map_err(|e: sluice_host::machine::UnknownArch| e.to_string())
 }
