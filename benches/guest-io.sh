@@ -10,7 +10,7 @@
 #           virtio-blk-pci,iommu_platform=on (q35);
 #   arm64:  Sluice's SMMUv3 (served through x-smmuv3-proxy) + virtio-blk against QEMU's own
 #           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on.
-# Env:   DDMB (MiB per 1M test, default 256), DD4K (4 KiB blocks per 4k test, default 8192),
+# Env:   DDMB (MiB per 1M test, default 2048), DD4K (4 KiB blocks per 4k test, default 16384),
 #        CPUS (default 2), SLUICE (path to the sluice binary; built if unset),
 #        FORCE=1 (measure even if the machine is busy; see the load check below).
 # Prints per-round figures, then medians and the ratio Sluice / QEMU for each test.
@@ -27,8 +27,9 @@ if [ "${1:-}" = --arch ]; then
 fi
 ROUNDS=${1:-5}
 if [ "$ARCH" = aarch64 ]; then VARIANT=${2:-arm64-6.12}; else VARIANT=${2:-6.12}; fi
-DDMB=${DDMB:-256}
-DD4K=${DD4K:-8192}
+# Sizes so that every test runs for about 2 s or more here (1M: ~1 GB/s, 4k: ~20 MB/s).
+DDMB=${DDMB:-2048}
+DD4K=${DD4K:-16384}
 CPUS=${CPUS:-2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-$ROOT/target/guest-io-$ARCH}
@@ -60,14 +61,15 @@ else
 fi
 CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.ddmb=$DDMB sluice.dd4k=$DD4K"
 DISK=$WORK/disk.img
-rm -f "$DISK"; truncate -s 1G "$DISK"
+# Sparse; room for the read and the write region of the 1M tests.
+rm -f "$DISK"; truncate -s $((2 * DDMB + 256))M "$DISK"
 
 # MODE: none | lazy | strict. lazy is the 6.12 default (DMA-FQ); strict adds iommu.strict=1.
 iommu_cmdline() { [ "$1" = strict ] && echo "iommu.strict=1" || true; }
 
 run_sluice() { # MODE -> console on stdout
     local mode=$1 iommu=()
-    [ "$mode" != none ] && iommu=(--iommu "$SLUICE_IOMMU")
+    if [ "$mode" != none ]; then iommu=(--iommu "$SLUICE_IOMMU"); fi
     "$SLUICE" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$QEMU" --cpus "$CPUS" \
         "${iommu[@]}" --disk "$DISK" --workload bench \
         --cmdline "quiet sluice.ddmb=$DDMB sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
@@ -80,12 +82,17 @@ run_sluice() { # MODE -> console on stdout
 run_qemu() { # MODE
     local mode=$1 machine dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,addr=0x3)
     if [ "$ARCH" = aarch64 ]; then
-        machine=(-L /usr/share/qemu -M virt,gic-version=3,highmem=off,memory-backend=mem$([ "$mode" != none ] && echo ,iommu=smmuv3))
-        [ "$mode" != none ] && dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
+        machine=(-L /usr/share/qemu -M virt,gic-version=3,highmem=off,memory-backend=mem)
+        if [ "$mode" != none ]; then
+            machine[3]+=,iommu=smmuv3
+            dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
+        fi
     else
         machine=(-L /usr/share/seabios -L /usr/share/qemu -M q35,memory-backend=mem)
-        [ "$mode" != none ] && dev=(-device virtio-iommu-pci,addr=0x2
-            -device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
+        if [ "$mode" != none ]; then
+            dev=(-device virtio-iommu-pci,addr=0x2
+                -device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
+        fi
     fi
     timeout 900 "$QEMU" -accel tcg,thread=multi -cpu max \
         "${machine[@]}" -smp "$CPUS" -m 512M \

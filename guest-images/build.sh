@@ -2,11 +2,11 @@
 # Build a Sluice guest image (kernel + modules + busybox initramfs) for one
 # variant under guest-images/variants/<name>/.
 #
-#   guest-images/build.sh [--arch ARCH] [VARIANT]   (default: 6.12; see variants/)
+#   guest-images/build.sh [--arch ARCH] [VARIANT]   (default: 6.12, arm64-6.12 for aarch64)
 #
 # A variant's architecture is its variants/<name>/arch file (x86_64 if
 # absent); --arch (or SLUICE_ARCH) must agree with it, and picks the default
-# variant (only x86_64 has one). Other architectures cross-compile
+# variant (x86_64 and aarch64 have one). Other architectures cross-compile
 # (lib/common.sh, arch_setup).
 #
 # Everything is built outside the work tree, under
@@ -41,8 +41,10 @@ if [ $# -eq 1 ]; then
     VARIANT=$1
 elif [ -z "$WANT_ARCH" ] || [ "$WANT_ARCH" = x86_64 ]; then
     VARIANT=6.12
+elif [ "$WANT_ARCH" = aarch64 ]; then
+    VARIANT=arm64-6.12
 else
-    die "no default variant for $WANT_ARCH: name one (none exists yet; they will be named like arm64-6.12)"
+    die "no default variant for $WANT_ARCH: name one (none exists yet)"
 fi
 VDIR=$HERE/variants/$VARIANT
 [ -f "$VDIR/variant.conf" ] || die "unknown variant '$VARIANT' (known: $(cd "$HERE/variants" && echo *))"
