@@ -262,6 +262,18 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
         "CMD_SYNC, CFGI_STE, TLBI_NH_VA (strict unmaps) and CR0 all reached: {}",
         r["injection"]
     );
+    // IDR0.MSI: Linux completes each CMD_SYNC by an MSI into guest memory and polls memory,
+    // so a strict run's syncs (about one per unmap) cost one register access each (the
+    // CMDQ_PROD doorbell), not two (plus a CMDQ_CONS read), and no wired interrupt.
+    let proxy = &r["iommu_proxy"];
+    let msis = proxy["msis"].as_u64().unwrap();
+    let accesses = proxy["register_accesses"].as_u64().unwrap();
+    assert!(msis > 1000, "{proxy}");
+    assert!(
+        accesses < msis + 200,
+        "CONS polled over the socket? {proxy}"
+    );
+    assert_eq!(proxy["line_interrupts"], 0, "{proxy}");
 }
 
 /// Negative control of the oracle's SMMU rules on real DMA: an identity domain makes Linux
