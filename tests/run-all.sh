@@ -56,10 +56,14 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on
 ./target/release/sluice harness run scenarios/arm64-clean-boot.toml scenarios/arm64-clean-boot-strict.toml \
     --out target/ci-harness/arm64 --junit target/ci-harness/arm64.xml
 # The SMMUv3 registration race on the stock kernel and its fixed control, 2 seeds (a reproduced
-# run waits for its 45 s timeout: the guest hangs on its dead disk).
+# run waits for its 30 s timeout: the guest hangs on its dead disk).
 ./target/release/sluice harness run scenarios/arm64-registration-window.toml --seeds 2 \
     --filter='--arm64-6\.12(-regfix)?--' \
     --out target/ci-harness/arm64-race --junit target/ci-harness/arm64-race.xml
+# DMA ownership on the SMMUv3, stock kernel (the claim's blocking domain refuses the rogue read;
+# the positive control on arm64-6.12-ownership-nofix is in the full suite: one more kernel).
+./target/release/sluice harness run scenarios/arm64-ownership.toml --seeds 2 --filter='--arm64-6\.12--' \
+    --out target/ci-harness/arm64-own --junit target/ci-harness/arm64-own.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
     --out target/ci-harness/race --junit target/ci-harness/race.xml
 ./target/release/sluice harness run scenarios/race1-probe-phases.toml --seeds 3 \

@@ -261,14 +261,33 @@ impl Shadow {
     /// Applies a state event.
     pub(crate) fn on_state(&mut self, ev: &StateEvent<'_>, t: u64) {
         if let (StateChange::Device(d), Some(e)) = (ev.change, ev.endpoint) {
+            let key = self.marker_key(Key::of(e));
             match d {
-                DeviceState::RogueDma { .. } => self.ep(Key::of(e)).probing = true,
-                DeviceState::RogueDmaDone { .. } => self.ep(Key::of(e)).probing = false,
+                DeviceState::RogueDma { .. } => self.ep(key).probing = true,
+                DeviceState::RogueDmaDone { .. } => self.ep(key).probing = false,
                 _ => {}
             }
         }
         for rules in RULES {
             rules.on_state(self, ev, t);
+        }
+    }
+
+    /// The key a marker's (or a device's own) endpoint is tracked under. Guest tools and device
+    /// models name PCI functions; an SMMUv3
+    /// reports a function's DMA under its StreamID, which every topology Sluice builds makes
+    /// equal to the requester ID (virt's `iommu-map` is the identity over the whole bus). So a
+    /// PCI function that no IOMMU declares by RID, but whose RID is a declared StreamID, is
+    /// that stream: otherwise an owner window or a release marker would never meet the DMA it
+    /// is about.
+    fn marker_key(&self, key: Key) -> Key {
+        let declared = |k: &Key| self.eps.get(k).is_some_and(|e| e.iommu.is_some());
+        match key {
+            Key::Pci(rid) if !declared(&key) => {
+                let sid = Key::Sid(u32::from(rid));
+                if declared(&sid) { sid } else { key }
+            }
+            other => other,
         }
     }
 
@@ -278,15 +297,18 @@ impl Shadow {
             Ok(MarkerCmd::Phase) => "phase".into(),
             Ok(MarkerCmd::Note) => "note".into(),
             Ok(MarkerCmd::OwnerUser { endpoint, ranges }) => {
+                let endpoint = self.marker_key(endpoint);
                 let n = ranges.len();
                 self.ep(endpoint).owner = Some(Owner { ranges, since: t });
                 format!("owner {endpoint} user, {n} IOVA range(s)")
             }
             Ok(MarkerCmd::OwnerKernel { endpoint }) => {
+                let endpoint = self.marker_key(endpoint);
                 self.ep(endpoint).owner = None;
                 format!("owner {endpoint} kernel")
             }
             Ok(MarkerCmd::Release { endpoint }) => {
+                let endpoint = self.marker_key(endpoint);
                 self.release(endpoint, format!("marker \"{line}\""), t, None);
                 format!("release {endpoint}")
             }

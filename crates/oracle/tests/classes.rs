@@ -427,6 +427,66 @@ fn stale_config_fires_when_an_smmu_serves_a_translation_after_cfgi_and_sync() {
     );
 }
 
+/// Guest tools name the PCI function (`owner 0000:00:05.0 ...`); the SMMU reports the same
+/// function as StreamID = RID. Found by the arm64 ownership scenario: a rogue read through the
+/// kernel's identity domain after the claim was not flagged until markers were resolved.
+#[test]
+fn owner_windows_and_releases_named_by_pci_address_apply_to_the_smmu_stream() {
+    const RID: u32 = 0x28; // 00:05.0
+    let topo = Topology {
+        iommus: vec![IommuTopo::Smmu {
+            source: "smmuv3".into(),
+            sids: vec![RID],
+        }],
+    };
+    let oracle = Oracle::new(topo, OracleConfig::default());
+    let ep = Endpoint::Stream {
+        sid: RID,
+        ssid: None,
+    };
+    let mem = seam_with(&oracle, ep, DmaResolution::Bypassed);
+    // The device model reports its own state under its PCI address (the oracle's shadow then
+    // holds an entry for it too; that must not hide the stream from the markers).
+    state(
+        &oracle,
+        "dma-engine",
+        DeviceState::BusMasterEnable { enabled: true },
+        Some(Endpoint::Pci(Bdf::new(0, 5, 0))),
+    );
+    state(&oracle, "smmuv3", SmmuState::SmmuEn { enabled: true }, None);
+    state(&oracle, "smmuv3", cfgi_ste(SteMode::Bypass, 0x9), Some(ep));
+    state(&oracle, "smmuv3", SmmuState::SyncCompleted, None);
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x6000)).unwrap(); // identity domain: fine
+    oracle.marker("owner 0000:00:05.0 user 0x100000-0x102000");
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x6000)).unwrap();
+    // A host-armed probe DMA, announced by the device under its PCI address: it is the stream's.
+    let engine = Some(Endpoint::Pci(Bdf::new(0, 5, 0)));
+    state(
+        &oracle,
+        "dma-engine",
+        DeviceState::RogueDma { iova: 0x7000 },
+        engine,
+    );
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x7000)).unwrap();
+    state(
+        &oracle,
+        "dma-engine",
+        DeviceState::RogueDmaDone { moved: 8 },
+        engine,
+    );
+    oracle.marker("owner 0000:00:05.0 kernel");
+    mem.read_slice(&mut [0u8; 8], GuestAddress(0x6008)).unwrap(); // the kernel's again
+    let r = oracle.finish(&scratch("owner-smmu")).unwrap();
+    // The two reads while user-owned are escapes; the one after the group went back is not.
+    assert_eq!(r.escape_count, 2, "{:#?}", r.escapes);
+    for (e, iova) in r.escapes.iter().zip(["iova 0x6000", "iova 0x7000"]) {
+        assert_eq!(e.class, EscapeClass::WrongDomain, "{}", e.message);
+        for n in ["sid:0x28", iova, "[0x100000, 0x102000)"] {
+            assert!(e.message.contains(n), "{n:?} missing from {:?}", e.message);
+        }
+    }
+}
+
 #[test]
 fn wrong_domain_fires_when_a_model_translates_in_the_domain_the_endpoint_left() {
     let oracle = disk_oracle();

@@ -47,7 +47,7 @@ fn demo_for(arch: Arch) -> Result<Demo> {
             // The hung disk ends after 10 s instead of 60 s.
             cmdline_extra: " sluice.timeout=10",
             inject: "guest.sym.probe_iommu_group:delay=20ms,count=49,after=insmod virtio_blk,mode=stall",
-            timeout: Duration::from_secs(45),
+            timeout: Duration::from_secs(30),
             intro: &[
                 "Sluice demo: arm64 Linux 6.12 (stock Debian source) behind Sluice's SMMUv3.",
                 "  Sluice stalls each visit of iommu_device_register()'s bus walk for 20 ms (TCG",
