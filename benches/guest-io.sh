@@ -11,7 +11,7 @@
 #   arm64:  Sluice's SMMUv3 (served through x-smmuv3-proxy) + virtio-blk against QEMU's own
 #           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on.
 # Env:   DDMB (MiB per 1M test, default 1024), DD4K (4 KiB blocks per 4k test, default 16384),
-#        CPUS (default 2), SLUICE (path to the sluice binary; built if unset),
+#        CPUS (default 2), SLUICE (path to the sluice binary; built if unset), QEMU (binary),
 #        FORCE=1 (measure even if the machine is busy; see the load check below).
 # Prints per-round figures, then medians and the ratio Sluice / QEMU for each test.
 # Figures are guest-side (dd timed with /proc/uptime, 10 ms resolution) under QEMU TCG here.
@@ -52,7 +52,9 @@ if [ -z "${SLUICE:-}" ]; then
     SLUICE=$ROOT/target/release/sluice
 fi
 eval "$("$SLUICE" image build "$VARIANT" | grep -E '^(KERNEL|INITRD)=')"
-QEMU=$(bash "$ROOT/guest-images/qemu/build-qemu.sh" --arch "$ARCH" 2>/dev/null | sed -n 's/^QEMU=//p' | tail -1)
+# QEMU: the patched build (built if needed), or the binary in $QEMU (e.g. an older build's, to
+# compare two QEMU patch series with the same Sluice).
+QEMU=${QEMU:-$(bash "$ROOT/guest-images/qemu/build-qemu.sh" --arch "$ARCH" 2>/dev/null | sed -n 's/^QEMU=//p' | tail -1)}
 [ -x "$QEMU" ] || { echo "no QEMU binary" >&2; exit 1; }
 
 if [ "$ARCH" = aarch64 ]; then

@@ -246,13 +246,16 @@ fn expected(stream: &[u8]) -> (usize, bool) {
         let mut s = [0u8; 8];
         s.copy_from_slice(&h[8..16]);
         let size = u64::from_ne_bytes(s);
-        if !(0..=7).contains(&cmd) || size > MAX_PAYLOAD as u64 || tail.len() < size as usize {
+        if !(0..=8).contains(&cmd) || size > MAX_PAYLOAD as u64 || tail.len() < size as usize {
             return (replies, true);
         }
-        let want = match cmd {
-            2 | 3 => CONFIG_PAYLOAD,
-            4 | 5 => BAR_PAYLOAD,
-            7 => 0,
+        // (payload length, whether QEMU waits for a RET)
+        let (want, answered) = match cmd {
+            2 | 3 => (CONFIG_PAYLOAD, true),
+            4 | 5 => (BAR_PAYLOAD, true),
+            7 => (0, true),
+            // BAR_WRITE_POSTED: executed, never answered.
+            8 => (BAR_PAYLOAD, false),
             // SYNC_SYSMEM and SET_IRQFD need fds, which this stream never carries; RET is
             // never sent by QEMU.
             _ => return (replies, true),
@@ -260,7 +263,7 @@ fn expected(stream: &[u8]) -> (usize, bool) {
         if size as usize != want {
             return (replies, true);
         }
-        replies += 1;
+        replies += usize::from(answered);
         rest = &tail[size as usize..];
     }
 }

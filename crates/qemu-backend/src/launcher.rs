@@ -258,8 +258,10 @@ pub struct QemuRun {
 /// round trips (each register access is one), and how its interrupts were delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlatformTraffic {
-    /// Register accesses served (one socket round trip each).
+    /// Register accesses served (one socket round trip each, but for the posted ones).
     pub register_accesses: u64,
+    /// Of those, posted writes (the SMMU's CMDQ_PROD doorbell): QEMU did not wait.
+    pub posted_writes: u64,
     /// Register accesses refused before they reached the model.
     pub refused_accesses: u64,
     /// Wired-line interrupts signalled to QEMU (eventfd writes, no round trip).
@@ -470,6 +472,7 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
         console: summary,
         platform: platform_counters.map(|(s, irq)| PlatformTraffic {
             register_accesses: s.accesses.load(Ordering::Relaxed),
+            posted_writes: s.posted_writes.load(Ordering::Relaxed),
             refused_accesses: s.refused_accesses.load(Ordering::Relaxed),
             line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
             msis: irq.stats().msi_seen.load(Ordering::Relaxed),

@@ -84,8 +84,10 @@ use crate::serving::{self, Handler, into_eventfd};
 /// Counters of one platform connection.
 #[derive(Debug, Default)]
 pub struct PlatformStats {
-    /// Register accesses that reached the device.
+    /// Register accesses that reached the device (posted writes included).
     pub accesses: AtomicU64,
+    /// Of those, posted writes (`BAR_WRITE_POSTED`): no round trip, QEMU did not wait.
+    pub posted_writes: AtomicU64,
     /// Register accesses refused (outside the window, wrong size, unaligned, I/O space): they
     /// never reached the device.
     pub refused_accesses: AtomicU64,
@@ -380,9 +382,13 @@ impl Handler for PlatformServer {
                 value,
                 size,
                 memory,
+                posted,
             } => match decode(self.base, window, addr, size, memory) {
                 Some(offset) => {
                     self.stats.accesses.fetch_add(1, Ordering::Relaxed);
+                    if posted {
+                        self.stats.posted_writes.fetch_add(1, Ordering::Relaxed);
+                    }
                     let b = value.to_le_bytes();
                     self.device
                         .mmio_write(offset, b.get(..size as usize).unwrap_or_default());
@@ -538,6 +544,11 @@ mod tests {
                 &bar_msg(Command::BarWrite, BASE + offset, value, size, true),
             );
         }
+        /// A posted write (x-smmuv3-proxy's CMDQ_PROD): no reply comes back.
+        fn post(&mut self, offset: u64, size: u32, value: u64) {
+            let msg = bar_msg(Command::BarWritePosted, BASE + offset, value, size, true);
+            self.0.write_all(&msg).unwrap();
+        }
         /// Writes and polls the ACK register, as the driver's `arm_smmu_write_reg_sync`.
         fn write_sync(&mut self, reg: u64, ack: u64, value: u64) {
             self.write(reg, 4, value);
@@ -557,8 +568,8 @@ mod tests {
 
     /// QEMU's x-smmuv3-proxy end to end, without a guest: memory, four lines (and a fifth
     /// SET_IRQFD too many), then the register accesses of the Linux driver's probe and reset,
-    /// a CMD_SYNC that signals the cmdq-sync line, one that completes by MSI into its own
-    /// queue entry (no line, nothing on the socket), an illegal command that raises GERROR on
+    /// a CMD_SYNC that signals the cmdq-sync line, one rung by a posted doorbell that completes
+    /// by MSI into its own queue entry (no line, no reply), an illegal command that raises GERROR on
     /// its line, refused accesses, and a machine reset.
     #[test]
     fn serves_an_smmuv3_through_the_proxy_protocol() {
@@ -662,16 +673,24 @@ mod tests {
             .unwrap();
         ram.write_all_at(&entry.to_le_bytes(), entry - RAM_BASE + 8)
             .unwrap();
+        // The doorbell is posted, as x-smmuv3-proxy sends CMDQ_PROD: no RET comes back (the
+        // next reply read below is the CONS read's), and that later request sees its effect.
         let before = stats.accesses.load(Ordering::Relaxed);
-        g.write(off::CMDQ_PROD, 4, 2);
+        g.post(off::CMDQ_PROD, 4, 2);
+        assert_eq!(
+            g.read(off::CMDQ_CONS, 4),
+            2,
+            "the posted doorbell ran the queue first"
+        );
         let mut word = [0u8; 4];
         ram.read_exact_at(&mut word, entry - RAM_BASE).unwrap();
         assert_eq!(u32::from_le_bytes(word), 0, "MSIDATA over the opcode");
         assert_eq!(
             stats.accesses.load(Ordering::Relaxed),
-            before + 1,
-            "the doorbell was the only register access"
+            before + 2,
+            "the doorbell and the CONS read"
         );
+        assert_eq!(stats.posted_writes.load(Ordering::Relaxed), 1);
         assert_eq!(fired(&lines), vec![0; 5], "no line for an MSI completion");
         assert_eq!(irq.stats().msi_seen.load(Ordering::Relaxed), 1);
 

@@ -42,6 +42,9 @@ pub enum Command {
     SetIrqfd = 6,
     /// Device reset.
     DeviceReset = 7,
+    /// A BAR write QEMU does not wait for (Sluice's QEMU patch: x-smmuv3-proxy posts
+    /// CMDQ_PROD with it). No reply; later requests see its effect (one socket, in order).
+    BarWritePosted = 8,
 }
 
 impl Command {
@@ -55,6 +58,7 @@ impl Command {
             5 => Command::BarRead,
             6 => Command::SetIrqfd,
             7 => Command::DeviceReset,
+            8 => Command::BarWritePosted,
             _ => return None,
         })
     }
@@ -125,6 +129,8 @@ pub enum Request {
         size: u32,
         /// Memory (true) or I/O space.
         memory: bool,
+        /// QEMU does not wait for a reply (`BAR_WRITE_POSTED`): none is sent.
+        posted: bool,
     },
     /// BAR read.
     BarRead {
@@ -289,18 +295,19 @@ pub fn parse_request(
                 Request::ConfigRead { addr, len }
             })
         }
-        Command::BarWrite | Command::BarRead => {
+        Command::BarWrite | Command::BarWritePosted | Command::BarRead => {
             expect_len(command, payload, BAR_PAYLOAD)?;
             expect_fds(command, &fds, |n| n == 0)?;
             let addr = u64_at(payload, 0);
             let size = u32_at(payload, 16);
             let memory = payload.get(20).copied().unwrap_or(0) != 0;
-            Ok(if command == Command::BarWrite {
+            Ok(if command != Command::BarRead {
                 Request::BarWrite {
                     addr,
                     value: u64_at(payload, 8),
                     size,
                     memory,
+                    posted: command == Command::BarWritePosted,
                 }
             } else {
                 Request::BarRead { addr, size, memory }
@@ -371,8 +378,12 @@ mod tests {
                 value,
                 size,
                 memory,
+                posted,
             } => {
-                assert_eq!((addr, value, size, memory), (0xfebf_3000, 0, 2, true))
+                assert_eq!(
+                    (addr, value, size, memory, posted),
+                    (0xfebf_3000, 0, 2, true, false)
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -392,6 +403,7 @@ mod tests {
         ));
         assert!(Command::PciConfigRead.expects_reply());
         assert!(!Command::SetIrqfd.expects_reply());
+        assert!(!Command::BarWritePosted.expects_reply());
         assert!(!Command::SyncSysmem.expects_reply());
     }
 

@@ -187,6 +187,7 @@ impl DeviceServer {
                 value,
                 size,
                 memory,
+                ..
             } => {
                 self.stats.bar_accesses.fetch_add(1, Ordering::Relaxed);
                 match f.decode_bar(addr, memory) {

@@ -41,7 +41,10 @@ pub(crate) fn serve(h: &mut impl Handler) -> Result<(), ServeError> {
             Ok(None) => return Ok(()),
             Err(e) => return Err(channel_error(h.device_name(), e)),
         };
+        // A posted write is executed like any other, but QEMU is not waiting for its RET.
+        let posted = matches!(request, Request::BarWrite { posted: true, .. });
         if let Some(value) = h.handle(request)?
+            && !posted
             && let Err(e) = h.channel().reply(value)
         {
             return Err(channel_error(h.device_name(), ChannelError::Io(e)));

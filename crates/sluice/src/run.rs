@@ -612,9 +612,9 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     } = sluice_qemu::run_qemu(&cfg, &devices)?;
     if let Some(t) = platform.filter(|_| !spec.quiet) {
         println!(
-            "iommu proxy:    {} register accesses over the socket ({} refused), {} wired \
-             interrupts, {} MSI writes in guest memory",
-            t.register_accesses, t.refused_accesses, t.line_interrupts, t.msis
+            "iommu proxy:    {} register accesses over the socket ({} posted, {} refused), {} \
+             wired interrupts, {} MSI writes in guest memory",
+            t.register_accesses, t.posted_writes, t.refused_accesses, t.line_interrupts, t.msis
         );
     }
     if kept.unfinished && !spec.quiet {
@@ -646,6 +646,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         "rogue": rogue.reports(),
         "iommu_proxy": platform.map(|t| serde_json::json!({
             "register_accesses": t.register_accesses,
+            "posted_writes": t.posted_writes,
             "refused_accesses": t.refused_accesses,
             "line_interrupts": t.line_interrupts,
             "msis": t.msis,
