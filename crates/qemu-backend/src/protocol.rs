@@ -152,6 +152,27 @@ pub enum Request {
     DeviceReset,
 }
 
+impl Request {
+    /// The command it arrived as.
+    pub fn command(&self) -> Command {
+        match self {
+            Request::SyncSysmem(_) => Command::SyncSysmem,
+            Request::ConfigWrite { .. } => Command::PciConfigWrite,
+            Request::ConfigRead { .. } => Command::PciConfigRead,
+            Request::BarWrite { posted: false, .. } => Command::BarWrite,
+            Request::BarWrite { posted: true, .. } => Command::BarWritePosted,
+            Request::BarRead { .. } => Command::BarRead,
+            Request::SetIrqfd { .. } => Command::SetIrqfd,
+            Request::DeviceReset => Command::DeviceReset,
+        }
+    }
+
+    /// Whether QEMU waits for a RET to it ([`Command::expects_reply`]).
+    pub fn expects_reply(&self) -> bool {
+        self.command().expects_reply()
+    }
+}
+
 /// A message that breaks the protocol. The connection cannot continue after it.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -404,6 +425,12 @@ mod tests {
         assert!(Command::PciConfigRead.expects_reply());
         assert!(!Command::SetIrqfd.expects_reply());
         assert!(!Command::BarWritePosted.expects_reply());
+        // The same payload as BAR_WRITE; only the reply differs.
+        let posted = encode_message(Command::BarWritePosted, &[0u8; 24]);
+        let req = parse_request(parse_header(&posted).unwrap(), &posted[16..], vec![]).unwrap();
+        assert!(matches!(req, Request::BarWrite { posted: true, .. }));
+        assert_eq!(req.command(), Command::BarWritePosted);
+        assert!(!req.expects_reply());
         assert!(!Command::SyncSysmem.expects_reply());
     }
 

@@ -41,10 +41,11 @@ pub(crate) fn serve(h: &mut impl Handler) -> Result<(), ServeError> {
             Ok(None) => return Ok(()),
             Err(e) => return Err(channel_error(h.device_name(), e)),
         };
-        // A posted write is executed like any other, but QEMU is not waiting for its RET.
-        let posted = matches!(request, Request::BarWrite { posted: true, .. });
+        // Whether a RET goes back is the protocol's (a posted write is executed like any
+        // other, but QEMU is not waiting for it), not the handler's.
+        let reply = request.expects_reply();
         if let Some(value) = h.handle(request)?
-            && !posted
+            && reply
             && let Err(e) = h.channel().reply(value)
         {
             return Err(channel_error(h.device_name(), ChannelError::Io(e)));
