@@ -4,113 +4,70 @@
 //! disk's DMA (fail closed: faults, no escape).
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
-use sluice_host::DiskSpec;
+use sluice_harness::Scenario;
 use sluice_host::machine::Arch;
 
+use crate::harness_cmd::{scenario_spec, variant_exists};
 use crate::image;
-use crate::run::{self, Backend, GuestSource, IommuArg, RunRecord, RunSpec};
+use crate::run::{self, GuestSource, RunRecord};
 
 /// The endpoint behind the IOMMU (first disk slot).
 const ENDPOINT: &str = "0000:00:03.0";
 
-/// What differs between the two demos.
-struct Demo {
-    iommu: IommuArg,
-    load: &'static str,
-    cmdline_extra: &'static str,
-    inject: &'static str,
-    /// The run's timeout: the arm64 guest usually hangs on its dead disk until then.
-    timeout: Duration,
-    intro: &'static [&'static str],
-}
-
-fn demo_for(arch: Arch) -> Result<Demo> {
+/// The demo of `arch`: the scenario it is one run of (its configuration, injection and
+/// timeout come from that file, so the demo and the suite cannot drift apart), and what to
+/// tell the user first.
+fn demo_for(arch: Arch) -> Result<(&'static str, &'static [&'static str])> {
     match arch {
-        Arch::X86_64 => Ok(Demo {
-            iommu: IommuArg::Virtio,
-            load: "virtio_iommu,virtio_blk",
-            cmdline_extra: "",
-            inject: "guest.sym.bus_iommu_probe:delay=300ms,count=2,mode=stall",
-            timeout: Duration::from_secs(180),
-            intro: &[
+        Arch::X86_64 => Ok((
+            "scenarios/registration-window.toml",
+            &[
                 "Sluice demo: Linux 6.12 (stock Debian source) behind Sluice's virtio-iommu.",
                 "  Sluice stalls the vCPU that enters bus_iommu_probe() for 300 ms (TCG plugin),",
-                "  widening viommu_probe()'s registration window. See scenarios/registration-window.toml.",
+                "  widening viommu_probe()'s registration window.",
             ],
-        }),
-        Arch::Aarch64 => Ok(Demo {
-            iommu: IommuArg::Smmuv3,
-            load: "virtio_blk,arm_smmu_v3",
-            // The hung disk ends after 10 s instead of 60 s.
-            cmdline_extra: " sluice.timeout=10",
-            inject: "guest.sym.probe_iommu_group:delay=20ms,count=49,after=insmod virtio_blk,mode=stall",
-            timeout: Duration::from_secs(30),
-            intro: &[
+        )),
+        Arch::Aarch64 => Ok((
+            "scenarios/arm64-registration-window.toml",
+            &[
                 "Sluice demo: arm64 Linux 6.12 (stock Debian source) behind Sluice's SMMUv3.",
                 "  Sluice stalls each visit of iommu_device_register()'s bus walk for 20 ms (TCG",
-                "  plugin), widening arm-smmu-v3's registration window. See",
-                "  scenarios/arm64-registration-window.toml.",
+                "  plugin), widening arm-smmu-v3's registration window.",
             ],
-        }),
+        )),
         Arch::S390x => anyhow::bail!("no s390x demo yet: s390x guests do not run (issue 15)"),
     }
 }
 
 pub fn run(arch: Arch) -> Result<ExitCode> {
-    let demo = demo_for(arch)?;
+    let (file, intro) = demo_for(arch)?;
+    let root = image::repo_root();
+    let scenario = Scenario::load(&root.join(file), &variant_exists)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let run_dir = image::repo_root()
+    let run_dir = root
         .join("target/sluice-runs")
         .join(format!("demo-{arch}-{stamp}"));
-    std::fs::create_dir_all(&run_dir)?;
-    let disk = run_dir.join("disk0.img");
-    std::fs::File::create(&disk)?.set_len(64 << 20)?;
-    for line in demo.intro {
+    for line in intro {
         println!("{line}");
     }
     println!(
-        "  /init loads {} while re-probing the disk {ENDPOINT}.",
-        demo.load.replace(',', ", then ")
+        "  One run (seed 1) of {file} on the stock kernel: /init loads {} while re-probing the disk {ENDPOINT}.",
+        scenario
+            .guest
+            .load
+            .as_deref()
+            .unwrap_or("its default modules")
+            .replace(',', ", then ")
     );
-    let spec = RunSpec {
-        arch,
-        guest: GuestSource::Variant(image::default_variant(arch).to_string()),
-        qemu: std::env::var_os("SLUICE_QEMU").map(Into::into),
-        cpus: 2,
-        mem_mib: 512,
-        disks: vec![DiskSpec {
-            path: disk,
-            read_only: false,
-            iommu: true,
-        }],
-        iommu: demo.iommu,
-        boot_bypass: true,
-        cmdline: format!(
-            "sluice.load={} sluice.reprobe={ENDPOINT}{}",
-            demo.load, demo.cmdline_extra
-        ),
-        workload: "disk".into(),
-        seed: 1,
-        timeout: demo.timeout,
-        run_dir: run_dir.clone(),
-        serial_log: None,
-        report: None,
-        backend: Backend::Qemu,
-        inject: vec![demo.inject.into()],
-        inject_file: None,
-        inject_seed: Some(1),
-        system_map: None,
-        cpuid_mask: vec![],
-        dma_engine: None,
-        rogue: vec![],
-        quiet: false,
-    };
+    let guest = GuestSource::Variant(image::default_variant(arch).to_string());
+    let mut spec = scenario_spec(&scenario, arch, guest, 1, &run_dir)?;
+    spec.qemu = std::env::var_os("SLUICE_QEMU").map(Into::into);
+    spec.quiet = false;
     let rec = run::execute(&spec)?;
     let group = rec
         .disks

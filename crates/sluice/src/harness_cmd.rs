@@ -279,60 +279,81 @@ pub(crate) struct GuestRunner<'a> {
 
 impl GuestRunner<'_> {
     fn spec(&self, case: &RunCase, dir: &Path) -> Result<RunSpec> {
-        let s = &case.scenario;
         let img = match self.guests.images.get(&case.variant) {
             Some(Ok(img)) => img,
             Some(Err(e)) => bail!("guest image {} could not be built: {e}", case.variant),
             None => bail!("guest image {} was not prepared", case.variant),
         };
-        std::fs::create_dir_all(dir)?;
-        let mut disks = Vec::new();
-        for (i, d) in s.devices.disks.iter().enumerate() {
-            let path = dir.join(format!("disk{i}.img"));
-            std::fs::File::create(&path).and_then(|f| f.set_len(d.size_mib << 20))?;
-            disks.push(DiskSpec {
-                path,
-                read_only: false,
-                iommu: d.iommu && s.devices.iommu.is_some(),
-            });
-        }
-        let mut cmdline = s.guest.cmdline.clone();
-        if let Some(load) = &s.guest.load {
-            cmdline = format!("{cmdline} sluice.load={load}");
-        }
         let arch = image::variant_arch(&case.variant)?;
-        Ok(RunSpec {
+        let mut spec = scenario_spec(
+            &case.scenario,
             arch,
-            guest: GuestSource::Files {
+            GuestSource::Files {
                 kernel: img.kernel.clone(),
                 initrd: img.initrd.clone(),
             },
-            qemu: self.guests.qemu.get(&arch).cloned(),
-            cpus: s.cpus,
-            mem_mib: 512,
-            disks,
-            iommu: iommu_of(s),
-            boot_bypass: s.devices.boot_bypass,
-            cmdline,
-            workload: s.guest.workload.clone(),
-            seed: u64::from(case.seed),
-            timeout: Duration::from_secs(s.timeout),
-            run_dir: dir.to_path_buf(),
-            serial_log: None,
-            report: None,
-            backend: run::Backend::Qemu,
-            inject: s.inject.rules.clone(),
-            inject_file: None,
-            // Each seed draws its own delays and probabilities: the harness's seeds are the
-            // injection seeds too.
-            inject_seed: Some(u64::from(case.seed)),
-            system_map: Some(img.system_map.clone()),
-            cpuid_mask: vec![],
-            dma_engine: dma_engine_of(s)?,
-            rogue: rogue_of(s)?,
-            quiet: true,
-        })
+            case.seed,
+            dir,
+        )?;
+        spec.qemu = self.guests.qemu.get(&arch).cloned();
+        spec.system_map = Some(img.system_map.clone());
+        Ok(spec)
     }
+}
+
+/// One run of scenario `s` with `guest` and `seed` in `dir` (its disks are created there): what
+/// the harness boots for a case, and `sluice demo` for its one run. QEMU and the System.map are
+/// found as `sluice run` finds them unless the caller sets them; output is quiet.
+pub(crate) fn scenario_spec(
+    s: &Scenario,
+    arch: Arch,
+    guest: GuestSource,
+    seed: u32,
+    dir: &Path,
+) -> Result<RunSpec> {
+    std::fs::create_dir_all(dir)?;
+    let mut disks = Vec::new();
+    for (i, d) in s.devices.disks.iter().enumerate() {
+        let path = dir.join(format!("disk{i}.img"));
+        std::fs::File::create(&path).and_then(|f| f.set_len(d.size_mib << 20))?;
+        disks.push(DiskSpec {
+            path,
+            read_only: false,
+            iommu: d.iommu && s.devices.iommu.is_some(),
+        });
+    }
+    let mut cmdline = s.guest.cmdline.clone();
+    if let Some(load) = &s.guest.load {
+        cmdline = format!("{cmdline} sluice.load={load}");
+    }
+    Ok(RunSpec {
+        arch,
+        guest,
+        qemu: None,
+        cpus: s.cpus,
+        mem_mib: 512,
+        disks,
+        iommu: iommu_of(s),
+        boot_bypass: s.devices.boot_bypass,
+        cmdline,
+        workload: s.guest.workload.clone(),
+        seed: u64::from(seed),
+        timeout: Duration::from_secs(s.timeout),
+        run_dir: dir.to_path_buf(),
+        serial_log: None,
+        report: None,
+        backend: run::Backend::Qemu,
+        inject: s.inject.rules.clone(),
+        inject_file: None,
+        // Each seed draws its own delays and probabilities: the harness's seeds are the
+        // injection seeds too.
+        inject_seed: Some(u64::from(seed)),
+        system_map: None,
+        cpuid_mask: vec![],
+        dma_engine: dma_engine_of(s)?,
+        rogue: rogue_of(s)?,
+        quiet: true,
+    })
 }
 
 impl Runner for GuestRunner<'_> {
