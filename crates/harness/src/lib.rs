@@ -6,11 +6,14 @@
 //!   rates over seeds;
 //! - [`junit`]: JUnit XML that any CI reads;
 //! - [`sweep`]: `harness sweep`, a grid of injection points × delays × modes × seeds for one
-//!   scenario, bounded by a wall-time budget.
+//!   scenario, bounded by a wall-time budget;
+//! - [`explore`]: `harness explore`, a hunt that picks its own points, groups anomalies by
+//!   signature and minimizes each finding.
 //!
 //! The CLI implements [`Runner`] (boot the guest, inject, run the oracle).
 #![forbid(unsafe_code)]
 
+pub mod explore;
 pub mod junit;
 pub mod plan;
 pub mod scenario;

@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::plan::RunCase;
 use crate::scenario::Expect;
 
 /// What one run observed.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Observation {
     /// Exit reason (`powered-off`, `timeout`, ...).
     pub exit: String,
@@ -28,10 +28,23 @@ pub struct Observation {
     pub error: Option<String>,
     /// Host wall time.
     pub wall_s: f64,
+    /// Firings per injection rule, in the order of the run's rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firings: Vec<u64>,
+    /// Escapes by class: the devices they came from (`blk0`, or the endpoint when no device
+    /// of the run has that address).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub escape_sites: BTreeMap<String, Vec<String>>,
+    /// Devices with refused DMAs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fault_sites: Vec<String>,
+    /// Why the run's own verdict failed (guest RESULT, disk verification, exit), if it did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// One run's verdict.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseResult {
     /// Case id.
     pub id: String,
@@ -164,7 +177,7 @@ fn check_reproduction(e: &Expect, obs: &Observation, out: &mut Vec<String>) {
 }
 
 /// A scenario/variant group over its seeds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupSummary {
     /// scenario/variant.
     pub group: String,
@@ -234,7 +247,7 @@ impl GroupSummary {
 const RATE_EPSILON: f64 = 1e-9;
 
 /// The whole suite.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SuiteSummary {
     /// Per group.
     pub groups: Vec<GroupSummary>,
@@ -323,6 +336,7 @@ max_faults = 0
             console: console.iter().map(|s| s.to_string()).collect(),
             error: None,
             wall_s: 1.0,
+            ..Default::default()
         }
     }
 

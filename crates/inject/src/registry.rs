@@ -62,6 +62,11 @@ impl SymbolMap {
         self.by_name.get(name).copied()
     }
 
+    /// Every text symbol's name, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
     /// Number of text symbols.
     pub fn len(&self) -> usize {
         self.by_name.len()
@@ -169,6 +174,11 @@ impl PointRegistry {
     /// The guest's symbol table, enabling `guest.sym.*` points.
     pub fn set_symbols(&mut self, symbols: SymbolMap) {
         self.symbols = Some(symbols);
+    }
+
+    /// The guest's symbol table, if set.
+    pub fn symbols(&self) -> Option<&SymbolMap> {
+        self.symbols.as_ref()
     }
 
     /// Every point, sorted by name. `guest.sym.<symbol>[+offset]` is listed by `patterns()`.

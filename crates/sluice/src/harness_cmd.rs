@@ -367,6 +367,14 @@ impl Runner for GuestRunner<'_> {
                 console: rec.outcome.console,
                 error: None,
                 wall_s: rec.outcome.wall.as_secs_f64(),
+                firings: rec.firings,
+                escape_sites: rec.escape_sites,
+                fault_sites: rec.fault_sites,
+                problems: if rec.verdict.pass {
+                    Vec::new()
+                } else {
+                    rec.verdict.reasons
+                },
             },
             Err(e) => Observation {
                 exit: "not-run".into(),

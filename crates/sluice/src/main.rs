@@ -1,8 +1,10 @@
 //! The `sluice` command.
 
 mod demo;
+mod explore_cmd;
 mod harness_cmd;
 mod image;
+mod merge_cmd;
 mod report;
 mod rogue;
 mod run;
@@ -80,6 +82,14 @@ enum HarnessCmd {
     /// 3: the budget stopped it; 4: the judgement failed (a run broke one of the scenario's
     /// invariants, or a variant it expects to reproduce on reproduced in no cell).
     Sweep(Box<sweep_cmd::HarnessSweepArgs>),
+    /// Hunt for unknown interleavings from a base scenario: choose guest-code and device points
+    /// (a probe learns which a run reaches), try them over a delay ladder and in pairs, group
+    /// anomalies (escapes, faults, kernel reports, hangs, workload failures) by signature,
+    /// minimize each new one into a scenario file. Writes explore.json, junit.xml, summary.txt,
+    /// findings/*.toml. Exit 0: done; 1: some runs could not be performed; 3: budget reached.
+    Explore(Box<explore_cmd::HarnessExploreArgs>),
+    /// Merge shard output directories (of `explore --shard` or `run --shard`) into one report.
+    Merge(Box<merge_cmd::HarnessMergeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -103,6 +113,12 @@ fn main() -> ExitCode {
         Cmd::Harness {
             command: HarnessCmd::Sweep(args),
         } => sweep_cmd::sweep(*args),
+        Cmd::Harness {
+            command: HarnessCmd::Explore(args),
+        } => explore_cmd::explore(*args),
+        Cmd::Harness {
+            command: HarnessCmd::Merge(args),
+        } => merge_cmd::merge(*args),
         Cmd::Demo { arch } => demo::run(arch),
         Cmd::Points {
             disks,

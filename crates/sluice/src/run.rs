@@ -296,6 +296,10 @@ pub struct RunRecord {
     pub escape_count: u64,
     /// Injection firings per rule.
     pub firings: Vec<u64>,
+    /// Escapes by class: the devices they came from (see [`site_of`]).
+    pub escape_sites: std::collections::BTreeMap<String, Vec<String>>,
+    /// Devices with refused DMAs.
+    pub fault_sites: Vec<String>,
     pub timeline: Option<PathBuf>,
 }
 
@@ -722,6 +726,13 @@ fn finish_run(
         escapes: escape_classes(&oreport),
         escape_count: oreport.escape_count,
         firings: injector.fired(),
+        escape_sites: escape_sites(&oreport, devices),
+        fault_sites: oreport
+            .endpoints
+            .iter()
+            .filter(|e| e.faulted > 0)
+            .map(|e| site_of(&e.endpoint, devices))
+            .collect(),
         timeline: oreport.timeline_path.clone(),
         outcome,
         guest,
@@ -850,6 +861,37 @@ fn console_sink(oracle: &Arc<Oracle>, injector: &Arc<Injector>) -> ConsoleSink {
             i.marker(line);
         }
     }))
+}
+
+/// The device an oracle endpoint names (`blk0`; SMMU StreamIDs are requester IDs here), else
+/// the endpoint itself: a hunt groups findings by the device's role, which does not change
+/// when slots move.
+fn site_of(endpoint: &str, devices: &DeviceSet) -> String {
+    let rid = match sluice_oracle::topology::parse_endpoint(endpoint) {
+        Some(sluice_oracle::Key::Pci(b)) => Some(b),
+        Some(sluice_oracle::Key::Sid(s)) => u16::try_from(s).ok(),
+        _ => None,
+    };
+    rid.and_then(|r| devices.devices.iter().find(|d| d.bdf.0 == r))
+        .map(|d| d.name.clone())
+        .unwrap_or_else(|| endpoint.to_string())
+}
+
+/// Escapes by class: the distinct devices they came from, sorted.
+fn escape_sites(
+    r: &sluice_oracle::report::OracleReport,
+    devices: &DeviceSet,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    for e in &r.escapes {
+        m.entry(e.class.to_string())
+            .or_default()
+            .insert(site_of(&e.endpoint, devices));
+    }
+    m.into_iter()
+        .map(|(k, v)| (k, v.into_iter().collect()))
+        .collect()
 }
 
 fn escape_classes(

@@ -1,0 +1,704 @@
+//! Grouping anomalies into findings by signature, the hunt's report (`explore.json`), merging
+//! the reports of shards, and the outputs made from it: JUnit, a summary table, and a ready
+//! scenario file per minimized finding.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::explore::minimize::Minimized;
+use crate::explore::plan::{PlanConfig, TrialRule};
+use crate::explore::signature::{Anomaly, AnomalyKind};
+use crate::junit::{Case, Counts, Problem, Report, Suite, render_report};
+use crate::scenario::{Expect, Scenario};
+
+/// One search run, as the report keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialRun {
+    /// Index in the whole plan.
+    pub index: usize,
+    /// Run id (its artifact directory).
+    pub id: String,
+    /// Variant.
+    pub variant: String,
+    /// Rules, one-line form.
+    pub rules: Vec<String>,
+    /// Firings per rule.
+    pub firings: Vec<u64>,
+    /// Signatures it showed (baseline ones included).
+    pub signatures: Vec<String>,
+    /// The run could not be performed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Host seconds.
+    pub wall_s: f64,
+}
+
+/// Whether a signature is the hunt's, or already there without perturbation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Seen in a search run only.
+    Found,
+    /// Seen in the unperturbed baseline or the probe: not something the hunt caused.
+    Baseline,
+}
+
+/// A signature and everything the hunt knows about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    /// The grouping key.
+    pub signature: String,
+    /// Kind.
+    pub kind: AnomalyKind,
+    /// Found by the search or present without it.
+    pub origin: Origin,
+    /// First raw evidence.
+    pub evidence: String,
+    /// Variants it was seen on.
+    pub variants: BTreeSet<String>,
+    /// The earliest trial (plan index) that showed it, and its rules.
+    pub first_trial: Option<usize>,
+    /// Rules of that trial.
+    pub first_rules: Vec<String>,
+    /// Search runs that showed it.
+    pub hits: u32,
+    /// Their ids (the first 20).
+    pub runs: Vec<String>,
+    /// The minimized plan, when minimization ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimized: Option<Minimized>,
+    /// The scenario file written for it, relative to the output directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenario_file: Option<String>,
+}
+
+/// Ids kept per finding.
+const RUN_IDS_KEPT: usize = 20;
+
+impl Finding {
+    /// Smaller is a better minimized plan: fewer rules, then less total delay.
+    fn plan_size(&self) -> Option<(usize, u64)> {
+        self.minimized.as_ref().filter(|m| m.confirmed).map(|m| {
+            (
+                m.rules.len(),
+                m.rules
+                    .iter()
+                    .map(|r| r.delay_us.saturating_mul(u64::from(r.count)))
+                    .sum(),
+            )
+        })
+    }
+
+    /// Folds `other` (the same signature, another shard or run) into `self`.
+    fn absorb(&mut self, other: Finding) {
+        let better = match (other.plan_size(), self.plan_size()) {
+            (Some(o), Some(s)) => o < s,
+            (Some(_), None) => true,
+            (None, None) => self.minimized.is_none() && other.minimized.is_some(),
+            (None, Some(_)) => false,
+        };
+        if other.origin == Origin::Baseline {
+            self.origin = Origin::Baseline;
+        }
+        self.variants.extend(other.variants);
+        self.hits += other.hits;
+        self.runs.extend(other.runs);
+        self.runs.sort();
+        self.runs.dedup();
+        self.runs.truncate(RUN_IDS_KEPT);
+        let earlier = match (other.first_trial, self.first_trial) {
+            (Some(o), Some(s)) => o < s,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if earlier {
+            self.first_trial = other.first_trial;
+            self.first_rules = other.first_rules;
+            self.evidence = other.evidence;
+        }
+        if better {
+            self.minimized = other.minimized;
+            self.scenario_file = other.scenario_file;
+        }
+    }
+}
+
+/// Findings by signature.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FindingSet {
+    by_signature: BTreeMap<String, Finding>,
+}
+
+impl FindingSet {
+    /// Records the anomalies of one run. `trial` is `None` for the baseline and the probe.
+    pub fn record(
+        &mut self,
+        anomalies: &[Anomaly],
+        variant: &str,
+        run_id: &str,
+        trial: Option<(usize, &[String])>,
+    ) {
+        for a in anomalies {
+            let f = Finding {
+                signature: a.signature.clone(),
+                kind: a.kind,
+                origin: if trial.is_some() {
+                    Origin::Found
+                } else {
+                    Origin::Baseline
+                },
+                evidence: a.evidence.clone(),
+                variants: BTreeSet::from([variant.to_string()]),
+                first_trial: trial.map(|(i, _)| i),
+                first_rules: trial.map(|(_, r)| r.to_vec()).unwrap_or_default(),
+                hits: u32::from(trial.is_some()),
+                runs: vec![run_id.to_string()],
+                minimized: None,
+                scenario_file: None,
+            };
+            self.add(f);
+        }
+    }
+
+    /// Adds or folds in one finding.
+    pub fn add(&mut self, f: Finding) {
+        match self.by_signature.get_mut(&f.signature) {
+            Some(existing) => existing.absorb(f),
+            None => {
+                self.by_signature.insert(f.signature.clone(), f);
+            }
+        }
+    }
+
+    /// Whether the signature is known already.
+    pub fn contains(&self, signature: &str) -> bool {
+        self.by_signature.contains_key(signature)
+    }
+
+    /// The finding of a signature.
+    pub fn get_mut(&mut self, signature: &str) -> Option<&mut Finding> {
+        self.by_signature.get_mut(signature)
+    }
+
+    /// Every finding, by signature.
+    pub fn iter(&self) -> impl Iterator<Item = &Finding> {
+        self.by_signature.values()
+    }
+
+    /// Findings the search caused (not baseline).
+    pub fn found(&self) -> impl Iterator<Item = &Finding> {
+        self.iter().filter(|f| f.origin == Origin::Found)
+    }
+}
+
+/// Which trials a report covers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// 1-based.
+    pub index: u32,
+    /// Shards.
+    pub count: u32,
+}
+
+/// `explore.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExploreReport {
+    /// Base scenario name.
+    pub scenario: String,
+    /// Variants hunted.
+    pub variants: BTreeSet<String>,
+    /// Kernel releases seen (`uname -r` of the guests), for the record.
+    #[serde(default)]
+    pub kernels: BTreeSet<String>,
+    /// How the plan was laid out.
+    pub plan: PlanConfig,
+    /// Candidate points.
+    pub candidates: usize,
+    /// Points the probe reached.
+    pub reached: BTreeSet<String>,
+    /// Signatures the probe runs showed. Not findings: the probe stalls every reached point
+    /// briefly, and its socket round trips per arrival can open a window by themselves; the
+    /// search must find such a signature with a plan of one or two rules to report it.
+    #[serde(default)]
+    pub probe_signatures: BTreeSet<String>,
+    /// Trials in the whole plan (after `--runs`, before sharding).
+    pub planned: usize,
+    /// The shards this report covers (absent: all of the plan in one run; after a merge, the
+    /// merged shards).
+    #[serde(default)]
+    pub shards: Vec<ShardInfo>,
+    /// Search runs performed.
+    pub trials: Vec<TrialRun>,
+    /// Runs spent on baseline, probe and minimization.
+    pub extra_runs: u32,
+    /// Findings, by signature.
+    pub findings: Vec<Finding>,
+    /// Host seconds.
+    pub elapsed_s: f64,
+    /// The budget stopped the search before the plan's end.
+    pub stopped_by_budget: bool,
+}
+
+/// Reports cannot be merged.
+#[derive(Debug, Error, PartialEq)]
+pub enum MergeError {
+    /// Nothing to merge.
+    #[error("no report to merge")]
+    Empty,
+    /// Shards of different hunts.
+    #[error("{what} differs between the reports ({a} vs {b}): they are not shards of one hunt")]
+    Mismatch {
+        /// Which field.
+        what: &'static str,
+        /// One value.
+        a: String,
+        /// The other.
+        b: String,
+    },
+    /// The same trial appears twice.
+    #[error("trial {0} appears in two reports: the same shard merged twice?")]
+    Overlap(usize),
+}
+
+impl ExploreReport {
+    /// Combines shard reports of one hunt: trials concatenated (each at most once), findings
+    /// folded by signature (hits summed, the earliest trial kept, the smallest confirmed
+    /// minimized plan kept).
+    pub fn merge(reports: Vec<ExploreReport>) -> Result<ExploreReport, MergeError> {
+        let mut it = reports.into_iter();
+        let mut out = it.next().ok_or(MergeError::Empty)?;
+        let mut findings = FindingSet::default();
+        for f in std::mem::take(&mut out.findings) {
+            findings.add(f);
+        }
+        let mut seen: BTreeSet<usize> = out.trials.iter().map(|t| t.index).collect();
+        for r in it {
+            if r.scenario != out.scenario {
+                return Err(MergeError::Mismatch {
+                    what: "scenario",
+                    a: out.scenario.clone(),
+                    b: r.scenario,
+                });
+            }
+            if r.plan != out.plan {
+                return Err(MergeError::Mismatch {
+                    what: "plan (seed, ladder, count, pairs)",
+                    a: format!("{:?}", out.plan),
+                    b: format!("{:?}", r.plan),
+                });
+            }
+            for t in r.trials {
+                if !seen.insert(t.index) {
+                    return Err(MergeError::Overlap(t.index));
+                }
+                out.trials.push(t);
+            }
+            for f in r.findings {
+                findings.add(f);
+            }
+            out.variants.extend(r.variants);
+            out.kernels.extend(r.kernels);
+            out.reached.extend(r.reached);
+            out.probe_signatures.extend(r.probe_signatures);
+            out.candidates = out.candidates.max(r.candidates);
+            out.planned = out.planned.max(r.planned);
+            out.shards.extend(r.shards);
+            out.extra_runs += r.extra_runs;
+            out.elapsed_s = out.elapsed_s.max(r.elapsed_s);
+            out.stopped_by_budget |= r.stopped_by_budget;
+        }
+        out.trials.sort_by_key(|t| t.index);
+        out.shards.sort_by_key(|s| s.index);
+        out.findings = findings.iter().cloned().collect();
+        Ok(out)
+    }
+
+    /// Signatures the search found (baseline ones excluded), sorted.
+    pub fn found_signatures(&self) -> Vec<String> {
+        self.findings
+            .iter()
+            .filter(|f| f.origin == Origin::Found)
+            .map(|f| f.signature.clone())
+            .collect()
+    }
+
+    /// The summary table printed at the end of a hunt.
+    pub fn render_table(&self) -> String {
+        let mut s = format!(
+            "explore {}: {} of {} trial(s) run{}, {} extra run(s), {} candidate point(s), {} \
+             reached, kernels {}\n",
+            self.scenario,
+            self.trials.len(),
+            self.planned,
+            if self.stopped_by_budget {
+                " (budget reached)"
+            } else {
+                ""
+            },
+            self.extra_runs,
+            self.candidates,
+            self.reached.len(),
+            if self.kernels.is_empty() {
+                "unknown".to_string()
+            } else {
+                self.kernels.iter().cloned().collect::<Vec<_>>().join(", ")
+            }
+        );
+        if !self.probe_signatures.is_empty() {
+            s += &format!(
+                "probe runs showed (not findings by themselves): {}\n",
+                self.probe_signatures
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        if self.findings.is_empty() {
+            s += "no finding\n";
+        }
+        for f in &self.findings {
+            let rate = f
+                .minimized
+                .as_ref()
+                .map(|m| {
+                    format!(
+                        " | minimized{} to [{}], rate {}/{}",
+                        if m.confirmed { "" } else { " (NOT confirmed)" },
+                        m.rules
+                            .iter()
+                            .map(TrialRule::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        m.hits,
+                        m.tries
+                    )
+                })
+                .unwrap_or_default();
+            s += &format!(
+                "{:<8} {}: {} hit(s){}{}\n",
+                match f.origin {
+                    Origin::Found => "FOUND",
+                    Origin::Baseline => "BASELINE",
+                },
+                f.signature,
+                f.hits,
+                f.first_trial
+                    .map(|t| format!(", first t{t:04} [{}]", f.first_rules.join("; ")))
+                    .unwrap_or_default(),
+                rate
+            );
+        }
+        s
+    }
+
+    /// JUnit: one test case per trial (an error when the run could not be performed) and one
+    /// per finding the search caused (a failure: something to look at).
+    pub fn render_junit(&self) -> String {
+        let mut cases: Vec<Case> = self
+            .trials
+            .iter()
+            .map(|t| Case {
+                classname: format!("explore.{}.trials", self.scenario),
+                name: format!("t{:04} {}", t.index, t.rules.join("; ")),
+                time_s: t.wall_s,
+                error: t.error.as_ref().map(|e| Problem {
+                    message: e.lines().next().unwrap_or("").to_string(),
+                    body: e.clone(),
+                }),
+                system_out: (!t.signatures.is_empty()).then(|| t.signatures.join("\n")),
+                ..Case::default()
+            })
+            .collect();
+        for f in self.findings.iter().filter(|f| f.origin == Origin::Found) {
+            cases.push(Case {
+                classname: format!("explore.{}.findings", self.scenario),
+                name: f.signature.clone(),
+                failure: Some(Problem {
+                    message: format!("{} hit(s): {}", f.hits, f.signature),
+                    body: format!(
+                        "evidence: {}\nfirst rules: {}\nruns: {}",
+                        f.evidence,
+                        f.first_rules.join("; "),
+                        f.runs.join(", ")
+                    ),
+                }),
+                ..Case::default()
+            });
+        }
+        let time = self.trials.iter().map(|t| t.wall_s).sum();
+        render_report(&Report {
+            name: "sluice".into(),
+            time_s: time,
+            suite: Suite {
+                name: format!("sluice-explore-{}", self.scenario),
+                time_s: time,
+                counts: Counts::All,
+                cases,
+            },
+        })
+    }
+}
+
+/// A scenario as TOML text (what a finding's scenario file holds after its comment header).
+pub fn scenario_toml(s: &Scenario) -> Result<String, toml::ser::Error> {
+    toml::to_string(s)
+}
+
+/// A file-name-safe short form of a signature.
+pub fn slug(signature: &str) -> String {
+    let mut s: String = signature
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while s.contains("--") {
+        s = s.replace("--", "-");
+    }
+    s.trim_matches('-').chars().take(60).collect()
+}
+
+/// A ready scenario for a minimized finding: the base scenario with the minimized rules, the
+/// variants it was seen on, and an expectation that the signature's evidence appears at the
+/// measured rate. `None` when the finding's kind has no expectation the harness can state.
+pub fn finding_scenario(base: &Scenario, f: &Finding, index: usize) -> Option<Scenario> {
+    let m = f.minimized.as_ref()?;
+    let mut expect = Expect {
+        variants: None,
+        escapes_required: Vec::new(),
+        escapes_forbidden: Vec::new(),
+        console_required: Vec::new(),
+        console_forbidden: Vec::new(),
+        min_faults: None,
+        max_faults: None,
+        exit: "any".into(),
+        min_rate: (m.rate() * 10.0).floor() / 10.0,
+    };
+    match f.kind {
+        AnomalyKind::Escape => {
+            // "escape <class> from <site>"
+            let class = f.signature.split_whitespace().nth(1)?;
+            expect.escapes_required.push(class.to_string());
+        }
+        AnomalyKind::Fault => expect.min_faults = Some(1),
+        AnomalyKind::KernelReport => {
+            // The report's first line up to the first normalized part, as a literal regex.
+            let head = f.evidence.split(" at ").next().unwrap_or(&f.evidence);
+            let head: String = head.chars().take(60).collect();
+            expect.console_required.push(regex::escape(head.trim()));
+        }
+        AnomalyKind::Hang => expect.exit = "timeout".into(),
+        AnomalyKind::Workload => expect.console_required.push("RESULT FAIL".into()),
+        AnomalyKind::Exit => {
+            expect.exit = f.signature.strip_prefix("exit ")?.to_string();
+        }
+    }
+    let mut s = base.clone();
+    s.name = format!("{}-finding-{index:02}", base.name);
+    s.description = format!("explore finding: {}", f.signature);
+    s.variants = f.variants.iter().cloned().collect();
+    s.seeds = m.tries.max(1);
+    s.inject.rules = m.rules.iter().map(TrialRule::to_string).collect();
+    s.expect = vec![expect];
+    s.sweep = None;
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::SweepMode;
+
+    fn anomaly(sig: &str) -> Anomaly {
+        Anomaly {
+            kind: AnomalyKind::Escape,
+            signature: sig.into(),
+            evidence: format!("evidence of {sig}"),
+        }
+    }
+
+    fn report(index: u32, trials: &[usize], set: &FindingSet) -> ExploreReport {
+        ExploreReport {
+            scenario: "base".into(),
+            variants: BTreeSet::from(["6.12".to_string()]),
+            kernels: BTreeSet::new(),
+            plan: PlanConfig::default(),
+            candidates: 10,
+            reached: BTreeSet::from([format!("p{index}")]),
+            probe_signatures: BTreeSet::new(),
+            planned: 8,
+            shards: vec![ShardInfo { index, count: 2 }],
+            trials: trials
+                .iter()
+                .map(|&i| TrialRun {
+                    index: i,
+                    id: format!("t{i}"),
+                    variant: "6.12".into(),
+                    rules: vec![format!("p{i}:delay=1ms")],
+                    firings: vec![1],
+                    signatures: vec![],
+                    error: None,
+                    wall_s: 1.0,
+                })
+                .collect(),
+            extra_runs: 2,
+            findings: set.iter().cloned().collect(),
+            elapsed_s: 10.0,
+            stopped_by_budget: false,
+        }
+    }
+
+    fn minimized(rules: usize, delay_ms: u64) -> Minimized {
+        Minimized {
+            rules: (0..rules)
+                .map(|i| TrialRule {
+                    point: format!("p{i}"),
+                    delay_us: delay_ms * 1000,
+                    count: 1,
+                    mode: SweepMode::Stall,
+                })
+                .collect(),
+            confirmed: true,
+            hits: 3,
+            tries: 4,
+            runs: 9,
+            steps: vec![],
+        }
+    }
+
+    #[test]
+    fn anomalies_group_by_signature_and_baseline_ones_stay_baseline() {
+        let mut set = FindingSet::default();
+        set.record(&[anomaly("escape x from blk0")], "6.12", "base", None);
+        set.record(
+            &[anomaly("escape x from blk0"), anomaly("fault on blk0")],
+            "6.12",
+            "t3",
+            Some((3, &["a".to_string()])),
+        );
+        set.record(
+            &[anomaly("fault on blk0")],
+            "6.1",
+            "t1",
+            Some((1, &["b".into()])),
+        );
+        let all: Vec<&Finding> = set.iter().collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].origin, Origin::Baseline);
+        let fault = &all[1];
+        assert_eq!(fault.origin, Origin::Found);
+        assert_eq!(fault.hits, 2);
+        assert_eq!(fault.first_trial, Some(1), "the earliest trial wins");
+        assert_eq!(fault.first_rules, ["b"]);
+        assert_eq!(fault.variants.len(), 2);
+        assert_eq!(set.found().count(), 1);
+    }
+
+    #[test]
+    fn merging_shards_dedups_signatures_and_keeps_the_smallest_plan() {
+        let mut a = FindingSet::default();
+        a.record(&[anomaly("s1")], "6.12", "t2", Some((2, &["r2".into()])));
+        a.get_mut("s1").unwrap().minimized = Some(minimized(2, 100));
+        let mut b = FindingSet::default();
+        b.record(
+            &[anomaly("s1"), anomaly("s2")],
+            "6.12",
+            "t1",
+            Some((1, &["r1".into()])),
+        );
+        b.get_mut("s1").unwrap().minimized = Some(minimized(1, 300));
+        let m = ExploreReport::merge(vec![report(1, &[0, 2], &a), report(2, &[1, 3], &b)]).unwrap();
+        assert_eq!(m.found_signatures(), ["s1", "s2"]);
+        assert_eq!(
+            m.trials.iter().map(|t| t.index).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        let s1 = m.findings.iter().find(|f| f.signature == "s1").unwrap();
+        assert_eq!(s1.hits, 2);
+        assert_eq!(s1.first_trial, Some(1));
+        assert_eq!(
+            s1.minimized.as_ref().unwrap().rules.len(),
+            1,
+            "fewer rules wins"
+        );
+        assert_eq!(m.shards.len(), 2);
+        assert_eq!(m.extra_runs, 4);
+        assert_eq!(m.reached.len(), 2);
+    }
+
+    #[test]
+    fn merging_refuses_other_hunts_and_the_same_shard_twice() {
+        let set = FindingSet::default();
+        let a = report(1, &[0], &set);
+        assert_eq!(
+            ExploreReport::merge(vec![a.clone(), a.clone()]),
+            Err(MergeError::Overlap(0))
+        );
+        let mut other = report(2, &[1], &set);
+        other.plan.seed = 9;
+        assert!(matches!(
+            ExploreReport::merge(vec![a.clone(), other]),
+            Err(MergeError::Mismatch { what, .. }) if what.starts_with("plan")
+        ));
+        assert_eq!(ExploreReport::merge(vec![]), Err(MergeError::Empty));
+        // A report round-trips through its JSON.
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<ExploreReport>(&json).unwrap(), a);
+    }
+
+    #[test]
+    fn a_minimized_escape_becomes_a_scenario_that_requires_it() {
+        let base: Scenario = toml::from_str(
+            "name = \"base\"\nvariants = [\"6.12\"]\n[devices]\niommu = \"virtio\"\n",
+        )
+        .unwrap();
+        let mut set = FindingSet::default();
+        set.record(
+            &[anomaly("escape bypass-after-takeover from blk0")],
+            "6.12",
+            "t0",
+            Some((0, &["r".into()])),
+        );
+        let f = set
+            .get_mut("escape bypass-after-takeover from blk0")
+            .unwrap();
+        f.minimized = Some(minimized(1, 50));
+        let s = finding_scenario(&base, f, 1).unwrap();
+        assert_eq!(s.name, "base-finding-01");
+        assert_eq!(s.inject.rules, ["p0:delay=50ms,count=1,mode=stall"]);
+        assert_eq!(s.expect[0].escapes_required, ["bypass-after-takeover"]);
+        assert_eq!(s.expect[0].min_rate, 0.7);
+        assert_eq!(s.seeds, 4);
+        let text = toml::to_string(&s).unwrap();
+        let back: Scenario = toml::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            slug("kernel WARNING: at drivers/iommu/iommu.c x"),
+            "kernel-warning-at-drivers-iommu-iommu-c-x"
+        );
+    }
+
+    #[test]
+    fn junit_marks_found_signatures_as_failures_and_failed_runs_as_errors() {
+        let mut set = FindingSet::default();
+        set.record(&[anomaly("s<1>")], "6.12", "t0", Some((0, &["r".into()])));
+        set.record(&[anomaly("base")], "6.12", "b", None);
+        let mut r = report(1, &[0, 1], &set);
+        r.trials[1].error = Some("image build failed".into());
+        let x = r.render_junit();
+        assert!(x.contains("failures=\"1\""), "{x}");
+        assert!(x.contains("errors=\"1\""), "{x}");
+        assert!(x.contains("s&lt;1&gt;"));
+        assert!(
+            !x.contains("name=\"base\""),
+            "baseline signatures are not failures"
+        );
+    }
+}
