@@ -77,9 +77,16 @@ pub struct HarnessExploreArgs {
     /// Do not minimize findings.
     #[arg(long)]
     no_minimize: bool,
-    /// Runs one finding's minimization may spend before its final rate.
+    /// Runs one minimization may spend before its final rate.
     #[arg(long, default_value_t = 12)]
     minimize_runs: u32,
+    /// Runs of a minimized plan that measure its rate.
+    #[arg(long, default_value_t = 4)]
+    rate_runs: u32,
+    /// Trials that showed a signature to minimize from, in order, until one is confirmed at
+    /// >= 50 % (a flaky first trial is not the end of it).
+    #[arg(long, default_value_t = 3)]
+    minimize_starts: usize,
     /// Guests run at once.
     #[arg(long, default_value_t = 1)]
     jobs: usize,
@@ -430,50 +437,72 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
     if !args.no_minimize {
         let mcfg = MinimizeConfig {
             max_runs: args.minimize_runs,
+            final_tries: args.rate_runs.max(1),
             ..MinimizeConfig::default()
         };
-        let todo: Vec<(String, Vec<TrialRule>)> = findings
+        let todo: Vec<(String, Vec<Vec<TrialRule>>)> = findings
             .found()
-            .filter_map(|f| {
-                let t = by_index.get(&f.first_trial?)?;
-                Some((f.signature.clone(), t.rules.clone()))
+            .map(|f| {
+                let starts = f
+                    .trials
+                    .iter()
+                    .filter_map(|i| by_index.get(i).map(|t| t.rules.clone()))
+                    .take(args.minimize_starts.max(1))
+                    .collect();
+                (f.signature.clone(), starts)
             })
             .collect();
-        for (n, (sig, rules)) in todo.into_iter().enumerate() {
-            eprintln!(
-                "explore: minimizing {sig} from [{}]",
-                rules
-                    .iter()
-                    .map(TrialRule::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
+        for (n, (sig, starts)) in todo.into_iter().enumerate() {
             let mut attempt = 0u32;
-            let mut run_once = |r: &[TrialRule], k: u32| {
-                attempt += 1;
-                let rendered = r.iter().map(|x| x.render(hunt.extra.as_deref())).collect();
-                let label = format!("m{n:02}-{attempt:03}");
-                let (_, obs) = hunt.run(&label, rendered, args.seed + 1 + k);
-                anomalies(&obs).iter().any(|a| a.signature == sig)
-            };
-            let m = minimize(&rules, &mcfg, &mut run_once);
-            extra_runs += m.runs;
-            eprintln!(
-                "explore:   -> [{}] {}/{}{}",
-                m.rules
-                    .iter()
-                    .map(TrialRule::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                m.hits,
-                m.tries,
-                if m.confirmed {
-                    ""
-                } else {
-                    " (did not reproduce at >= 50 %)"
+            let mut best = None;
+            for rules in starts {
+                eprintln!(
+                    "explore: minimizing {sig} from [{}]",
+                    rules
+                        .iter()
+                        .map(TrialRule::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                let mut run_once = |r: &[TrialRule], k: u32| {
+                    attempt += 1;
+                    let rendered = r.iter().map(|x| x.render(hunt.extra.as_deref())).collect();
+                    let label = format!("m{n:02}-{attempt:03}");
+                    let (_, obs) = hunt.run(&label, rendered, args.seed + 1 + k);
+                    anomalies(&obs).iter().any(|a| a.signature == sig)
+                };
+                let m = minimize(&rules, &mcfg, &mut run_once);
+                extra_runs += m.runs;
+                eprintln!(
+                    "explore:   -> [{}] {}/{}{}",
+                    m.rules
+                        .iter()
+                        .map(TrialRule::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    m.hits,
+                    m.tries,
+                    if m.confirmed {
+                        ""
+                    } else {
+                        " (did not reproduce at >= 50 %)"
+                    }
+                );
+                let done = m.confirmed;
+                // Keep the confirmed one, else the best-rated attempt.
+                if best
+                    .as_ref()
+                    .is_none_or(|b: &sluice_harness::explore::Minimized| {
+                        m.confirmed || (!b.confirmed && m.rate() > b.rate())
+                    })
+                {
+                    best = Some(m);
                 }
-            );
-            if let Some(f) = findings.get_mut(&sig) {
+                if done {
+                    break;
+                }
+            }
+            if let (Some(f), Some(m)) = (findings.get_mut(&sig), best) {
                 f.minimized = Some(m);
             }
         }

@@ -62,6 +62,10 @@ pub struct Finding {
     pub first_trial: Option<usize>,
     /// Rules of that trial.
     pub first_rules: Vec<String>,
+    /// Trials (plan indices) that showed it, in order (the first 20): where minimization
+    /// may start.
+    #[serde(default)]
+    pub trials: Vec<usize>,
     /// Search runs that showed it.
     pub hits: u32,
     /// Their ids (the first 20).
@@ -108,6 +112,10 @@ impl Finding {
         self.runs.sort();
         self.runs.dedup();
         self.runs.truncate(RUN_IDS_KEPT);
+        self.trials.extend(other.trials);
+        self.trials.sort_unstable();
+        self.trials.dedup();
+        self.trials.truncate(RUN_IDS_KEPT);
         let earlier = match (other.first_trial, self.first_trial) {
             (Some(o), Some(s)) => o < s,
             (Some(_), None) => true,
@@ -153,6 +161,7 @@ impl FindingSet {
                 variants: BTreeSet::from([variant.to_string()]),
                 first_trial: trial.map(|(i, _)| i),
                 first_rules: trial.map(|(_, r)| r.to_vec()).unwrap_or_default(),
+                trials: trial.map(|(i, _)| vec![i]).unwrap_or_default(),
                 hits: u32::from(trial.is_some()),
                 runs: vec![run_id.to_string()],
                 minimized: None,
@@ -597,6 +606,7 @@ mod tests {
         assert_eq!(fault.hits, 2);
         assert_eq!(fault.first_trial, Some(1), "the earliest trial wins");
         assert_eq!(fault.first_rules, ["b"]);
+        assert_eq!(fault.trials, [1, 3]);
         assert_eq!(fault.variants.len(), 2);
         assert_eq!(set.found().count(), 1);
     }

@@ -82,7 +82,9 @@ static TIMESTAMP: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\s*\[\s*\d+\.\d+\]\s*").expect("static regex"));
 static HEX: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\b(0x)?[0-9a-fA-F]{6,}\b|0x[0-9a-fA-F]+").expect("static regex"));
-static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\d+").expect("static regex"));
+/// A number standing alone (`17`, `0000:00:03.0` is four), not one that is part of a name
+/// (`blk0`, `vda1` stay).
+static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b\d+\b").expect("static regex"));
 static CPU_PID: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(CPU#?:? ?\d+|PID: ?\d+|\[[\w/:.-]+:\d+\]|Comm: \S+|Tainted: [A-Z ]+)")
         .expect("static regex")
