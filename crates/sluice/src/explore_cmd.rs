@@ -71,6 +71,10 @@ pub struct HarnessExploreArgs {
     /// Extra keys for every trial rule, e.g. 'after=insmod virtio_iommu'.
     #[arg(long, value_name = "KEY=VALUE,...")]
     rule_options: Option<String>,
+    /// Unperturbed baseline runs: a signature in every one is the base's own, one in some is
+    /// reported with its baseline rate.
+    #[arg(long, default_value_t = 2)]
+    baseline_runs: u32,
     /// Probe runs (each arms every candidate once, briefly).
     #[arg(long, default_value_t = 1)]
     probes: u32,
@@ -279,25 +283,27 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
     let mut kernels = BTreeSet::new();
     let mut extra_runs = 0u32;
 
-    // The unperturbed baseline: what it shows is not the hunt's doing.
-    let (_, obs) = hunt.run("baseline", Vec::new(), args.seed);
-    extra_runs += 1;
-    if let Some(e) = &obs.error {
-        bail!("the baseline run could not be performed: {e}");
+    // The unperturbed baselines: what shows in every one of them is the base's own.
+    for b in 0..args.baseline_runs.max(1) {
+        let (_, obs) = hunt.run(&format!("baseline{b}"), Vec::new(), args.seed + b);
+        extra_runs += 1;
+        if let Some(e) = &obs.error {
+            bail!("baseline run {b} could not be performed: {e}");
+        }
+        kernels.extend(kernel_of(&obs));
+        let base_anoms = anomalies(&obs);
+        findings.record(&base_anoms, &variant, &format!("baseline{b}"), None);
+        eprintln!(
+            "explore: baseline {b} {:.1}s: {}",
+            obs.wall_s,
+            describe(
+                &base_anoms
+                    .iter()
+                    .map(|a| a.signature.clone())
+                    .collect::<Vec<_>>()
+            )
+        );
     }
-    kernels.extend(kernel_of(&obs));
-    let base_anoms = anomalies(&obs);
-    findings.record(&base_anoms, &variant, "baseline", None);
-    eprintln!(
-        "explore: baseline {:.1}s: {}",
-        obs.wall_s,
-        describe(
-            &base_anoms
-                .iter()
-                .map(|a| a.signature.clone())
-                .collect::<Vec<_>>()
-        )
-    );
 
     // The probe: which candidates a run reaches.
     let probe_rules = plan::probe_rules(&cands);
@@ -431,6 +437,7 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
         eprintln!();
     }
     let (mut findings, _, mut trial_runs) = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    findings.classify(args.baseline_runs.max(1));
     trial_runs.sort_by_key(|t| t.index);
 
     // Minimization of each signature the search found.
@@ -551,6 +558,7 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
                 }]
             })
             .unwrap_or_default(),
+        baseline_runs: args.baseline_runs.max(1),
         trials: trial_runs,
         extra_runs,
         findings: findings.iter().cloned().collect(),

@@ -39,9 +39,10 @@ pub struct TrialRun {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
-    /// Seen in a search run only.
+    /// Seen in search runs, and not in every unperturbed baseline run (a race the host's load
+    /// opens now and then is still the hunt's to report, with its baseline rate beside it).
     Found,
-    /// Seen in the unperturbed baseline or the probe: not something the hunt caused.
+    /// Seen in every baseline run, or only in baseline runs: the base's own behaviour.
     Baseline,
 }
 
@@ -68,6 +69,9 @@ pub struct Finding {
     pub trials: Vec<usize>,
     /// Search runs that showed it.
     pub hits: u32,
+    /// Unperturbed baseline runs that showed it (of the report's `baseline_runs`).
+    #[serde(default)]
+    pub baseline_hits: u32,
     /// Their ids (the first 20).
     pub runs: Vec<String>,
     /// The minimized plan, when minimization ran.
@@ -103,9 +107,7 @@ impl Finding {
             (None, None) => self.minimized.is_none() && other.minimized.is_some(),
             (None, Some(_)) => false,
         };
-        if other.origin == Origin::Baseline {
-            self.origin = Origin::Baseline;
-        }
+        self.baseline_hits += other.baseline_hits;
         self.variants.extend(other.variants);
         self.hits += other.hits;
         self.runs.extend(other.runs);
@@ -163,6 +165,7 @@ impl FindingSet {
                 first_rules: trial.map(|(_, r)| r.to_vec()).unwrap_or_default(),
                 trials: trial.map(|(i, _)| vec![i]).unwrap_or_default(),
                 hits: u32::from(trial.is_some()),
+                baseline_hits: u32::from(trial.is_none()),
                 runs: vec![run_id.to_string()],
                 minimized: None,
                 scenario_file: None,
@@ -199,6 +202,18 @@ impl FindingSet {
     /// Findings the search caused (not baseline).
     pub fn found(&self) -> impl Iterator<Item = &Finding> {
         self.iter().filter(|f| f.origin == Origin::Found)
+    }
+
+    /// Sets every finding's origin from the search hits and the `baseline_runs` unperturbed
+    /// runs: baseline when it showed in no search run or in every baseline run.
+    pub fn classify(&mut self, baseline_runs: u32) {
+        for f in self.by_signature.values_mut() {
+            f.origin = if f.hits == 0 || (baseline_runs > 0 && f.baseline_hits >= baseline_runs) {
+                Origin::Baseline
+            } else {
+                Origin::Found
+            };
+        }
     }
 }
 
@@ -238,6 +253,9 @@ pub struct ExploreReport {
     /// merged shards).
     #[serde(default)]
     pub shards: Vec<ShardInfo>,
+    /// Unperturbed baseline runs (each shard runs its own).
+    #[serde(default)]
+    pub baseline_runs: u32,
     /// Search runs performed.
     pub trials: Vec<TrialRun>,
     /// Runs spent on baseline, probe and minimization.
@@ -315,11 +333,13 @@ impl ExploreReport {
             out.planned = out.planned.max(r.planned);
             out.shards.extend(r.shards);
             out.extra_runs += r.extra_runs;
+            out.baseline_runs += r.baseline_runs;
             out.elapsed_s = out.elapsed_s.max(r.elapsed_s);
             out.stopped_by_budget |= r.stopped_by_budget;
         }
         out.trials.sort_by_key(|t| t.index);
         out.shards.sort_by_key(|s| s.index);
+        findings.classify(out.baseline_runs);
         out.findings = findings.iter().cloned().collect();
         Ok(out)
     }
@@ -387,13 +407,21 @@ impl ExploreReport {
                 })
                 .unwrap_or_default();
             s += &format!(
-                "{:<8} {}: {} hit(s){}{}\n",
+                "{:<8} {}: {} hit(s){}{}{}\n",
                 match f.origin {
                     Origin::Found => "FOUND",
                     Origin::Baseline => "BASELINE",
                 },
                 f.signature,
                 f.hits,
+                if f.baseline_hits > 0 {
+                    format!(
+                        " (also in {} of {} unperturbed baseline run(s))",
+                        f.baseline_hits, self.baseline_runs
+                    )
+                } else {
+                    String::new()
+                },
                 f.first_trial
                     .map(|t| format!(", first t{t:04} [{}]", f.first_rules.join("; ")))
                     .unwrap_or_default(),
@@ -544,6 +572,7 @@ mod tests {
             probe_signatures: BTreeSet::new(),
             planned: 8,
             shards: vec![ShardInfo { index, count: 2 }],
+            baseline_runs: 1,
             trials: trials
                 .iter()
                 .map(|&i| TrialRun {
@@ -585,7 +614,7 @@ mod tests {
     #[test]
     fn anomalies_group_by_signature_and_baseline_ones_stay_baseline() {
         let mut set = FindingSet::default();
-        set.record(&[anomaly("escape x from blk0")], "6.12", "base", None);
+        set.record(&[anomaly("escape x from blk0")], "6.12", "base0", None);
         set.record(
             &[anomaly("escape x from blk0"), anomaly("fault on blk0")],
             "6.12",
@@ -598,9 +627,15 @@ mod tests {
             "t1",
             Some((1, &["b".into()])),
         );
+        set.record(&[anomaly("noise")], "6.12", "base1", None);
+        set.classify(2);
         let all: Vec<&Finding> = set.iter().collect();
-        assert_eq!(all.len(), 2);
-        assert_eq!(all[0].origin, Origin::Baseline);
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            (all[0].origin, all[0].baseline_hits),
+            (Origin::Found, 1),
+            "seen by the search and in one of two baselines: the hunt's, with its baseline rate"
+        );
         let fault = &all[1];
         assert_eq!(fault.origin, Origin::Found);
         assert_eq!(fault.hits, 2);
@@ -608,7 +643,14 @@ mod tests {
         assert_eq!(fault.first_rules, ["b"]);
         assert_eq!(fault.trials, [1, 3]);
         assert_eq!(fault.variants.len(), 2);
-        assert_eq!(set.found().count(), 1);
+        assert_eq!(all[2].origin, Origin::Baseline, "never in a search run");
+        assert_eq!(set.found().count(), 2);
+        set.classify(1);
+        assert_eq!(
+            set.iter().next().unwrap().origin,
+            Origin::Baseline,
+            "in every baseline run: the base's own"
+        );
     }
 
     #[test]
@@ -700,6 +742,7 @@ mod tests {
         let mut set = FindingSet::default();
         set.record(&[anomaly("s<1>")], "6.12", "t0", Some((0, &["r".into()])));
         set.record(&[anomaly("base")], "6.12", "b", None);
+        set.classify(1);
         let mut r = report(1, &[0, 1], &set);
         r.trials[1].error = Some("image build failed".into());
         let x = r.render_junit();
