@@ -116,12 +116,17 @@ fn report_start(line: &str) -> bool {
     STARTS.iter().any(|s| line.starts_with(s))
 }
 
-/// A console line without its printk timestamp.
+/// A console line without its timestamps: the kernel's printk time, and the host's receive
+/// time when the line comes from a serial log that adds one (`[ 1.896] [ 0.000000] ...`).
 fn strip_time(line: &str) -> &str {
-    match TIMESTAMP.find(line) {
-        Some(m) => &line[m.end()..],
-        None => line,
+    let mut l = line;
+    for _ in 0..2 {
+        match TIMESTAMP.find(l) {
+            Some(m) => l = &l[m.end()..],
+            None => break,
+        }
     }
+    l
 }
 
 /// The stable part of a report's first line: no addresses, CPU/PID/task, source line
@@ -341,10 +346,42 @@ mod tests {
             "BUG: KASAN: slab-use-after-free in iommu_group_remove_device | \
              iommu_group_remove_device < iommu_release_device"
         );
-        let null = lines("[ 1.0] BUG: kernel NULL pointer dereference, address: 0000000000000008");
+        let null = lines(
+            "[    1.896] [ 1.0] BUG: kernel NULL pointer dereference, address: 0000000000000008",
+        );
         assert_eq!(
             kernel_reports(&null)[0].0,
             "BUG: kernel NULL pointer dereference, address: ADDR"
+        );
+    }
+
+    #[test]
+    fn lockdep_and_sleep_in_atomic_reports_are_signed_by_their_heads() {
+        let splat = lines(
+            "[ 9.1] ======================================================\n\
+             [ 9.1] WARNING: possible circular locking dependency detected\n\
+             [ 9.1] 6.12.118-sluice #1 Not tainted\n\
+             [ 9.1] ------------------------------------------------------\n\
+             [ 9.1] the existing dependency chain (in reverse order) is:\n\
+             [ 9.1] -> #1 (&group->mutex){+.+.}-{3:3}:\n\
+             [ 9.1]        __mutex_lock+0x8d/0xa00\n\
+             [ 9.1]        iommu_probe_device+0x35/0x90\n\
+             [ 9.1]        viommu_probe+0x1c2/0x2a0\n\
+             [ 9.1]        lock_acquire+0xc2/0x2a0\n\
+             [ 9.1]        virtio_dev_probe+0x1d0/0x280\n",
+        );
+        let r = kernel_reports(&splat);
+        assert_eq!(
+            r[0].0,
+            "WARNING: possible circular locking dependency detected | \
+             __mutex_lock < iommu_probe_device < viommu_probe"
+        );
+        let sleep = lines(
+            "[ 3.2] BUG: sleeping function called from invalid context at kernel/locking/mutex.c:585",
+        );
+        assert_eq!(
+            kernel_reports(&sleep)[0].0,
+            "BUG: sleeping function called from invalid context at kernel/locking/mutex.c"
         );
     }
 
