@@ -84,6 +84,10 @@ pub struct HarnessExploreArgs {
     /// Runs one minimization may spend before its final rate.
     #[arg(long, default_value_t = 12)]
     minimize_runs: u32,
+    /// Wall time for minimization after the search: no new finding's minimization starts
+    /// after it (findings with more hits go first), e.g. 15m.
+    #[arg(long, value_name = "DURATION", default_value = "20m")]
+    minimize_budget: String,
     /// Runs of a minimized plan that measure its rate.
     #[arg(long, default_value_t = 4)]
     rate_runs: u32,
@@ -438,6 +442,7 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
     }
     let (mut findings, _, mut trial_runs) = state.into_inner().unwrap_or_else(|p| p.into_inner());
     findings.classify(args.baseline_runs.max(1));
+    findings.link_consequences(&trial_runs);
     trial_runs.sort_by_key(|t| t.index);
 
     // Minimization of each signature the search found.
@@ -447,8 +452,16 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
             final_tries: args.rate_runs.max(1),
             ..MinimizeConfig::default()
         };
-        let todo: Vec<(String, Vec<Vec<TrialRule>>)> = findings
+        let minimize_budget =
+            sweep::spec::parse_budget(&args.minimize_budget).context("--minimize-budget")?;
+        let minimize_start = clock.elapsed();
+        let mut order: Vec<&sluice_harness::explore::Finding> = findings
             .found()
+            .filter(|f| f.consequence_of.is_none())
+            .collect();
+        order.sort_by_key(|f| std::cmp::Reverse(f.hits));
+        let todo: Vec<(String, Vec<Vec<TrialRule>>)> = order
+            .into_iter()
             .map(|f| {
                 let starts = f
                     .trials
@@ -460,6 +473,10 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
             })
             .collect();
         for (n, (sig, starts)) in todo.into_iter().enumerate() {
+            if clock.elapsed().saturating_sub(minimize_start) >= minimize_budget {
+                eprintln!("explore: minimization budget used up: {sig} not minimized");
+                continue;
+            }
             let mut attempt = 0u32;
             let mut best = None;
             for rules in starts {
@@ -518,7 +535,11 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
     // Outputs.
     let dir = out.join("findings");
     let mut written = 0;
-    let found: Vec<String> = findings.found().map(|f| f.signature.clone()).collect();
+    let found: Vec<String> = findings
+        .found()
+        .filter(|f| f.consequence_of.is_none())
+        .map(|f| f.signature.clone())
+        .collect();
     for (i, sig) in found.iter().enumerate() {
         let Some(f) = findings.get_mut(sig) else {
             continue;

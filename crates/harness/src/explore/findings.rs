@@ -77,6 +77,12 @@ pub struct Finding {
     /// The minimized plan, when minimization ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimized: Option<Minimized>,
+    /// Another finding that showed in every search run this one showed in, and ranks above it
+    /// (a kernel report over an escape over a hang over an exit over a fault over a workload
+    /// failure): this one is its consequence (a panic's "no RESULT line", an escape's disk
+    /// check) and is not minimized on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consequence_of: Option<String>,
     /// The scenario file written for it, relative to the output directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scenario_file: Option<String>,
@@ -168,6 +174,7 @@ impl FindingSet {
                 baseline_hits: u32::from(trial.is_none()),
                 runs: vec![run_id.to_string()],
                 minimized: None,
+                consequence_of: None,
                 scenario_file: None,
             };
             self.add(f);
@@ -202,6 +209,53 @@ impl FindingSet {
     /// Findings the search caused (not baseline).
     pub fn found(&self) -> impl Iterator<Item = &Finding> {
         self.iter().filter(|f| f.origin == Origin::Found)
+    }
+
+    /// Links each found signature to the one it always came with (see
+    /// [`Finding::consequence_of`]), from the search runs' signature lists.
+    pub fn link_consequences(&mut self, runs: &[TrialRun]) {
+        fn rank(k: AnomalyKind) -> u8 {
+            match k {
+                AnomalyKind::KernelReport => 0,
+                AnomalyKind::Escape => 1,
+                AnomalyKind::Hang => 2,
+                AnomalyKind::Exit => 3,
+                AnomalyKind::Fault => 4,
+                AnomalyKind::Workload => 5,
+            }
+        }
+        let kinds: BTreeMap<String, (AnomalyKind, u32)> = self
+            .by_signature
+            .values()
+            .map(|f| (f.signature.clone(), (f.kind, f.hits)))
+            .collect();
+        for f in self.by_signature.values_mut() {
+            let with: Vec<&TrialRun> = runs
+                .iter()
+                .filter(|r| r.signatures.contains(&f.signature))
+                .collect();
+            let Some(first) = with.first() else {
+                f.consequence_of = None;
+                continue;
+            };
+            let mut best: Option<(u8, std::cmp::Reverse<u32>, &String)> = None;
+            for other in &first.signatures {
+                let Some(&(kind, hits)) = kinds.get(other) else {
+                    continue;
+                };
+                if other == &f.signature || rank(kind) >= rank(f.kind) {
+                    continue;
+                }
+                if !with.iter().all(|r| r.signatures.contains(other)) {
+                    continue;
+                }
+                let key = (rank(kind), std::cmp::Reverse(hits), other);
+                if best.as_ref().is_none_or(|b| key < *b) {
+                    best = Some(key);
+                }
+            }
+            f.consequence_of = best.map(|(_, _, s)| s.clone());
+        }
     }
 
     /// Sets every finding's origin from the search hits and the `baseline_runs` unperturbed
@@ -340,6 +394,7 @@ impl ExploreReport {
         out.trials.sort_by_key(|t| t.index);
         out.shards.sort_by_key(|s| s.index);
         findings.classify(out.baseline_runs);
+        findings.link_consequences(&out.trials);
         out.findings = findings.iter().cloned().collect();
         Ok(out)
     }
@@ -388,7 +443,13 @@ impl ExploreReport {
         if self.findings.is_empty() {
             s += "no finding\n";
         }
-        for f in &self.findings {
+        for f in self.findings.iter().filter(|f| f.consequence_of.is_none()) {
+            let with: Vec<&str> = self
+                .findings
+                .iter()
+                .filter(|c| c.consequence_of.as_deref() == Some(f.signature.as_str()))
+                .map(|c| c.signature.as_str())
+                .collect();
             let rate = f
                 .minimized
                 .as_ref()
@@ -427,6 +488,9 @@ impl ExploreReport {
                     .unwrap_or_default(),
                 rate
             );
+            for c in with {
+                s += &format!("         with: {c}\n");
+            }
         }
         s
     }
@@ -650,6 +714,60 @@ mod tests {
             set.iter().next().unwrap().origin,
             Origin::Baseline,
             "in every baseline run: the base's own"
+        );
+    }
+
+    #[test]
+    fn signatures_that_always_come_with_a_higher_one_are_its_consequences() {
+        let mut set = FindingSet::default();
+        let kinds = [
+            (
+                "kernel Kernel panic - not syncing: x",
+                AnomalyKind::KernelReport,
+            ),
+            ("exit guest-panic", AnomalyKind::Exit),
+            ("escape e from blk0", AnomalyKind::Escape),
+            ("workload no RESULT line", AnomalyKind::Workload),
+        ];
+        let a = |i: usize| Anomaly {
+            kind: kinds[i].1,
+            signature: kinds[i].0.into(),
+            evidence: String::new(),
+        };
+        let run = |i: usize, sigs: &[usize]| TrialRun {
+            index: i,
+            id: format!("t{i}"),
+            variant: "6.12".into(),
+            rules: vec![],
+            firings: vec![],
+            signatures: sigs.iter().map(|&k| kinds[k].0.to_string()).collect(),
+            error: None,
+            wall_s: 1.0,
+        };
+        // Run 0: a panic (exit + no RESULT follow); run 1: an escape with no RESULT.
+        let runs = [run(0, &[0, 1, 3]), run(1, &[2, 3])];
+        set.record(&[a(0), a(1), a(3)], "6.12", "t0", Some((0, &[])));
+        set.record(&[a(2), a(3)], "6.12", "t1", Some((1, &[])));
+        set.classify(1);
+        set.link_consequences(&runs);
+        let of = |s: &str| {
+            set.iter()
+                .find(|f| f.signature == s)
+                .unwrap()
+                .consequence_of
+                .clone()
+        };
+        assert_eq!(
+            of(kinds[1].0).as_deref(),
+            Some(kinds[0].0),
+            "the exit follows the panic"
+        );
+        assert_eq!(of(kinds[0].0), None);
+        assert_eq!(of(kinds[2].0), None);
+        assert_eq!(
+            of(kinds[3].0),
+            None,
+            "no RESULT came with the panic once and with the escape once: neither explains it"
         );
     }
 
