@@ -54,7 +54,6 @@ PARENT=${SLUICE_SLURM_DIR:-$ROOT/target}
 
 log() { printf 'slurm-shards: %s\n' "$*" >&2; }
 skip() {
-    printf '\n==== SKIPPED: %s\n' "$*"
     printf 'SKIPPED: %s\n' "$*"
     exit 0
 }
