@@ -66,17 +66,29 @@ fail() {
 FAILED=0
 T=
 PIDS=()          # munged slurmctld slurmd, in start order
-JOBS=()          # Slurm job ids this test submitted
+SBATCH_PID=      # the waiting sbatch
 
 # --- teardown ---------------------------------------------------------------------------------
 # shellcheck disable=SC2317  # invoked by the trap
 teardown() {
     local rc=$?
     set +e
-    if [ -n "$T" ] && [ -f "$T/slurm.conf" ]; then
-        for j in "${JOBS[@]}"; do
-            SLURM_CONF=$T/slurm.conf timeout 10 scancel "$j" >/dev/null 2>&1
-        done
+    # Cancel what this cluster still runs (only this cluster: SLURM_CONF is ours) and give the
+    # tasks' slurmstepd time to end them before slurmd goes.
+    if [ -n "$T" ] && [ -f "$T/slurm.conf" ] && [ ${#PIDS[@]} -ge 2 ] && kill -0 "${PIDS[1]}" 2>/dev/null; then
+        export SLURM_CONF=$T/slurm.conf
+        if [ -n "$(timeout 10 squeue -h -o %i 2>/dev/null)" ]; then
+            log "cancelling the cluster's jobs"
+            timeout 10 scancel --user="$(id -un)" >/dev/null 2>&1
+            for _ in $(seq 60); do
+                [ -z "$(timeout 10 squeue -h -o %i 2>/dev/null)" ] && break
+                sleep 0.5
+            done
+        fi
+    fi
+    if [ -n "$SBATCH_PID" ]; then
+        kill -TERM "$SBATCH_PID" 2>/dev/null
+        wait "$SBATCH_PID" 2>/dev/null
     fi
     # Stop in reverse start order: slurmd, slurmctld, munged.
     local i pid
@@ -126,7 +138,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
     [ "$apt_ok" = 1 ] || skip "could not install slurm-wlm and munge with apt-get (see the apt output above)"
 fi
-for cmd in slurmctld slurmd sbatch sinfo scontrol scancel munged mungekey munge unmunge python3; do
+for cmd in slurmctld slurmd sbatch sinfo squeue scontrol scancel munged setsid mungekey munge unmunge python3; do
     command -v "$cmd" >/dev/null 2>&1 || skip "$cmd not found after installing slurm-wlm and munge"
 done
 log "$(slurmctld -V 2>&1 | head -n1), munge $(munged --version 2>&1 | head -n1)"
@@ -144,6 +156,23 @@ if [ "$SELFTEST" != 1 ]; then
 fi
 
 # --- 2. the private cluster -------------------------------------------------------------------
+# start_daemon LOG CMD ARGS...: CMD in the foreground of its own session (setsid: a Ctrl-C on the
+# terminal reaches this script, whose trap stops the daemons in order, not the daemons), in the
+# background of this script; its PID appended to PIDS.
+start_daemon() {
+    local out=$1
+    shift
+    # Without job control a background child is no process-group leader, so setsid execs the
+    # daemon in place and $! is the daemon's PID.
+    setsid "$@" >>"$out" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")          # at once: a signal during the start-up must stop it too
+    sleep 0.2
+    kill -0 "$pid" 2>/dev/null || return 1
+    local comm
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null)
+    [ "$comm" = "$(basename "$1" | cut -c1-15)" ] || log "warning: PID $pid is '$comm', not $1: teardown may miss $1"
+}
 mkdir -p "$PARENT" || fail "cannot create $PARENT"
 T=$(mktemp -d "$PARENT/slurm-shards.XXXXXX") || fail "mktemp in $PARENT"
 chmod 700 "$T"
@@ -160,8 +189,8 @@ munge_args=(--foreground --socket="$MUNGE_SOCKET" --key-file="$T/munge/munge.key
     --pid-file="$T/munge/munged.pid" --log-file="$T/log/munged.log" --seed-file="$T/munge/munged.seed")
 # munged refuses to run as root unless forced (Debian runs it as user munge).
 if [ "$(id -u)" = 0 ]; then munge_args+=(--force); fi
-munged "${munge_args[@]}" >>"$T/log/munged.out" 2>&1 &
-PIDS+=($!)
+start_daemon "$T/log/munged.out" munged "${munge_args[@]}" || skip "cannot start munged"
+
 for _ in $(seq 50); do [ -S "$MUNGE_SOCKET" ] && break; kill -0 "${PIDS[0]}" 2>/dev/null || break; sleep 0.1; done
 if ! munge -S "$MUNGE_SOCKET" -n 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; then
     tail -n 20 "$T/log/munged.out" "$T/log/munged.log" 2>/dev/null >&2
@@ -229,8 +258,8 @@ export SLURM_CONF=$T/slurm.conf
 # Keep a surrounding allocation's variables (if this runs inside a Slurm job) from leaking in.
 unset SLURM_JOB_ID SLURM_JOBID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID
 
-slurmctld -D -i -f "$SLURM_CONF" >>"$T/log/slurmctld.out" 2>&1 &
-PIDS+=($!)
+start_daemon "$T/log/slurmctld.out" slurmctld -D -i -f "$SLURM_CONF" ||
+    { tail -n 20 "$T/log/slurmctld.out" >&2; skip "slurmctld exited at once (log above)"; }
 ok=0
 for _ in $(seq 100); do
     if scontrol ping 2>/dev/null | grep -q 'is UP'; then ok=1; break; fi
@@ -244,8 +273,8 @@ fi
 log "slurmctld up (pid ${PIDS[1]}, port $CTLD_PORT)"
 
 mkdir -p "$T/spool/localhost"
-slurmd -D -N localhost -f "$SLURM_CONF" >>"$T/log/slurmd.out" 2>&1 &
-PIDS+=($!)
+start_daemon "$T/log/slurmd.out" slurmd -D -N localhost -f "$SLURM_CONF" ||
+    { tail -n 20 "$T/log/slurmd.out" >&2; skip "slurmd exited at once (log above)"; }
 
 # --- 3. wait for the node ---------------------------------------------------------------------
 state=
@@ -298,12 +327,21 @@ fi
 
 log "sbatch --wait --array=1-$SHARDS $JOB"
 t0=$SECONDS
-sbatch_out=$(timeout "$JOB_TIMEOUT" sbatch --parsable --wait --array="1-$SHARDS" --job-name=sluice-shards \
+# sbatch --wait in the background and a polling wait: a signal to this script runs the trap
+# within a second (bash defers traps until a foreground command returns).
+sbatch --parsable --wait --array="1-$SHARDS" --job-name=sluice-shards \
     --partition=sluice --ntasks=1 --cpus-per-task=1 --chdir="$ROOT" \
-    --output="$T/out/slurm-%A_%a.out" --export=ALL "$JOB" 2>"$T/log/sbatch.err")
+    --output="$T/out/slurm-%A_%a.out" --export=ALL "$JOB" >"$T/log/sbatch.out" 2>"$T/log/sbatch.err" &
+SBATCH_PID=$!
+deadline=$((SECONDS + JOB_TIMEOUT))
+while kill -0 "$SBATCH_PID" 2>/dev/null && [ $SECONDS -lt "$deadline" ]; do sleep 1; done
+if kill -0 "$SBATCH_PID" 2>/dev/null; then
+    fail "the array job did not finish within ${JOB_TIMEOUT}s (SLUICE_SLURM_JOB_TIMEOUT); squeue: $(squeue -h 2>&1 | head -n 5)"
+fi
+wait "$SBATCH_PID"
 sbatch_rc=$?
-jobid=$(printf '%s\n' "$sbatch_out" | head -n1 | cut -d';' -f1)
-[ -n "$jobid" ] && JOBS+=("$jobid")
+SBATCH_PID=
+jobid=$(head -n1 "$T/log/sbatch.out" | cut -d';' -f1)
 log "array job ${jobid:-?} finished in $((SECONDS - t0)) s, sbatch rc=$sbatch_rc"
 for f in "$T"/out/slurm-*.out; do
     [ -f "$f" ] || continue
