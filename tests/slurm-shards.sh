@@ -167,11 +167,16 @@ start_daemon() {
     setsid "$@" >>"$out" 2>&1 &
     local pid=$!
     PIDS+=("$pid")          # at once: a signal during the start-up must stop it too
-    sleep 0.2
-    kill -0 "$pid" 2>/dev/null || return 1
-    local comm
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null)
-    [ "$comm" = "$(basename "$1" | cut -c1-15)" ] || log "warning: PID $pid is '$comm', not $1: teardown may miss $1"
+    local comm want
+    want=$(basename "$1" | cut -c1-15)
+    # The exec can take a moment on a loaded host; until then the PID is still "setsid".
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        comm=$(cat "/proc/$pid/comm" 2>/dev/null)
+        [ "$comm" = "$want" ] && return 0
+        sleep 0.1
+    done
+    log "warning: PID $pid is '$comm', not $1: teardown may miss $1"
 }
 mkdir -p "$PARENT" || fail "cannot create $PARENT"
 T=$(mktemp -d "$PARENT/slurm-shards.XXXXXX") || fail "mktemp in $PARENT"
