@@ -81,3 +81,11 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on
 ./target/release/sluice harness sweep scenarios/registration-window.toml --variant 6.12 \
     --point guest.sym.bus_iommu_probe --delays 0ms,300ms --seeds 3 --replace --budget 3m \
     --out target/ci-harness/sweep --junit target/ci-harness/sweep.xml
+
+# The hunt at cluster scale: a private single-node Slurm cluster (installed from Debian, torn
+# down at the end) runs 4 shards of a small explore as an array job; merged, they must show the
+# signatures the unsharded explore with the same seed shows (about 3 minutes; the self-test of
+# the cluster alone first, 15 s).
+stage "slurm: 4 explore shards on a private cluster vs the unsharded explore"
+SLUICE_SLURM_SELFTEST=1 tests/slurm-shards.sh
+tests/slurm-shards.sh

@@ -442,3 +442,33 @@ mod tests {
         assert!(anomalies(&clean).is_empty());
     }
 }
+
+#[cfg(test)]
+mod real_console {
+    /// The console of a real `6.12-debug` guest that loaded the variant's report self-test
+    /// module (`guest-images/variants/6.12-debug/report-selftest/`): one WARN, one
+    /// sleep-in-atomic, one lockdep splat, one KASAN use-after-free and one ODEBUG report,
+    /// as the serial log records them (host and kernel timestamps).
+    const CONSOLE: &str = include_str!("../../tests/fixtures/debug-6.12-reports.serial");
+
+    #[test]
+    fn every_report_of_a_real_debug_kernel_gets_its_own_signature() {
+        let lines: Vec<String> = CONSOLE.lines().map(str::to_string).collect();
+        let sigs: Vec<String> = super::kernel_reports(&lines)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let heads = [
+            "WARNING: at ",
+            "BUG: sleeping function called from invalid context at ",
+            "WARNING: possible circular locking dependency detected | __mutex_lock < selftest_init",
+            "BUG: KASAN: slab-use-after-free in selftest_uaf [sluice_report_selftest] | selftest_uaf",
+            "WARNING: at lib/debugobjects.c debug_print_object | debug_check_no_obj_freed",
+        ];
+        assert_eq!(sigs.len(), heads.len(), "{sigs:#?}");
+        for (sig, head) in sigs.iter().zip(heads) {
+            assert!(sig.starts_with(head), "{sig:?} should start with {head:?}");
+            assert!(!sig.contains("0x"), "no addresses: {sig}");
+        }
+    }
+}
