@@ -211,6 +211,35 @@ impl FindingSet {
         self.iter().filter(|f| f.origin == Origin::Found)
     }
 
+    /// Search runs in which no rule fired (the guest ended, or never reached the points,
+    /// before any firing) perturbed nothing: they are unperturbed runs, and what they showed
+    /// counts as baseline, not as the plan's doing. Moves their hits to the baseline counts,
+    /// re-derives each finding's first trial, and returns how many such runs there were (to be
+    /// added to the baseline runs).
+    pub fn reattribute_unperturbed(&mut self, runs: &[TrialRun]) -> u32 {
+        let quiet: Vec<&TrialRun> = runs
+            .iter()
+            .filter(|r| r.error.is_none() && r.firings.iter().all(|n| *n == 0))
+            .collect();
+        for f in self.by_signature.values_mut() {
+            for r in quiet.iter().filter(|r| r.signatures.contains(&f.signature)) {
+                f.hits = f.hits.saturating_sub(1);
+                f.baseline_hits += 1;
+                f.trials.retain(|&i| i != r.index);
+                f.runs.retain(|id| id != &r.id);
+            }
+            let first = f.trials.first().copied();
+            if first != f.first_trial {
+                f.first_trial = first;
+                f.first_rules = first
+                    .and_then(|i| runs.iter().find(|r| r.index == i))
+                    .map(|r| r.rules.clone())
+                    .unwrap_or_default();
+            }
+        }
+        u32::try_from(quiet.len()).unwrap_or(u32::MAX)
+    }
+
     /// Links each found signature to the one it always came with (see
     /// [`Finding::consequence_of`]), from the search runs' signature lists.
     pub fn link_consequences(&mut self, runs: &[TrialRun]) {
@@ -307,9 +336,14 @@ pub struct ExploreReport {
     /// merged shards).
     #[serde(default)]
     pub shards: Vec<ShardInfo>,
-    /// Unperturbed baseline runs (each shard runs its own).
+    /// Unperturbed baseline runs (each shard runs its own), search runs in which no rule
+    /// fired included once [`FindingSet::reattribute_unperturbed`] counted them.
     #[serde(default)]
     pub baseline_runs: u32,
+    /// The search runs without a firing were counted as baseline runs already (reports of
+    /// older builds were not; `merge` does it for them).
+    #[serde(default)]
+    pub unperturbed_counted: bool,
     /// Search runs performed.
     pub trials: Vec<TrialRun>,
     /// Runs spent on baseline, probe and minimization.
@@ -348,6 +382,21 @@ impl ExploreReport {
     /// folded by signature (hits summed, the earliest trial kept, the smallest confirmed
     /// minimized plan kept).
     pub fn merge(reports: Vec<ExploreReport>) -> Result<ExploreReport, MergeError> {
+        let reports: Vec<ExploreReport> = reports
+            .into_iter()
+            .map(|mut r| {
+                if !r.unperturbed_counted {
+                    let mut set = FindingSet::default();
+                    for f in std::mem::take(&mut r.findings) {
+                        set.add(f);
+                    }
+                    r.baseline_runs += set.reattribute_unperturbed(&r.trials);
+                    r.findings = set.iter().cloned().collect();
+                    r.unperturbed_counted = true;
+                }
+                r
+            })
+            .collect();
         let mut it = reports.into_iter();
         let mut out = it.next().ok_or(MergeError::Empty)?;
         let mut findings = FindingSet::default();
@@ -637,6 +686,7 @@ mod tests {
             planned: 8,
             shards: vec![ShardInfo { index, count: 2 }],
             baseline_runs: 1,
+            unperturbed_counted: true,
             trials: trials
                 .iter()
                 .map(|&i| TrialRun {
@@ -769,6 +819,53 @@ mod tests {
             None,
             "no RESULT came with the panic once and with the escape once: neither explains it"
         );
+    }
+
+    #[test]
+    fn a_search_run_in_which_nothing_fired_counts_as_baseline() {
+        let mut set = FindingSet::default();
+        let panic = Anomaly {
+            kind: AnomalyKind::KernelReport,
+            signature: "kernel Kernel panic - IO-APIC".into(),
+            evidence: String::new(),
+        };
+        let run = |i: usize, fired: u64| TrialRun {
+            index: i,
+            id: format!("t{i}"),
+            variant: "6.12".into(),
+            rules: vec![format!("r{i}")],
+            firings: vec![fired],
+            signatures: vec![panic.signature.clone()],
+            error: None,
+            wall_s: 1.0,
+        };
+        // The panic comes before the stall in t2 (0 firings) and after it in t5.
+        let runs = [run(2, 0), run(5, 1)];
+        set.record(
+            std::slice::from_ref(&panic),
+            "6.12",
+            "t2",
+            Some((2, &["r2".into()])),
+        );
+        set.record(
+            std::slice::from_ref(&panic),
+            "6.12",
+            "t5",
+            Some((5, &["r5".into()])),
+        );
+        assert_eq!(set.reattribute_unperturbed(&runs), 1);
+        let f = set.iter().next().unwrap();
+        assert_eq!((f.hits, f.baseline_hits), (1, 1));
+        assert_eq!(f.first_trial, Some(5));
+        assert_eq!(f.first_rules, ["r5"]);
+        set.classify(3);
+        assert_eq!(
+            set.found().count(),
+            1,
+            "1 of 3 baseline runs: still reported"
+        );
+        set.classify(1);
+        assert_eq!(set.found().count(), 0);
     }
 
     #[test]
