@@ -91,3 +91,50 @@ pub fn write_u32<M: GuestMemoryBackend>(
     mem.write_slice(&v.to_le_bytes(), GuestAddress(addr))
         .map_err(|_| GuestAccessError { addr, len: 4 })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Two adjacent regions, then a hole: [0, 4K) [4K, 8K), nothing at [8K, 12K), [12K, 16K).
+    fn mem() -> GuestMemoryMmap<()> {
+        let m = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+            (GuestAddress(0x3000), 0x1000),
+        ])
+        .unwrap();
+        for a in (0..0x2000u64).step_by(8).chain((0x3000..0x4000).step_by(8)) {
+            m.write_obj(a.to_le(), GuestAddress(a)).unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn structures_across_a_region_end_misaligned_or_outside_ram() {
+        let m = mem();
+        // Inside one region, aligned and not.
+        assert_eq!(read_u64(&m, 0x18), Ok(0x18));
+        assert_eq!(read_u64(&m, 0x19), Ok((0x18 >> 8) | (0x20 << 56)));
+        // An STE straddling two adjacent regions is read whole (word-by-word path).
+        let w = read_dwords::<_, 8>(&m, 0xfe0).unwrap();
+        assert_eq!(
+            w,
+            [0xfe0, 0xfe8, 0xff0, 0xff8, 0x1000, 0x1008, 0x1010, 0x1018]
+        );
+        // One running into the hole fails, naming the whole structure.
+        assert_eq!(
+            read_dwords::<_, 8>(&m, 0x1fe0),
+            Err(GuestAccessError {
+                addr: 0x1fe0,
+                len: 64
+            })
+        );
+        assert!(read_u64(&m, 0x2000).is_err());
+        assert!(read_u64(&m, 0x2ffc).is_err());
+        assert!(read_u64(&m, 0x3ffc).is_err());
+        assert!(read_u64(&m, u64::MAX - 3).is_err());
+        assert!(read_dwords::<_, 2>(&m, u64::MAX - 8).is_err());
+    }
+}

@@ -484,7 +484,7 @@ mod tests {
         TlbEntry {
             iova,
             size_log2,
-            oa: iova + 0x1_0000_0000,
+            oa: iova.wrapping_add(0x1_0000_0000),
             s1perm: 0x3f,
             s2perm: 0x3f,
             ipa: iova,
@@ -575,5 +575,73 @@ mod tests {
             );
         }
         assert!(tlb.len() <= 5, "{}", tlb.len());
+    }
+
+    #[test]
+    fn no_lookup_after_an_invalidation_returns_what_it_removed() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicU64;
+        // Round r installs page 0 → oa r, invalidates it, then publishes r as done. A reader on
+        // another thread that saw `done = r` before its lookup must never get oa ≤ r back:
+        // that would be a stale hit after a completed invalidation, i.e. an escape.
+        let tlb = Arc::new(Iotlb::new(64));
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (tlb, done, stop) = (tlb.clone(), done.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut hits = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let d = done.load(Ordering::Acquire);
+                    if let Some(e) = tlb.lookup(T, 0x40) {
+                        let round = e.oa >> 12;
+                        assert!(
+                            round > d,
+                            "stale hit: round {round} after round {d} invalidated"
+                        );
+                        hits += 1;
+                    }
+                }
+                hits
+            })
+        };
+        for r in 1..=20_000u64 {
+            let mut e = entry(0, 12);
+            e.oa = r << 12;
+            tlb.insert(T, e, tlb.epoch());
+            // Filler in other size classes and tags, so the shard's maps change shape too.
+            tlb.insert(T, entry(r << 21, 21), tlb.epoch());
+            assert_eq!(tlb.invalidate_range(TagSel::One(T), 0, 0x1000), 1);
+            done.store(r, Ordering::Release);
+            if r % 64 == 0 {
+                tlb.invalidate(TagSel::All);
+            }
+        }
+        stop.store(true, Ordering::Release);
+        let hits = reader.join().expect("reader");
+        // Not asserted (scheduling decides), but shows the race was exercised.
+        eprintln!("reader hits: {hits}");
+    }
+
+    #[test]
+    fn lookups_prefer_the_smaller_size_and_survive_class_removal() {
+        let tlb = Iotlb::new(100);
+        tlb.insert(T, entry(0x20_0000, 21), tlb.epoch());
+        let mut page = entry(0x20_1000, 12);
+        page.oa = 0xdead_0000;
+        tlb.insert(T, page, tlb.epoch());
+        assert_eq!(tlb.lookup(T, 0x20_1008).map(|e| e.oa), Some(0xdead_0000));
+        assert_eq!(tlb.lookup(T, 0x20_2008).map(|e| e.size_log2), Some(21));
+        // Removing the only page empties the 4K class; the block still answers.
+        assert_eq!(tlb.invalidate_range(TagSel::One(T), 0x20_1000, 1), 2);
+        assert!(tlb.lookup(T, 0x20_1008).is_none());
+        tlb.insert(T, entry(0x40_0000, 21), tlb.epoch());
+        assert_eq!(tlb.lookup(T, 0x5f_ffff).map(|e| e.iova), Some(0x40_0000));
+        // The very top of the address space is removed by a whole-tag invalidation.
+        tlb.insert(T, entry(u64::MAX & !0xfff, 12), tlb.epoch());
+        assert!(tlb.lookup(T, u64::MAX).is_some());
+        tlb.invalidate(TagSel::One(T));
+        assert!(tlb.lookup(T, u64::MAX).is_none());
+        assert!(tlb.is_empty());
     }
 }
