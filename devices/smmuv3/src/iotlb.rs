@@ -638,7 +638,7 @@ mod tests {
         tlb.insert(T, entry(0x40_0000, 21), tlb.epoch());
         assert_eq!(tlb.lookup(T, 0x5f_ffff).map(|e| e.iova), Some(0x40_0000));
         // The very top of the address space is removed by a whole-tag invalidation.
-        tlb.insert(T, entry(u64::MAX & !0xfff, 12), tlb.epoch());
+        tlb.insert(T, entry(!0xfffu64, 12), tlb.epoch());
         assert!(tlb.lookup(T, u64::MAX).is_some());
         tlb.invalidate(TagSel::One(T));
         assert!(tlb.lookup(T, u64::MAX).is_none());
