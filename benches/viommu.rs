@@ -3,6 +3,9 @@
 //!
 //! - `viommu_lookup/store/N`: the model's mapping lookup alone (`MapStore::lookup`, the interval
 //!   map the seam consults on a miss); no lock, no report, no data;
+//! - `viommu_lookup/random_read_5MiB`: for scale, one 8-byte read at a scattered index of a
+//!   5 MiB buffer (about the page index's footprint at N = 100 000): what a lookup whose table
+//!   no longer fits the caches pays for the one cache line it must touch;
 //! - `viommu_translate/hit/N`: `EndpointIommu::translate` of 512 bytes answered by the seam's
 //!   per-endpoint cache (`sluice-devapi`), iterated; no data copy;
 //! - `viommu_translate/miss/N`: the same after invalidating the page: the model resolves it;
@@ -93,6 +96,17 @@ fn lookup(c: &mut Bench) {
             })
         });
     }
+    // 100 000 entries of 40 bytes in a table of 131 072 buckets: about 5 MiB.
+    let words = vec![1u64; (5 << 20) / 8];
+    let mut i = 0usize;
+    g.bench_function("random_read_5MiB", |b| {
+        b.iter(|| {
+            // Same stride pattern as the lookups (7 entries on), scattered by a multiplier.
+            i = (i + 7) % 100_000;
+            let at = (i.wrapping_mul(0x9E37_79B9) >> 3) % words.len();
+            black_box(words.get(at).copied())
+        })
+    });
     g.finish();
 }
 
