@@ -482,7 +482,6 @@ pub fn walk_range_until<M: GuestMemoryBackend>(
 ) -> Result<WalkEnd, (u64, WalkError)> {
     let mut cur = start & !(PAGE_SIZE - 1);
     let mut region: Option<(u64, Option<(u64, bool)>)> = None;
-    let mut buf = [0u8; 256 * 8];
     while cur < end {
         if cur >= RT_REACH {
             return Err((cur, WalkError::BeyondReach { iova: cur }));
@@ -533,7 +532,7 @@ pub fn walk_range_until<M: GuestMemoryBackend>(
                     pto,
                     writable: base_w && !prot,
                 };
-                match walk_page_table(mem, &pt, cur, seg_end, &mut buf, out)? {
+                match walk_page_table(mem, &pt, cur, seg_end, out)? {
                     WalkEnd::Done => ControlFlow::Continue(()),
                     WalkEnd::Stopped(at) => return Ok(stopped_at(at, end)),
                 }
@@ -562,18 +561,52 @@ struct PageTable {
     writable: bool,
 }
 
-/// Reports the pages `[cur, seg_end)` (within one segment) of page table `pt`, read in one access.
+/// Reports the pages `[cur, seg_end)` (within one segment) of page table `pt`. The entries are
+/// read through one resolved host slice of the table (`get_slice` checks the whole run lies in
+/// one RAM region), one volatile load each; a run outside RAM or across a region end is copied
+/// instead, which fails as before.
 fn walk_page_table<M: GuestMemoryBackend>(
     mem: &M,
     pt: &PageTable,
     cur: u64,
     seg_end: u64,
-    buf: &mut [u8; 256 * 8],
     out: &mut dyn FnMut(Step) -> ControlFlow<()>,
 ) -> Result<WalkEnd, (u64, WalkError)> {
     let first = px(cur);
     let n = ((seg_end - cur).div_ceil(PAGE_SIZE)) as usize;
     let taddr = pt.pto.wrapping_add(first * 8);
+    if n > 256 {
+        return Err((
+            cur,
+            WalkError::BadType {
+                level: Level::Page,
+                entry: 0,
+            },
+        ));
+    }
+    match mem.get_slice(GuestAddress(taddr), n * 8) {
+        Ok(table) => decode_page_run(pt, cur, seg_end, taddr, n, out, |i| {
+            table
+                .get_ref::<u64>(i * 8)
+                .ok()
+                .map(|r| u64::from_be(r.load()))
+        }),
+        Err(_) => walk_page_table_copied(mem, pt, cur, seg_end, taddr, n, out),
+    }
+}
+
+/// [`walk_page_table`] for a run `get_slice` refused: copy it (and fail where it is unreadable).
+#[cold]
+fn walk_page_table_copied<M: GuestMemoryBackend>(
+    mem: &M,
+    pt: &PageTable,
+    cur: u64,
+    seg_end: u64,
+    taddr: u64,
+    n: usize,
+    out: &mut dyn FnMut(Step) -> ControlFlow<()>,
+) -> Result<WalkEnd, (u64, WalkError)> {
+    let mut buf = [0u8; 256 * 8];
     let Some(slice) = buf.get_mut(..n * 8) else {
         return Err((
             cur,
@@ -594,14 +627,41 @@ fn walk_page_table<M: GuestMemoryBackend>(
                 },
             )
         })?;
+    let slice = &*slice;
+    decode_page_run(pt, cur, seg_end, taddr, n, out, |i| {
+        let mut e = [0u8; 8];
+        e.copy_from_slice(slice.get(i * 8..i * 8 + 8)?);
+        Some(u64::from_be_bytes(e))
+    })
+}
+
+/// Decodes and reports `n` page entries starting at `taddr`; `entry(i)` gives the i-th (`None`
+/// cannot happen for an index below `n`, and is reported as a bad entry if it does).
+#[allow(clippy::too_many_arguments)]
+fn decode_page_run(
+    pt: &PageTable,
+    cur: u64,
+    seg_end: u64,
+    taddr: u64,
+    n: usize,
+    out: &mut dyn FnMut(Step) -> ControlFlow<()>,
+    entry: impl Fn(usize) -> Option<u64>,
+) -> Result<WalkEnd, (u64, WalkError)> {
     // A run of invalid pages is reported as one step, when the run ends.
     let mut inval: Option<u64> = None;
-    for (i, chunk) in slice.chunks_exact(8).enumerate() {
+    for i in 0..n {
         let iova = cur + (i as u64) * PAGE_SIZE;
-        let mut e = [0u8; 8];
-        e.copy_from_slice(chunk);
         let addr = taddr.wrapping_add((i as u64) * 8);
-        let decoded = decode_pte(u64::from_be_bytes(e), addr);
+        let Some(raw) = entry(i) else {
+            return Err((
+                iova,
+                WalkError::BadType {
+                    level: Level::Page,
+                    entry: 0,
+                },
+            ));
+        };
+        let decoded = decode_pte(raw, addr);
         if !matches!(decoded, Ok(None))
             && let Some(s) = inval.take()
         {
