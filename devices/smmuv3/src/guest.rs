@@ -21,7 +21,10 @@ pub struct GuestAccessError {
 /// checks it lies inside one region; `load` is an unaligned-safe volatile read). A structure that
 /// straddles two regions, or lies outside guest RAM, takes the word-by-word path, which fails
 /// exactly where the guest's address is bad.
-#[inline]
+///
+/// Not inlined: inlined into `translate_inner`'s miss branches it slowed the IOTLB-hit path by
+/// about 5 ns (code placement; `docs/benchmarks.md`), more than the call costs a walk.
+#[inline(never)]
 pub fn read_dwords<M: GuestMemoryBackend, const N: usize>(
     mem: &M,
     addr: u64,
@@ -60,7 +63,7 @@ fn read_dwords_slow<M: GuestMemoryBackend, const N: usize>(
 }
 
 /// Reads one little-endian 64-bit word.
-#[inline]
+#[inline(never)]
 pub fn read_u64<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Result<u64, GuestAccessError> {
     read_dwords::<M, 1>(mem, addr).map(|[w]| w)
 }
