@@ -352,7 +352,9 @@ impl SmmuV3 {
         trace: &Trace,
     ) -> Result<Ste, SteError> {
         let caching = trace.caching(self);
-        if let Some(s) = self.cfg_cache.ste(sid).filter(|_| caching) {
+        // Not even looked up when not caching (NeverCache, a fresh re-derivation): the lookup
+        // costs two atomic operations and a probe, and its answer would be thrown away.
+        if let Some(s) = caching.then(|| self.cfg_cache.ste(sid)).flatten() {
             trace.record(CacheUse {
                 cache: CacheKind::Config,
                 context: u64::from(sid),
@@ -403,7 +405,7 @@ impl SmmuV3 {
             },
         };
         let caching = trace.caching(self);
-        if let Some(cd) = self.cfg_cache.cd(ctx.sid, ssid).filter(|_| caching) {
+        if let Some(cd) = caching.then(|| self.cfg_cache.cd(ctx.sid, ssid)).flatten() {
             let slot = cd_slot(ssid);
             trace.record(CacheUse {
                 cache: CacheKind::Config,
