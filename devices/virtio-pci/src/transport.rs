@@ -286,6 +286,9 @@ impl VirtioPciFunction {
             q.set_desc_table_address(Some(regs.desc as u32), Some((regs.desc >> 32) as u32));
             q.set_avail_ring_address(Some(regs.driver as u32), Some((regs.driver >> 32) as u32));
             q.set_used_ring_address(Some(regs.device as u32), Some((regs.device >> 32) as u32));
+            q.set_event_idx(
+                inner.common.driver_features & (1u64 << crate::VIRTIO_RING_F_EVENT_IDX) != 0,
+            );
             q.set_ready(true);
             let valid = match &view {
                 DmaView::Direct(m) => q.is_valid(m.as_ref()),
