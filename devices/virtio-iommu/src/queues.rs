@@ -134,10 +134,9 @@ impl Engine {
                 // only rings when `avail_event` asks it to; ask for its next buffer (and take
                 // one added meanwhile).
                 if queue.enable_notification(mem).unwrap_or(false)
-                    && let Some(chain) = queue.pop_descriptor_chain(mem)
+                    && queue.pop_descriptor_chain(mem).is_some()
                 {
                     queue.go_to_previous_position();
-                    drop(chain);
                     continue;
                 }
                 break;
