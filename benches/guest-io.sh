@@ -10,7 +10,8 @@
 #           virtio-blk-pci,iommu_platform=on (q35);
 #   arm64:  Sluice's SMMUv3 (served through x-smmuv3-proxy) + virtio-blk against QEMU's own
 #           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on.
-# Env:   DDMB (MiB per 1M test, default 2048), DD4K (4 KiB blocks per 4k test, default 32768),
+# Env:   DDMB (MiB per 1M test, default 4096 without an IOMMU, 2048 with one: at least 2 s
+#        each at the speeds seen here), DD4K (4 KiB blocks per 4k test, default 32768),
 #        CPUS (default 2), SLUICE (path to the sluice binary; built if unset), QEMU (binary),
 #        FORCE=1 (measure even if the machine is busy; see the load check below),
 #        VARIANTS (A/B of Sluice configurations in the same run, alternating within each round:
@@ -34,9 +35,11 @@ if [ "${1:-}" = --arch ]; then
 fi
 ROUNDS=${1:-5}
 if [ "$ARCH" = aarch64 ]; then VARIANT=${2:-arm64-6.12}; else VARIANT=${2:-6.12}; fi
-# Sizes: every test should last at least 2 s: 128 MiB of 4k requests at up to ~60 MB/s, 2 GiB
-# of 1M requests at up to ~1 GB/s.
-DDMB=${DDMB:-2048}
+# Sizes: every test should last at least 2 s: 128 MiB of 4k requests at up to ~60 MB/s; 4 GiB
+# of 1M requests without an IOMMU (up to ~2 GB/s), 2 GiB with one (up to ~1 GB/s).
+DDMB_NONE=${DDMB:-4096}
+DDMB_IOMMU=${DDMB:-2048}
+ddmb() { [ "$1" = none ] && echo "$DDMB_NONE" || echo "$DDMB_IOMMU"; }
 DD4K=${DD4K:-32768}
 CPUS=${CPUS:-2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -71,10 +74,11 @@ if [ "$ARCH" = aarch64 ]; then
 else
     CONSOLE=ttyS0 BASE_CMDLINE="panic=-1 nokaslr tsc=unstable" SLUICE_IOMMU=virtio
 fi
-CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.ddmb=$DDMB sluice.dd4k=$DD4K"
+CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.dd4k=$DD4K"
 DISK=$WORK/disk.img
 # Sparse; room for the read and the write region of the 1M tests.
-rm -f "$DISK"; truncate -s $((2 * DDMB + 256))M "$DISK"
+BIGGEST=$((DDMB_NONE > DDMB_IOMMU ? DDMB_NONE : DDMB_IOMMU))
+rm -f "$DISK"; truncate -s $((2 * BIGGEST + 256))M "$DISK"
 
 # MODE: none | lazy | strict. lazy is the 6.12 default (DMA-FQ); strict adds iommu.strict=1.
 iommu_cmdline() { [ "$1" = strict ] && echo "iommu.strict=1" || true; }
@@ -97,7 +101,7 @@ run_sluice() { # MODE VARIANT ROUND -> console on stdout
     fi
     env "${envs[@]}" "$bin" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$qemu" \
         --cpus "$CPUS" "${iommu[@]}" --disk "$DISK" --workload bench \
-        --cmdline "quiet sluice.ddmb=$DDMB sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
+        --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
         --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 || true
     # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X) of this run
     sed -n "s/^device proxy: *\(blk0.*\)/round $round $(variant_label "$spec") $mode proxy \1/p" \
@@ -126,7 +130,7 @@ run_qemu() { # MODE
         "${machine[@]}" -smp "$CPUS" -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
-        -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE $(iommu_cmdline "$mode")" \
+        -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE sluice.ddmb=$(ddmb "$mode") $(iommu_cmdline "$mode")" \
         -drive "file=$DISK,if=none,id=d0,format=raw,cache=writeback,aio=threads" \
         "${dev[@]}" 2>&1 || true
 }
@@ -171,18 +175,19 @@ median() { # WHO MODE TEST
     awk -v w="$1" -v m="$2" -v t="$3" '$1==w && $2==m && $3==t {print $4}' "$RESULTS" | sort -n |
         awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print 0}'
 }
-bytes_of() { # TEST -> MiB moved by one run of it
-    case "$1" in *1M) echo "$DDMB" ;; *) echo "$((DD4K * 4 / 1024))" ;; esac
+bytes_of() { # MODE TEST -> MiB moved by one run of it
+    case "$2" in *1M) ddmb "$1" ;; *) echo "$((DD4K * 4 / 1024))" ;; esac
 }
 cell() { # WHO MODE TEST -> "median [values]", * when the median run lasted under 2 s
-    awk -v m="$(median "$1" "$2" "$3")" -v v="$(values "$1" "$2" "$3")" -v b="$(bytes_of "$3")" \
+    awk -v m="$(median "$1" "$2" "$3")" -v v="$(values "$1" "$2" "$3")" -v b="$(bytes_of "$2" "$3")" \
         'BEGIN { printf "%.1f%s [%s]", m, (m > 0 && b / m < 2) ? "*" : "", v }'
 }
 
 echo
 echo "guest-io.sh: load average $LOAD_START at the start, $LOAD_END at the end ($(nproc) cores)"
 echo "medians over $ROUNDS alternating rounds ($ARCH guest $VARIANT, $CPUS vCPUs, TCG;" \
-     "ddmb=$DDMB dd4k=$DD4K), MiB/s, single values in brackets (run order)"
+     "ddmb=$DDMB_NONE/$DDMB_IOMMU (none/IOMMU) dd4k=$DD4K), MiB/s, single values in brackets" \
+     "(run order)"
 for who in "${WHO[@]}"; do
     [ "$who" = qemu ] && continue
     echo
