@@ -64,7 +64,10 @@ fn boot_and_verify(variant: &str) {
         .iter()
         .filter_map(|l| l.as_str())
         .any(|l| l.contains("MSI"));
-    assert!(msix || dev["intx_raised"].as_u64().unwrap() > 0, "{irq_lines:?}");
+    assert!(
+        msix || dev["intx_raised"].as_u64().unwrap() > 0,
+        "{irq_lines:?}"
+    );
     assert!(r["boot_to_init_s"].as_f64().unwrap() > 0.0);
 }
 
