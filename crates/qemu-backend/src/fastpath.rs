@@ -11,8 +11,9 @@
 //!   read.
 //!
 //! Both are optional: a device whose injection plan holds a doorbell rule keeps its doorbells
-//! on the socket (a stall there must hold the vCPU that rang), and `SLUICE_PROXY_IOEVENTFD=off`
-//! / `SLUICE_PROXY_MSIX=off` switch the paths off for A/B measurements.
+//! on the socket (a stall there must hold the vCPU that rang), a virtio-iommu keeps them by
+//! default ([`ioeventfds_for`]), and `SLUICE_PROXY_IOEVENTFD=off|all` / `SLUICE_PROXY_MSIX=off`
+//! switch the paths for A/B measurements.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -39,9 +40,21 @@ fn enabled(name: &str) -> bool {
     std::env::var(format!("SLUICE_PROXY_{name}")).map_or(true, |v| v != "off")
 }
 
-/// Whether doorbells may be handed to QEMU as ioeventfds (`SLUICE_PROXY_IOEVENTFD=off`: no).
-pub fn ioeventfds_enabled() -> bool {
-    enabled("IOEVENTFD")
+/// Whether `kind`'s doorbells are handed to QEMU as ioeventfds. `SLUICE_PROXY_IOEVENTFD=off`:
+/// no device's; `=all`: every device's; default: every device's but a virtio-iommu's.
+///
+/// Linux's virtio-iommu driver busy-polls the used ring after each request, and Sluice answers
+/// the request inside the doorbell write. Over the socket the ringing vCPU sleeps in QEMU until
+/// the answer is there; with an ioeventfd it returns at once and spins, and on a host with
+/// fewer free cores than busy threads (these 2-core VMs under TCG) the spin takes the CPU the
+/// doorbell thread needs to answer. Measured: strict-mode throughput fell to a fraction with
+/// the virtio-iommu's doorbells absorbed (`docs/benchmarks.md`, issue 18).
+pub fn ioeventfds_for(kind: &str) -> bool {
+    match std::env::var("SLUICE_PROXY_IOEVENTFD").as_deref() {
+        Ok("off") => false,
+        Ok("all") => true,
+        _ => kind != "virtio-iommu",
+    }
 }
 
 /// The "x-sluice-protocol" level `qemu`'s `x-pci-proxy-dev` advertises (0: an unpatched or

@@ -174,7 +174,7 @@ impl DeviceServer {
     fn absorb_doorbells(&mut self) {
         self.doorbell_thread = None;
         self.doorbells = Arc::new(Vec::new());
-        if self.sync_doorbells || !crate::fastpath::ioeventfds_enabled() {
+        if self.sync_doorbells || !crate::fastpath::ioeventfds_for(self.device.kind) {
             return;
         }
         let Some(virtio) = &self.device.virtio else {
