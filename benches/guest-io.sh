@@ -10,10 +10,18 @@
 #           virtio-blk-pci,iommu_platform=on (q35);
 #   arm64:  Sluice's SMMUv3 (served through x-smmuv3-proxy) + virtio-blk against QEMU's own
 #           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on.
-# Env:   DDMB (MiB per 1M test, default 1024), DD4K (4 KiB blocks per 4k test, default 16384),
+# Env:   DDMB (MiB per 1M test, default 4096 without an IOMMU, 2048 with one: at least 2 s
+#        each at the speeds seen here), DD4K (4 KiB blocks per 4k test, default 32768),
 #        CPUS (default 2), SLUICE (path to the sluice binary; built if unset), QEMU (binary),
-#        FORCE=1 (measure even if the machine is busy; see the load check below).
-# Prints per-round figures, then medians and the ratio Sluice / QEMU for each test.
+#        FORCE=1 (measure even if the machine is busy; see the load check below),
+#        VARIANTS (A/B of Sluice configurations in the same run, alternating within each round:
+#        space-separated LABEL or LABEL:VAR=VALUE,VAR=VALUE; VAR is an environment variable for
+#        that sluice run, or PROXY_QEMU (the QEMU binary Sluice's side uses) or SLUICE_BIN (the
+#        sluice binary); default "sluice"), e.g.
+#          VARIANTS="old:PROXY_QEMU=/path/to/older/qemu nomsix:SLUICE_PROXY_MSIX=off sluice"
+# Prints every single value (per round, and in brackets after each median), the medians, the
+# ratio Sluice / QEMU, both IOMMU cost factors and their ratio, and flags (*) a median whose
+# tests lasted under 2 s (DDMB/DD4K too small for the speed: the 10 ms clock then matters).
 # Figures are guest-side (dd timed with /proc/uptime, 10 ms resolution) under QEMU TCG here.
 set -euo pipefail
 ARCH=x86_64
@@ -27,10 +35,12 @@ if [ "${1:-}" = --arch ]; then
 fi
 ROUNDS=${1:-5}
 if [ "$ARCH" = aarch64 ]; then VARIANT=${2:-arm64-6.12}; else VARIANT=${2:-6.12}; fi
-# Sizes: the 4k tests run for about 3 s here (~20 MB/s), the 1M tests about 1 s (~1 GB/s; 2 GiB
-# doubles the run time of the whole benchmark).
-DDMB=${DDMB:-1024}
-DD4K=${DD4K:-16384}
+# Sizes: every test should last at least 2 s: 128 MiB of 4k requests at up to ~60 MB/s; 4 GiB
+# of 1M requests without an IOMMU (up to ~2 GB/s), 2 GiB with one (up to ~1 GB/s).
+DDMB_NONE=${DDMB:-4096}
+DDMB_IOMMU=${DDMB:-2048}
+ddmb() { [ "$1" = none ] && echo "$DDMB_NONE" || echo "$DDMB_IOMMU"; }
+DD4K=${DD4K:-32768}
 CPUS=${CPUS:-2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-$ROOT/target/guest-io-$ARCH}
@@ -38,6 +48,8 @@ mkdir -p "$WORK"
 
 # Both sides share this machine's cores with whatever else runs: refuse to measure on a busy
 # machine (the 1-minute load average, less this script's own share, above half the cores).
+read -r LOAD_START _ < /proc/loadavg
+echo "guest-io.sh: $(date -u '+%F %T') UTC, load average $LOAD_START on $(nproc) cores"
 if [ "${FORCE:-0}" != 1 ]; then
     read -r load1 _ < /proc/loadavg
     if awk -v l="$load1" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
@@ -62,21 +74,38 @@ if [ "$ARCH" = aarch64 ]; then
 else
     CONSOLE=ttyS0 BASE_CMDLINE="panic=-1 nokaslr tsc=unstable" SLUICE_IOMMU=virtio
 fi
-CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.ddmb=$DDMB sluice.dd4k=$DD4K"
+CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.dd4k=$DD4K"
 DISK=$WORK/disk.img
 # Sparse; room for the read and the write region of the 1M tests.
-rm -f "$DISK"; truncate -s $((2 * DDMB + 256))M "$DISK"
+BIGGEST=$((DDMB_NONE > DDMB_IOMMU ? DDMB_NONE : DDMB_IOMMU))
+rm -f "$DISK"; truncate -s $((2 * BIGGEST + 256))M "$DISK"
 
 # MODE: none | lazy | strict. lazy is the 6.12 default (DMA-FQ); strict adds iommu.strict=1.
 iommu_cmdline() { [ "$1" = strict ] && echo "iommu.strict=1" || true; }
 
-run_sluice() { # MODE -> console on stdout
-    local mode=$1 iommu=()
+VARIANTS=${VARIANTS:-sluice}
+variant_label() { echo "${1%%:*}"; }
+exec 3>&1   # the script's own stdout, for lines printed from inside pipelines
+run_sluice() { # MODE VARIANT ROUND -> console on stdout
+    local mode=$1 spec=$2 round=$3 iommu=() envs=() bin=$SLUICE qemu=$QEMU kv
     if [ "$mode" != none ]; then iommu=(--iommu "$SLUICE_IOMMU"); fi
-    "$SLUICE" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$QEMU" --cpus "$CPUS" \
-        "${iommu[@]}" --disk "$DISK" --workload bench \
-        --cmdline "quiet sluice.ddmb=$DDMB sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
-        --run-dir "$WORK/sluice" --timeout 900 >/dev/null 2>&1 || true
+    if [[ "$spec" == *:* ]]; then
+        IFS=, read -r -a kvs <<< "${spec#*:}"
+        for kv in "${kvs[@]}"; do
+            case "$kv" in
+                PROXY_QEMU=*) qemu=${kv#PROXY_QEMU=} ;;
+                SLUICE_BIN=*) bin=${kv#SLUICE_BIN=} ;;
+                ?*=*) envs+=("$kv") ;;
+            esac
+        done
+    fi
+    env "${envs[@]}" "$bin" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$qemu" \
+        --cpus "$CPUS" "${iommu[@]}" --disk "$DISK" --workload bench \
+        --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
+        --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 || true
+    # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X) of this run
+    sed -n "s/^device proxy: *\(blk0.*\)/round $round $(variant_label "$spec") $mode proxy \1/p" \
+        "$WORK/sluice.out" >&3
     cat "$WORK/sluice/serial.log"
 }
 
@@ -101,7 +130,7 @@ run_qemu() { # MODE
         "${machine[@]}" -smp "$CPUS" -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
-        -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE $(iommu_cmdline "$mode")" \
+        -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE sluice.ddmb=$(ddmb "$mode") $(iommu_cmdline "$mode")" \
         -drive "file=$DISK,if=none,id=d0,format=raw,cache=writeback,aio=threads" \
         "${dev[@]}" 2>&1 || true
 }
@@ -109,44 +138,81 @@ run_qemu() { # MODE
 MODES=${MODES:-none lazy strict}
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
+record() { # WHO MODE ROUND: bench lines on stdin -> RESULTS
+    sed -n 's/.*SLUICE: BENCH \([A-Za-z0-9]*\) .* \([0-9.]*\) MiB\/s.*/\1 \2/p' |
+        while read -r test mibs; do
+            echo "$1 $2 $test $mibs" >> "$RESULTS"
+            echo "round $3 $1 $2 $test $mibs MiB/s"
+        done
+}
+WHO=()
+for v in $VARIANTS; do WHO+=("$(variant_label "$v")"); done
+WHO+=(qemu)
 for r in $(seq 1 "$ROUNDS"); do
     for mode in $MODES; do
-        for who in sluice qemu; do
-            "run_$who" "$mode" | sed -n 's/.*SLUICE: BENCH \([A-Za-z0-9]*\) .* \([0-9.]*\) MiB\/s.*/\1 \2/p' |
-                while read -r test mibs; do
-                    echo "$who $mode $test $mibs" >> "$RESULTS"
-                    echo "round $r $who $mode $test $mibs MiB/s"
-                done
+        # alternate the order of the sides from round to round, so a drift within a round
+        # does not always favour the same side
+        sides=($VARIANTS qemu)
+        if [ $((r % 2)) = 0 ]; then
+            rev=(); for ((i = ${#sides[@]} - 1; i >= 0; i--)); do rev+=("${sides[i]}"); done
+            sides=("${rev[@]}")
+        fi
+        for side in "${sides[@]}"; do
+            if [ "$side" = qemu ]; then
+                run_qemu "$mode" | record qemu "$mode" "$r"
+            else
+                run_sluice "$mode" "$side" "$r" | record "$(variant_label "$side")" "$mode" "$r"
+            fi
         done
     done
 done
+read -r LOAD_END _ < /proc/loadavg
 
+values() { # WHO MODE TEST -> the single values, in run order
+    awk -v w="$1" -v m="$2" -v t="$3" '$1==w && $2==m && $3==t {printf "%s%s", sep, $4; sep=","}' "$RESULTS"
+}
 median() { # WHO MODE TEST
     awk -v w="$1" -v m="$2" -v t="$3" '$1==w && $2==m && $3==t {print $4}' "$RESULTS" | sort -n |
         awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print 0}'
 }
+bytes_of() { # MODE TEST -> MiB moved by one run of it
+    case "$2" in *1M) ddmb "$1" ;; *) echo "$((DD4K * 4 / 1024))" ;; esac
+}
+cell() { # WHO MODE TEST -> "median [values]", * when the median run lasted under 2 s
+    awk -v m="$(median "$1" "$2" "$3")" -v v="$(values "$1" "$2" "$3")" -v b="$(bytes_of "$2" "$3")" \
+        'BEGIN { printf "%.1f%s [%s]", m, (m > 0 && b / m < 2) ? "*" : "", v }'
+}
 
 echo
-echo "medians over $ROUNDS rounds ($ARCH guest $VARIANT, $CPUS vCPUs, TCG; ddmb=$DDMB dd4k=$DD4K), MB/s"
-printf '%-8s %-10s %10s %10s %8s\n' mode test sluice qemu ratio
-for mode in $MODES; do
-    for test in read1M write1M read4k write4k; do
-        awk -v m="$mode" -v t="$test" -v s="$(median sluice "$mode" "$test")" -v q="$(median qemu "$mode" "$test")" \
-            'BEGIN { printf "%-8s %-10s %10.1f %10.1f %8.2f\n", m, t, s, q, (q > 0) ? s / q : 0 }'
-    done
-done
-if [[ " $MODES " == *" none "* ]]; then
+echo "guest-io.sh: load average $LOAD_START at the start, $LOAD_END at the end ($(nproc) cores)"
+echo "medians over $ROUNDS alternating rounds ($ARCH guest $VARIANT, $CPUS vCPUs, TCG;" \
+     "ddmb=$DDMB_NONE/$DDMB_IOMMU (none/IOMMU) dd4k=$DD4K), MiB/s, single values in brackets" \
+     "(run order)"
+for who in "${WHO[@]}"; do
+    [ "$who" = qemu ] && continue
     echo
-    echo "IOMMU cost factors (throughput with the IOMMU / without, same backend; 1.00 = free)"
-    printf '%-8s %-10s %10s %10s %12s\n' mode test sluice qemu "sluice/qemu"
+    echo "== $who vs QEMU in-process"
+    printf '%-7s %-8s %-44s %-44s %6s\n' mode test "$who" qemu ratio
     for mode in $MODES; do
-        [ "$mode" = none ] && continue
         for test in read1M write1M read4k write4k; do
-            awk -v m="$mode" -v t="$test" \
-                -v s="$(median sluice "$mode" "$test")" -v s0="$(median sluice none "$test")" \
-                -v q="$(median qemu "$mode" "$test")" -v q0="$(median qemu none "$test")" \
-                'BEGIN { fs = (s0 > 0) ? s / s0 : 0; fq = (q0 > 0) ? q / q0 : 0;
-                         printf "%-8s %-10s %10.2f %10.2f %12.2f\n", m, t, fs, fq, (fq > 0) ? fs / fq : 0 }'
+            awk -v m="$mode" -v t="$test" -v sc="$(cell "$who" "$mode" "$test")" \
+                -v qc="$(cell qemu "$mode" "$test")" \
+                -v s="$(median "$who" "$mode" "$test")" -v q="$(median qemu "$mode" "$test")" \
+                'BEGIN { printf "%-7s %-8s %-44s %-44s %6.2f\n", m, t, sc, qc, (q > 0) ? s / q : 0 }'
         done
     done
-fi
+    if [[ " $MODES " == *" none "* ]]; then
+        echo "IOMMU cost factors (throughput with the IOMMU / without, same backend; 1.00 = free)"
+        printf '%-7s %-8s %10s %10s %12s\n' mode test "$who" qemu "$who/qemu"
+        for mode in $MODES; do
+            [ "$mode" = none ] && continue
+            for test in read1M write1M read4k write4k; do
+                awk -v m="$mode" -v t="$test" \
+                    -v s="$(median "$who" "$mode" "$test")" -v s0="$(median "$who" none "$test")" \
+                    -v q="$(median qemu "$mode" "$test")" -v q0="$(median qemu none "$test")" \
+                    'BEGIN { fs = (s0 > 0) ? s / s0 : 0; fq = (q0 > 0) ? q / q0 : 0;
+                             printf "%-7s %-8s %10.2f %10.2f %12.2f\n", m, t, fs, fq, (fq > 0) ? fs / fq : 0 }'
+            done
+        done
+    fi
+done

@@ -144,6 +144,21 @@ pub fn doorbell_points(device: &crate::HostedDevice) -> Vec<String> {
         .collect()
 }
 
+/// The rules of `injector`'s plan on `device`'s doorbell points ([`doorbell_points`]): while
+/// there are any, the backend must keep that device's doorbells synchronous (an MMIO exit, a
+/// socket round trip) so that a stall holds the vCPU that rang, not a doorbell thread.
+pub fn doorbell_rules(
+    injector: &sluice_inject::Injector,
+    device: &crate::HostedDevice,
+) -> Vec<String> {
+    let points = doorbell_points(device);
+    injector
+        .rules()
+        .filter(|r| points.contains(&r.spec.point))
+        .map(|r| r.spec.text.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

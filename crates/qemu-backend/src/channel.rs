@@ -39,7 +39,11 @@ pub struct Channel {
 /// Room for MAX_FDS descriptors plus headers, 8-byte aligned as cmsg requires.
 const CMSG_WORDS: usize = 16;
 
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, ChannelError> {
+pub(crate) fn recv_with_fds(
+    fd: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, ChannelError> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -135,6 +139,55 @@ impl Channel {
     /// Sends a reply.
     pub fn reply(&mut self, value: u64) -> io::Result<()> {
         self.sock.write_all(&protocol::encode_reply(value))
+    }
+
+    /// Sends a whole message with `fds` attached to its first byte (SCM_RIGHTS), as QEMU's
+    /// `mpqemu_msg_recv` expects them. The descriptors stay ours; the peer gets copies.
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        if fds.is_empty() {
+            return self.sock.write_all(bytes);
+        }
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many descriptors for one message",
+            ));
+        }
+        let mut control = [0u64; CMSG_WORDS];
+        let fd_bytes = std::mem::size_of_val(fds);
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid empty header; the pointers set below outlive
+        // the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure size computation; MAX_FDS descriptors fit in `control`.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+        // SAFETY: `msg` has a control buffer of at least one header plus `fd_bytes`, so
+        // CMSG_FIRSTHDR is non-null and its data has room for the descriptors.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                fd_bytes,
+            );
+        }
+        // SAFETY: `msg` points at live buffers; sendmsg only reads them.
+        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The descriptors went with the first byte; the rest is a plain write.
+        self.sock
+            .write_all(bytes.get(n as usize..).unwrap_or_default())
     }
 }
 

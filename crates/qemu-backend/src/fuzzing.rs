@@ -29,7 +29,9 @@ use sluice_virtio_pci::{
     VirtioPciFunction,
 };
 
-use crate::protocol::{BAR_PAYLOAD, CONFIG_PAYLOAD, FAILED, HEADER_LEN, MAX_PAYLOAD};
+use crate::protocol::{
+    BAR_PAYLOAD, CONFIG_PAYLOAD, FAILED, HEADER_LEN, IOEVENTFDS_PAYLOAD, MAX_PAYLOAD,
+};
 use crate::server::DeviceServer;
 
 const BAR0_BASE: u64 = 0xfe00_0000;
@@ -208,10 +210,13 @@ fn stream(data: &[u8]) -> Vec<u8> {
             6 => {
                 // A command with the payload size it should have, fds absent.
                 let Some(which) = inp.u8() else { break };
-                match which % 3 {
+                match which % 5 {
                     0 => out.extend(message(0, &[0u8; MAX_PAYLOAD])),
                     1 => out.extend(message(6, &[])),
-                    _ => out.extend(message(1, &[0u8; 8])),
+                    2 => out.extend(message(1, &[0u8; 8])),
+                    // GET_IOEVENTFDS from some index (answered), SET_MSIX_FDS without fds.
+                    3 => out.extend(message(9, &u64::from(which).to_ne_bytes())),
+                    _ => out.extend(message(10, &[0u8; 8])),
                 }
             }
             _ => {
@@ -230,11 +235,12 @@ fn stream(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// What the reference parser expects: the number of replies, and whether the stream is
-/// malformed (or truncated) somewhere.
-fn expected(stream: &[u8]) -> (usize, bool) {
+/// What the reference parser expects: the replies in order (`true`: a RET; `false`: a
+/// GET_IOEVENTFDS answer, here always empty: the fuzzed function is no virtio function), and
+/// whether the stream is malformed (or truncated) somewhere.
+fn expected(stream: &[u8]) -> (Vec<bool>, bool) {
     let mut rest = stream;
-    let mut replies = 0;
+    let mut replies = Vec::new();
     loop {
         if rest.is_empty() {
             return (replies, false);
@@ -246,7 +252,7 @@ fn expected(stream: &[u8]) -> (usize, bool) {
         let mut s = [0u8; 8];
         s.copy_from_slice(&h[8..16]);
         let size = u64::from_ne_bytes(s);
-        if !(0..=8).contains(&cmd) || size > MAX_PAYLOAD as u64 || tail.len() < size as usize {
+        if !(0..=10).contains(&cmd) || size > MAX_PAYLOAD as u64 || tail.len() < size as usize {
             return (replies, true);
         }
         // (payload length, whether QEMU waits for a RET)
@@ -256,14 +262,20 @@ fn expected(stream: &[u8]) -> (usize, bool) {
             7 => (0, true),
             // BAR_WRITE_POSTED: executed, never answered.
             8 => (BAR_PAYLOAD, false),
-            // SYNC_SYSMEM and SET_IRQFD need fds, which this stream never carries; RET is
-            // never sent by QEMU.
+            // GET_IOEVENTFDS: answered with a doorbell list, not a RET.
+            9 => (8, false),
+            // SYNC_SYSMEM, SET_IRQFD and SET_MSIX_FDS need fds, which this stream never
+            // carries; RET is never sent by QEMU.
             _ => return (replies, true),
         };
         if size as usize != want {
             return (replies, true);
         }
-        replies += usize::from(answered);
+        if answered {
+            replies.push(true);
+        } else if cmd == 9 {
+            replies.push(false);
+        }
         rest = &tail[size as usize..];
     }
 }
@@ -369,25 +381,43 @@ pub fn run(data: &[u8]) {
         want_error,
         "server verdict {result:?} but the reference parser says malformed={want_error}"
     );
-    assert_eq!(replies.len() % 24, 0, "partial reply");
-    assert_eq!(replies.len() / 24, want_replies, "reply count");
     let mut failed = 0u64;
-    for r in replies.chunks_exact(24) {
+    let mut rets = 0u64;
+    let mut rest = replies.as_slice();
+    for ret in want_replies {
+        let (cmd, size) = if ret {
+            (1, 8)
+        } else {
+            (9, IOEVENTFDS_PAYLOAD as u64)
+        };
+        let len = HEADER_LEN + size as usize;
+        assert!(rest.len() >= len, "missing or partial reply");
+        let (r, tail) = rest.split_at(len);
+        rest = tail;
         assert_eq!(
             i32::from_ne_bytes([r[0], r[1], r[2], r[3]]),
-            1,
-            "reply is not RET"
+            cmd,
+            "reply kind"
         );
         let mut s = [0u8; 8];
         s.copy_from_slice(&r[8..16]);
-        assert_eq!(u64::from_ne_bytes(s), 8, "reply size");
-        s.copy_from_slice(&r[16..24]);
-        failed += u64::from(u64::from_ne_bytes(s) == FAILED);
+        assert_eq!(u64::from_ne_bytes(s), size, "reply size");
+        if ret {
+            s.copy_from_slice(&r[16..24]);
+            failed += u64::from(u64::from_ne_bytes(s) == FAILED);
+            rets += 1;
+        } else {
+            assert!(
+                r[16..].iter().all(|b| *b == 0),
+                "doorbells of no virtio function"
+            );
+        }
     }
+    assert!(rest.is_empty(), "more replies than requests wanted");
     let accesses =
         stats.config_accesses.load(Ordering::Relaxed) + stats.bar_accesses.load(Ordering::Relaxed);
     let rejected = stats.rejected_accesses.load(Ordering::Relaxed);
-    let resets = (replies.len() / 24) as u64 - accesses;
+    let resets = rets - accesses;
     assert!(
         rejected <= failed,
         "{rejected} rejected accesses but only {failed} all-ones replies"
@@ -403,6 +433,14 @@ pub fn run(data: &[u8]) {
 mod tests {
     /// The fuzz body on fixed-seed pseudo-random inputs (the corpus replays in
     /// `tests/fuzz-replay.sh`).
+    /// GET_IOEVENTFDS is answered in order with the other replies; SET_MSIX_FDS without
+    /// descriptors ends the connection as malformed.
+    #[test]
+    fn doorbell_list_and_vector_fds_in_the_stream() {
+        super::run(&[6, 3, 5, 6, 8, 5]);
+        super::run(&[6, 3, 6, 4, 5]);
+    }
+
     #[test]
     fn fuzz_body_on_pseudo_random_inputs() {
         for data in sluice_devapi::fuzz_support::pseudo_random_inputs(0x5eed, 200, 700) {

@@ -252,6 +252,40 @@ pub struct QemuRun {
     pub console: ConsoleSummary,
     /// What crossed the platform IOMMU's socket, when the run had one.
     pub platform: Option<PlatformTraffic>,
+    /// What each proxied PCI device cost: socket round trips, and what took the fast paths.
+    pub devices: Vec<DeviceTraffic>,
+}
+
+/// How the launcher serves the proxied devices.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// Devices (by name) whose doorbells stay socket round trips: the run's injection plan has
+    /// a rule on one of their doorbell points, and a stall there must hold the vCPU that rang
+    /// (with an ioeventfd the vCPU runs on and the device's doorbell thread would stall).
+    pub sync_doorbells: Vec<String>,
+}
+
+/// Traffic of one proxied PCI device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTraffic {
+    /// Device name.
+    pub name: String,
+    /// Config-space accesses (one round trip each).
+    pub config_accesses: u64,
+    /// BAR accesses over the socket (one round trip each).
+    pub bar_accesses: u64,
+    /// INTx resamples (the guest's EOI stand-in).
+    pub resamples: u64,
+    /// Doorbells QEMU absorbed as ioeventfds.
+    pub ioeventfds: u64,
+    /// Doorbell eventfd wake-ups served (no round trip).
+    pub doorbell_wakeups: u64,
+    /// MSI-X vectors QEMU emulates for it (eventfds received).
+    pub msix_vectors: u64,
+    /// Interrupts sent as MSI-X vector eventfds.
+    pub msix_signals: u64,
+    /// INTx assertions.
+    pub intx_raised: u64,
 }
 
 /// Traffic of a platform IOMMU served over its own socket: what the guest's driver cost in
@@ -277,6 +311,15 @@ pub fn run(cfg: &QemuConfig, devices: &DeviceSet) -> Result<RunOutcome, LaunchEr
 
 /// [`run`], also saying how much of the console was kept in memory.
 pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, LaunchError> {
+    run_qemu_with(cfg, devices, &ProxyOptions::default())
+}
+
+/// [`run_qemu`] with `proxy` deciding which devices keep their doorbells on the socket.
+pub fn run_qemu_with(
+    cfg: &QemuConfig,
+    devices: &DeviceSet,
+    proxy: &ProxyOptions,
+) -> Result<QemuRun, LaunchError> {
     cfg.machine
         .check_backend(sluice_host::machine::BackendKind::Qemu)?;
     if !cfg.acpi_tables.is_empty() && cfg.machine.tables != FirmwareTables::AcpiFiles {
@@ -328,8 +371,11 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
 
     let stop = Arc::new(AtomicBool::new(false));
     let (dev_tx, dev_rx) = mpsc::channel::<Result<(), ServeError>>();
+    let mut counters = Vec::new();
     for (sock, dev) in ours {
-        let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone());
+        let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone())
+            .with_sync_doorbells(proxy.sync_doorbells.contains(&dev.name));
+        counters.push((dev.clone(), server.stats(), server.fast_path_stats()));
         let tx = dev_tx.clone();
         let _ = std::thread::Builder::new()
             .name(format!("{}-proxy", dev.name))
@@ -477,6 +523,20 @@ pub fn run_qemu(cfg: &QemuConfig, devices: &DeviceSet) -> Result<QemuRun, Launch
             line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
             msis: irq.stats().msi_seen.load(Ordering::Relaxed),
         }),
+        devices: counters
+            .into_iter()
+            .map(|(dev, s, f)| DeviceTraffic {
+                name: dev.name.clone(),
+                config_accesses: s.config_accesses.load(Ordering::Relaxed),
+                bar_accesses: s.bar_accesses.load(Ordering::Relaxed),
+                resamples: s.resamples.load(Ordering::Relaxed),
+                ioeventfds: f.ioeventfds.load(Ordering::Relaxed),
+                doorbell_wakeups: f.doorbell_wakeups.load(Ordering::Relaxed),
+                msix_vectors: f.msix_fds.load(Ordering::Relaxed),
+                msix_signals: f.msix_signals.load(Ordering::Relaxed),
+                intx_raised: dev.intx.raised(),
+            })
+            .collect(),
     })
 }
 

@@ -6,10 +6,13 @@
 //! descriptors) over the socket, [`memory`] maps the guest RAM QEMU shares as memfds,
 //! [`server`] answers one device's config/BAR accesses and relays its INTx, [`platform`] serves
 //! a platform device's register window and wired lines (the SMMUv3 behind QEMU's
-//! `x-smmuv3-proxy`), and [`launcher`] starts and supervises QEMU.
+//! `x-smmuv3-proxy`), [`fastpath`] gives a device's doorbells and MSI-X vectors eventfds QEMU
+//! signals or watches instead of socket round trips, and [`launcher`] starts and supervises
+//! QEMU.
 
 pub mod channel;
 pub mod console;
+pub mod fastpath;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod launcher;
@@ -20,7 +23,11 @@ pub mod server;
 mod serving;
 
 pub use console::ConsoleSummary;
-pub use launcher::{Accel, ConsoleSink, PlatformTraffic, QemuConfig, QemuRun, run, run_qemu};
+pub use fastpath::{proxy_msix_vectors, proxy_protocol};
+pub use launcher::{
+    Accel, ConsoleSink, DeviceTraffic, PlatformTraffic, ProxyOptions, QemuConfig, QemuRun, run,
+    run_qemu, run_qemu_with,
+};
 pub use platform::{PlatformInterrupts, PlatformServer};
 pub use sluice_host::{GuestExit, RunOutcome};
 

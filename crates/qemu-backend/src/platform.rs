@@ -77,9 +77,9 @@ use sluice_virtio_pci::SharedMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, ChannelError};
-use crate::protocol::{Command, FAILED, ProtocolError, Request};
+use crate::protocol::{FAILED, ProtocolError, Request};
 use crate::server::ServeError;
-use crate::serving::{self, Handler, into_eventfd};
+use crate::serving::{self, Handler, Reply, into_eventfd};
 
 /// Counters of one platform connection.
 #[derive(Debug, Default)]
@@ -352,7 +352,13 @@ impl Handler for PlatformServer {
         &mut self.channel
     }
 
-    fn handle(&mut self, request: Request) -> Result<Option<u64>, ServeError> {
+    fn handle(&mut self, request: Request) -> Result<Option<Reply>, ServeError> {
+        self.handle_request(request).map(|r| r.map(Reply::Value))
+    }
+}
+
+impl PlatformServer {
+    fn handle_request(&mut self, request: Request) -> Result<Option<u64>, ServeError> {
         let window = self.device.window_size();
         Ok(Some(match request {
             Request::SyncSysmem(regions) => {
@@ -402,12 +408,11 @@ impl Handler for PlatformServer {
                 self.stats.resets.fetch_add(1, Ordering::Relaxed);
                 0
             }
-            Request::ConfigRead { .. } | Request::ConfigWrite { .. } => {
-                let command = if matches!(request, Request::ConfigRead { .. }) {
-                    Command::PciConfigRead
-                } else {
-                    Command::PciConfigWrite
-                };
+            Request::ConfigRead { .. }
+            | Request::ConfigWrite { .. }
+            | Request::GetIoeventfds { .. }
+            | Request::SetMsixFds { .. } => {
+                let command = request.command();
                 // QEMU waits for a RET (see the module documentation); the error that follows
                 // ends the connection either way, so a failed send adds nothing to report.
                 let _ = self.channel.reply(FAILED);
@@ -423,7 +428,7 @@ impl Handler for PlatformServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode_message;
+    use crate::protocol::{Command, encode_message};
     use sluice_devapi::{Bdf, NoHooks};
     use sluice_host::IommuChoice;
     use sluice_host::iommu::IommuBuild;

@@ -45,6 +45,13 @@ pub enum Command {
     /// A BAR write QEMU does not wait for (Sluice's QEMU patch: x-smmuv3-proxy posts
     /// CMDQ_PROD with it). No reply; later requests see its effect (one socket, in order).
     BarWritePosted = 8,
+    /// The proxy asks for the device's doorbells from entry `n` on (Sluice's QEMU patch);
+    /// answered with a message of the same command carrying [`IoeventfdEntry`]s and one
+    /// eventfd each, which QEMU registers as ioeventfds on the BAR.
+    GetIoeventfds = 9,
+    /// The proxy hands over one eventfd per MSI-X vector, from vector `n` on (Sluice's QEMU
+    /// patch: it emulates the MSI-X table and delivers a vector when its eventfd fires).
+    SetMsixFds = 10,
 }
 
 impl Command {
@@ -59,6 +66,8 @@ impl Command {
             6 => Command::SetIrqfd,
             7 => Command::DeviceReset,
             8 => Command::BarWritePosted,
+            9 => Command::GetIoeventfds,
+            10 => Command::SetMsixFds,
             _ => return None,
         })
     }
@@ -72,8 +81,51 @@ impl Command {
                 | Command::BarWrite
                 | Command::BarRead
                 | Command::DeviceReset
+                | Command::GetIoeventfds
         )
     }
+}
+
+/// Doorbells per GET_IOEVENTFDS answer (one descriptor each; QEMU accepts at most 7).
+pub const MAX_IOEVENTFDS: usize = 7;
+/// Size of the GET_IOEVENTFDS answer's payload (`IoeventfdsMsg`): count, more, 7 entries.
+pub const IOEVENTFDS_PAYLOAD: usize = 8 + MAX_IOEVENTFDS * 24;
+/// `flags` bit of an entry: only writes of `data` ring it.
+const IOEVENTFD_MATCH_DATA: u8 = 1;
+/// Highest MSI-X vector count (the capability's 11-bit table size).
+pub const MAX_MSIX_VECTORS: u64 = 2048;
+
+/// One doorbell as QEMU's proxy registers it (`IoeventfdEntry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoeventfdEntry {
+    /// BAR.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Access size.
+    pub size: u8,
+    /// Value a write must have to ring it, if it must.
+    pub datamatch: Option<u64>,
+}
+
+/// The GET_IOEVENTFDS answer: header and payload (the descriptors travel beside it).
+pub fn encode_ioeventfds(entries: &[IoeventfdEntry], more: bool) -> Vec<u8> {
+    let entries = entries.get(..MAX_IOEVENTFDS).unwrap_or(entries);
+    let mut p = vec![0u8; IOEVENTFDS_PAYLOAD];
+    p[0..4].copy_from_slice(&(entries.len() as u32).to_ne_bytes());
+    p[4..8].copy_from_slice(&u32::from(more).to_ne_bytes());
+    for (e, chunk) in entries.iter().zip(p[8..].chunks_exact_mut(24)) {
+        chunk[0..8].copy_from_slice(&e.offset.to_ne_bytes());
+        chunk[8..16].copy_from_slice(&e.datamatch.unwrap_or(0).to_ne_bytes());
+        chunk[16] = e.bar;
+        chunk[17] = e.size;
+        chunk[18] = if e.datamatch.is_some() {
+            IOEVENTFD_MATCH_DATA
+        } else {
+            0
+        };
+    }
+    encode_message(Command::GetIoeventfds, &p)
 }
 
 /// A parsed header.
@@ -150,6 +202,18 @@ pub enum Request {
     },
     /// Reset the device.
     DeviceReset,
+    /// Send the doorbells from entry `first` on.
+    GetIoeventfds {
+        /// Index of the first doorbell wanted.
+        first: u64,
+    },
+    /// Eventfds of MSI-X vectors `first..first + fds.len()`.
+    SetMsixFds {
+        /// Vector of the first descriptor.
+        first: u64,
+        /// One eventfd per vector.
+        fds: Vec<OwnedFd>,
+    },
 }
 
 impl Request {
@@ -164,6 +228,8 @@ impl Request {
             Request::BarRead { .. } => Command::BarRead,
             Request::SetIrqfd { .. } => Command::SetIrqfd,
             Request::DeviceReset => Command::DeviceReset,
+            Request::GetIoeventfds { .. } => Command::GetIoeventfds,
+            Request::SetMsixFds { .. } => Command::SetMsixFds,
         }
     }
 
@@ -209,6 +275,9 @@ pub enum ProtocolError {
     /// The header was cut short.
     #[error("truncated header ({0} of {HEADER_LEN} bytes)")]
     TruncatedHeader(usize),
+    /// SET_MSIX_FDS names vectors beyond the largest MSI-X table.
+    #[error("MSI-X vector eventfds from vector {0} exceed {MAX_MSIX_VECTORS} vectors")]
+    VectorRange(u64),
     /// A well-formed command this kind of channel has no use for (config space on a platform
     /// device's channel).
     #[error("{0:?} is not served on this channel")]
@@ -346,6 +415,22 @@ pub fn parse_request(
         Command::DeviceReset => {
             expect_len(command, payload, 0)?;
             Ok(Request::DeviceReset)
+        }
+        Command::GetIoeventfds => {
+            expect_len(command, payload, 8)?;
+            expect_fds(command, &fds, |n| n == 0)?;
+            Ok(Request::GetIoeventfds {
+                first: u64_at(payload, 0),
+            })
+        }
+        Command::SetMsixFds => {
+            expect_len(command, payload, 8)?;
+            expect_fds(command, &fds, |n| (1..MAX_FDS).contains(&n))?;
+            let first = u64_at(payload, 0);
+            if first.saturating_add(fds.len() as u64) > MAX_MSIX_VECTORS {
+                return Err(ProtocolError::VectorRange(first));
+            }
+            Ok(Request::SetMsixFds { first, fds })
         }
         Command::Ret => Err(ProtocolError::UnexpectedReply),
     }
@@ -529,6 +614,53 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn ioeventfd_and_msix_messages() {
+        let msg = encode_message(Command::GetIoeventfds, &7u64.to_ne_bytes());
+        let h = parse_header(&msg).unwrap();
+        assert!(matches!(
+            parse_request(h, &msg[16..], vec![]).unwrap(),
+            Request::GetIoeventfds { first: 7 }
+        ));
+        assert!(Command::GetIoeventfds.expects_reply());
+        assert!(!Command::SetMsixFds.expects_reply());
+        let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        let h = Header {
+            command: Command::SetMsixFds,
+            payload_len: 8,
+        };
+        match parse_request(h, &2u64.to_ne_bytes(), vec![fd(), fd()]).unwrap() {
+            Request::SetMsixFds { first, fds } => assert_eq!((first, fds.len()), (2, 2)),
+            other => panic!("{other:?}"),
+        }
+        // No descriptor, too many, or vectors past any MSI-X table: refused.
+        assert!(parse_request(h, &0u64.to_ne_bytes(), vec![]).is_err());
+        assert!(parse_request(h, &0u64.to_ne_bytes(), (0..8).map(|_| fd()).collect()).is_err());
+        assert_eq!(
+            parse_request(h, &2047u64.to_ne_bytes(), vec![fd(), fd()]).unwrap_err(),
+            ProtocolError::VectorRange(2047)
+        );
+        assert!(parse_request(h, &u64::MAX.to_ne_bytes(), vec![fd()]).is_err());
+        // The answer's layout is QEMU's IoeventfdsMsg.
+        let e = IoeventfdEntry {
+            bar: 0,
+            offset: 0x3004,
+            size: 2,
+            datamatch: Some(1),
+        };
+        let b = encode_ioeventfds(&[e; 9], true);
+        assert_eq!(b.len(), HEADER_LEN + IOEVENTFDS_PAYLOAD);
+        assert_eq!(u32_at(&b, 0), Command::GetIoeventfds as u32);
+        assert_eq!(u64_at(&b, 8), IOEVENTFDS_PAYLOAD as u64);
+        assert_eq!(
+            (u32_at(&b, 16), u32_at(&b, 20)),
+            (7, 1),
+            "at most 7 per answer"
+        );
+        assert_eq!((u64_at(&b, 24), u64_at(&b, 32)), (0x3004, 1));
+        assert_eq!(&b[40..43], &[0, 2, 1]);
     }
 
     #[test]

@@ -13,9 +13,10 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, ChannelError};
+use crate::fastpath::{AbsorbedDoorbell, DoorbellThread, FastPathStats, MsixEventfds};
 use crate::memory::MemoryMapError;
-use crate::protocol::{FAILED, Request};
-use crate::serving::{self, Handler, into_eventfd};
+use crate::protocol::{FAILED, MAX_IOEVENTFDS, Request, encode_ioeventfds};
+use crate::serving::{self, Handler, Reply, into_eventfd};
 
 const CONFIG_SPACE: u32 = 256;
 const RESAMPLE_POLL: Duration = Duration::from_millis(100);
@@ -92,6 +93,13 @@ pub struct DeviceServer {
     stats: Arc<ServeStats>,
     stop: Arc<AtomicBool>,
     resample: Option<ResampleThread>,
+    fast: Arc<FastPathStats>,
+    /// Keep every doorbell a socket round trip (an injection rule must hold the ringing vCPU).
+    sync_doorbells: bool,
+    /// The doorbells QEMU absorbs, in the order GET_IOEVENTFDS lists them.
+    doorbells: Arc<Vec<AbsorbedDoorbell>>,
+    doorbell_thread: Option<DoorbellThread>,
+    msix: Option<Arc<MsixEventfds>>,
 }
 
 fn valid_access(size: u32) -> bool {
@@ -113,7 +121,19 @@ impl DeviceServer {
             stats: Arc::new(ServeStats::default()),
             stop,
             resample: None,
+            fast: Arc::new(FastPathStats::default()),
+            sync_doorbells: false,
+            doorbells: Arc::new(Vec::new()),
+            doorbell_thread: None,
+            msix: None,
         }
+    }
+
+    /// Keeps this device's doorbells on the socket (`true`): QEMU gets no ioeventfds for them.
+    #[must_use]
+    pub fn with_sync_doorbells(mut self, sync: bool) -> Self {
+        self.sync_doorbells = sync;
+        self
     }
 
     /// Shared counters.
@@ -121,15 +141,114 @@ impl DeviceServer {
         self.stats.clone()
     }
 
+    /// Counters of the doorbell and MSI-X fast paths.
+    pub fn fast_path_stats(&self) -> Arc<FastPathStats> {
+        self.fast.clone()
+    }
+
+    /// The GET_IOEVENTFDS answer from doorbell `first` on. A request from 0 (QEMU's proxy
+    /// realizing) makes a fresh set of eventfds and a thread serving them.
+    fn ioeventfds(&mut self, first: u64) -> Reply {
+        if first == 0 {
+            self.absorb_doorbells();
+        }
+        let all = self.doorbells.as_slice();
+        let start = usize::try_from(first).map_or(all.len(), |f| f.min(all.len()));
+        let end = start.saturating_add(MAX_IOEVENTFDS).min(all.len());
+        let chunk = all.get(start..end).unwrap_or_default();
+        self.fast
+            .ioeventfds
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Reply::Message {
+            bytes: encode_ioeventfds(
+                &chunk
+                    .iter()
+                    .map(AbsorbedDoorbell::entry)
+                    .collect::<Vec<_>>(),
+                end < all.len(),
+            ),
+            fds: chunk.iter().map(|d| d.fd.as_raw_fd()).collect(),
+        }
+    }
+
+    fn absorb_doorbells(&mut self) {
+        self.doorbell_thread = None;
+        self.doorbells = Arc::new(Vec::new());
+        if self.sync_doorbells || !crate::fastpath::ioeventfds_for(self.device.kind) {
+            return;
+        }
+        let Some(virtio) = &self.device.virtio else {
+            return;
+        };
+        let mut list = Vec::new();
+        for doorbell in virtio.doorbells() {
+            match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
+                Ok(fd) => list.push(AbsorbedDoorbell { doorbell, fd }),
+                Err(e) => {
+                    log::error!("{}: no doorbell eventfd ({e})", self.device.name);
+                    return;
+                }
+            }
+        }
+        if list.is_empty() {
+            return;
+        }
+        let list = Arc::new(list);
+        match DoorbellThread::spawn(
+            format!("{}-doorbells", self.device.name),
+            self.device.function.clone(),
+            list.clone(),
+            self.stop.clone(),
+            self.fast.clone(),
+        ) {
+            Ok(t) => {
+                self.doorbell_thread = Some(t);
+                self.doorbells = list;
+            }
+            Err(e) => log::error!(
+                "{}: cannot start the doorbell thread ({e}); doorbells stay on the socket",
+                self.device.name
+            ),
+        }
+    }
+
+    /// SET_MSIX_FDS: QEMU emulates the MSI-X table; vectors go to its eventfds from now on.
+    fn connect_msix(&mut self, first: u64, fds: Vec<OwnedFd>) {
+        let fresh = self.msix.is_none();
+        let relay = self
+            .msix
+            .get_or_insert_with(|| Arc::new(MsixEventfds::new(self.fast.clone())))
+            .clone();
+        relay.set(first, fds);
+        if fresh {
+            let taken = self
+                .device
+                .virtio
+                .as_ref()
+                .is_some_and(|v| v.set_vector_relay(Some(relay)));
+            if !taken {
+                log::warn!(
+                    "{}: QEMU sent MSI-X vector eventfds but the function has no MSI-X",
+                    self.device.name
+                );
+            }
+        }
+    }
+
     /// Handles messages until QEMU closes the connection.
     pub fn run(mut self) -> Result<(), ServeError> {
         serving::serve(&mut self)
     }
 
-    /// Executes one request; returns the reply value for commands that get one.
-    fn handle(&mut self, request: Request) -> Result<Option<u64>, ServeError> {
+    /// Executes one request; returns the reply for commands that get one.
+    fn handle(&mut self, request: Request) -> Result<Option<Reply>, ServeError> {
         let f = self.device.function.as_ref();
-        Ok(Some(match request {
+        Ok(Some(Reply::Value(match request {
+            Request::GetIoeventfds { first } => return Ok(Some(self.ioeventfds(first))),
+            Request::SetMsixFds { first, fds } => {
+                self.connect_msix(first, fds);
+                return Ok(None);
+            }
             Request::SyncSysmem(regions) => {
                 serving::sync_memory(
                     &self.device.name,
@@ -209,7 +328,7 @@ impl DeviceServer {
                 f.reset();
                 0
             }
-        }))
+        })))
     }
 
     fn connect_intx(&mut self, intr: OwnedFd, resample: OwnedFd) {
@@ -278,8 +397,19 @@ impl Handler for DeviceServer {
         &mut self.channel
     }
 
-    fn handle(&mut self, request: Request) -> Result<Option<u64>, ServeError> {
+    fn handle(&mut self, request: Request) -> Result<Option<Reply>, ServeError> {
         DeviceServer::handle(self, request)
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        // QEMU's table is gone with the connection: the function's own table takes over.
+        if self.msix.is_some()
+            && let Some(v) = &self.device.virtio
+        {
+            v.set_vector_relay(None);
+        }
     }
 }
 
@@ -444,6 +574,76 @@ mod tests {
         )
         .unwrap();
         (set, dir)
+    }
+
+    /// QEMU's proxy realizing: GET_IOEVENTFDS gets the queue doorbell with its eventfd;
+    /// signalling it reaches the device with no round trip; a device kept synchronous (an
+    /// injection rule) and an index past the end get empty lists; SET_MSIX_FDS is taken.
+    #[test]
+    fn doorbells_are_handed_over_as_eventfds_and_served() {
+        let (set, dir) = one_disk();
+        for sync in [false, true] {
+            let (ours, mut qemu) = UnixStream::pair().unwrap();
+            let server = DeviceServer::new(
+                ours,
+                set.devices[0].clone(),
+                set.mem.clone(),
+                Arc::new(AtomicBool::new(false)),
+            )
+            .with_sync_doorbells(sync);
+            let fast = server.fast_path_stats();
+            let t = std::thread::spawn(move || server.run());
+            let ask_doorbells = |qemu: &mut UnixStream, first: u64| {
+                qemu.write_all(&encode_message(
+                    Command::GetIoeventfds,
+                    &first.to_ne_bytes(),
+                ))
+                .unwrap();
+                let mut buf = [0u8; 16 + crate::protocol::IOEVENTFDS_PAYLOAD];
+                let mut fds = Vec::new();
+                let mut got = 0;
+                while got < buf.len() {
+                    got +=
+                        crate::channel::recv_with_fds(qemu.as_raw_fd(), &mut buf[got..], &mut fds)
+                            .unwrap();
+                }
+                let count = u32::from_ne_bytes(buf[16..20].try_into().unwrap());
+                assert_eq!(count as usize, fds.len());
+                (buf, fds)
+            };
+            let (buf, fds) = ask_doorbells(&mut qemu, 0);
+            if sync {
+                assert!(fds.is_empty(), "a ruled device keeps its doorbells");
+            } else {
+                assert_eq!(fds.len(), 1, "virtio-blk has one queue");
+                // queue 0 at 0x3000 of BAR 0, 2 bytes, any value
+                assert_eq!(u64::from_ne_bytes(buf[24..32].try_into().unwrap()), 0x3000);
+                assert_eq!(&buf[40..43], &[0, 2, 0]);
+                let fd = into_eventfd(fds.into_iter().next().unwrap());
+                fd.write(1).unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while fast.doorbell_wakeups.load(Ordering::Relaxed) == 0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "doorbell never served"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let (_, fds) = ask_doorbells(&mut qemu, u64::MAX);
+            assert!(fds.is_empty());
+            // Vector eventfds for a function without MSI-X: taken, counted, unused.
+            let v = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let msg = encode_message(Command::SetMsixFds, &0u64.to_ne_bytes());
+            let raw = [v.as_raw_fd()];
+            crate::channel::Channel::new(qemu.try_clone().unwrap())
+                .send_with_fds(&msg, &raw)
+                .unwrap();
+            drop(qemu);
+            t.join().unwrap().unwrap();
+            assert_eq!(fast.msix_fds.load(Ordering::Relaxed), 1);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A second descriptor of `fd`, as QEMU's SCM_RIGHTS would deliver it.

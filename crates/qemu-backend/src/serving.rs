@@ -3,7 +3,7 @@
 //! ownership of the eventfds SET_IRQFD carries. Each server keeps only what its kind of device
 //! means by a request.
 
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sluice_virtio_pci::SharedMemory;
@@ -14,14 +14,28 @@ use crate::memory::map_regions;
 use crate::protocol::{RamRegion, Request};
 use crate::server::ServeError;
 
+/// What goes back to QEMU for a request that wants an answer.
+pub(crate) enum Reply {
+    /// A RET with this value.
+    Value(u64),
+    /// A whole message with descriptors attached (the GET_IOEVENTFDS answer). The descriptors
+    /// stay owned by the handler; QEMU gets copies.
+    Message {
+        /// Header and payload.
+        bytes: Vec<u8>,
+        /// Descriptors to pass with it.
+        fds: Vec<RawFd>,
+    },
+}
+
 /// One connection's device end, as the loop in [`serve`] drives it.
 pub(crate) trait Handler {
     /// The device's name, for errors.
     fn device_name(&self) -> &str;
     /// The connection.
     fn channel(&mut self) -> &mut Channel;
-    /// Executes one request; `Some(value)` is the RET to send back.
-    fn handle(&mut self, request: Request) -> Result<Option<u64>, ServeError>;
+    /// Executes one request; `Some(reply)` is what to send back.
+    fn handle(&mut self, request: Request) -> Result<Option<Reply>, ServeError>;
 }
 
 /// `source` as the error of device `device`.
@@ -43,11 +57,15 @@ pub(crate) fn serve(h: &mut impl Handler) -> Result<(), ServeError> {
         };
         // Whether a RET goes back is the protocol's (a posted write is executed like any
         // other, but QEMU is not waiting for it), not the handler's.
-        let reply = request.expects_reply();
-        if let Some(value) = h.handle(request)?
-            && reply
-            && let Err(e) = h.channel().reply(value)
-        {
+        let wanted = request.expects_reply();
+        let sent = match h.handle(request)? {
+            Some(Reply::Value(v)) if wanted => h.channel().reply(v),
+            Some(Reply::Message { bytes, fds }) if wanted => {
+                h.channel().send_with_fds(&bytes, &fds)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = sent {
             return Err(channel_error(h.device_name(), ChannelError::Io(e)));
         }
     }

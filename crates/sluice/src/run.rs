@@ -527,6 +527,12 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         _ => None,
     };
     let host_opts = HostOptions {
+        // MSI-X through the proxy when this QEMU emulates it (the kvm backend sets its own).
+        msix_vectors: if spec.backend == Backend::Qemu {
+            sluice_qemu::proxy_msix_vectors(&qemu, spec.arch == Arch::X86_64, iommu.is_some())
+        } else {
+            0
+        },
         marker: Some(marker_sink),
         iommu: iommu.clone(),
         iommu_irq: platform_iommu
@@ -609,11 +615,36 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             serial_log.display()
         );
     }
+    // Doorbell rules keep that device's doorbells on the socket (a stall holds the vCPU).
+    let proxy = sluice_qemu::ProxyOptions {
+        sync_doorbells: devices
+            .devices
+            .iter()
+            .filter(|d| !sluice_host::points::doorbell_rules(&injector, d).is_empty())
+            .map(|d| d.name.clone())
+            .collect(),
+    };
     let sluice_qemu::QemuRun {
         outcome,
         console: kept,
         platform,
-    } = sluice_qemu::run_qemu(&cfg, &devices)?;
+        devices: traffic,
+    } = sluice_qemu::run_qemu_with(&cfg, &devices, &proxy)?;
+    for t in traffic.iter().filter(|_| !spec.quiet) {
+        println!(
+            "device proxy:   {}: {} BAR + {} config round trips, {} doorbells as ioeventfds \
+             ({} wake-ups), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
+            t.name,
+            t.bar_accesses,
+            t.config_accesses,
+            t.ioeventfds,
+            t.doorbell_wakeups,
+            t.msix_vectors,
+            t.msix_signals,
+            t.intx_raised,
+            t.resamples
+        );
+    }
     if let Some(t) = platform.filter(|_| !spec.quiet) {
         println!(
             "iommu proxy:    {} register accesses over the socket ({} posted, {} refused), {} \

@@ -26,7 +26,7 @@ pub mod msix;
 
 pub use config::{BarKind, BarSpec, ConfigError, ConfigSpace, PciIds};
 pub use guard::{BarAccess, BarGuard};
-pub use irq::PciInterrupt;
+pub use irq::{PciInterrupt, VectorRelay};
 pub use mmio::{MmioDevice, MmioGuard};
 pub use msix::MsixTable;
 
@@ -51,6 +51,24 @@ pub trait PciFunction: Send + Sync {
     fn bar_size(&self, _bar: u8) -> Option<u64> {
         None
     }
+}
+
+/// A BAR write that is a pure doorbell: it only tells the device to look at something (a virtio
+/// queue notify), so a backend may absorb it into an eventfd (KVM ioeventfd, QEMU's
+/// `memory_region_add_eventfd`) and replay it later as `bar_write(bar, offset, value)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Doorbell {
+    /// BAR it lies in.
+    pub bar: u8,
+    /// Offset in that BAR.
+    pub offset: u64,
+    /// Access size the guest uses (1, 2, 4 or 8).
+    pub size: u8,
+    /// Only writes of this value ring it (several doorbells share one address); `None`: any
+    /// value of that size.
+    pub datamatch: Option<u64>,
+    /// The value to replay as the write (the queue index for virtio).
+    pub value: u64,
 }
 
 /// Little-endian value of up to 8 bytes.

@@ -133,8 +133,10 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn features(&self) -> u64 {
-        let mut f =
-            (1u64 << features::SEG_MAX) | (1 << features::BLK_SIZE) | (1 << features::FLUSH);
+        let mut f = (1u64 << features::SEG_MAX)
+            | (1 << features::BLK_SIZE)
+            | (1 << features::FLUSH)
+            | (1 << sluice_virtio_pci::VIRTIO_RING_F_EVENT_IDX);
         if self.read_only {
             f |= 1 << features::RO;
         }

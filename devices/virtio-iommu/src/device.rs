@@ -36,7 +36,8 @@ pub const OFFERED_FEATURES: u64 = (1 << features::INPUT_RANGE)
     | (1 << features::MAP_UNMAP)
     | (1 << features::PROBE)
     | (1 << features::MMIO)
-    | (1 << features::BYPASS_CONFIG);
+    | (1 << features::BYPASS_CONFIG)
+    | (1 << sluice_virtio_pci::VIRTIO_RING_F_EVENT_IDX);
 
 enum WorkerMsg {
     Requests,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sluice_virtio_pci::{RequestHandler, serve_requests};
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::engine::{Engine, Reply};
@@ -130,6 +130,15 @@ impl Engine {
         let mut completed = false;
         while let Some(rec) = self.shared.faults.front() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Out of buffers with faults waiting: with VIRTIO_RING_F_EVENT_IDX the driver
+                // only rings when `avail_event` asks it to; ask for its next buffer (and take
+                // one added meanwhile).
+                if queue.enable_notification(mem).unwrap_or(false)
+                    && queue.pop_descriptor_chain(mem).is_some()
+                {
+                    queue.go_to_previous_position();
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();

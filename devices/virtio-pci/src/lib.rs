@@ -68,6 +68,10 @@ pub mod points {
     }
 }
 
+/// VIRTIO_RING_F_EVENT_IDX (virtio 1.x §2.7.10): the driver's `used_event` and the device's
+/// `avail_event` replace the flags for suppressing interrupts and doorbells. A device offers
+/// it; the transport enables it on every queue when the driver accepts it.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 /// VIRTIO_F_VERSION_1: the modern interface. A modern-only device requires it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// VIRTIO_F_ACCESS_PLATFORM: the device's DMA goes through the platform IOMMU.

@@ -347,3 +347,27 @@ fn the_bar_guard_refuses_straddling_accesses_to_both_bars() {
     assert_eq!(read(0xfe10_0008, 8), vec![0, 0, 0, 0, 1, 0, 0, 0]);
     assert_eq!(g.rejected(), 2);
 }
+
+/// The doorbells a backend may absorb: one 2-byte notify address per queue, replayed with the
+/// queue index; replaying one is exactly the notify write it stands for.
+#[test]
+fn doorbells_name_each_queue_notify_address() {
+    let rg = rig(false);
+    let bells = rg.f.doorbells();
+    assert_eq!(bells.len(), 2, "the dummy device has two queues");
+    for (q, b) in bells.iter().enumerate() {
+        assert_eq!(
+            (b.bar, b.offset, b.size, b.datamatch, b.value),
+            (0, 0x3000 + 4 * q as u64, 2, None, q as u64)
+        );
+    }
+    // No MSI-X on this function: no relay taken, no vectors.
+    assert_eq!(rg.f.msix_vectors(), 0);
+    struct Never;
+    impl sluice_pci::VectorRelay for Never {
+        fn signal(&self, _: u16) -> bool {
+            false
+        }
+    }
+    assert!(!rg.f.set_vector_relay(Some(Arc::new(Never))));
+}

@@ -151,6 +151,41 @@ impl VirtioPciFunction {
         &self.interrupt
     }
 
+    /// The queue doorbells (virtio 1.x §4.1.4.4: queue `q` at `NOTIFY_OFFSET + q *
+    /// NOTIFY_MULTIPLIER`, the driver writes the 16-bit queue index there), for a backend that
+    /// absorbs them into eventfds and replays them with `bar_write`. Writes of another size or
+    /// elsewhere in the area still arrive as BAR writes and mean the same.
+    pub fn doorbells(&self) -> Vec<sluice_pci::Doorbell> {
+        let queues = self.lock().common.queues.len() as u64;
+        (0..queues)
+            .filter_map(|q| {
+                let offset = caps::NOTIFY_OFFSET + q * u64::from(caps::NOTIFY_MULTIPLIER);
+                (offset + 2 <= caps::NOTIFY_OFFSET + caps::NOTIFY_SIZE).then_some(
+                    sluice_pci::Doorbell {
+                        bar: VIRTIO_BAR,
+                        offset,
+                        size: 2,
+                        datamatch: None,
+                        value: q,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Hands MSI-X delivery to `relay` (see [`sluice_pci::VectorRelay`]): the backend emulates
+    /// this function's MSI-X table itself. False if the function has no MSI-X.
+    pub fn set_vector_relay(&self, relay: Option<Arc<dyn sluice_pci::VectorRelay>>) -> bool {
+        self.interrupt.pci().set_relay(relay)
+    }
+
+    /// MSI-X vectors of the function (0: INTx only).
+    pub fn msix_vectors(&self) -> u16 {
+        self.msix.as_ref().map_or(0, |m| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).len() as u16
+        })
+    }
+
     /// Current device status byte.
     pub fn status(&self) -> u8 {
         let inner = self.lock();
@@ -251,6 +286,9 @@ impl VirtioPciFunction {
             q.set_desc_table_address(Some(regs.desc as u32), Some((regs.desc >> 32) as u32));
             q.set_avail_ring_address(Some(regs.driver as u32), Some((regs.driver >> 32) as u32));
             q.set_used_ring_address(Some(regs.device as u32), Some((regs.device >> 32) as u32));
+            q.set_event_idx(
+                inner.common.driver_features & (1u64 << crate::VIRTIO_RING_F_EVENT_IDX) != 0,
+            );
             q.set_ready(true);
             let valid = match &view {
                 DmaView::Direct(m) => q.is_valid(m.as_ref()),

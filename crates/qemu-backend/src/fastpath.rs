@@ -1,0 +1,334 @@
+//! The two paths a proxied device's I/O takes without a socket round trip, with Sluice's QEMU
+//! patch (`guest-images/qemu/proxy-intx-tcg.patch`, "x-sluice-protocol" 2):
+//!
+//! - **Doorbells**: QEMU asks for the device's doorbells (GET_IOEVENTFDS) and registers the
+//!   eventfds Sluice hands over as ioeventfds on the BAR. The vCPU's queue-notify write then
+//!   signals an eventfd and returns; [`DoorbellThread`] replays it as the `bar_write` the
+//!   socket path would have made.
+//! - **MSI-X**: QEMU emulates the function's MSI-X table and hands over one eventfd per
+//!   vector (SET_MSIX_FDS). [`MsixEventfds`] is the function's [`VectorRelay`]: a completion
+//!   signals the vector's eventfd and QEMU delivers the message, so the guest needs no ISR
+//!   read.
+//!
+//! Both are optional: a device whose injection plan holds a doorbell rule keeps its doorbells
+//! on the socket (a stall there must hold the vCPU that rang), a virtio-iommu keeps them by
+//! default ([`ioeventfds_for`]), and `SLUICE_PROXY_IOEVENTFD=off|all` / `SLUICE_PROXY_MSIX=off`
+//! switch the paths for A/B measurements.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sluice_pci::{Doorbell, PciFunction, VectorRelay};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::protocol::{IoeventfdEntry, MAX_MSIX_VECTORS};
+use crate::serving::into_eventfd;
+
+/// The Sluice protocol level of a patched proxy that speaks GET_IOEVENTFDS and SET_MSIX_FDS.
+pub const PROTOCOL_FASTPATH: u32 = 2;
+/// MSI-X vectors per function through the proxy: a config vector and one per queue for every
+/// Sluice device (virtio-iommu has two queues), as on the kvm backend.
+pub const PROXY_MSIX_VECTORS: u16 = 8;
+const POLL: Duration = Duration::from_millis(100);
+
+/// Whether `SLUICE_PROXY_<name>` leaves the path on (anything but `off`).
+fn enabled(name: &str) -> bool {
+    std::env::var(format!("SLUICE_PROXY_{name}")).map_or(true, |v| v != "off")
+}
+
+/// Whether `kind`'s doorbells are handed to QEMU as ioeventfds. `SLUICE_PROXY_IOEVENTFD=off`:
+/// no device's; `=all`: every device's; default: every device's but a virtio-iommu's.
+///
+/// Linux's virtio-iommu driver busy-polls the used ring after each request, and Sluice answers
+/// the request inside the doorbell write. Over the socket the ringing vCPU sleeps in QEMU until
+/// the answer is there; with an ioeventfd it returns at once and spins, and on a host with
+/// fewer free cores than busy threads (these 2-core VMs under TCG) the spin takes the CPU the
+/// doorbell thread needs to answer. Measured: strict-mode throughput fell to a fraction with
+/// the virtio-iommu's doorbells absorbed (`docs/benchmarks.md`, issue 18).
+pub fn ioeventfds_for(kind: &str) -> bool {
+    match std::env::var("SLUICE_PROXY_IOEVENTFD").as_deref() {
+        Ok("off") => false,
+        Ok("all") => true,
+        _ => kind != "virtio-iommu",
+    }
+}
+
+/// The "x-sluice-protocol" level `qemu`'s `x-pci-proxy-dev` advertises (0: an unpatched or
+/// older QEMU, which speaks neither GET_IOEVENTFDS nor SET_MSIX_FDS). Asks the binary once per
+/// path (`-device x-pci-proxy-dev,help`).
+pub fn proxy_protocol(qemu: &Path) -> u32 {
+    static SEEN: Mutex<Vec<(std::path::PathBuf, u32)>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, level)) = seen.iter().find(|(p, _)| p == qemu) {
+        return *level;
+    }
+    let level = std::process::Command::new(qemu)
+        .args(["-nodefaults", "-device", "x-pci-proxy-dev,help"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| parse_protocol(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or(0);
+    seen.push((qemu.to_path_buf(), level));
+    level
+}
+
+/// The default of "x-sluice-protocol" in `-device x-pci-proxy-dev,help` output
+/// (`  x-sluice-protocol=<uint32>  -  (default: 2)`).
+fn parse_protocol(help: &str) -> Option<u32> {
+    let line = help.lines().find(|l| l.contains("x-sluice-protocol"))?;
+    let tail = line.split("default:").nth(1)?;
+    let digits: String = tail
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// MSI-X vectors to give each proxied function: [`PROXY_MSIX_VECTORS`] when `qemu`'s proxy
+/// emulates MSI-X and QEMU's own message write reaches the interrupt controller, else 0 (INTx).
+/// The latter fails when an IOMMU translates MSIs (arm64: the ITS doorbell is an IOVA the
+/// guest maps through Sluice's SMMUv3 or virtio-iommu, and QEMU's `msix_notify` would write the
+/// untranslated address), so non-x86 runs with an IOMMU stay on INTx. `SLUICE_PROXY_MSIX=off`
+/// forces INTx.
+pub fn proxy_msix_vectors(qemu: &Path, x86: bool, iommu: bool) -> u16 {
+    if !enabled("MSIX") || (!x86 && iommu) || proxy_protocol(qemu) < PROTOCOL_FASTPATH {
+        0
+    } else {
+        PROXY_MSIX_VECTORS
+    }
+}
+
+/// Counters of the fast paths of one device.
+#[derive(Debug, Default)]
+pub struct FastPathStats {
+    /// Doorbells handed to QEMU as ioeventfds.
+    pub ioeventfds: AtomicU64,
+    /// Doorbells served from an eventfd (one wake-up may stand for several writes).
+    pub doorbell_wakeups: AtomicU64,
+    /// MSI-X vector eventfds QEMU handed over.
+    pub msix_fds: AtomicU64,
+    /// Vectors signalled through them.
+    pub msix_signals: AtomicU64,
+}
+
+/// One doorbell absorbed by QEMU: what to replay, and the eventfd QEMU signals.
+pub(crate) struct AbsorbedDoorbell {
+    pub(crate) doorbell: Doorbell,
+    pub(crate) fd: EventFd,
+}
+
+impl AbsorbedDoorbell {
+    /// How QEMU registers it.
+    pub(crate) fn entry(&self) -> IoeventfdEntry {
+        IoeventfdEntry {
+            bar: self.doorbell.bar,
+            offset: self.doorbell.offset,
+            size: self.doorbell.size,
+            datamatch: self.doorbell.datamatch,
+        }
+    }
+}
+
+/// The thread serving one device's absorbed doorbells. Dropping it stops and joins it.
+pub(crate) struct DoorbellThread {
+    quit: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl DoorbellThread {
+    /// Serves `doorbells` of `function` until dropped or `stop` is set.
+    pub(crate) fn spawn(
+        name: String,
+        function: Arc<dyn PciFunction>,
+        doorbells: Arc<Vec<AbsorbedDoorbell>>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<FastPathStats>,
+    ) -> std::io::Result<Self> {
+        let quit = EventFd::new(libc::EFD_NONBLOCK)?;
+        let quit_theirs = quit.try_clone()?;
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            serve_doorbells(function.as_ref(), &doorbells, &quit_theirs, &stop, &stats)
+        })?;
+        Ok(DoorbellThread {
+            quit,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for DoorbellThread {
+    fn drop(&mut self) {
+        if let Err(e) = self.quit.write(1) {
+            // It still ends at the run's stop flag.
+            log::error!("cannot stop a doorbell thread: {e}");
+            return;
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve_doorbells(
+    function: &dyn PciFunction,
+    doorbells: &[AbsorbedDoorbell],
+    quit: &EventFd,
+    stop: &AtomicBool,
+    stats: &FastPathStats,
+) {
+    let mut pfds: Vec<libc::pollfd> = doorbells
+        .iter()
+        .map(|d| d.fd.as_raw_fd())
+        .chain(std::iter::once(quit.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    while !stop.load(Ordering::Acquire) {
+        // SAFETY: `pfds` is a live array of pollfds of the stated length.
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                POLL.as_millis() as i32,
+            )
+        };
+        if n <= 0 {
+            continue; // timeout (look at `stop`) or EINTR
+        }
+        if pfds.last().is_some_and(|q| q.revents != 0) {
+            return;
+        }
+        for (p, d) in pfds.iter_mut().zip(doorbells) {
+            if p.revents & libc::POLLIN != 0 && d.fd.read().is_ok() {
+                stats.doorbell_wakeups.fetch_add(1, Ordering::Relaxed);
+                let value = d.doorbell.value.to_le_bytes();
+                let len = usize::from(d.doorbell.size).min(value.len());
+                function.bar_write(
+                    d.doorbell.bar,
+                    d.doorbell.offset,
+                    value.get(..len).unwrap_or_default(),
+                );
+            } else if p.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                // Cannot become readable again: stop polling it (it is ours, so this means a
+                // bug, not a guest action).
+                log::error!("doorbell eventfd {} failed; it is no longer served", p.fd);
+                p.fd = -1;
+            }
+            p.revents = 0;
+        }
+    }
+}
+
+/// A function's MSI-X vectors as QEMU's eventfds ([`VectorRelay`]).
+pub(crate) struct MsixEventfds {
+    fds: RwLock<Vec<Option<EventFd>>>,
+    stats: Arc<FastPathStats>,
+}
+
+impl MsixEventfds {
+    /// No vectors yet.
+    pub(crate) fn new(stats: Arc<FastPathStats>) -> Self {
+        MsixEventfds {
+            fds: RwLock::new(Vec::new()),
+            stats,
+        }
+    }
+
+    /// Vectors `first..` get `fds` (SET_MSIX_FDS; the protocol layer bounds `first` and the
+    /// count). A vector handed over again replaces its old descriptor.
+    pub(crate) fn set(&self, first: u64, fds: Vec<OwnedFd>) {
+        let mut table = self.fds.write().unwrap_or_else(|p| p.into_inner());
+        for (i, fd) in fds.into_iter().enumerate() {
+            let Some(v) = usize::try_from(first)
+                .ok()
+                .and_then(|f| f.checked_add(i))
+                .filter(|v| (*v as u64) < MAX_MSIX_VECTORS)
+            else {
+                return;
+            };
+            if table.len() <= v {
+                table.resize_with(v + 1, || None);
+            }
+            if let Some(slot) = table.get_mut(v) {
+                *slot = Some(into_eventfd(fd));
+                self.stats.msix_fds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl VectorRelay for MsixEventfds {
+    fn signal(&self, vector: u16) -> bool {
+        let table = self.fds.read().unwrap_or_else(|p| p.into_inner());
+        match table.get(usize::from(vector)) {
+            Some(Some(fd)) => {
+                self.stats.msix_signals.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = fd.write(1) {
+                    log::error!("MSI-X vector {vector}: cannot signal QEMU's eventfd: {e}");
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    fn owned(fd: &EventFd) -> OwnedFd {
+        let dup = fd.try_clone().unwrap();
+        // SAFETY: `dup` is a fresh descriptor nobody else owns.
+        unsafe { OwnedFd::from_raw_fd(dup.into_raw_fd()) }
+    }
+
+    #[test]
+    fn protocol_level_from_device_help() {
+        let help =
+            "x-pci-proxy-dev options:\n  fd=<str>\n  x-sluice-protocol=<uint32>  -  (default: 2)\n";
+        assert_eq!(parse_protocol(help), Some(2));
+        assert_eq!(
+            parse_protocol("x-pci-proxy-dev options:\n  fd=<str>\n"),
+            None
+        );
+        assert_eq!(
+            parse_protocol("  x-sluice-protocol=<uint32>  -  (default: x)"),
+            None
+        );
+        assert_eq!(proxy_protocol(Path::new("/nonexistent/qemu")), 0);
+    }
+
+    #[test]
+    fn vectors_go_to_their_eventfds_and_unknown_ones_are_refused() {
+        let stats = Arc::new(FastPathStats::default());
+        let relay = MsixEventfds::new(stats.clone());
+        let (a, b) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        relay.set(1, vec![owned(&a), owned(&b)]);
+        assert!(!relay.signal(0), "vector 0 has no eventfd");
+        assert!(relay.signal(2));
+        assert_eq!(b.read().unwrap(), 1);
+        assert!(a.read().is_err());
+        assert!(!relay.signal(u16::MAX));
+        // Past the largest table: ignored, nothing grows.
+        relay.set(MAX_MSIX_VECTORS, vec![owned(&a)]);
+        relay.set(u64::MAX, vec![owned(&a)]);
+        assert_eq!(relay.fds.read().unwrap().len(), 3);
+        assert_eq!(stats.msix_signals.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.msix_fds.load(Ordering::Relaxed), 2);
+    }
+}
