@@ -443,7 +443,8 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
     let (mut findings, _, mut trial_runs) = state.into_inner().unwrap_or_else(|p| p.into_inner());
     // Search runs in which nothing fired were unperturbed runs (the guest died or finished
     // before the plan's point): what they showed is not the plan's doing.
-    let baseline_runs = args.baseline_runs.max(1) + findings.reattribute_unperturbed(&trial_runs);
+    let baseline_runs = args.baseline_runs.max(1);
+    let unfired_runs = findings.reattribute_unperturbed(&trial_runs);
     findings.classify(baseline_runs);
     findings.link_consequences(&trial_runs);
     trial_runs.sort_by_key(|t| t.index);
@@ -583,6 +584,7 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
             })
             .unwrap_or_default(),
         baseline_runs,
+        unfired_runs,
         unperturbed_counted: true,
         trials: trial_runs,
         extra_runs,

@@ -72,6 +72,12 @@ pub struct Finding {
     /// Unperturbed baseline runs that showed it (of the report's `baseline_runs`).
     #[serde(default)]
     pub baseline_hits: u32,
+    /// Search runs in which no rule fired that showed it (of the report's `unfired_runs`):
+    /// not the plan's doing, but not a fair baseline sample either (a race that closes the
+    /// path to the plan's point, e.g. a disk bound without IOMMU never reaching the DMA-API
+    /// points, is over-represented among them).
+    #[serde(default)]
+    pub unfired_hits: u32,
     /// Their ids (the first 20).
     pub runs: Vec<String>,
     /// The minimized plan, when minimization ran.
@@ -114,6 +120,7 @@ impl Finding {
             (None, Some(_)) => false,
         };
         self.baseline_hits += other.baseline_hits;
+        self.unfired_hits += other.unfired_hits;
         self.variants.extend(other.variants);
         self.hits += other.hits;
         self.runs.extend(other.runs);
@@ -172,6 +179,7 @@ impl FindingSet {
                 trials: trial.map(|(i, _)| vec![i]).unwrap_or_default(),
                 hits: u32::from(trial.is_some()),
                 baseline_hits: u32::from(trial.is_none()),
+                unfired_hits: 0,
                 runs: vec![run_id.to_string()],
                 minimized: None,
                 consequence_of: None,
@@ -212,10 +220,9 @@ impl FindingSet {
     }
 
     /// Search runs in which no rule fired (the guest ended, or never reached the points,
-    /// before any firing) perturbed nothing: they are unperturbed runs, and what they showed
-    /// counts as baseline, not as the plan's doing. Moves their hits to the baseline counts,
-    /// re-derives each finding's first trial, and returns how many such runs there were (to be
-    /// added to the baseline runs).
+    /// before any firing) perturbed nothing: what they showed is not the plan's doing. Moves
+    /// their hits to [`Finding::unfired_hits`], re-derives each finding's first trial, and
+    /// returns how many such runs there were.
     pub fn reattribute_unperturbed(&mut self, runs: &[TrialRun]) -> u32 {
         let quiet: Vec<&TrialRun> = runs
             .iter()
@@ -224,7 +231,7 @@ impl FindingSet {
         for f in self.by_signature.values_mut() {
             for r in quiet.iter().filter(|r| r.signatures.contains(&f.signature)) {
                 f.hits = f.hits.saturating_sub(1);
-                f.baseline_hits += 1;
+                f.unfired_hits += 1;
                 f.trials.retain(|&i| i != r.index);
                 f.runs.retain(|id| id != &r.id);
             }
@@ -336,12 +343,14 @@ pub struct ExploreReport {
     /// merged shards).
     #[serde(default)]
     pub shards: Vec<ShardInfo>,
-    /// Unperturbed baseline runs (each shard runs its own), search runs in which no rule
-    /// fired included once [`FindingSet::reattribute_unperturbed`] counted them.
+    /// Unperturbed baseline runs (each shard runs its own).
     #[serde(default)]
     pub baseline_runs: u32,
-    /// The search runs without a firing were counted as baseline runs already (reports of
-    /// older builds were not; `merge` does it for them).
+    /// Search runs in which no rule fired.
+    #[serde(default)]
+    pub unfired_runs: u32,
+    /// The search runs without a firing were set apart already (reports of older builds were
+    /// not; `merge` does it for them).
     #[serde(default)]
     pub unperturbed_counted: bool,
     /// Search runs performed.
@@ -390,7 +399,7 @@ impl ExploreReport {
                     for f in std::mem::take(&mut r.findings) {
                         set.add(f);
                     }
-                    r.baseline_runs += set.reattribute_unperturbed(&r.trials);
+                    r.unfired_runs += set.reattribute_unperturbed(&r.trials);
                     r.findings = set.iter().cloned().collect();
                     r.unperturbed_counted = true;
                 }
@@ -437,6 +446,7 @@ impl ExploreReport {
             out.shards.extend(r.shards);
             out.extra_runs += r.extra_runs;
             out.baseline_runs += r.baseline_runs;
+            out.unfired_runs += r.unfired_runs;
             out.elapsed_s = out.elapsed_s.max(r.elapsed_s);
             out.stopped_by_budget |= r.stopped_by_budget;
         }
@@ -524,13 +534,25 @@ impl ExploreReport {
                 },
                 f.signature,
                 f.hits,
-                if f.baseline_hits > 0 {
-                    format!(
-                        " (also in {} of {} unperturbed baseline run(s))",
-                        f.baseline_hits, self.baseline_runs
-                    )
-                } else {
-                    String::new()
+                {
+                    let mut also = Vec::new();
+                    if f.baseline_hits > 0 {
+                        also.push(format!(
+                            "in {} of {} unperturbed baseline run(s)",
+                            f.baseline_hits, self.baseline_runs
+                        ));
+                    }
+                    if f.unfired_hits > 0 {
+                        also.push(format!(
+                            "in {} of {} search run(s) where no rule fired",
+                            f.unfired_hits, self.unfired_runs
+                        ));
+                    }
+                    if also.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (also {})", also.join("; "))
+                    }
                 },
                 f.first_trial
                     .map(|t| format!(", first t{t:04} [{}]", f.first_rules.join("; ")))
@@ -686,6 +708,7 @@ mod tests {
             planned: 8,
             shards: vec![ShardInfo { index, count: 2 }],
             baseline_runs: 1,
+            unfired_runs: 0,
             unperturbed_counted: true,
             trials: trials
                 .iter()
@@ -822,7 +845,7 @@ mod tests {
     }
 
     #[test]
-    fn a_search_run_in_which_nothing_fired_counts_as_baseline() {
+    fn a_search_run_in_which_nothing_fired_is_not_the_plans_doing() {
         let mut set = FindingSet::default();
         let panic = Anomaly {
             kind: AnomalyKind::KernelReport,
@@ -855,17 +878,22 @@ mod tests {
         );
         assert_eq!(set.reattribute_unperturbed(&runs), 1);
         let f = set.iter().next().unwrap();
-        assert_eq!((f.hits, f.baseline_hits), (1, 1));
+        assert_eq!((f.hits, f.unfired_hits, f.baseline_hits), (1, 1, 0));
         assert_eq!(f.first_trial, Some(5));
         assert_eq!(f.first_rules, ["r5"]);
-        set.classify(3);
-        assert_eq!(
-            set.found().count(),
-            1,
-            "1 of 3 baseline runs: still reported"
+        set.classify(2);
+        assert_eq!(set.found().count(), 1, "a perturbed hit, clean baselines");
+        // Shown only by a run where nothing fired: not the plan's doing.
+        let mut only_unfired = FindingSet::default();
+        only_unfired.record(
+            std::slice::from_ref(&panic),
+            "6.12",
+            "t2",
+            Some((2, &["r2".into()])),
         );
-        set.classify(1);
-        assert_eq!(set.found().count(), 0);
+        only_unfired.reattribute_unperturbed(&runs[..1]);
+        only_unfired.classify(2);
+        assert_eq!(only_unfired.found().count(), 0);
     }
 
     #[test]
