@@ -25,6 +25,7 @@ mod endpoint;
 pub mod fuzz_support;
 mod hooks;
 mod irq;
+pub mod key_hash;
 mod point_decl;
 mod provenance;
 mod recording;

@@ -503,11 +503,7 @@ pub fn explore(args: HarnessExploreArgs) -> Result<ExitCode> {
                 extra_runs += m.runs;
                 eprintln!(
                     "explore:   -> [{}] {}/{}{}",
-                    m.rules
-                        .iter()
-                        .map(TrialRule::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    m.plan_text(),
                     m.hits,
                     m.tries,
                     if m.confirmed {

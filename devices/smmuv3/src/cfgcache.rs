@@ -8,8 +8,6 @@
 
 use crate::cd::Cd;
 use crate::ste::Ste;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -20,30 +18,7 @@ pub(crate) struct Filled<T> {
     pub filled: u64,
 }
 
-/// A multiply-rotate hasher for StreamIDs and SubstreamIDs: every translation probes this cache
-/// once or twice, and SipHash cost more than the rest of a cache hit. The keys are bounded
-/// (SIDs by the stream table, entries by `capacity`), so a guest that makes its own keys
-/// collide slows only itself.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u32(u32::from(*b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (u64::from(n) ^ self.0.rotate_left(32))
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(26);
-    }
-}
-
-type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+type IdMap<K, V> = sluice_devapi::key_hash::KeyMap<K, V>;
 
 /// Decoded STEs and CDs, kept until the matching CFGI.
 #[derive(Debug)]

@@ -17,6 +17,8 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use sluice_devapi::key_hash::KeyHasher;
+
 /// ASID tag of stage-2-only entries (IPA → PA).
 pub const ASID_NONE: u32 = 0x1_0000;
 
@@ -105,34 +107,10 @@ impl Hash for SlotKey {
     }
 }
 
-/// A multiply-rotate hasher for [`SlotKey`]: one multiplication per probe. The keys are
-/// guest-chosen, so a guest can make its own entries collide; that slows only its own
-/// translations (the shards are bounded), it cannot make a lookup wrong.
-#[derive(Default, Clone, Copy)]
-struct SlotHasher(u64);
-
-impl Hasher for SlotHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        // The product's high bits depend on every input bit; rotate them to where the table
-        // takes its bucket index (the low bits).
-        self.0 = (n ^ self.0)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(26);
-    }
-}
-
 #[derive(Debug, Default)]
 struct Shard {
     /// Every entry, for lookups: one hash probe per size class present.
-    slots: HashMap<SlotKey, Slot, BuildHasherDefault<SlotHasher>>,
+    slots: HashMap<SlotKey, Slot, BuildHasherDefault<KeyHasher>>,
     /// The same keys in order, one set per entry size (log2) present, for range invalidation.
     classes: BTreeMap<u32, BTreeSet<Key>>,
     /// The sizes present, ascending (a copy of `classes`' keys that a lookup reads without

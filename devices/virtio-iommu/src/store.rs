@@ -13,7 +13,9 @@
 //! found in the index has no other mapping that could contain the address.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
+
+use sluice_devapi::key_hash::KeyHasher;
 
 use thiserror::Error;
 
@@ -54,35 +56,13 @@ pub const INDEXED_PAGES: u64 = 16;
 
 const PAGE_SHIFT: u32 = 12;
 
-/// A multiply-rotate hasher for page numbers (one multiplication per probe; SipHash would cost
-/// more than the rest of the lookup). A guest that picks colliding IOVAs slows only its own
-/// domain's lookups; the number of mappings is bounded by the device.
-#[derive(Default, Clone, Copy)]
-pub struct PageHasher(u64);
-
-impl Hasher for PageHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ self.0)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(26);
-    }
-}
-
 /// A domain's mappings.
 #[derive(Debug, Default, Clone)]
 pub struct MapStore {
     /// Every mapping, by start: overlap checks, UNMAP, iteration.
     map: BTreeMap<u64, Mapping>,
     /// Page number → (start, mapping) for every page of an indexed mapping.
-    pages: HashMap<u64, (u64, Mapping), BuildHasherDefault<PageHasher>>,
+    pages: HashMap<u64, (u64, Mapping), BuildHasherDefault<KeyHasher>>,
     /// The mappings not in `pages` (larger, or not page aligned), by start.
     other: BTreeMap<u64, Mapping>,
 }

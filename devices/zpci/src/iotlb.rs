@@ -8,32 +8,14 @@
 //! model of what VFIO would be asked for).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
+
+use sluice_devapi::key_hash::KeyHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::walk::{Frame, Mapping, PAGE_SIZE, SEG_SIZE};
 
-/// A multiplicative hasher for frame numbers (keys are already well spread in the low bits).
-#[derive(Default, Clone, Copy)]
-pub struct FrameHasher(u64);
-
-impl Hasher for FrameHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ self.0)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(26);
-    }
-}
-
-type FrameMap = HashMap<u64, Cached, BuildHasherDefault<FrameHasher>>;
+type FrameMap = HashMap<u64, Cached, BuildHasherDefault<KeyHasher>>;
 
 /// An entry and the refresh that installed (or last confirmed) it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

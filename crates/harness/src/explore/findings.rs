@@ -516,11 +516,7 @@ impl ExploreReport {
                     format!(
                         " | minimized{} to [{}], rate {}/{}",
                         if m.confirmed { "" } else { " (NOT confirmed)" },
-                        m.rules
-                            .iter()
-                            .map(TrialRule::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; "),
+                        m.plan_text(),
                         m.hits,
                         m.tries
                     )

@@ -56,6 +56,15 @@ pub struct Minimized {
 }
 
 impl Minimized {
+    /// The plan in one line: rules in the injection syntax, `; `-separated.
+    pub fn plan_text(&self) -> String {
+        self.rules
+            .iter()
+            .map(TrialRule::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// hits / tries.
     pub fn rate(&self) -> f64 {
         if self.tries == 0 {
