@@ -260,10 +260,10 @@ impl FindingSet {
                 AnomalyKind::Workload => 5,
             }
         }
-        let kinds: BTreeMap<String, (AnomalyKind, u32)> = self
+        let kinds: BTreeMap<String, (AnomalyKind, u32, Origin)> = self
             .by_signature
             .values()
-            .map(|f| (f.signature.clone(), (f.kind, f.hits)))
+            .map(|f| (f.signature.clone(), (f.kind, f.hits, f.origin)))
             .collect();
         for f in self.by_signature.values_mut() {
             let with: Vec<&TrialRun> = runs
@@ -274,9 +274,12 @@ impl FindingSet {
                 f.consequence_of = None;
                 continue;
             };
-            let mut best: Option<(u8, std::cmp::Reverse<u32>, &String)> = None;
+            // The most telling cause first: one the search found (a signature every run shows,
+            // the base's own, explains nothing), then the higher rank, then the rarer one (it
+            // co-occurs more specifically).
+            let mut best: Option<(bool, u8, u32, &String)> = None;
             for other in &first.signatures {
-                let Some(&(kind, hits)) = kinds.get(other) else {
+                let Some(&(kind, hits, origin)) = kinds.get(other) else {
                     continue;
                 };
                 if other == &f.signature || rank(kind) >= rank(f.kind) {
@@ -285,12 +288,12 @@ impl FindingSet {
                 if !with.iter().all(|r| r.signatures.contains(other)) {
                     continue;
                 }
-                let key = (rank(kind), std::cmp::Reverse(hits), other);
+                let key = (origin == Origin::Baseline, rank(kind), hits, other);
                 if best.as_ref().is_none_or(|b| key < *b) {
                     best = Some(key);
                 }
             }
-            f.consequence_of = best.map(|(_, _, s)| s.clone());
+            f.consequence_of = best.map(|(_, _, _, s)| s.clone());
         }
     }
 
@@ -838,6 +841,30 @@ mod tests {
             None,
             "no RESULT came with the panic once and with the escape once: neither explains it"
         );
+        // A baseline signature present in every run explains nothing: the found one is the cause.
+        let mut set = FindingSet::default();
+        let base = Anomaly {
+            kind: AnomalyKind::Escape,
+            signature: "escape wrong-domain from dma0".into(),
+            evidence: String::new(),
+        };
+        set.record(std::slice::from_ref(&base), "6.12", "b0", None);
+        set.record(&[base.clone(), a(2), a(3)], "6.12", "t1", Some((1, &[])));
+        set.record(std::slice::from_ref(&base), "6.12", "t2", Some((2, &[])));
+        set.classify(1);
+        let runs = [
+            TrialRun {
+                signatures: vec![base.signature.clone(), kinds[2].0.into(), kinds[3].0.into()],
+                ..run(1, &[])
+            },
+            TrialRun {
+                signatures: vec![base.signature.clone()],
+                ..run(2, &[])
+            },
+        ];
+        set.link_consequences(&runs);
+        let workload = set.iter().find(|f| f.signature == kinds[3].0).unwrap();
+        assert_eq!(workload.consequence_of.as_deref(), Some(kinds[2].0));
     }
 
     #[test]
