@@ -182,6 +182,10 @@ fi
 if [ "$ARCH" = aarch64 ]; then
     GUEST_MODULES=(arm_smmu_v3 "${GUEST_MODULES[@]}")
 fi
+# s390 has no virtio-iommu (ARM64 || X86 only): its translation is zPCI, built in.
+if [ "$ARCH" = s390x ]; then
+    GUEST_MODULES=(virtio_blk)
+fi
 
 # A variant may ship another module list: variants/<name>/variant.conf sets
 # VARIANT_MODULES="a b", or "" for none (6.12-pvm builds every driver in).

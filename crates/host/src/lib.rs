@@ -156,6 +156,8 @@ pub struct DeviceSet {
     pub iommu: Option<Arc<dyn IommuModel>>,
     /// Its register window, when it is a platform device (behind an [`sluice_pci::MmioGuard`]).
     pub iommu_mmio: Option<Arc<dyn sluice_pci::MmioDevice>>,
+    /// Its model, when the CPU backend forwards the guest's zPCI instructions to it.
+    pub iommu_zpci: Option<iommu::ZpciHandle>,
 }
 
 /// Where a disk goes.
@@ -341,6 +343,7 @@ impl DeviceSet {
                 .as_ref()
                 .and_then(|i| i.mmio())
                 .map(|w| sluice_pci::MmioGuard::wrap(w) as Arc<dyn sluice_pci::MmioDevice>),
+            iommu_zpci: iommu.as_ref().and_then(|i| i.zpci()),
             iommu: opts.iommu.clone(),
         })
     }

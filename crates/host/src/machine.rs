@@ -159,6 +159,10 @@ pub struct MachineSpec {
     pub platform_iommu_base: Option<u64>,
     /// Why runs of this platform are refused, while its device side is missing.
     pub not_yet_runnable: Option<&'static str>,
+    /// PCI devices are zPCI functions (s390): each proxied device gets a `zpci` companion
+    /// (FID = its RID), its BARs are never assigned by the guest, and the zPCI instructions of
+    /// its function go to the run's zPCI model.
+    pub zpci_functions: bool,
 }
 
 /// A platform or backend that cannot run a guest (yet).
@@ -205,6 +209,7 @@ impl MachineSpec {
             cpu_kvm: "host",
             platform_iommu_base: None,
             not_yet_runnable: None,
+            zpci_functions: false,
         }
     }
 
@@ -228,6 +233,7 @@ impl MachineSpec {
             // hw/arm/virt.c memmap: VIRT_SMMU.
             platform_iommu_base: Some(0x0905_0000),
             not_yet_runnable: None,
+            zpci_functions: false,
         }
     }
 
@@ -247,9 +253,27 @@ impl MachineSpec {
             cpu_tcg: "max",
             cpu_kvm: "host",
             platform_iommu_base: None,
-            not_yet_runnable: Some(
-                "no s390x guest variant, patched qemu-system-s390x or zPCI device wiring yet",
-            ),
+            not_yet_runnable: None,
+            zpci_functions: true,
+        }
+    }
+
+    /// The zPCI UID of the `index`-th proxied device (its position in the device set) on a
+    /// platform with [`MachineSpec::zpci_functions`]: position + 1 (UID 0 is not valid).
+    pub fn zpci_uid(index: usize) -> u32 {
+        u32::try_from(index)
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// The guest's PCI address of the `index`-th device, placed at `bdf`: `bdf` itself, or on
+    /// zPCI, where each function is alone on a bus of its own, Linux's `<uid>:00:00.0` (with
+    /// UID checking, which QEMU reports, the domain is the UID).
+    pub fn guest_pci_address(&self, index: usize, bdf: sluice_devapi::Bdf) -> String {
+        if self.zpci_functions {
+            format!("{:04x}:00:00.0", Self::zpci_uid(index))
+        } else {
+            bdf.to_string()
         }
     }
 
@@ -357,7 +381,25 @@ mod tests {
     }
 
     #[test]
-    fn x86_runs_everywhere_arm64_under_qemu_s390x_not_yet() {
+    fn zpci_functions_are_found_by_uid_domain() {
+        let b = sluice_devapi::Bdf::new(0, 3, 0);
+        assert_eq!(
+            MachineSpec::x86_q35().guest_pci_address(0, b),
+            "0000:00:03.0"
+        );
+        assert_eq!(
+            MachineSpec::s390x_ccw().guest_pci_address(0, b),
+            "0001:00:00.0"
+        );
+        assert_eq!(
+            MachineSpec::s390x_ccw().guest_pci_address(10, b),
+            "000b:00:00.0"
+        );
+        assert_eq!(MachineSpec::zpci_uid(0), 1);
+    }
+
+    #[test]
+    fn x86_runs_everywhere_arm64_and_s390x_under_qemu() {
         let x86 = MachineSpec::x86_q35();
         x86.check_backend(BackendKind::Qemu).unwrap();
         x86.check_backend(BackendKind::Kvm).unwrap();
@@ -367,12 +409,20 @@ mod tests {
             arm.check_backend(BackendKind::Kvm).unwrap_err().to_string(),
             "the kvm backend runs x86_64 guests only, not aarch64"
         );
-        assert!(
-            MachineSpec::s390x_ccw()
+        MachineSpec::s390x_ccw()
+            .check_backend(BackendKind::Qemu)
+            .unwrap();
+        // A platform whose device side is missing is refused with its reason.
+        let missing = MachineSpec {
+            not_yet_runnable: Some("no device side"),
+            ..MachineSpec::s390x_ccw()
+        };
+        assert_eq!(
+            missing
                 .check_backend(BackendKind::Qemu)
                 .unwrap_err()
-                .to_string()
-                .starts_with("s390x guests (s390-ccw-virtio) cannot run yet: ")
+                .to_string(),
+            "s390x guests (s390-ccw-virtio) cannot run yet: no device side"
         );
         assert_eq!(
             MachineSpec::s390x_ccw()

@@ -95,10 +95,13 @@ fn parse_protocol(help: &str) -> Option<u32> {
 /// emulates MSI-X and QEMU's own message write reaches the interrupt controller, else 0 (INTx).
 /// The latter fails when an IOMMU translates MSIs (arm64: the ITS doorbell is an IOVA the
 /// guest maps through Sluice's SMMUv3 or virtio-iommu, and QEMU's `msix_notify` would write the
-/// untranslated address), so non-x86 runs with an IOMMU stay on INTx. `SLUICE_PROXY_MSIX=off`
-/// forces INTx.
-pub fn proxy_msix_vectors(qemu: &Path, x86: bool, iommu: bool) -> u16 {
-    if !enabled("MSIX") || (!x86 && iommu) || proxy_protocol(qemu) < PROTOCOL_FASTPATH {
+/// untranslated address), so such runs with an IOMMU stay on INTx. `msi_untranslated` says the
+/// platform's MSIs bypass translation: x86 (the interrupt range is not remapped by
+/// virtio-iommu) and s390 (the MSI region of a zPCI function's address space is QEMU's own,
+/// and a zPCI function without MSI-X is refused anyway). `SLUICE_PROXY_MSIX=off` forces INTx.
+pub fn proxy_msix_vectors(qemu: &Path, msi_untranslated: bool, iommu: bool) -> u16 {
+    if !enabled("MSIX") || (!msi_untranslated && iommu) || proxy_protocol(qemu) < PROTOCOL_FASTPATH
+    {
         0
     } else {
         PROXY_MSIX_VECTORS

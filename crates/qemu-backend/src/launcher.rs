@@ -22,6 +22,7 @@ use crate::console::{self, ConsoleState, ConsoleSummary};
 use crate::error_chain;
 use crate::platform::{PlatformInterrupts, PlatformServer};
 use crate::server::{DeviceServer, ServeError};
+use crate::zpci::{ZpciServer, ZpciTraffic};
 
 /// How QEMU runs the vCPUs (shared with the platform description, which picks `-cpu` by it).
 pub use sluice_host::machine::Accel;
@@ -168,7 +169,8 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
     qemu_args_with(cfg, proxies, None)
 }
 
-/// [`qemu_args`], with the platform IOMMU's channel on descriptor `iommu_fd`.
+/// [`qemu_args`], with the platform IOMMU's channel on descriptor `iommu_fd`, or the zPCI
+/// model's on `iommu_fd` when the machine's PCI devices are zPCI functions.
 fn qemu_args_with(
     cfg: &QemuConfig,
     proxies: &[(String, u8, i32)],
@@ -192,6 +194,8 @@ fn qemu_args_with(
     if let (Some(p), Some(fd)) = (&cfg.platform_iommu, iommu_fd) {
         machine.push(p.machine_option.clone());
         machine.push(format!("x-smmuv3-proxy-fd={fd}"));
+    } else if let (true, Some(fd)) = (m.zpci_functions, iommu_fd) {
+        machine.push(format!("x-zpci-proxy-fd={fd}"));
     }
     machine.push("memory-backend=mem".to_string());
     push(&[
@@ -222,11 +226,27 @@ fn qemu_args_with(
         &cfg.initrd.to_string_lossy(),
     ]);
     push(&["-append", &cfg.cmdline]);
-    for (id, slot, fd) in proxies {
-        push(&[
-            "-device",
-            &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x}"),
-        ]);
+    for (i, (id, slot, fd)) in proxies.iter().enumerate() {
+        if m.zpci_functions {
+            // The zPCI function QEMU wraps the device in: FID = the device's RID (bus 0,
+            // function 0), which is how the run's zPCI model names it; UID = position + 1.
+            // It must precede its target, or plugging the device creates another one.
+            push(&[
+                "-device",
+                &format!(
+                    "zpci,uid={},fid={},target={id}",
+                    MachineSpec::zpci_uid(i),
+                    u32::from(*slot) << 3
+                ),
+                "-device",
+                &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x},x-unassigned-bars=on"),
+            ]);
+        } else {
+            push(&[
+                "-device",
+                &format!("x-pci-proxy-dev,id={id},fd={fd},addr={slot:#x}"),
+            ]);
+        }
     }
     if m.tables == FirmwareTables::AcpiFiles {
         for t in &cfg.acpi_tables {
@@ -252,6 +272,8 @@ pub struct QemuRun {
     pub console: ConsoleSummary,
     /// What crossed the platform IOMMU's socket, when the run had one.
     pub platform: Option<PlatformTraffic>,
+    /// What crossed the zPCI channel, when the run had one (s390x).
+    pub zpci: Option<ZpciTraffic>,
     /// What each proxied PCI device cost: socket round trips, and what took the fast paths.
     pub devices: Vec<DeviceTraffic>,
 }
@@ -357,7 +379,24 @@ pub fn run_qemu_with(
         }
         (Some(_), None) => return Err(LaunchError::PlatformIommuUnplaced),
     };
-    let args = qemu_args_with(cfg, &proxies, platform.as_ref().map(|p| p.3));
+    // zPCI instructions get a channel of their own (the machine's, not a device's).
+    let zpci = match (&devices.iommu_zpci, cfg.machine.zpci_functions) {
+        (Some(model), true) => {
+            let (a, b) = proxy_socketpair().map_err(LaunchError::Spawn)?;
+            let fd = b.as_raw_fd();
+            theirs.push(b);
+            Some((a, model.clone(), fd))
+        }
+        _ => None,
+    };
+    let args = qemu_args_with(
+        cfg,
+        &proxies,
+        platform
+            .as_ref()
+            .map(|p| p.3)
+            .or(zpci.as_ref().map(|z| z.2)),
+    );
     log::info!("starting {} {}", cfg.qemu.display(), args.join(" "));
     let start = Instant::now();
     let mut child: Child = Command::new(&cfg.qemu)
@@ -397,6 +436,17 @@ pub fn run_qemu_with(
         let tx = dev_tx.clone();
         let _ = std::thread::Builder::new()
             .name("iommu-proxy".into())
+            .spawn(move || {
+                let _ = tx.send(server.run());
+            });
+    }
+    let mut zpci_counters = None;
+    if let Some((sock, model, _)) = zpci {
+        let server = ZpciServer::new(sock, model);
+        zpci_counters = Some(server.stats());
+        let tx = dev_tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("zpci-proxy".into())
             .spawn(move || {
                 let _ = tx.send(server.run());
             });
@@ -523,6 +573,7 @@ pub fn run_qemu_with(
             line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
             msis: irq.stats().msi_seen.load(Ordering::Relaxed),
         }),
+        zpci: zpci_counters.map(|s| s.snapshot()),
         devices: counters
             .into_iter()
             .map(|(dev, s, f)| DeviceTraffic {
@@ -642,7 +693,7 @@ mod tests {
     }
 
     #[test]
-    fn other_platforms_shape_the_args_and_s390x_does_not_run_yet() {
+    fn other_platforms_shape_the_args() {
         let arm = QemuConfig {
             machine: MachineSpec::arm64_virt(),
             cmdline: MachineSpec::arm64_virt()
@@ -689,10 +740,25 @@ mod tests {
                 .join(" ")
                 .contains("-M s390-ccw-virtio,memory-backend=mem")
         );
-        let err = run(&s390, &no_devices()).unwrap_err().to_string();
+        // With a zPCI model: the machine's channel, and each device as a zPCI function named
+        // before its target (FID = RID, UID = position + 1), with unassigned BARs.
+        let a = qemu_args_with(
+            &s390,
+            &[("blk0".into(), 3, 20), ("blk1".into(), 4, 21)],
+            Some(12),
+        )
+        .join(" ");
         assert!(
-            err.starts_with("s390x guests (s390-ccw-virtio) cannot run yet: "),
-            "{err}"
+            a.contains("-M s390-ccw-virtio,x-zpci-proxy-fd=12,memory-backend=mem"),
+            "{a}"
+        );
+        assert!(
+            a.contains(
+                "-device zpci,uid=1,fid=24,target=blk0 \
+                 -device x-pci-proxy-dev,id=blk0,fd=20,addr=0x3,x-unassigned-bars=on \
+                 -device zpci,uid=2,fid=32,target=blk1"
+            ),
+            "{a}"
         );
     }
 
@@ -703,6 +769,7 @@ mod tests {
             devices: vec![],
             iommu: None,
             iommu_mmio: None,
+            iommu_zpci: None,
         };
         let err = run(&cfg(), &set).unwrap_err();
         assert_eq!(
@@ -753,6 +820,7 @@ mod tests {
             devices: vec![],
             iommu: None,
             iommu_mmio: None,
+            iommu_zpci: None,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod platform;
 pub mod protocol;
 pub mod server;
 mod serving;
+pub mod zpci;
 
 pub use console::ConsoleSummary;
 pub use fastpath::{proxy_msix_vectors, proxy_protocol};

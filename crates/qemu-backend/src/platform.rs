@@ -411,7 +411,10 @@ impl PlatformServer {
             Request::ConfigRead { .. }
             | Request::ConfigWrite { .. }
             | Request::GetIoeventfds { .. }
-            | Request::SetMsixFds { .. } => {
+            | Request::SetMsixFds { .. }
+            | Request::ZpciSetEventfd(_)
+            | Request::ZpciInsn(_)
+            | Request::ZpciFetchEvents => {
                 let command = request.command();
                 // QEMU waits for a RET (see the module documentation); the error that follows
                 // ends the connection either way, so a failed send adds nothing to report.

@@ -52,6 +52,15 @@ pub enum Command {
     /// The proxy hands over one eventfd per MSI-X vector, from vector `n` on (Sluice's QEMU
     /// patch: it emulates the MSI-X table and delivers a vector when its eventfd fires).
     SetMsixFds = 10,
+    /// s390x, the zPCI channel: QEMU hands over the eventfd Sluice signals when the zPCI model
+    /// has PCI error events for the guest (Sluice's QEMU patch, `s390-pci-proxy.c`). No reply.
+    ZpciSetEventfd = 11,
+    /// s390x: one zPCI operation of a proxied function ([`ZpciInsn`]); answered with a RET
+    /// ([`zpci_answer`]).
+    ZpciInsn = 12,
+    /// s390x: QEMU fetches pending error events; answered with a message of the same command
+    /// ([`encode_zpci_events`]).
+    ZpciFetchEvents = 13,
 }
 
 impl Command {
@@ -68,6 +77,9 @@ impl Command {
             8 => Command::BarWritePosted,
             9 => Command::GetIoeventfds,
             10 => Command::SetMsixFds,
+            11 => Command::ZpciSetEventfd,
+            12 => Command::ZpciInsn,
+            13 => Command::ZpciFetchEvents,
             _ => return None,
         })
     }
@@ -82,6 +94,8 @@ impl Command {
                 | Command::BarRead
                 | Command::DeviceReset
                 | Command::GetIoeventfds
+                | Command::ZpciInsn
+                | Command::ZpciFetchEvents
         )
     }
 }
@@ -126,6 +140,93 @@ pub fn encode_ioeventfds(entries: &[IoeventfdEntry], more: bool) -> Vec<u8> {
         };
     }
     encode_message(Command::GetIoeventfds, &p)
+}
+
+/// Size of a ZPCI_INSN payload (`ZpciInsnMsg`): op, fid, two arguments, the 80-byte FIB.
+pub const ZPCI_INSN_PAYLOAD: usize = 24 + ZPCI_FIB_LEN;
+/// Bytes of a FIB.
+pub const ZPCI_FIB_LEN: usize = 80;
+/// Error events per ZPCI_FETCH_EVENTS answer (`MPQEMU_MAX_ZPCI_EVENTS`).
+pub const MAX_ZPCI_EVENTS: usize = 11;
+/// Size of that answer's payload (`ZpciEventsMsg`): count, more, 11 entries of 16 bytes.
+pub const ZPCI_EVENTS_PAYLOAD: usize = 8 + MAX_ZPCI_EVENTS * 16;
+/// Answer bit: the model raised a program exception; QEMU's own checks raise it.
+pub const ZPCI_ANSWER_PROGRAM: u64 = 1 << 62;
+
+/// The operations of a ZPCI_INSN (`S390_ZPROXY_*` in the QEMU patch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZpciOp {
+    /// MPCIFC: `arg0` = `oc | dmaas << 16`, `arg1` = the FIB's address, plus the FIB.
+    Mpcifc,
+    /// RPCIT: `arg0` = first IOVA, `arg1` = length.
+    Rpcit,
+    /// CLP SET PCI FN enable, which QEMU did.
+    Enable,
+    /// CLP SET PCI FN disable, which QEMU did.
+    Disable,
+    /// SCLP configure, which QEMU did.
+    Configure,
+    /// SCLP deconfigure, which QEMU did (the release).
+    Deconfigure,
+}
+
+impl ZpciOp {
+    fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => ZpciOp::Mpcifc,
+            2 => ZpciOp::Rpcit,
+            3 => ZpciOp::Enable,
+            4 => ZpciOp::Disable,
+            5 => ZpciOp::Configure,
+            6 => ZpciOp::Deconfigure,
+            _ => return None,
+        })
+    }
+}
+
+/// One forwarded zPCI operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZpciInsn {
+    /// The operation, or its raw number when unknown (answered as a refusal).
+    pub op: Result<ZpciOp, u32>,
+    /// Function ID.
+    pub fid: u32,
+    /// First argument.
+    pub arg0: u64,
+    /// Second argument.
+    pub arg1: u64,
+    /// The FIB as the guest stored it (MPCIFC only; zeros otherwise).
+    pub fib: [u8; ZPCI_FIB_LEN],
+}
+
+/// The RET value of a ZPCI_INSN: condition code in bits 0-7, status in bits 8-15.
+pub fn zpci_answer(cc: u8, status: u8) -> u64 {
+    u64::from(cc) | u64::from(status) << 8
+}
+
+/// One error event as QEMU raises it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZpciEventEntry {
+    /// Function ID.
+    pub fid: u32,
+    /// PCI error code.
+    pub pec: u16,
+    /// Faulting address.
+    pub faddr: u64,
+}
+
+/// The ZPCI_FETCH_EVENTS answer: header and payload, at most [`MAX_ZPCI_EVENTS`] events.
+pub fn encode_zpci_events(events: &[ZpciEventEntry], more: bool) -> Vec<u8> {
+    let events = events.get(..MAX_ZPCI_EVENTS).unwrap_or(events);
+    let mut p = vec![0u8; ZPCI_EVENTS_PAYLOAD];
+    p[0..4].copy_from_slice(&(events.len() as u32).to_ne_bytes());
+    p[4..8].copy_from_slice(&u32::from(more).to_ne_bytes());
+    for (e, chunk) in events.iter().zip(p[8..].chunks_exact_mut(16)) {
+        chunk[0..4].copy_from_slice(&e.fid.to_ne_bytes());
+        chunk[4..6].copy_from_slice(&e.pec.to_ne_bytes());
+        chunk[8..16].copy_from_slice(&e.faddr.to_ne_bytes());
+    }
+    encode_message(Command::ZpciFetchEvents, &p)
 }
 
 /// A parsed header.
@@ -214,6 +315,12 @@ pub enum Request {
         /// One eventfd per vector.
         fds: Vec<OwnedFd>,
     },
+    /// The eventfd that tells QEMU the zPCI model has error events.
+    ZpciSetEventfd(OwnedFd),
+    /// A zPCI operation.
+    ZpciInsn(Box<ZpciInsn>),
+    /// Send the pending error events.
+    ZpciFetchEvents,
 }
 
 impl Request {
@@ -230,6 +337,9 @@ impl Request {
             Request::DeviceReset => Command::DeviceReset,
             Request::GetIoeventfds { .. } => Command::GetIoeventfds,
             Request::SetMsixFds { .. } => Command::SetMsixFds,
+            Request::ZpciSetEventfd(_) => Command::ZpciSetEventfd,
+            Request::ZpciInsn(_) => Command::ZpciInsn,
+            Request::ZpciFetchEvents => Command::ZpciFetchEvents,
         }
     }
 
@@ -431,6 +541,35 @@ pub fn parse_request(
                 return Err(ProtocolError::VectorRange(first));
             }
             Ok(Request::SetMsixFds { first, fds })
+        }
+        Command::ZpciSetEventfd => {
+            expect_len(command, payload, 8)?;
+            expect_fds(command, &fds, |n| n == 1)?;
+            fds.into_iter()
+                .next()
+                .map(Request::ZpciSetEventfd)
+                .ok_or(ProtocolError::BadFds { command, got: 0 })
+        }
+        Command::ZpciInsn => {
+            expect_len(command, payload, ZPCI_INSN_PAYLOAD)?;
+            expect_fds(command, &fds, |n| n == 0)?;
+            let raw = u32_at(payload, 0);
+            let mut fib = [0u8; ZPCI_FIB_LEN];
+            if let Some(b) = payload.get(24..24 + ZPCI_FIB_LEN) {
+                fib.copy_from_slice(b);
+            }
+            Ok(Request::ZpciInsn(Box::new(ZpciInsn {
+                op: ZpciOp::from_raw(raw).ok_or(raw),
+                fid: u32_at(payload, 4),
+                arg0: u64_at(payload, 8),
+                arg1: u64_at(payload, 16),
+                fib,
+            })))
+        }
+        Command::ZpciFetchEvents => {
+            expect_len(command, payload, 8)?;
+            expect_fds(command, &fds, |n| n == 0)?;
+            Ok(Request::ZpciFetchEvents)
         }
         Command::Ret => Err(ProtocolError::UnexpectedReply),
     }

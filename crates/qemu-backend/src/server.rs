@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::channel::{Channel, ChannelError};
 use crate::fastpath::{AbsorbedDoorbell, DoorbellThread, FastPathStats, MsixEventfds};
 use crate::memory::MemoryMapError;
-use crate::protocol::{FAILED, MAX_IOEVENTFDS, Request, encode_ioeventfds};
+use crate::protocol::{FAILED, MAX_IOEVENTFDS, ProtocolError, Request, encode_ioeventfds};
 use crate::serving::{self, Handler, Reply, into_eventfd};
 
 const CONFIG_SPACE: u32 = 256;
@@ -245,6 +245,17 @@ impl DeviceServer {
         let f = self.device.function.as_ref();
         Ok(Some(Reply::Value(match request {
             Request::GetIoeventfds { first } => return Ok(Some(self.ioeventfds(first))),
+            Request::ZpciSetEventfd(_) | Request::ZpciInsn(_) | Request::ZpciFetchEvents => {
+                // zPCI instructions travel on the machine's own channel, never a device's.
+                let command = request.command();
+                if request.expects_reply() {
+                    let _ = self.channel.reply(FAILED);
+                }
+                return Err(serving::channel_error(
+                    &self.device.name,
+                    ChannelError::Protocol(ProtocolError::NotServed(command)),
+                ));
+            }
             Request::SetMsixFds { first, fds } => {
                 self.connect_msix(first, fds);
                 return Ok(None);

@@ -529,11 +529,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     let host_opts = HostOptions {
         // MSI-X through the proxy when this QEMU emulates it (the kvm backend sets its own).
         msix_vectors: if spec.backend == Backend::Qemu {
-            sluice_qemu::proxy_msix_vectors(&qemu, spec.arch == Arch::X86_64, iommu.is_some())
+            sluice_qemu::proxy_msix_vectors(&qemu, spec.arch != Arch::Aarch64, iommu.is_some())
         } else {
             0
         },
-        marker: Some(marker_sink),
+        // s390 refuses a PCI function without MSI-X, and the marker has none: there the
+        // guest's marker lines are lost (its /init skips them when the device is absent).
+        marker: (!machine.zpci_functions).then_some(marker_sink),
         iommu: iommu.clone(),
         iommu_irq: platform_iommu
             .as_ref()
@@ -628,6 +630,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         outcome,
         console: kept,
         platform,
+        zpci,
         devices: traffic,
     } = sluice_qemu::run_qemu_with(&cfg, &devices, &proxy)?;
     for t in traffic.iter().filter(|_| !spec.quiet) {
@@ -650,6 +653,22 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "iommu proxy:    {} register accesses over the socket ({} posted, {} refused), {} \
              wired interrupts, {} MSI writes in guest memory",
             t.register_accesses, t.posted_writes, t.refused_accesses, t.line_interrupts, t.msis
+        );
+    }
+    if let Some(t) = zpci.filter(|_| !spec.quiet) {
+        println!(
+            "zpci proxy:     {} MPCIFC, {} RPCIT ({} busy, resumed), {} refused, {} enable/disable, \
+             {} configure/deconfigure ({} the model refused), {} error events to the guest \
+             ({} dropped)",
+            t.mpcifc,
+            t.rpcit,
+            t.rpcit_busy,
+            t.refused,
+            t.enable_disable,
+            t.configure_deconfigure,
+            t.disagreements,
+            t.error_events,
+            t.error_events_dropped
         );
     }
     if kept.unfinished && !spec.quiet {
@@ -685,6 +704,17 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "refused_accesses": t.refused_accesses,
             "line_interrupts": t.line_interrupts,
             "msis": t.msis,
+        })),
+        "zpci_proxy": zpci.map(|t| serde_json::json!({
+            "mpcifc": t.mpcifc,
+            "rpcit": t.rpcit,
+            "rpcit_busy": t.rpcit_busy,
+            "refused": t.refused,
+            "enable_disable": t.enable_disable,
+            "configure_deconfigure": t.configure_deconfigure,
+            "disagreements": t.disagreements,
+            "error_events": t.error_events,
+            "error_events_dropped": t.error_events_dropped,
         })),
         // What the report's console-derived fields were computed from.
         "console": {
@@ -725,7 +755,7 @@ fn finish_run(
         .finish(&spec.run_dir)
         .context("cannot write the timeline")?;
     let guest = verify::parse_console(&outcome.console);
-    let disk_verdicts = verify_disks(devices, &guest, &spec.workload, spec.seed);
+    let disk_verdicts = verify_disks(&spec.machine(), devices, &guest, &spec.workload, spec.seed);
     let verdict = report::verdict(&outcome, &guest, &disk_verdicts, &spec.workload, spec.cpus);
     let report_path = spec
         .report
@@ -1017,14 +1047,19 @@ fn execute_kvm(
 
 /// Matches each disk function to the guest's name for it and checks its contents.
 fn verify_disks(
+    machine: &MachineSpec,
     devices: &DeviceSet,
     guest: &GuestReport,
     workload: &str,
     seed: u64,
 ) -> Vec<DiskVerdict> {
     let mut out = Vec::new();
-    for d in devices.devices.iter().filter(|d| d.disk.is_some()) {
-        let bdf = d.bdf.to_string();
+    for (index, d) in devices.devices.iter().enumerate() {
+        if d.disk.is_none() {
+            continue;
+        }
+        // Where the guest finds it: the BDF, or on zPCI the function's UID domain.
+        let bdf = machine.guest_pci_address(index, d.bdf);
         let entry = guest.disks.iter().find(|(_, b, _)| *b == bdf);
         let vd = entry.map(|(v, _, _)| v.clone());
         let iommu_group = entry.map(|(_, _, g)| g.clone());
@@ -1338,8 +1373,8 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Only x86_64 runs today; other architectures are refused in one line, before anything
-    /// is built.
+    /// A run whose architecture cannot run, or whose variant is another architecture's, is
+    /// refused in one line, before anything is built.
     #[test]
     fn architectures_that_cannot_run_are_refused_before_any_build() {
         assert_eq!(parse("").unwrap().arch, Arch::X86_64, "x86_64 by default");
@@ -1359,14 +1394,15 @@ mod tests {
             err(&arm),
             "guest variant 6.12 is an x86_64 guest, but the run is --arch aarch64"
         );
+        // s390x runs too (zPCI), but not an x86 variant either.
         let s390 = RunSpec {
             arch: Arch::S390x,
+            guest: GuestSource::Variant("6.12".into()),
             ..spec(&dir)
         };
-        assert!(
-            err(&s390).starts_with("s390x guests (s390-ccw-virtio) cannot run yet: "),
-            "{}",
-            err(&s390)
+        assert_eq!(
+            err(&s390),
+            "guest variant 6.12 is an x86_64 guest, but the run is --arch s390x"
         );
         let s390_kvm = RunSpec {
             arch: Arch::S390x,

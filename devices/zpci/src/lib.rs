@@ -48,7 +48,7 @@ pub use fib::Fib;
 pub use function::{FunctionConfig, FunctionState, LifecycleError, Transition};
 pub use model::{
     BuildError, CommitOrdering, DEFAULT_MAPPING_BUDGET, DEFAULT_RPCIT_STEP_LIMIT, ErrorEvent,
-    TlbMode, Zpci, ZpciOptions,
+    ErrorListener, TlbMode, Zpci, ZpciOptions,
 };
 pub use mpcifc::{MpcifcOp, MpcifcRequest};
 pub use provenance::{FaultInjection, MAX_LISTED_USES, SOURCE};

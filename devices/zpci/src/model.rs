@@ -12,7 +12,7 @@
 //! ("iommu/s390: Fix race with release_device ops") produced. It exists only so a replay can
 //! show which interleaving would let a DMA through.
 
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sluice_devapi::{Endpoint, Hooks, PointCtx, StateEvent, ZpciState};
 use thiserror::Error;
@@ -233,7 +233,12 @@ pub struct Zpci {
     pub(crate) slots: Vec<Slot>,
     pub(crate) budget: Budget,
     events: Mutex<EventLog>,
+    /// Called after an error event is recorded (a backend wakes the guest's side with it).
+    error_listener: OnceLock<ErrorListener>,
 }
+
+/// What [`Zpci::set_error_listener`] takes.
+pub type ErrorListener = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for Zpci {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -293,6 +298,7 @@ impl Zpci {
             slots,
             budget,
             events: Mutex::new(EventLog::default()),
+            error_listener: OnceLock::new(),
         })
     }
 
@@ -349,6 +355,13 @@ impl Zpci {
         self.budget.used()
     }
 
+    /// Calls `listener` (with no lock held) after every error event the model records, so a
+    /// backend can tell the guest's side that [`Zpci::take_error_events`] has something.
+    /// Only the first listener set is kept; false if one was set already.
+    pub fn set_error_listener(&self, listener: ErrorListener) -> bool {
+        self.error_listener.set(listener).is_ok()
+    }
+
     /// Takes the recorded error events (and how many were dropped for lack of room).
     pub fn take_error_events(&self) -> (Vec<ErrorEvent>, u64) {
         let mut log = self.events.lock().unwrap_or_else(|p| p.into_inner());
@@ -379,6 +392,9 @@ impl Zpci {
             }
         }
         self.emit_state(ZpciState::ErrorEvent { pec: ev.pec }, ev.fh);
+        if let Some(listener) = self.error_listener.get() {
+            listener();
+        }
     }
 
     /// Announces a change of the function with handle `fh`.

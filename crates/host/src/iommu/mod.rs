@@ -26,7 +26,7 @@ use crate::points::Model;
 
 pub use smmuv3::SMMU_NAME;
 pub use virtio::VIOMMU_NAME;
-pub use zpci::ZPCI_NAME;
+pub use zpci::{ZPCI_NAME, ZpciHandle};
 
 /// Which IOMMU model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,6 +218,11 @@ pub trait IommuInstance: Send {
     fn take_pci_device(&mut self) -> Option<Box<dyn VirtioDevice>>;
     /// Its register window, when it is a platform device (SMMUv3).
     fn mmio(&self) -> Option<Arc<dyn MmioDevice>>;
+    /// The zPCI model and the memory its tables are read from, when the IOMMU is driven by
+    /// instructions the CPU backend forwards (s390 zPCI).
+    fn zpci(&self) -> Option<ZpciHandle> {
+        None
+    }
 }
 
 /// The table memory a model walks: always the current guest memory (QEMU may remap it).

@@ -1,6 +1,8 @@
 //! s390 zPCI as a run's IOMMU: one zPCI function per endpoint (FID = the endpoint's RID, UID =
 //! its position + 1), translated by the function's own DMA tables. The guest finds functions
-//! through CLP, which the model answers, so firmware adds nothing.
+//! through CLP, so firmware adds nothing. Under QEMU, QEMU answers CLP and forwards the
+//! instructions that change translation (MPCIFC, RPCIT, enable/disable, configure/deconfigure)
+//! to the model ([`ZpciHandle`]); the functions start configured (disabled), as QEMU plugs them.
 
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use sluice_oracle::topology::IommuTopo;
 use sluice_pci::MmioDevice;
 use sluice_virtio_pci::VirtioDevice;
 use sluice_zpci::seam::FunctionTranslator;
-use sluice_zpci::{FunctionConfig, Zpci, ZpciOptions};
+use sluice_zpci::{FunctionConfig, FunctionState, Zpci, ZpciOptions};
 
 use super::{FirmwareDescription, IommuBuild, IommuError, IommuInstance, IommuKind, IommuModel};
 use crate::machine::Arch;
@@ -17,6 +19,23 @@ use crate::points::Model;
 
 /// The zPCI model's instance name: the `source` of its state events.
 pub const ZPCI_NAME: &str = sluice_zpci::SOURCE;
+
+/// A built zPCI model, for the backend that forwards the guest's zPCI instructions to it.
+#[derive(Clone)]
+pub struct ZpciHandle {
+    /// The model.
+    pub zpci: Arc<Zpci>,
+    /// The guest memory its tables are read from.
+    pub tables: TableMemory,
+}
+
+impl std::fmt::Debug for ZpciHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZpciHandle")
+            .field("zpci", &self.zpci)
+            .finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug)]
 pub(super) struct ZpciModel {
@@ -37,6 +56,8 @@ impl ZpciModel {
             .map(|(b, uid)| FunctionConfig {
                 fid: fid_of(*b),
                 uid,
+                // QEMU plugs every function configured: standby -> disabled at machine start.
+                initial_state: FunctionState::Disabled,
                 ..FunctionConfig::default()
             })
             .collect()
@@ -125,5 +146,12 @@ impl IommuInstance for ZpciInstance {
 
     fn mmio(&self) -> Option<Arc<dyn MmioDevice>> {
         None
+    }
+
+    fn zpci(&self) -> Option<ZpciHandle> {
+        Some(ZpciHandle {
+            zpci: self.zpci.clone(),
+            tables: self.tables.clone(),
+        })
     }
 }

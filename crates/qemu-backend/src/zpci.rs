@@ -1,0 +1,303 @@
+//! Serving the zPCI model to an s390x guest: the remote half of Sluice's QEMU patch
+//! `guest-images/qemu/s390x/20-zpci-proxy.patch` (`hw/s390x/s390-pci-proxy.c`).
+//!
+//! QEMU's s390 PCI host bridge keeps what an s390 machine does with a PCI function that is not
+//! translation: CLP list/query, PCILG/PCISTG (forwarded to the device's own `x-pci-proxy-dev`
+//! channel), adapter interrupts. For functions whose device is an `x-pci-proxy-dev`, it sends the
+//! instructions and state changes that decide translation to this channel (one per machine,
+//! `-M s390-ccw-virtio,x-zpci-proxy-fd=N`), and the model here answers them:
+//!
+//! - `ZPCI_SET_EVENTFD` (no reply): QEMU's eventfd for error events. The model's error
+//!   listener signals it whenever it records one (a DMA fault, an RPCIT that finds an invalid
+//!   entry); QEMU then sends `ZPCI_FETCH_EVENTS`.
+//! - `ZPCI_INSN` (RET): an operation of function FID ([`ZpciOp`]). MPCIFC and RPCIT are executed
+//!   by the model, with the model's current handle for that FID (QEMU checked the guest's
+//!   handle), and answered with `cc | status << 8`; a program exception is answered with
+//!   [`ZPCI_ANSWER_PROGRAM`], and QEMU's own checks raise it. Enable, disable, configure and
+//!   deconfigure are what QEMU already did; the model follows and answers 0, or 1 when it
+//!   disagrees (QEMU logs that). An unknown FID answers cc 3: nothing is translated for a
+//!   function the model does not have.
+//! - `ZPCI_FETCH_EVENTS` (answered with a message): up to [`MAX_ZPCI_EVENTS`] error events and
+//!   whether more wait. QEMU raises each as a PCI error event (CHSC store event information)
+//!   and puts the function in the error state.
+//!
+//! Anything else on this channel is a protocol error that ends it (QEMU's side then fails every
+//! forwarded instruction closed).
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use sluice_host::iommu::ZpciHandle;
+use sluice_zpci::clp::SetPciFnOp;
+use sluice_zpci::{Fib, InsnStatus, MpcifcOp};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::channel::{Channel, ChannelError};
+use crate::protocol::{
+    FAILED, MAX_ZPCI_EVENTS, ProtocolError, Request, ZPCI_ANSWER_PROGRAM, ZpciEventEntry, ZpciInsn,
+    ZpciOp, encode_zpci_events, zpci_answer,
+};
+use crate::server::ServeError;
+use crate::serving::{self, Handler, Reply, into_eventfd};
+
+/// What crossed the zPCI channel.
+#[derive(Debug, Default)]
+pub struct ZpciStats {
+    /// MPCIFC instructions executed by the model.
+    pub mpcifc: AtomicU64,
+    /// RPCIT instructions executed by the model.
+    pub rpcit: AtomicU64,
+    /// Of those, answered busy (cc 2): the guest retried to continue a long refresh.
+    pub rpcit_busy: AtomicU64,
+    /// Instructions the model refused (cc 1 or 3) or raised a program exception for.
+    pub refused: AtomicU64,
+    /// Enable and disable (CLP SET PCI FN) the model followed.
+    pub enable_disable: AtomicU64,
+    /// SCLP configure and deconfigure the model followed.
+    pub configure_deconfigure: AtomicU64,
+    /// State changes QEMU made that the model refused (logged; QEMU's state stands).
+    pub disagreements: AtomicU64,
+    /// Error events handed to QEMU.
+    pub error_events: AtomicU64,
+    /// Error events the model dropped for lack of room.
+    pub error_events_dropped: AtomicU64,
+}
+
+/// A snapshot of [`ZpciStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZpciTraffic {
+    /// MPCIFC executed.
+    pub mpcifc: u64,
+    /// RPCIT executed.
+    pub rpcit: u64,
+    /// RPCIT answered busy.
+    pub rpcit_busy: u64,
+    /// Refused instructions.
+    pub refused: u64,
+    /// Enables and disables.
+    pub enable_disable: u64,
+    /// Configures and deconfigures.
+    pub configure_deconfigure: u64,
+    /// State changes the model refused.
+    pub disagreements: u64,
+    /// Error events delivered.
+    pub error_events: u64,
+    /// Error events dropped.
+    pub error_events_dropped: u64,
+}
+
+impl ZpciStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ZpciTraffic {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ZpciTraffic {
+            mpcifc: g(&self.mpcifc),
+            rpcit: g(&self.rpcit),
+            rpcit_busy: g(&self.rpcit_busy),
+            refused: g(&self.refused),
+            enable_disable: g(&self.enable_disable),
+            configure_deconfigure: g(&self.configure_deconfigure),
+            disagreements: g(&self.disagreements),
+            error_events: g(&self.error_events),
+            error_events_dropped: g(&self.error_events_dropped),
+        }
+    }
+}
+
+/// The zPCI channel's server.
+pub struct ZpciServer {
+    channel: Channel,
+    model: ZpciHandle,
+    stats: Arc<ZpciStats>,
+    /// QEMU's error-event eventfd, once ZPCI_SET_EVENTFD brought it.
+    wake: Arc<OnceLock<EventFd>>,
+    /// Events fetched from the model but not yet sent (more than one answer holds).
+    pending: Vec<ZpciEventEntry>,
+}
+
+impl ZpciServer {
+    /// Serves `model` on `sock`, the other end of QEMU's `x-zpci-proxy-fd`. Sets the model's
+    /// error listener (a model serves one machine).
+    pub fn new(sock: UnixStream, model: ZpciHandle) -> Self {
+        let wake: Arc<OnceLock<EventFd>> = Arc::new(OnceLock::new());
+        let listener_wake = wake.clone();
+        let set = model.zpci.set_error_listener(Box::new(move || {
+            if let Some(fd) = listener_wake.get() {
+                // A full counter still wakes QEMU; nothing else can fail on an eventfd.
+                let _ = fd.write(1);
+            }
+        }));
+        if !set {
+            log::warn!("zpci: the model already has an error listener; error events stay queued");
+        }
+        ZpciServer {
+            channel: Channel::new(sock),
+            model,
+            stats: Arc::new(ZpciStats::default()),
+            wake,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The counters, shared with the caller.
+    pub fn stats(&self) -> Arc<ZpciStats> {
+        self.stats.clone()
+    }
+
+    /// Handles messages until QEMU closes the connection.
+    pub fn run(mut self) -> Result<(), ServeError> {
+        serving::serve(&mut self)
+    }
+
+    fn count(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The answer to an instruction the model executed.
+    fn answer(&self, st: InsnStatus) -> u64 {
+        if !st.is_ok() && st.cc != sluice_zpci::Cc::Busy {
+            self.count(&self.stats.refused);
+        }
+        zpci_answer(st.cc as u8, st.status)
+    }
+
+    fn execute(&mut self, insn: &ZpciInsn) -> u64 {
+        let zpci = &self.model.zpci;
+        let Ok(op) = insn.op else {
+            log::warn!(
+                "zpci: unknown operation {:?} for fid {:#x}",
+                insn.op,
+                insn.fid
+            );
+            self.count(&self.stats.refused);
+            return ZPCI_ANSWER_PROGRAM;
+        };
+        let fh = zpci.fh_of(insn.fid);
+        let mem = (self.model.tables)();
+        match (op, fh) {
+            (ZpciOp::Mpcifc | ZpciOp::Rpcit, None) => self.answer(InsnStatus::INVALID_HANDLE),
+            (ZpciOp::Mpcifc, Some(fh)) => {
+                self.count(&self.stats.mpcifc);
+                let oc = (insn.arg0 & 0xff) as u8;
+                let dmaas = ((insn.arg0 >> 16) & 0xff) as u8;
+                let Some(op) = MpcifcOp::from_code(oc) else {
+                    self.count(&self.stats.refused);
+                    return ZPCI_ANSWER_PROGRAM;
+                };
+                match zpci.mpcifc_with_fib(mem.as_ref(), fh, dmaas, op, &Fib::parse(&insn.fib)) {
+                    Ok(st) => self.answer(st),
+                    Err(e) => {
+                        log::debug!("zpci: MPCIFC {op:?} fid {:#x}: {e}", insn.fid);
+                        self.count(&self.stats.refused);
+                        ZPCI_ANSWER_PROGRAM
+                    }
+                }
+            }
+            (ZpciOp::Rpcit, Some(fh)) => {
+                self.count(&self.stats.rpcit);
+                let st = zpci.rpcit(mem.as_ref(), fh, insn.arg0, insn.arg1);
+                if st.cc == sluice_zpci::Cc::Busy {
+                    self.count(&self.stats.rpcit_busy);
+                }
+                self.answer(st)
+            }
+            (ZpciOp::Enable | ZpciOp::Disable, fh) => {
+                self.count(&self.stats.enable_disable);
+                let op = if op == ZpciOp::Enable {
+                    SetPciFnOp::Enable { ndas: 1 }
+                } else {
+                    SetPciFnOp::Disable
+                };
+                let r = fh
+                    .ok_or_else(|| "no such function".to_string())
+                    .and_then(|fh| zpci.clp_set_pci_fn(fh, op).map_err(|rc| format!("{rc:?}")));
+                self.followed(insn, r.map(|_| ()))
+            }
+            (ZpciOp::Configure | ZpciOp::Deconfigure, _) => {
+                self.count(&self.stats.configure_deconfigure);
+                let r = if op == ZpciOp::Configure {
+                    zpci.configure(insn.fid)
+                } else {
+                    zpci.deconfigure(insn.fid)
+                };
+                self.followed(insn, r.map(|_| ()).map_err(|e| e.to_string()))
+            }
+        }
+    }
+
+    /// The answer to a state change QEMU made: 0, or 1 when the model could not follow.
+    fn followed(&self, insn: &ZpciInsn, r: Result<(), String>) -> u64 {
+        match r {
+            Ok(()) => 0,
+            Err(why) => {
+                self.count(&self.stats.disagreements);
+                log::warn!(
+                    "zpci: QEMU did {:?} on fid {:#x} but the model refused: {why}",
+                    insn.op,
+                    insn.fid
+                );
+                1
+            }
+        }
+    }
+
+    /// The next ZPCI_FETCH_EVENTS answer.
+    fn events(&mut self) -> Reply {
+        let (fresh, dropped) = self.model.zpci.take_error_events();
+        self.stats
+            .error_events_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        self.pending.extend(fresh.iter().map(|e| ZpciEventEntry {
+            fid: e.fid,
+            pec: e.pec,
+            faddr: e.addr,
+        }));
+        let n = self.pending.len().min(MAX_ZPCI_EVENTS);
+        let now: Vec<ZpciEventEntry> = self.pending.drain(..n).collect();
+        self.stats
+            .error_events
+            .fetch_add(now.len() as u64, Ordering::Relaxed);
+        Reply::Message {
+            bytes: encode_zpci_events(&now, !self.pending.is_empty()),
+            fds: Vec::new(),
+        }
+    }
+}
+
+impl Handler for ZpciServer {
+    fn device_name(&self) -> &str {
+        "zpci"
+    }
+
+    fn channel(&mut self) -> &mut Channel {
+        &mut self.channel
+    }
+
+    fn handle(&mut self, request: Request) -> Result<Option<Reply>, ServeError> {
+        match request {
+            Request::ZpciSetEventfd(fd) => {
+                if self.wake.set(into_eventfd(fd)).is_err() {
+                    log::warn!("zpci: a second error-event eventfd; the first one stays");
+                }
+                // Events recorded before QEMU was ready.
+                if let Some(fd) = self.wake.get() {
+                    let _ = fd.write(1);
+                }
+                Ok(None)
+            }
+            Request::ZpciInsn(insn) => Ok(Some(Reply::Value(self.execute(&insn)))),
+            Request::ZpciFetchEvents => Ok(Some(self.events())),
+            other => {
+                let command = other.command();
+                if other.expects_reply() {
+                    let _ = self.channel.reply(FAILED);
+                }
+                Err(serving::channel_error(
+                    "zpci",
+                    ChannelError::Protocol(ProtocolError::NotServed(command)),
+                ))
+            }
+        }
+    }
+}
