@@ -247,7 +247,8 @@ impl MachineSpec {
             firmware: Firmware::S390Ccw,
             firmware_dirs: &["/usr/share/qemu"],
             tables: FirmwareTables::None,
-            cmdline: &["panic=-1"],
+            // nokaslr: guest.sym points are System.map addresses (s390 randomizes its base).
+            cmdline: &["panic=-1", "nokaslr"],
             qemu_cmdline: &[],
             qemu_binary: "qemu-system-s390x",
             cpu_tcg: "max",
@@ -376,7 +377,7 @@ mod tests {
         );
         assert_eq!(
             MachineSpec::s390x_ccw().base_cmdline(BackendKind::Qemu),
-            "console=ttysclp0 panic=-1"
+            "console=ttysclp0 panic=-1 nokaslr"
         );
     }
 

@@ -52,6 +52,15 @@ impl SymbolMap {
         SymbolMap { by_name }
     }
 
+    /// The same symbols `bias` bytes higher: where a kernel that runs away from its link
+    /// address (s390 maps its image at `CONFIG_KERNEL_IMAGE_BASE`) has them.
+    pub fn offset_by(mut self, bias: u64) -> SymbolMap {
+        for a in self.by_name.values_mut() {
+            *a = a.wrapping_add(bias);
+        }
+        self
+    }
+
     /// Reads and parses a System.map file.
     pub fn load(path: &Path) -> std::io::Result<SymbolMap> {
         Ok(SymbolMap::parse(&std::fs::read_to_string(path)?))

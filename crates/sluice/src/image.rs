@@ -21,6 +21,29 @@ pub fn default_variant(arch: Arch) -> &'static str {
     }
 }
 
+/// How far above its System.map addresses the guest kernel of `system_map` runs its text: on
+/// s390 the kernel image is mapped at `CONFIG_KERNEL_IMAGE_BASE` when KASLR is off (Sluice's
+/// s390x runs pass `nokaslr`), read from the `config` that build.sh leaves next to System.map.
+/// 0 for every other kernel, and when there is no config to read.
+pub fn kernel_text_bias(system_map: &Path) -> u64 {
+    let Some(config) = system_map
+        .parent()
+        .and_then(|d| std::fs::read_to_string(d.join("config")).ok())
+    else {
+        return 0;
+    };
+    if !config.lines().any(|l| l == "CONFIG_S390=y") {
+        return 0;
+    }
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_KERNEL_IMAGE_BASE="))
+        .and_then(|v| {
+            u64::from_str_radix(v.trim_start_matches("0x").trim_start_matches("0X"), 16).ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Paths of one built guest.
 #[derive(Debug, Clone)]
 pub struct GuestImage {

@@ -460,8 +460,9 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
 
     let stats = Arc::new(DmaStats::default());
     let injector = build_injector(spec, &disks, system_map.as_deref())?;
-    // The kvm backend does not place the marker device (it delivers no marker lines yet).
-    let marker = spec.backend == Backend::Qemu;
+    // The kvm backend does not place the marker device (it delivers no marker lines yet), nor
+    // does a zPCI platform (markers come over the console there).
+    let marker = spec.backend == Backend::Qemu && !spec.machine().zpci_functions;
     let iommu = spec.iommu_model(&disks, marker);
     let topology = Topology {
         iommus: iommu.iter().map(|m| m.topology()).collect(),
@@ -492,7 +493,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     members.push(stats.clone());
     let hooks: Arc<dyn Hooks> = Arc::new(Fanout(members));
     let rogue = Arc::new(RogueArm::new(spec.rogue.clone(), spec.quiet));
-    let marker_sink = {
+    let marker_sink: Arc<dyn Fn(&str) + Send + Sync> = {
         let (o, i, r) = (oracle.clone(), injector.clone(), rogue.clone());
         Arc::new(move |line: &str| {
             o.marker(line);
@@ -533,9 +534,9 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         } else {
             0
         },
-        // s390 refuses a PCI function without MSI-X, and the marker has none: there the
-        // guest's marker lines are lost (its /init skips them when the device is absent).
-        marker: (!machine.zpci_functions).then_some(marker_sink),
+        // s390 has no I/O space and a memory BAR's sysfs file cannot be written: the guest
+        // sends its marker lines on the console there ("SLUICE-MARK: ", console_sink).
+        marker: marker.then(|| marker_sink.clone()),
         iommu: iommu.clone(),
         iommu_irq: platform_iommu
             .as_ref()
@@ -594,7 +595,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         timeout: spec.timeout,
         acpi_tables,
         extra_args: vec![],
-        console_sink: Some(console_sink(&oracle, &injector)),
+        console_sink: Some(console_sink(&oracle, &injector, marker_sink)),
         platform_iommu,
     };
     let mut cfg = cfg;
@@ -836,7 +837,9 @@ fn check_plan(
         .any(|r| r.point.starts_with(GUEST_SYM_PREFIX));
     match system_map {
         Some(map) if wants_symbols => reg.set_symbols(
-            SymbolMap::load(map).with_context(|| format!("cannot read {}", map.display()))?,
+            SymbolMap::load(map)
+                .with_context(|| format!("cannot read {}", map.display()))?
+                .offset_by(image::kernel_text_bias(map)),
         ),
         Some(_) => {}
         None => plan
@@ -914,12 +917,22 @@ pub fn all_points(disks: usize, iommu: IommuArg) -> PointRegistry {
 }
 
 /// Live console lines go to the timeline, and `SLUICE:` lines double as injection markers.
-fn console_sink(oracle: &Arc<Oracle>, injector: &Arc<Injector>) -> ConsoleSink {
+/// What the guest's console feeds: the oracle's timeline, the injector's `/init` markers, and
+/// marker lines the guest sends on the console when it has no marker device
+/// (`SLUICE-MARK: TEXT`, s390), to `markers` as the marker device would.
+fn console_sink(
+    oracle: &Arc<Oracle>,
+    injector: &Arc<Injector>,
+    markers: Arc<dyn Fn(&str) + Send + Sync>,
+) -> ConsoleSink {
     let (o, i) = (oracle.clone(), injector.clone());
     ConsoleSink(Arc::new(move |line: &str| {
         o.console_line(line);
         if line.contains("SLUICE: ") {
             i.marker(line);
+        }
+        if let Some((_, text)) = line.split_once("SLUICE-MARK: ") {
+            markers(text.trim_end());
         }
     }))
 }

@@ -21,6 +21,7 @@
  * issued before a step failed), 1 otherwise, 2 on usage errors.
  */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <glob.h>
@@ -61,15 +62,29 @@ static unsigned dmas_ok, dmas_failed;
 
 static void start_removal(void);
 
-/* Appends "own STEP BDF" to the marker device's log, if there is a marker device. */
-static void write_marker(const char *step)
+/*
+ * Sends one marker line (ending in a newline) to Sluice: through the marker device, or, when
+ * there is none (s390: no I/O space, and a memory BAR's sysfs resource file cannot be written),
+ * as a "SLUICE-MARK: " line on the console, which Sluice reads live.
+ */
+static void emit_marker(const char *line, int n)
 {
-	char line[160];
-	int fd, n;
+	int fd;
 
-	if (!marker_path[0])
+	if (n <= 0 || n >= 160)
 		return;
-	n = snprintf(line, sizeof(line), "own %s %s\n", step, bdf);
+	if (!marker_path[0]) {
+		char out[200];
+		int m = snprintf(out, sizeof(out), "SLUICE-MARK: %s", line);
+
+		fd = open("/dev/console", O_WRONLY | O_NOCTTY);
+		if (fd < 0)
+			return;
+		if (m > 0 && write(fd, out, (size_t)m) != m)
+			perror("vfio-dma: console marker");
+		close(fd);
+		return;
+	}
 	fd = open(marker_path, O_WRONLY);
 	if (fd < 0)
 		return;
@@ -82,6 +97,14 @@ static void write_marker(const char *step)
 		}
 	}
 	close(fd);
+}
+
+/* Appends "own STEP BDF" to Sluice's timeline. */
+static void write_marker(const char *step)
+{
+	char line[160];
+
+	emit_marker(line, snprintf(line, sizeof(line), "own %s %s\n", step, bdf));
 }
 
 /* A step is done: say so on stdout and to the marker device, start the removal if it is due
@@ -105,22 +128,14 @@ static void mark(const char *step)
 static void owner_line(const char *who, uint64_t iova, uint64_t size)
 {
 	char line[160];
-	int fd, n;
+	int n;
 
-	if (!marker_path[0])
-		return;
 	if (size)
 		n = snprintf(line, sizeof(line), "owner %s %s %#llx-%#llx\n", bdf, who,
 			     (unsigned long long)iova, (unsigned long long)(iova + size));
 	else
 		n = snprintf(line, sizeof(line), "owner %s %s\n", bdf, who);
-	fd = open(marker_path, O_WRONLY);
-	if (fd < 0)
-		return;
-	for (int i = 0; i < n; i++)
-		if (pwrite(fd, &line[i], 1, 0) != 1)
-			break;
-	close(fd);
+	emit_marker(line, n);
 }
 
 static void find_marker(void)
@@ -379,13 +394,16 @@ int main(int argc, char **argv)
 	if (ioctl(device, VFIO_DEVICE_GET_REGION_INFO, &cfg) ||
 	    ioctl(device, VFIO_DEVICE_GET_REGION_INFO, &bar))
 		die("VFIO_DEVICE_GET_REGION_INFO");
-	uint16_t cmd;
-	if (pread(device, &cmd, 2, (off_t)cfg.offset + 4) != 2)
+	/* VFIO regions hold the device's bytes: PCI is little-endian (s390x is not). */
+	uint16_t cmd, cmd_le;
+	if (pread(device, &cmd_le, 2, (off_t)cfg.offset + 4) != 2)
 		die("read command");
+	cmd = le16toh(cmd_le);
 	cmd |= 0x6;	/* memory space + bus master */
-	if (pwrite(device, &cmd, 2, (off_t)cfg.offset + 4) != 2)
+	cmd_le = htole16(cmd);
+	if (pwrite(device, &cmd_le, 2, (off_t)cfg.offset + 4) != 2)
 		die("write command");
-#define REG(off, v) do { uint32_t x_ = (uint32_t)(v); \
+#define REG(off, v) do { uint32_t x_ = htole32((uint32_t)(v)); \
 	if (pwrite(device, &x_, 4, (off_t)bar.offset + (off)) != 4) die("BAR write"); } while (0)
 	for (unsigned i = 0; i < loops; i++) {
 		uint32_t done0, done1, status;
@@ -403,6 +421,9 @@ int main(int argc, char **argv)
 		if (pread(device, &done1, 4, (off_t)bar.offset + R_DONE) != 4 ||
 		    pread(device, &status, 4, (off_t)bar.offset + R_STATUS) != 4)
 			die("BAR read");
+		done0 = le32toh(done0);
+		done1 = le32toh(done1);
+		status = le32toh(status);
 		int ok = done1 != done0 && status == 0;
 		for (unsigned j = 0; ok && j < len; j++)
 			ok = buf[len + j] == want;
@@ -414,7 +435,8 @@ int main(int argc, char **argv)
 		mark("user-dma");
 	}
 	cmd &= (uint16_t)~0x4;
-	if (pwrite(device, &cmd, 2, (off_t)cfg.offset + 4) != 2)
+	cmd_le = htole16(cmd);
+	if (pwrite(device, &cmd_le, 2, (off_t)cfg.offset + 4) != 2)
 		die("write command");
 
 	struct vfio_iommu_type1_dma_unmap unmap = {
