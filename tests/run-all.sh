@@ -38,6 +38,15 @@ for v in arm64-6.12 arm64-6.12-regfix; do
     ./target/release/sluice image build "$v"
 done
 
+# s390x under Sluice's zPCI model: qemu-system-s390x with the zPCI forwarding patch, and both
+# cross-built kernels (about 2 + 2 x 3 minutes the first time here).
+stage "patched QEMU, s390x (cached)"
+bash guest-images/qemu/build-qemu.sh --arch s390x
+for v in s390x-6.12 s390x-6.1; do
+    stage "guest image $v (cached)"
+    ./target/release/sluice image build "$v"
+done
+
 stage "format"
 cargo fmt --all -- --check
 stage "clippy"
@@ -50,7 +59,7 @@ cargo nextest run --workspace --no-fail-fast
 stage "fuzz targets (stable replay of committed corpora and recorded findings)"
 tests/fuzz-replay.sh
 
-stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on the SMMUv3 too, its registration race over 2 seeds; the registration window over 5 seeds, race 1 and ownership over 3, release on stock kernels over 2)"
+stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on the SMMUv3 too, its registration race over 2 seeds; s390x on zPCI with its release scenarios over 3; the registration window over 5 seeds, race 1 and ownership over 3, release on stock kernels over 2)"
 ./target/release/sluice harness run scenarios/clean-boot.toml scenarios/clean-boot-strict.toml \
     --out target/ci-harness/clean --junit target/ci-harness/clean.xml
 ./target/release/sluice harness run scenarios/arm64-clean-boot.toml scenarios/arm64-clean-boot-strict.toml \
@@ -64,6 +73,11 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on
 # the positive control on arm64-6.12-ownership-nofix is in the full suite: one more kernel).
 ./target/release/sluice harness run scenarios/arm64-ownership.toml --seeds 2 --filter='--arm64-6\.12--' \
     --out target/ci-harness/arm64-own --junit target/ci-harness/arm64-own.xml
+# s390x: clean boots on both kernels (lazy and strict), the zPCI release under DMA, and the
+# VFIO release race with the rogue reads (3 seeds each, about 1 minute in all).
+./target/release/sluice harness run scenarios/s390x-clean-boot.toml scenarios/s390x-clean-boot-strict.toml \
+    scenarios/s390x-release.toml scenarios/s390x-release-vfio.toml \
+    --out target/ci-harness/s390x --junit target/ci-harness/s390x.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
     --out target/ci-harness/race --junit target/ci-harness/race.xml
 ./target/release/sluice harness run scenarios/race1-probe-phases.toml --seeds 3 \

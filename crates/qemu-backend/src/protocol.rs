@@ -809,4 +809,65 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(r[8..16].try_into().unwrap()), 8);
         assert_eq!(u64::from_ne_bytes(r[16..24].try_into().unwrap()), 0x1234);
     }
+
+    #[test]
+    fn zpci_messages_parse_and_refuse_wrong_shapes() {
+        let mut p = vec![0u8; ZPCI_INSN_PAYLOAD];
+        p[0..4].copy_from_slice(&2u32.to_ne_bytes());
+        p[4..8].copy_from_slice(&0x18u32.to_ne_bytes());
+        p[8..16].copy_from_slice(&0x1_0000_0000u64.to_ne_bytes());
+        p[16..24].copy_from_slice(&0x2000u64.to_ne_bytes());
+        p[24] = 0xab;
+        let h = Header {
+            command: Command::ZpciInsn,
+            payload_len: p.len(),
+        };
+        match parse_request(h, &p, vec![]).unwrap() {
+            Request::ZpciInsn(i) => {
+                assert_eq!(i.op, Ok(ZpciOp::Rpcit));
+                assert_eq!(
+                    (i.fid, i.arg0, i.arg1, i.fib[0]),
+                    (0x18, 0x1_0000_0000, 0x2000, 0xab)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        p[0..4].copy_from_slice(&9u32.to_ne_bytes());
+        match parse_request(h, &p, vec![]).unwrap() {
+            Request::ZpciInsn(i) => assert_eq!(i.op, Err(9)),
+            other => panic!("{other:?}"),
+        }
+        assert!(Command::ZpciInsn.expects_reply() && Command::ZpciFetchEvents.expects_reply());
+        assert!(!Command::ZpciSetEventfd.expects_reply());
+        let short = Header {
+            command: Command::ZpciInsn,
+            payload_len: 8,
+        };
+        assert!(matches!(
+            parse_request(short, &p[..8], vec![]),
+            Err(ProtocolError::BadPayload { .. })
+        ));
+        let no_fd = Header {
+            command: Command::ZpciSetEventfd,
+            payload_len: 8,
+        };
+        assert!(matches!(
+            parse_request(no_fd, &[0u8; 8], vec![]),
+            Err(ProtocolError::BadFds { .. })
+        ));
+        // The events answer: count, more, entries of fid / pec / address.
+        let m = encode_zpci_events(
+            &[ZpciEventEntry {
+                fid: 0x20,
+                pec: 4,
+                faddr: 0x1_0100_0000,
+            }],
+            true,
+        );
+        assert_eq!(m.len(), HEADER_LEN + ZPCI_EVENTS_PAYLOAD);
+        assert_eq!(u32_at(&m, HEADER_LEN), 1);
+        assert_eq!(u32_at(&m, HEADER_LEN + 4), 1);
+        assert_eq!(u32_at(&m, HEADER_LEN + 8), 0x20);
+        assert_eq!(u64_at(&m, HEADER_LEN + 16), 0x1_0100_0000);
+    }
 }

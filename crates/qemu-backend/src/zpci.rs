@@ -242,8 +242,8 @@ impl ZpciServer {
         }
     }
 
-    /// The next ZPCI_FETCH_EVENTS answer.
-    fn events(&mut self) -> Reply {
+    /// Moves the model's recorded error events to the queue QEMU fetches from.
+    fn collect_events(&mut self) {
         let (fresh, dropped) = self.model.zpci.take_error_events();
         self.stats
             .error_events_dropped
@@ -253,6 +253,11 @@ impl ZpciServer {
             pec: e.pec,
             faddr: e.addr,
         }));
+    }
+
+    /// The next ZPCI_FETCH_EVENTS answer.
+    fn events(&mut self) -> Reply {
+        self.collect_events();
         let n = self.pending.len().min(MAX_ZPCI_EVENTS);
         let now: Vec<ZpciEventEntry> = self.pending.drain(..n).collect();
         self.stats
@@ -281,7 +286,8 @@ impl Handler for ZpciServer {
                     log::warn!("zpci: a second error-event eventfd; the first one stays");
                 }
                 // Events recorded before QEMU was ready.
-                if let Some(fd) = self.wake.get() {
+                self.collect_events();
+                if let (false, Some(fd)) = (self.pending.is_empty(), self.wake.get()) {
                     let _ = fd.write(1);
                 }
                 Ok(None)
@@ -299,5 +305,189 @@ impl Handler for ZpciServer {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    use sluice_devapi::NoHooks;
+    use sluice_zpci::guest::GuestTables;
+    use sluice_zpci::{FunctionConfig, FunctionState, Zpci, ZpciOptions};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::protocol::{Command, ZPCI_INSN_PAYLOAD, encode_message};
+
+    const FID: u32 = 0x18;
+    const TABLES: u64 = 0x10_0000;
+    const DMA_BASE: u64 = 0x1_0000_0000;
+
+    /// QEMU's end of the channel, speaking the patch's side of the protocol.
+    struct Qemu {
+        chan: Channel,
+        raw: UnixStream,
+    }
+
+    impl Qemu {
+        fn insn(&mut self, op: u32, fid: u32, arg0: u64, arg1: u64, fib: Option<&Fib>) -> u64 {
+            let mut p = vec![0u8; ZPCI_INSN_PAYLOAD];
+            p[0..4].copy_from_slice(&op.to_ne_bytes());
+            p[4..8].copy_from_slice(&fid.to_ne_bytes());
+            p[8..16].copy_from_slice(&arg0.to_ne_bytes());
+            p[16..24].copy_from_slice(&arg1.to_ne_bytes());
+            if let Some(f) = fib {
+                p[24..].copy_from_slice(&f.to_bytes());
+            }
+            self.chan
+                .send_with_fds(&encode_message(Command::ZpciInsn, &p), &[])
+                .unwrap();
+            let mut r = [0u8; 24];
+            self.raw.read_exact(&mut r).unwrap();
+            assert_eq!(
+                i32::from_ne_bytes(r[0..4].try_into().unwrap()),
+                Command::Ret as i32
+            );
+            u64::from_ne_bytes(r[16..24].try_into().unwrap())
+        }
+
+        /// FETCH_EVENTS: the events (fid, pec, faddr) and the "more" flag.
+        fn events(&mut self) -> (Vec<(u32, u16, u64)>, bool) {
+            let msg = encode_message(Command::ZpciFetchEvents, &0u64.to_ne_bytes());
+            self.chan.send_with_fds(&msg, &[]).unwrap();
+            let mut r = vec![0u8; 16 + crate::protocol::ZPCI_EVENTS_PAYLOAD];
+            self.raw.read_exact(&mut r).unwrap();
+            let p = &r[16..];
+            let n = u32::from_ne_bytes(p[0..4].try_into().unwrap()) as usize;
+            let more = u32::from_ne_bytes(p[4..8].try_into().unwrap()) != 0;
+            let ev = (0..n)
+                .map(|i| {
+                    let e = &p[8 + 16 * i..8 + 16 * (i + 1)];
+                    (
+                        u32::from_ne_bytes(e[0..4].try_into().unwrap()),
+                        u16::from_ne_bytes(e[4..6].try_into().unwrap()),
+                        u64::from_ne_bytes(e[8..16].try_into().unwrap()),
+                    )
+                })
+                .collect();
+            (ev, more)
+        }
+    }
+
+    fn rig() -> (
+        Qemu,
+        Arc<Zpci>,
+        Arc<GuestMemoryMmap>,
+        std::thread::JoinHandle<Result<(), ServeError>>,
+    ) {
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
+        let zpci = Arc::new(
+            Zpci::new(
+                vec![FunctionConfig {
+                    fid: FID,
+                    uid: 1,
+                    initial_state: FunctionState::Disabled,
+                    ..FunctionConfig::default()
+                }],
+                ZpciOptions::default(),
+                Arc::new(NoHooks),
+            )
+            .unwrap(),
+        );
+        let m = mem.clone();
+        let handle = ZpciHandle {
+            zpci: zpci.clone(),
+            tables: Arc::new(move || m.clone()),
+        };
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = ZpciServer::new(ours, handle);
+        let served = std::thread::spawn(move || server.run());
+        let raw = theirs.try_clone().unwrap();
+        (
+            Qemu {
+                chan: Channel::new(theirs),
+                raw,
+            },
+            zpci,
+            mem,
+            served,
+        )
+    }
+
+    #[test]
+    fn forwarded_instructions_drive_the_model_and_faults_come_back_as_events() {
+        let (mut q, zpci, mem, served) = rig();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let msg = encode_message(Command::ZpciSetEventfd, &0u64.to_ne_bytes());
+        q.chan.send_with_fds(&msg, &[wake.as_raw_fd()]).unwrap();
+
+        // QEMU enabled the function: the model follows.
+        assert_eq!(q.insn(3, FID, 0, 0, None), 0);
+        assert_eq!(zpci.state_of(FID), Some(FunctionState::Enabled));
+        // REG_IOAT with tables mapping one page; RPCIT of it.
+        let mut t = GuestTables::new(mem.as_ref(), TABLES, TABLES + (1 << 20)).unwrap();
+        t.map(mem.as_ref(), DMA_BASE, 0x30_0000, true).unwrap();
+        let fib = Fib {
+            pba: DMA_BASE,
+            pal: DMA_BASE + (1 << 30) - 1,
+            iota: t.iota(),
+            ..Fib::default()
+        };
+        let reg_ioat = u64::from(MpcifcOp::RegIoat.code());
+        assert_eq!(q.insn(1, FID, reg_ioat, 0x1000, Some(&fib)), 0);
+        assert_eq!(q.insn(2, FID, DMA_BASE, 0x1000, None), 0);
+        assert!(
+            !zpci.iotlb_entries(FID).is_empty(),
+            "RPCIT filled the shadow IOTLB"
+        );
+        // The same REG_IOAT again is a sequence error (cc 1, status 24), the model's answer.
+        assert_eq!(q.insn(1, FID, reg_ioat, 0x1000, Some(&fib)), 1 | 24 << 8);
+        // A function the model does not have: cc 3, nothing translated for it.
+        assert_eq!(q.insn(2, 0x99, DMA_BASE, 0x1000, None), 3);
+        // An operation code MPCIFC does not define: a program exception, raised by QEMU.
+        assert_eq!(
+            q.insn(1, FID, 0x7f, 0x1000, Some(&fib)),
+            ZPCI_ANSWER_PROGRAM
+        );
+        assert_eq!(q.insn(77, FID, 0, 0, None), ZPCI_ANSWER_PROGRAM);
+        assert!(wake.read().is_err(), "no error event yet");
+
+        // RPCIT beyond the registered window: an error event, the function in error.
+        let past = DMA_BASE + (1 << 30);
+        let answer = q.insn(2, FID, past, 0x1000, None);
+        assert_eq!(answer & 0xff, 1, "cc 1: {answer:#x}");
+        assert_eq!(wake.read().unwrap(), 1, "the model woke QEMU");
+        let (ev, more) = q.events();
+        assert!(!more);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].0, FID);
+        assert_eq!(ev[0].1, sluice_zpci::codes::pec::OORANGE);
+        assert_eq!(zpci.state_of(FID), Some(FunctionState::Error));
+        assert_eq!(q.events(), (vec![], false), "events are sent once");
+
+        // SCLP deconfigure: the release. Configure brings it back to disabled.
+        assert_eq!(q.insn(6, FID, 0, 0, None), 0);
+        assert_eq!(zpci.state_of(FID), Some(FunctionState::Standby));
+        assert!(zpci.iotlb_entries(FID).is_empty());
+        assert_eq!(q.insn(5, FID, 0, 0, None), 0);
+        assert_eq!(zpci.state_of(FID), Some(FunctionState::Disabled));
+        // Disabling a disabled function: the model disagrees (QEMU logs it), answer 1.
+        assert_eq!(q.insn(4, FID, 0, 0, None), 1);
+
+        drop(q);
+        served.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_device_command_on_the_zpci_channel_ends_it() {
+        let (mut q, _zpci, _mem, served) = rig();
+        let msg = encode_message(Command::DeviceReset, &[]);
+        q.chan.send_with_fds(&msg, &[]).unwrap();
+        let err = served.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("zpci"), "{err}");
+        drop(q);
     }
 }
