@@ -376,12 +376,15 @@ mod tests {
         }
     }
 
-    fn rig() -> (
+    /// QEMU's end, the model, guest memory and the serving thread.
+    type Rig = (
         Qemu,
         Arc<Zpci>,
         Arc<GuestMemoryMmap>,
         std::thread::JoinHandle<Result<(), ServeError>>,
-    ) {
+    );
+
+    fn rig() -> Rig {
         let mem =
             Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
         let zpci = Arc::new(
