@@ -2,14 +2,19 @@
 # Guest disk throughput, Sluice's virtio-blk (served through x-pci-proxy-dev) against QEMU's
 # in-process virtio-blk-pci, in one run on the same guest, kernel, QEMU binary and workload.
 #
-# Usage: benches/guest-io.sh [--arch x86_64|arm64] [ROUNDS] [VARIANT]
-#        (defaults: x86_64, 5 rounds, the architecture's default guest: 6.12 / arm64-6.12)
+# Usage: benches/guest-io.sh [--arch x86_64|arm64|s390x] [ROUNDS] [VARIANT]
+#        (defaults: x86_64, 5 rounds, the architecture's default guest: 6.12 / arm64-6.12 /
+#        s390x-6.12)
 # Modes (env MODES, default "none lazy strict"): no IOMMU; the IOMMU with the default lazy
 # (DMA-FQ) domains; the IOMMU with iommu.strict=1. The IOMMU is the architecture's peer pair:
 #   x86_64: Sluice's virtio-iommu + virtio-blk against QEMU's virtio-iommu-pci +
 #           virtio-blk-pci,iommu_platform=on (q35);
 #   arm64:  Sluice's SMMUv3 (served through x-smmuv3-proxy) + virtio-blk against QEMU's own
-#           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on.
+#           SMMUv3 (-M virt,iommu=smmuv3) + virtio-blk-pci,iommu_platform=on;
+#   s390x:  Sluice's zPCI model (instructions forwarded over x-zpci-proxy-fd) + virtio-blk
+#           against QEMU's own zPCI translation + virtio-blk-pci,iommu_platform=on
+#           (-M s390-ccw-virtio). Every s390 PCI function is translated: there is no "none"
+#           mode (default MODES="lazy strict"), and the cost factor printed is strict / lazy.
 # Env:   DDMB (MiB per 1M test, default 4096 without an IOMMU, 2048 with one: at least 2 s
 #        each at the speeds seen here), DD4K (4 KiB blocks per 4k test, default 32768),
 #        CPUS (default 2), SLUICE (path to the sluice binary; built if unset), QEMU (binary),
@@ -29,12 +34,17 @@ if [ "${1:-}" = --arch ]; then
     case "${2:-}" in
         x86_64|x86-64|amd64) ARCH=x86_64 ;;
         aarch64|arm64) ARCH=aarch64 ;;
-        *) echo "usage: guest-io.sh [--arch x86_64|arm64] [ROUNDS] [VARIANT]" >&2; exit 2 ;;
+        s390x|s390) ARCH=s390x ;;
+        *) echo "usage: guest-io.sh [--arch x86_64|arm64|s390x] [ROUNDS] [VARIANT]" >&2; exit 2 ;;
     esac
     shift 2
 fi
 ROUNDS=${1:-5}
-if [ "$ARCH" = aarch64 ]; then VARIANT=${2:-arm64-6.12}; else VARIANT=${2:-6.12}; fi
+case "$ARCH" in
+    aarch64) VARIANT=${2:-arm64-6.12} ;;
+    s390x) VARIANT=${2:-s390x-6.12} ;;
+    *) VARIANT=${2:-6.12} ;;
+esac
 # Sizes: every test should last at least 2 s: 128 MiB of 4k requests at up to ~60 MB/s; 4 GiB
 # of 1M requests without an IOMMU (up to ~2 GB/s), 2 GiB with one (up to ~1 GB/s).
 DDMB_NONE=${DDMB:-4096}
@@ -71,6 +81,8 @@ QEMU=${QEMU:-$(bash "$ROOT/guest-images/qemu/build-qemu.sh" --arch "$ARCH" 2>/de
 
 if [ "$ARCH" = aarch64 ]; then
     CONSOLE=ttyAMA0 BASE_CMDLINE="panic=-1" SLUICE_IOMMU=smmuv3
+elif [ "$ARCH" = s390x ]; then
+    CONSOLE=ttysclp0 BASE_CMDLINE="panic=-1 nokaslr" SLUICE_IOMMU=zpci
 else
     CONSOLE=ttyS0 BASE_CMDLINE="panic=-1 nokaslr tsc=unstable" SLUICE_IOMMU=virtio
 fi
@@ -113,7 +125,11 @@ run_sluice() { # MODE VARIANT ROUND -> console on stdout
 # disk at slot 3).
 run_qemu() { # MODE
     local mode=$1 machine dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,addr=0x3)
-    if [ "$ARCH" = aarch64 ]; then
+    if [ "$ARCH" = s390x ]; then
+        # QEMU wraps the device in a zPCI function and translates its DMA itself.
+        machine=(-L /usr/share/qemu -M s390-ccw-virtio,memory-backend=mem)
+        dev=(-device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on)
+    elif [ "$ARCH" = aarch64 ]; then
         machine=(-L /usr/share/qemu -M virt,gic-version=3,highmem=off,memory-backend=mem)
         if [ "$mode" != none ]; then
             machine[3]+=,iommu=smmuv3
@@ -135,7 +151,7 @@ run_qemu() { # MODE
         "${dev[@]}" 2>&1 || true
 }
 
-MODES=${MODES:-none lazy strict}
+if [ "$ARCH" = s390x ]; then MODES=${MODES:-lazy strict}; else MODES=${MODES:-none lazy strict}; fi
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
 record() { # WHO MODE ROUND: bench lines on stdin -> RESULTS
@@ -201,6 +217,18 @@ for who in "${WHO[@]}"; do
                 'BEGIN { printf "%-7s %-8s %-44s %-44s %6.2f\n", m, t, sc, qc, (q > 0) ? s / q : 0 }'
         done
     done
+    if [ "$ARCH" = s390x ] && [[ " $MODES " == *" lazy "* && " $MODES " == *" strict "* ]]; then
+        # No untranslated baseline on s390: the price of strict invalidation instead.
+        echo "strict cost factors (throughput strict / lazy, same backend; 1.00 = free)"
+        printf '%-7s %-8s %10s %10s %12s\n' mode test "$who" qemu "$who/qemu"
+        for test in read1M write1M read4k write4k; do
+            awk -v t="$test" \
+                -v s="$(median "$who" strict "$test")" -v s0="$(median "$who" lazy "$test")" \
+                -v q="$(median qemu strict "$test")" -v q0="$(median qemu lazy "$test")" \
+                'BEGIN { fs = (s0 > 0) ? s / s0 : 0; fq = (q0 > 0) ? q / q0 : 0;
+                         printf "%-7s %-8s %10.2f %10.2f %12.2f\n", "strict", t, fs, fq, (fq > 0) ? fs / fq : 0 }'
+        done
+    fi
     if [[ " $MODES " == *" none "* ]]; then
         echo "IOMMU cost factors (throughput with the IOMMU / without, same backend; 1.00 = free)"
         printf '%-7s %-8s %10s %10s %12s\n' mode test "$who" qemu "$who/qemu"
