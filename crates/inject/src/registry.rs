@@ -442,6 +442,15 @@ fn watchdog_warnings(rules: &[Rule]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn symbols_move_with_the_kernel() {
+        let m =
+            SymbolMap::parse("0000000000100000 T _text\n00000000003015a8 t iommu_release_device\n")
+                .offset_by(0x3ff_e000_0000);
+        assert_eq!(m.get("iommu_release_device"), Some(0x3ff_e030_15a8));
+        assert_eq!(m.get("_text"), Some(0x3ff_e010_0000));
+    }
+
     fn reg() -> PointRegistry {
         let mut r = fixture::with_blk0();
         fixture::add_virtio(&mut r, "viommu0", false);

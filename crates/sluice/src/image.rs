@@ -279,6 +279,27 @@ mod tests {
     }
 
     #[test]
+    fn s390_kernels_run_their_text_at_the_image_base() {
+        let dir = std::env::temp_dir().join(format!("sluice-bias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let map = dir.join("System.map");
+        assert_eq!(kernel_text_bias(&map), 0, "no config next to it");
+        std::fs::write(
+            dir.join("config"),
+            "CONFIG_S390=y\nCONFIG_KERNEL_IMAGE_BASE=0x3FFE0000000\n",
+        )
+        .unwrap();
+        assert_eq!(kernel_text_bias(&map), 0x3ff_e000_0000);
+        std::fs::write(
+            dir.join("config"),
+            "CONFIG_X86_64=y\nCONFIG_KERNEL_IMAGE_BASE=0x1000\n",
+        )
+        .unwrap();
+        assert_eq!(kernel_text_bias(&map), 0, "only s390 maps its image there");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_variant_names_its_arch_in_one_file() {
         let dir = std::env::temp_dir().join(format!("sluice-variants-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("6.12")).unwrap();

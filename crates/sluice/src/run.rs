@@ -300,6 +300,8 @@ pub struct RunRecord {
     pub escape_sites: std::collections::BTreeMap<String, Vec<String>>,
     /// Devices with refused DMAs.
     pub fault_sites: Vec<String>,
+    /// DMA outcomes per endpoint, in the IOMMU's terms (`pci:…`, `sid:…`, `fh:…`).
+    pub dma: Vec<(String, sluice_host::EndpointDmaCounts)>,
     pub timeline: Option<PathBuf>,
 }
 
@@ -785,6 +787,11 @@ fn finish_run(
     )?;
     Ok(RunRecord {
         faults: stats.snapshot().iter().map(|(_, c)| c.faulted).sum(),
+        dma: stats
+            .snapshot()
+            .into_iter()
+            .map(|(ep, c)| (ep.to_string(), c))
+            .collect(),
         escapes: escape_classes(&oreport),
         escape_count: oreport.escape_count,
         firings: injector.fired(),
@@ -1182,12 +1189,21 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             spec.run_dir.display()
         );
     }
-    if let Some(kind) = spec.iommu.kind() {
+    for (ep, c) in &rec.dma {
         println!(
+            "DMA {ep}: {} translated, {} bypassed, {} faulted, {} direct ({} bytes)",
+            c.translated, c.bypassed, c.faulted, c.direct, c.bytes
+        );
+    }
+    match spec.iommu.kind() {
+        // zPCI has no bypass: a function without a registered IOAT is refused.
+        Some(IommuKind::Zpci) => println!("iommu:          {}", IommuKind::Zpci.long_name()),
+        Some(kind) => println!(
             "iommu:          {}, boot bypass {}",
             kind.long_name(),
             if spec.boot_bypass { "on" } else { "off" }
-        );
+        ),
+        None => {}
     }
     report::print_summary(&rec.outcome, &rec.guest, &rec.disks, &rec.verdict);
     Ok(if rec.verdict.pass {
