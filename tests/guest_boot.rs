@@ -209,22 +209,30 @@ fn virtio_iommu_strict() {
     );
 }
 
-/// arm64 under Sluice's SMMUv3: the real arm-smmu-v3 driver programs the model through the
-/// proxied register window, the disk's every DMA is translated by the model (StreamID = RID
-/// 00:03.0 = 0x18), the disk round-trips, and the model's points fire on the guest's commands.
-fn arm64_smmuv3(cmdline: &str, inject: &str) -> serde_json::Value {
-    let (kernel, initrd) = guest("arm64-6.12");
-    let dir = scratch(&format!("arm64-{}", cmdline.replace(['.', '=', ' '], "-")));
+/// One run of `variant` (architecture `arch`) with its disk behind `iommu`, `cmdline` and the
+/// injection rules `inject`: the report of a run that powered off, and its directory.
+fn boot_behind_iommu(
+    variant: &str,
+    arch: &str,
+    iommu: &str,
+    cmdline: &str,
+    inject: &str,
+) -> (serde_json::Value, std::path::PathBuf) {
+    let (kernel, initrd) = guest(variant);
+    let dir = scratch(&format!(
+        "{variant}-{}",
+        cmdline.replace(['.', '=', ' '], "-")
+    ));
     let (out, report) = run_guest(
         &kernel,
         &initrd,
-        &qemu_for("aarch64"),
+        &qemu_for(arch),
         &dir,
         &[
             "--arch",
-            "aarch64",
+            arch,
             "--iommu",
-            "smmuv3",
+            iommu,
             "--cmdline",
             cmdline,
             "--inject",
@@ -237,6 +245,14 @@ fn arm64_smmuv3(cmdline: &str, inject: &str) -> serde_json::Value {
     assert!(out.status.success(), "{log}");
     let r = report.expect("report written");
     assert_eq!(r["exit_reason"], "powered-off", "{log}");
+    (r, dir)
+}
+
+/// arm64 under Sluice's SMMUv3: the real arm-smmu-v3 driver programs the model through the
+/// proxied register window, the disk's every DMA is translated by the model (StreamID = RID
+/// 00:03.0 = 0x18), the disk round-trips, and the model's points fire on the guest's commands.
+fn arm64_smmuv3(cmdline: &str, inject: &str) -> serde_json::Value {
+    let (r, dir) = boot_behind_iommu("arm64-6.12", "aarch64", "smmuv3", cmdline, inject);
     assert_eq!(r["iommu"]["kind"], "SMMUv3");
     let disk = &r["disks"][0];
     assert_eq!(disk["host_check"], "Match", "{disk}");
@@ -294,33 +310,7 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
 /// function, UID 1: 0001:00:00.0 in the guest); the disk round-trips and the model's points
 /// (and a guest-code point, through the TCG plugin) fire.
 fn s390x_zpci(variant: &str, cmdline: &str, inject: &str) -> serde_json::Value {
-    let (kernel, initrd) = guest(variant);
-    let dir = scratch(&format!(
-        "{variant}-{}",
-        cmdline.replace(['.', '=', ' '], "-")
-    ));
-    let (out, report) = run_guest(
-        &kernel,
-        &initrd,
-        &qemu_for("s390x"),
-        &dir,
-        &[
-            "--arch",
-            "s390x",
-            "--iommu",
-            "zpci",
-            "--cmdline",
-            cmdline,
-            "--inject",
-            inject,
-            "--timeout",
-            "240",
-        ],
-    );
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    let r = report.expect("report written");
-    assert_eq!(r["exit_reason"], "powered-off", "{log}");
+    let (r, _) = boot_behind_iommu(variant, "s390x", "zpci", cmdline, inject);
     let disk = &r["disks"][0];
     assert_eq!(disk["host_check"], "Match", "{disk}");
     assert_eq!(disk["guest_name"], "vda", "{disk}");
