@@ -158,6 +158,16 @@ impl Zpci {
     /// SET PCI FN: enable or disable; returns the new handle.
     pub fn clp_set_pci_fn(&self, handle: u32, op: SetPciFnOp) -> Result<u32, ClpRc> {
         let s = self.slot_by_fh(handle).ok_or(ClpRc(rc::SETPCIFN_FH))?;
+        // No lock held: a race injector may park the caller here.
+        self.hooks.point(&sluice_devapi::PointCtx {
+            point: match op {
+                SetPciFnOp::Enable { .. } => crate::POINT_ENABLE,
+                SetPciFnOp::Disable => crate::POINT_DISABLE,
+            },
+            endpoint: Some(sluice_devapi::Endpoint::Zpci { fh: handle }),
+            domain: None,
+            value: u64::from(s.cfg.fid),
+        });
         let (new_fh, change) = {
             let mut g = s.write();
             if g.fh(s.idx) != handle {

@@ -74,6 +74,10 @@ pub const POINT_SET_MEASURE: &str = "zpci.mpcifc.set_measure";
 pub const POINT_RPCIT: &str = "zpci.rpcit";
 /// Hook point of deconfigure (before it takes effect).
 pub const POINT_DECONFIGURE: &str = "zpci.deconfigure";
+/// Hook point of CLP SET PCI FN enable (before it takes effect).
+pub const POINT_ENABLE: &str = "zpci.clp.enable";
+/// Hook point of CLP SET PCI FN disable (before it takes effect).
+pub const POINT_DISABLE: &str = "zpci.clp.disable";
 
 /// [`POINTS`] as declarations: none defers, none is reached inside a device's doorbell.
 pub fn point_decls() -> Vec<sluice_devapi::PointDecl> {
@@ -95,6 +99,8 @@ pub const POINTS: &[&str] = &[
     POINT_SET_MEASURE,
     POINT_RPCIT,
     POINT_DECONFIGURE,
+    POINT_ENABLE,
+    POINT_DISABLE,
 ];
 
 #[cfg(test)]
