@@ -73,11 +73,13 @@ stage "scenario suite (CI-sized: clean boots once per variant and mode, arm64 on
 # the positive control on arm64-6.12-ownership-nofix is in the full suite: one more kernel).
 ./target/release/sluice harness run scenarios/arm64-ownership.toml --seeds 2 --filter='--arm64-6\.12--' \
     --out target/ci-harness/arm64-own --junit target/ci-harness/arm64-own.xml
-# s390x: clean boots on both kernels (lazy and strict), the zPCI release under DMA, and the
-# VFIO release race with the rogue reads (3 seeds each, about 1 minute in all) on the stock
+# s390x: clean boots on both kernels (lazy and strict), the zPCI release under DMA, the VFIO
+# release race with the rogue reads, and the oracle's positive control on a deliberately broken
+# zPCI model (3 seeds each, about 1.5 minutes in all) on the stock
 # kernels (the s390x-6.12-release-nofix control is in the full suite: one more kernel).
 ./target/release/sluice harness run scenarios/s390x-clean-boot.toml scenarios/s390x-clean-boot-strict.toml \
-    scenarios/s390x-release.toml scenarios/s390x-release-vfio.toml --filter='--s390x-6\.1(2)?--' \
+    scenarios/s390x-release.toml scenarios/s390x-release-vfio.toml scenarios/s390x-stale-rpcit.toml \
+    --filter='--s390x-6\.1(2)?--' \
     --out target/ci-harness/s390x --junit target/ci-harness/s390x.xml
 ./target/release/sluice harness run scenarios/registration-window.toml --seeds 5 \
     --out target/ci-harness/race --junit target/ci-harness/race.xml

@@ -137,6 +137,10 @@ pub struct DeviceSpec {
     /// `direct`; absent means none.
     #[serde(default)]
     pub dma_engine: Option<String>,
+    /// A deliberate bug in the IOMMU model, for the escape oracle's positive controls
+    /// (`skip-rpcit-invalidation`: zPCI); absent means none.
+    #[serde(default)]
+    pub model_bug: Option<String>,
 }
 
 fn default_disks() -> Vec<DiskSpec> {
@@ -153,6 +157,7 @@ impl Default for DeviceSpec {
             boot_bypass: true,
             disks: default_disks(),
             dma_engine: None,
+            model_bug: None,
         }
     }
 }

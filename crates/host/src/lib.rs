@@ -30,7 +30,7 @@ use thiserror::Error;
 
 pub use dma_stats::{DmaStats, EndpointDmaCounts};
 pub use intx::{IntxRelay, MsiDelivery};
-pub use iommu::{IommuChoice, IommuKind, IommuModel};
+pub use iommu::{IommuChoice, IommuKind, IommuModel, ModelBug};
 pub use outcome::{GuestExit, RunOutcome};
 
 /// First PCI slot used for Sluice devices (00:01 and 00:02 stay free for IOMMUs and tests).

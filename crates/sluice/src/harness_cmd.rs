@@ -335,6 +335,13 @@ pub(crate) fn scenario_spec(
         disks,
         iommu: iommu_of(s),
         boot_bypass: s.devices.boot_bypass,
+        model_bug: s
+            .devices
+            .model_bug
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!("scenario {}: {e}", s.name))?,
         cmdline,
         workload: s.guest.workload.clone(),
         seed: u64::from(seed),

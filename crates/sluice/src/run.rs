@@ -13,7 +13,7 @@ use sluice_host::machine::{Arch, BackendKind, MachineSpec};
 use sluice_host::points;
 use sluice_host::{
     DeviceSet, DiskSpec, DmaEngineSpec, DmaStats, GuestExit, HostOptions, IommuChoice, IommuKind,
-    IommuModel, RunOutcome,
+    IommuModel, ModelBug, RunOutcome,
 };
 use sluice_inject::registry::GUEST_SYM_PREFIX;
 use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap};
@@ -99,6 +99,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
           action = clap::ArgAction::Set)]
     iommu_boot_bypass: bool,
+    /// A deliberate bug in the IOMMU model, for the escape oracle's positive controls:
+    /// `skip-rpcit-invalidation` (zPCI: RPCIT keeps shadow entries the tables no longer map).
+    /// The report names it.
+    #[arg(long, value_name = "BUG")]
+    iommu_model_bug: Option<ModelBug>,
     /// Extra kernel command line (appended).
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -257,6 +262,8 @@ pub struct RunSpec {
     pub disks: Vec<DiskSpec>,
     pub iommu: IommuArg,
     pub boot_bypass: bool,
+    /// A deliberate model bug (oracle positive controls), if any.
+    pub model_bug: Option<ModelBug>,
     /// Appended to the kernel command line.
     pub cmdline: String,
     pub workload: String,
@@ -391,6 +398,16 @@ impl RunSpec {
             (GuestSource::Files { .. }, Some(m)) => Some(m.as_path()),
             _ => None,
         };
+        if let Some(bug) = self.model_bug
+            && self.iommu.kind() != Some(bug.kind())
+        {
+            bail!(
+                "--iommu-model-bug {} breaks the {} model, but the run's IOMMU is {}",
+                bug.name(),
+                bug.kind(),
+                self.iommu.kind().map_or("none", |k| k.name())
+            );
+        }
         if let Some(model) = self.iommu_model(&[], false) {
             model.firmware(self.arch)?;
         }
@@ -403,7 +420,12 @@ impl RunSpec {
     /// options become a model configuration.
     pub fn iommu_choice(&self) -> Option<IommuChoice> {
         let kind = self.iommu.kind()?;
-        Some(IommuChoice::with_boot_bypass(kind, self.boot_bypass))
+        let choice = IommuChoice::with_boot_bypass(kind, self.boot_bypass);
+        match self.model_bug {
+            // check() refused a bug of another model.
+            Some(bug) => choice.with_bug(bug),
+            None => Some(choice),
+        }
     }
 
     /// The run's IOMMU in front of `disks` (and the DMA engine); `marker`: whether the run
@@ -693,6 +715,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     let guest_hits = plugin.as_ref().map(|p| p.hits()).unwrap_or_default();
     let meta = serde_json::json!({
         "backend": "qemu",
+        "model_bug": spec.model_bug.map(|b| b.name()),
         "accel": format!("{:?}", cfg.accel).to_lowercase(),
         "cpus": cfg.cpus,
         "mem_mib": cfg.mem_mib,
@@ -1058,6 +1081,7 @@ fn execute_kvm(
     }
     let meta = serde_json::json!({
         "backend": "kvm",
+        "model_bug": spec.model_bug.map(|b| b.name()),
         "cpus": spec.cpus,
         "mem_mib": spec.mem_mib,
         "serial_log": serial_log,
@@ -1141,6 +1165,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         disks,
         iommu: args.iommu,
         boot_bypass: args.iommu_boot_bypass,
+        model_bug: args.iommu_model_bug,
         cmdline: args.cmdline.clone(),
         workload: args.workload.clone(),
         seed: args.seed,
@@ -1193,6 +1218,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         println!(
             "DMA {ep}: {} translated, {} bypassed, {} faulted, {} direct ({} bytes)",
             c.translated, c.bypassed, c.faulted, c.direct, c.bytes
+        );
+    }
+    if let Some(bug) = spec.model_bug {
+        println!(
+            "model bug:      {} (deliberate, for the oracle's positive control)",
+            bug.name()
         );
     }
     match spec.iommu.kind() {
@@ -1271,6 +1302,7 @@ mod tests {
             disks: vec![],
             iommu: IommuArg::Virtio,
             boot_bypass: true,
+            model_bug: None,
             cmdline: String::new(),
             workload: "disk".into(),
             seed: 1,

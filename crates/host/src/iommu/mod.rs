@@ -116,6 +116,21 @@ impl IommuChoice {
         }
     }
 
+    /// This IOMMU with `bug` built in; `None` when the bug belongs to another model.
+    pub fn with_bug(self, bug: ModelBug) -> Option<Self> {
+        match (self, bug) {
+            (IommuChoice::Zpci(opts), ModelBug::SkipRpcitInvalidation) => {
+                Some(IommuChoice::Zpci(sluice_zpci::ZpciOptions {
+                    fault_injection: sluice_zpci::FaultInjection {
+                        skip_rpcit_invalidation: true,
+                    },
+                    ..opts
+                }))
+            }
+            _ => None,
+        }
+    }
+
     /// Which model this is.
     pub fn kind(&self) -> IommuKind {
         match self {
@@ -133,6 +148,48 @@ impl IommuChoice {
             IommuChoice::Smmuv3(cfg) => Arc::new(smmuv3::SmmuModel::new(*cfg, endpoints)),
             IommuChoice::Zpci(opts) => Arc::new(zpci::ZpciModel::new(opts.clone(), endpoints)),
         }
+    }
+}
+
+/// A deliberate bug in an IOMMU model, for the escape oracle's positive controls on real guests:
+/// a run with one must show the escape the bug makes, a run without it must not. Never a
+/// default; a run's report names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelBug {
+    /// zPCI: RPCIT installs the valid frames of its range but keeps the shadow entries of
+    /// frames the tables no longer map (a stale translation after the refresh).
+    SkipRpcitInvalidation,
+}
+
+impl ModelBug {
+    /// Every bug, by name.
+    pub const ALL: [ModelBug; 1] = [ModelBug::SkipRpcitInvalidation];
+
+    /// Its name on the command line and in scenarios.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelBug::SkipRpcitInvalidation => "skip-rpcit-invalidation",
+        }
+    }
+
+    /// The model it breaks.
+    pub fn kind(self) -> IommuKind {
+        match self {
+            ModelBug::SkipRpcitInvalidation => IommuKind::Zpci,
+        }
+    }
+}
+
+impl std::str::FromStr for ModelBug {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|b| b.name()).collect();
+                format!("unknown model bug `{s}` (known: {})", known.join(", "))
+            })
     }
 }
 

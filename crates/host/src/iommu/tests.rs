@@ -132,3 +132,20 @@ fn every_model_puts_its_seam_under_the_disks_of_a_device_set() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_model_bug_belongs_to_one_model_and_is_named() {
+    for bug in ModelBug::ALL {
+        assert_eq!(bug.name().parse::<ModelBug>(), Ok(bug));
+        for kind in IommuKind::ALL {
+            let broken = IommuChoice::default_for(kind).with_bug(bug);
+            assert_eq!(broken.is_some(), kind == bug.kind(), "{bug:?} on {kind}");
+        }
+    }
+    let e = "skip-everything".parse::<ModelBug>().unwrap_err();
+    assert!(e.contains("known: skip-rpcit-invalidation"), "{e}");
+    match IommuChoice::default_for(IommuKind::Zpci).with_bug(ModelBug::SkipRpcitInvalidation) {
+        Some(IommuChoice::Zpci(o)) => assert!(o.fault_injection.skip_rpcit_invalidation),
+        other => panic!("{other:?}"),
+    }
+}
