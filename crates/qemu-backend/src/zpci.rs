@@ -484,6 +484,51 @@ mod tests {
         served.join().unwrap().unwrap();
     }
 
+    /// Garbage the guest controls (FIB contents, RPCIT ranges, operation codes) and garbage QEMU
+    /// could send (unknown operations and FIDs) never ends the channel or panics the model:
+    /// every request gets an answer.
+    #[test]
+    fn random_instructions_are_all_answered() {
+        let (mut q, zpci, _mem, served) = rig();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..3000u32 {
+            let r = next();
+            let op = (r % 9) as u32; // 0 and 7..8 are not operations
+            let fid = if r & 0x100 != 0 {
+                FID
+            } else {
+                (r >> 12) as u32
+            };
+            let mut fib = Fib::parse(&[0u8; 80]);
+            fib.pba = next();
+            fib.pal = next();
+            fib.iota = next();
+            fib.fmt = (next() & 1) as u8;
+            let arg0 = if op == 1 {
+                next() & 0x00ff_00ff
+            } else {
+                next()
+            };
+            let answer = q.insn(op, fid, arg0, next() >> (next() % 64), Some(&fib));
+            assert!(
+                answer & ZPCI_ANSWER_PROGRAM != 0 || answer & 0xff <= 3,
+                "request {i}: answer {answer:#x}"
+            );
+            if i % 97 == 0 {
+                let _ = q.events();
+            }
+        }
+        assert!(zpci.state_of(FID).is_some());
+        drop(q);
+        served.join().unwrap().unwrap();
+    }
+
     #[test]
     fn a_device_command_on_the_zpci_channel_ends_it() {
         let (mut q, _zpci, _mem, served) = rig();
