@@ -632,14 +632,7 @@ mod tests {
                 assert_eq!(&buf[40..43], &[0, 2, 0]);
                 let fd = into_eventfd(fds.into_iter().next().unwrap());
                 fd.write(1).unwrap();
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while fast.doorbell_wakeups.load(Ordering::Relaxed) == 0 {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "doorbell never served"
-                    );
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                wait_for_count(&fast.doorbell_wakeups, "doorbell never served");
             }
             let (_, fds) = ask_doorbells(&mut qemu, u64::MAX);
             assert!(fds.is_empty());
@@ -655,6 +648,15 @@ mod tests {
             assert_eq!(fast.msix_fds.load(Ordering::Relaxed), 1);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Waits (at most 10 s, else fails with `why`) until another thread has counted something.
+    fn wait_for_count(counter: &AtomicU64, why: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{why}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// A second descriptor of `fd`, as QEMU's SCM_RIGHTS would deliver it.
@@ -696,14 +698,7 @@ mod tests {
         let (intr, resample) = routes.last().unwrap();
         assert_eq!(intr.read().unwrap(), 1, "raised on the newest route");
         resample.write(1).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while stats.resamples.load(Ordering::Relaxed) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "resample never relayed"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_count(&stats.resamples, "resample never relayed");
         assert_eq!(intr.read().unwrap(), 1, "re-asserted after the resample");
         // An old route's resample is nobody's business any more.
         routes[0].1.write(1).unwrap();
