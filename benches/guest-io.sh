@@ -88,9 +88,12 @@ else
 fi
 CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.dd4k=$DD4K"
 DISK=$WORK/disk.img
-# Sparse; room for the read and the write region of the 1M tests.
+# Sparse; room for the read and the write region of the 1M tests, and for the writes, which
+# start at 512 MiB (the /init bench workload).
 BIGGEST=$((DDMB_NONE > DDMB_IOMMU ? DDMB_NONE : DDMB_IOMMU))
-rm -f "$DISK"; truncate -s $((2 * BIGGEST + 256))M "$DISK"
+WRITTEN=$((BIGGEST > DD4K * 4 / 1024 ? BIGGEST : DD4K * 4 / 1024))
+DISK_MIB=$((2 * BIGGEST + 256 > 512 + WRITTEN + 64 ? 2 * BIGGEST + 256 : 512 + WRITTEN + 64))
+rm -f "$DISK"; truncate -s "${DISK_MIB}M" "$DISK"
 
 # MODE: none | lazy | strict. lazy is the 6.12 default (DMA-FQ); strict adds iommu.strict=1.
 iommu_cmdline() { [ "$1" = strict ] && echo "iommu.strict=1" || true; }
@@ -115,8 +118,9 @@ run_sluice() { # MODE VARIANT ROUND -> console on stdout
         --cpus "$CPUS" "${iommu[@]}" --disk "$DISK" --workload bench \
         --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
         --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 || true
-    # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X) of this run
-    sed -n "s/^device proxy: *\(blk0.*\)/round $round $(variant_label "$spec") $mode proxy \1/p" \
+    # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X, SCHED_FIFO threads) of
+    # this run: every proxied device's, and the platform IOMMU's or zPCI channel's
+    sed -n "s/^\(device\|iommu\|zpci\) proxy: *\(.*\)/round $round $(variant_label "$spec") $mode \1 proxy \2/p" \
         "$WORK/sluice.out" >&3
     cat "$WORK/sluice/serial.log"
 }

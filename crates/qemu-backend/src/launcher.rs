@@ -169,12 +169,22 @@ pub fn qemu_args(cfg: &QemuConfig, proxies: &[(String, u8, i32)]) -> Vec<String>
     qemu_args_with(cfg, proxies, None)
 }
 
-/// [`qemu_args`], with the platform IOMMU's channel on descriptor `iommu_fd`, or the zPCI
-/// model's on `iommu_fd` when the machine's PCI devices are zPCI functions.
+/// QEMU's end of an IOMMU channel: the platform IOMMU's, or the zPCI model's when the
+/// machine's PCI devices are zPCI functions.
+#[derive(Debug, Clone, Copy)]
+struct IommuChannelArgs {
+    /// The descriptor QEMU inherits.
+    fd: i32,
+    /// zPCI: how long a forwarded instruction polls for the answer before it sleeps
+    /// (`x-zpci-proxy-spin-us`); None leaves QEMU's default (it sleeps at once).
+    zpci_spin_us: Option<u32>,
+}
+
+/// [`qemu_args`], with an IOMMU channel.
 fn qemu_args_with(
     cfg: &QemuConfig,
     proxies: &[(String, u8, i32)],
-    iommu_fd: Option<i32>,
+    iommu: Option<IommuChannelArgs>,
 ) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -191,11 +201,14 @@ fn qemu_args_with(
     // Guest RAM is a shared memfd so that this process can map it for the devices' DMA.
     let mut machine: Vec<String> = vec![m.machine_type.to_string()];
     machine.extend(m.machine_options.iter().map(|o| o.to_string()));
-    if let (Some(p), Some(fd)) = (&cfg.platform_iommu, iommu_fd) {
+    if let (Some(p), Some(ch)) = (&cfg.platform_iommu, iommu) {
         machine.push(p.machine_option.clone());
-        machine.push(format!("x-smmuv3-proxy-fd={fd}"));
-    } else if let (true, Some(fd)) = (m.zpci_functions, iommu_fd) {
-        machine.push(format!("x-zpci-proxy-fd={fd}"));
+        machine.push(format!("x-smmuv3-proxy-fd={}", ch.fd));
+    } else if let (true, Some(ch)) = (m.zpci_functions, iommu) {
+        machine.push(format!("x-zpci-proxy-fd={}", ch.fd));
+        if let Some(us) = ch.zpci_spin_us {
+            machine.push(format!("x-zpci-proxy-spin-us={us}"));
+        }
     }
     machine.push("memory-backend=mem".to_string());
     push(&[
@@ -302,6 +315,8 @@ pub struct DeviceTraffic {
     pub ioeventfds: u64,
     /// Doorbell eventfd wake-ups served (no round trip).
     pub doorbell_wakeups: u64,
+    /// Whether its doorbell thread runs SCHED_FIFO.
+    pub doorbell_fifo: bool,
     /// MSI-X vectors QEMU emulates for it (eventfds received).
     pub msix_vectors: u64,
     /// Interrupts sent as MSI-X vector eventfds.
@@ -324,6 +339,8 @@ pub struct PlatformTraffic {
     pub line_interrupts: u64,
     /// MSIs the model wrote into guest memory itself (CMD_SYNC completions), or refused.
     pub msis: u64,
+    /// Whether the server thread ran SCHED_FIFO.
+    pub server_fifo: bool,
 }
 
 /// Boots the guest with `devices` served by this process, and waits for it to finish.
@@ -389,14 +406,17 @@ pub fn run_qemu_with(
         }
         _ => None,
     };
-    let args = qemu_args_with(
-        cfg,
-        &proxies,
-        platform
-            .as_ref()
-            .map(|p| p.3)
-            .or(zpci.as_ref().map(|z| z.2)),
-    );
+    let iommu_channel = platform
+        .as_ref()
+        .map(|p| IommuChannelArgs {
+            fd: p.3,
+            zpci_spin_us: None,
+        })
+        .or(zpci.as_ref().map(|z| IommuChannelArgs {
+            fd: z.2,
+            zpci_spin_us: crate::fastpath::zpci_spin_us(&cfg.qemu),
+        }));
+    let args = qemu_args_with(cfg, &proxies, iommu_channel);
     log::info!("starting {} {}", cfg.qemu.display(), args.join(" "));
     let start = Instant::now();
     let mut child: Child = Command::new(&cfg.qemu)
@@ -422,6 +442,8 @@ pub fn run_qemu_with(
                 let _ = tx.send(server.run());
             });
     }
+    // Whether the platform IOMMU's or the zPCI channel's server thread runs SCHED_FIFO.
+    let iommu_fifo = Arc::new(AtomicBool::new(false));
     let mut platform_counters = None;
     if let Some((sock, window, p, _)) = platform {
         let server = PlatformServer::new(
@@ -434,9 +456,13 @@ pub fn run_qemu_with(
         );
         platform_counters = Some((server.stats(), p.irq));
         let tx = dev_tx.clone();
+        let fifo_theirs = iommu_fifo.clone();
         let _ = std::thread::Builder::new()
             .name("iommu-proxy".into())
             .spawn(move || {
+                if crate::fastpath::iommu_server_fifo() && crate::fastpath::raise_to_fifo() {
+                    fifo_theirs.store(true, Ordering::Relaxed);
+                }
                 let _ = tx.send(server.run());
             });
     }
@@ -445,9 +471,13 @@ pub fn run_qemu_with(
         let server = ZpciServer::new(sock, model);
         zpci_counters = Some(server.stats());
         let tx = dev_tx.clone();
+        let fifo_theirs = iommu_fifo.clone();
         let _ = std::thread::Builder::new()
             .name("zpci-proxy".into())
             .spawn(move || {
+                if crate::fastpath::iommu_server_fifo() && crate::fastpath::raise_to_fifo() {
+                    fifo_theirs.store(true, Ordering::Relaxed);
+                }
                 let _ = tx.send(server.run());
             });
     }
@@ -572,8 +602,13 @@ pub fn run_qemu_with(
             refused_accesses: s.refused_accesses.load(Ordering::Relaxed),
             line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
             msis: irq.stats().msi_seen.load(Ordering::Relaxed),
+            server_fifo: iommu_fifo.load(Ordering::Relaxed),
         }),
-        zpci: zpci_counters.map(|s| s.snapshot()),
+        zpci: zpci_counters.map(|s| ZpciTraffic {
+            server_fifo: iommu_fifo.load(Ordering::Relaxed),
+            answer_poll_us: iommu_channel.and_then(|c| c.zpci_spin_us),
+            ..s.snapshot()
+        }),
         devices: counters
             .into_iter()
             .map(|(dev, s, f)| DeviceTraffic {
@@ -583,6 +618,7 @@ pub fn run_qemu_with(
                 resamples: s.resamples.load(Ordering::Relaxed),
                 ioeventfds: f.ioeventfds.load(Ordering::Relaxed),
                 doorbell_wakeups: f.doorbell_wakeups.load(Ordering::Relaxed),
+                doorbell_fifo: f.fifo_threads.load(Ordering::Relaxed) > 0,
                 msix_vectors: f.msix_fds.load(Ordering::Relaxed),
                 msix_signals: f.msix_signals.load(Ordering::Relaxed),
                 intx_raised: dev.intx.raised(),
@@ -723,7 +759,8 @@ mod tests {
             }),
             ..arm.clone()
         };
-        let a = qemu_args_with(&smmu, &[], Some(11)).join(" ");
+        let channel = |fd, zpci_spin_us| Some(IommuChannelArgs { fd, zpci_spin_us });
+        let a = qemu_args_with(&smmu, &[], channel(11, Some(200))).join(" ");
         assert!(
             a.contains(
                 "-M virt,gic-version=3,highmem=off,iommu=smmuv3,x-smmuv3-proxy-fd=11,memory-backend=mem"
@@ -745,7 +782,7 @@ mod tests {
         let a = qemu_args_with(
             &s390,
             &[("blk0".into(), 3, 20), ("blk1".into(), 4, 21)],
-            Some(12),
+            channel(12, None),
         )
         .join(" ");
         assert!(
@@ -760,6 +797,14 @@ mod tests {
             ),
             "{a}"
         );
+        // the zPCI answer's poll budget goes with the channel; the SMMUv3's has none
+        let a = qemu_args_with(&s390, &[], channel(12, Some(200))).join(" ");
+        assert!(
+            a.contains("-M s390-ccw-virtio,x-zpci-proxy-fd=12,x-zpci-proxy-spin-us=200,"),
+            "{a}"
+        );
+        let a = qemu_args_with(&smmu, &[], channel(11, Some(200))).join(" ");
+        assert!(!a.contains("spin"), "{a}");
     }
 
     #[test]

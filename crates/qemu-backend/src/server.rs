@@ -174,7 +174,8 @@ impl DeviceServer {
     fn absorb_doorbells(&mut self) {
         self.doorbell_thread = None;
         self.doorbells = Arc::new(Vec::new());
-        if self.sync_doorbells || !crate::fastpath::ioeventfds_for(self.device.kind) {
+        let plan = crate::fastpath::doorbell_plan(self.device.kind);
+        if self.sync_doorbells || !plan.absorb {
             return;
         }
         let Some(virtio) = &self.device.virtio else {
@@ -200,6 +201,7 @@ impl DeviceServer {
             list.clone(),
             self.stop.clone(),
             self.fast.clone(),
+            plan.fifo,
         ) {
             Ok(t) => {
                 self.doorbell_thread = Some(t);

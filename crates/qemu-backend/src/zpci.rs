@@ -85,6 +85,10 @@ pub struct ZpciTraffic {
     pub error_events: u64,
     /// Error events dropped.
     pub error_events_dropped: u64,
+    /// Whether the channel's server thread ran SCHED_FIFO (set by the launcher).
+    pub server_fifo: bool,
+    /// How long QEMU polled for each answer before sleeping, µs (set by the launcher).
+    pub answer_poll_us: Option<u32>,
 }
 
 impl ZpciStats {
@@ -101,6 +105,8 @@ impl ZpciStats {
             disagreements: g(&self.disagreements),
             error_events: g(&self.error_events),
             error_events_dropped: g(&self.error_events_dropped),
+            server_fifo: false,
+            answer_poll_us: None,
         }
     }
 }

@@ -661,12 +661,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     for t in traffic.iter().filter(|_| !spec.quiet) {
         println!(
             "device proxy:   {}: {} BAR + {} config round trips, {} doorbells as ioeventfds \
-             ({} wake-ups), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
+             ({} wake-ups{}), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
             t.name,
             t.bar_accesses,
             t.config_accesses,
             t.ioeventfds,
             t.doorbell_wakeups,
+            if t.doorbell_fifo { ", SCHED_FIFO" } else { "" },
             t.msix_vectors,
             t.msix_signals,
             t.intx_raised,
@@ -676,15 +677,24 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     if let Some(t) = platform.filter(|_| !spec.quiet) {
         println!(
             "iommu proxy:    {} register accesses over the socket ({} posted, {} refused), {} \
-             wired interrupts, {} MSI writes in guest memory",
-            t.register_accesses, t.posted_writes, t.refused_accesses, t.line_interrupts, t.msis
+             wired interrupts, {} MSI writes in guest memory{}",
+            t.register_accesses,
+            t.posted_writes,
+            t.refused_accesses,
+            t.line_interrupts,
+            t.msis,
+            if t.server_fifo {
+                ", server SCHED_FIFO"
+            } else {
+                ""
+            }
         );
     }
     if let Some(t) = zpci.filter(|_| !spec.quiet) {
         println!(
             "zpci proxy:     {} MPCIFC, {} RPCIT ({} busy, resumed), {} refused, {} enable/disable, \
              {} configure/deconfigure ({} the model refused), {} error events to the guest \
-             ({} dropped)",
+             ({} dropped){}{}",
             t.mpcifc,
             t.rpcit,
             t.rpcit_busy,
@@ -693,7 +703,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             t.configure_deconfigure,
             t.disagreements,
             t.error_events,
-            t.error_events_dropped
+            t.error_events_dropped,
+            if t.server_fifo {
+                ", server SCHED_FIFO"
+            } else {
+                ""
+            },
+            t.answer_poll_us
+                .map(|us| format!(", QEMU polls {us} µs for each answer"))
+                .unwrap_or_default()
         );
     }
     if kept.unfinished && !spec.quiet {
@@ -730,6 +748,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "refused_accesses": t.refused_accesses,
             "line_interrupts": t.line_interrupts,
             "msis": t.msis,
+            "server_fifo": t.server_fifo,
         })),
         "zpci_proxy": zpci.map(|t| serde_json::json!({
             "mpcifc": t.mpcifc,
@@ -741,6 +760,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "disagreements": t.disagreements,
             "error_events": t.error_events,
             "error_events_dropped": t.error_events_dropped,
+            "server_fifo": t.server_fifo,
+            "answer_poll_us": t.answer_poll_us,
         })),
         // What the report's console-derived fields were computed from.
         "console": {
