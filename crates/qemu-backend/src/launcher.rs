@@ -414,7 +414,7 @@ pub fn run_qemu_with(
         })
         .or(zpci.as_ref().map(|z| IommuChannelArgs {
             fd: z.2,
-            zpci_spin_us: crate::fastpath::zpci_spin_us(&cfg.qemu),
+            zpci_spin_us: crate::sched::zpci_spin_us(&cfg.qemu),
         }));
     let args = qemu_args_with(cfg, &proxies, iommu_channel);
     log::info!("starting {} {}", cfg.qemu.display(), args.join(" "));
@@ -460,7 +460,7 @@ pub fn run_qemu_with(
         let _ = std::thread::Builder::new()
             .name("iommu-proxy".into())
             .spawn(move || {
-                if crate::fastpath::iommu_server_fifo() && crate::fastpath::raise_to_fifo() {
+                if crate::sched::iommu_server_fifo() && crate::sched::raise_to_fifo() {
                     fifo_theirs.store(true, Ordering::Relaxed);
                 }
                 let _ = tx.send(server.run());
@@ -475,7 +475,7 @@ pub fn run_qemu_with(
         let _ = std::thread::Builder::new()
             .name("zpci-proxy".into())
             .spawn(move || {
-                if crate::fastpath::iommu_server_fifo() && crate::fastpath::raise_to_fifo() {
+                if crate::sched::iommu_server_fifo() && crate::sched::raise_to_fifo() {
                     fifo_theirs.store(true, Ordering::Relaxed);
                 }
                 let _ = tx.send(server.run());

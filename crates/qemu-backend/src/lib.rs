@@ -19,6 +19,7 @@ pub mod launcher;
 pub mod memory;
 pub mod platform;
 pub mod protocol;
+pub mod sched;
 pub mod server;
 mod serving;
 pub mod zpci;

@@ -174,7 +174,7 @@ impl DeviceServer {
     fn absorb_doorbells(&mut self) {
         self.doorbell_thread = None;
         self.doorbells = Arc::new(Vec::new());
-        let plan = crate::fastpath::doorbell_plan(self.device.kind);
+        let plan = crate::sched::doorbell_plan(self.device.kind);
         if self.sync_doorbells || !plan.absorb {
             return;
         }

@@ -1,0 +1,232 @@
+//! Which Sluice threads run SCHED_FIFO, and what follows from it.
+//!
+//! Linux busy-polls for some answers: its virtio-iommu driver spins on the used ring after
+//! every MAP/UNMAP, its SMMUv3 driver on each CMD_SYNC's completion, and a forwarded zPCI RPCIT
+//! holds its vCPU in QEMU. The thread that answers must then get a core while a vCPU thread
+//! spins on one; on a host with no core to spare a SCHED_OTHER thread waits behind the spinner.
+//! These threads run SCHED_FIFO at priority 1 where the process may (they block between
+//! requests), and the paths that need it fall back where it may not (`docs/backends.md`).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+/// How one device's doorbells are served: absorbed by QEMU as ioeventfds or kept on the socket,
+/// and whether the thread serving the eventfds runs SCHED_FIFO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoorbellPlan {
+    /// QEMU signals an eventfd and the vCPU returns at once.
+    pub absorb: bool,
+    /// The doorbell thread runs SCHED_FIFO (lowest real-time priority).
+    pub fifo: bool,
+}
+
+/// The plan for a device of `kind`, from `SLUICE_PROXY_IOEVENTFD` (`off`: no device's doorbells
+/// are absorbed; `all`: every device's) and `SLUICE_PROXY_DOORBELL_SCHED` (`normal`: no
+/// SCHED_FIFO; `fifo`: every doorbell thread's).
+///
+/// Default: a device whose guest driver busy-polls for the answer (virtio-iommu: Linux spins on
+/// the used ring after every MAP/UNMAP) gets its doorbells absorbed with a SCHED_FIFO thread,
+/// and keeps them on the socket where this process may not use SCHED_FIFO. The spinning vCPU
+/// thread holds a host core; on a host with no core to spare (2 cores, 2 TCG vCPUs) a
+/// SCHED_OTHER doorbell thread waits behind it, and strict 4k throughput fell to half the
+/// socket path's. At SCHED_FIFO its wake-up preempts the spinner instead (`docs/benchmarks.md`,
+/// "SCHED_FIFO for busy-polled IOMMU threads"). Other devices' drivers sleep until the interrupt: their
+/// doorbells are absorbed and their threads stay SCHED_OTHER (no gain measured).
+pub fn doorbell_plan(kind: &str) -> DoorbellPlan {
+    plan_from(
+        kind,
+        std::env::var("SLUICE_PROXY_IOEVENTFD").ok().as_deref(),
+        std::env::var("SLUICE_PROXY_DOORBELL_SCHED").ok().as_deref(),
+        fifo_permitted,
+    )
+}
+
+fn plan_from(
+    kind: &str,
+    ioeventfd: Option<&str>,
+    sched: Option<&str>,
+    permitted: impl FnOnce() -> bool,
+) -> DoorbellPlan {
+    let busy_polled = kind == "virtio-iommu";
+    let fifo = match sched {
+        Some("normal") => false,
+        Some("fifo") => true,
+        _ => busy_polled,
+    };
+    let absorb = match ioeventfd {
+        Some("off") => false,
+        Some("all") => true,
+        _ => !busy_polled || (fifo && permitted()),
+    };
+    DoorbellPlan { absorb, fifo }
+}
+
+/// Whether the server thread of a platform IOMMU (SMMUv3) or of the zPCI channel runs
+/// SCHED_FIFO (`SLUICE_PROXY_IOMMU_SCHED=normal` keeps it SCHED_OTHER). Linux waits for every
+/// SMMUv3 CMD_SYNC spinning on memory, and with the CMDQ_PROD write posted the vCPU spins while
+/// this thread has yet to run the queue: SCHED_OTHER, it waits behind the spinner for a core.
+/// A forwarded RPCIT holds its vCPU in QEMU until the answer, which QEMU polls for a while
+/// before it sleeps (`x-zpci-proxy-spin-us`): the same wait.
+pub fn iommu_server_fifo() -> bool {
+    std::env::var("SLUICE_PROXY_IOMMU_SCHED").map_or(true, |v| v != "normal")
+}
+
+/// How long (µs) a zPCI instruction QEMU forwards polls for the answer before its vCPU thread
+/// sleeps: [`ZPCI_SPIN_US`] when the zPCI server thread runs SCHED_FIFO (a polling vCPU holds a
+/// core, and a SCHED_OTHER server would wait behind it) and `qemu` knows
+/// `x-zpci-proxy-spin-us`; `SLUICE_ZPCI_SPIN_US` overrides it (0: sleep at once).
+pub fn zpci_spin_us(qemu: &Path) -> Option<u32> {
+    if let Ok(v) = std::env::var("SLUICE_ZPCI_SPIN_US") {
+        return v.parse().ok();
+    }
+    (iommu_server_fifo()
+        && fifo_permitted()
+        && machine_has_property(qemu, "s390-ccw-virtio", "x-zpci-proxy-spin-us"))
+    .then_some(ZPCI_SPIN_US)
+}
+
+/// The default poll budget of a forwarded zPCI instruction: the model answers an RPCIT in
+/// microseconds once its thread runs; waking a sleeping vCPU thread costs about 20 µs on the
+/// VMs measured, a budget of 200 µs covers a loaded host's answer too.
+pub const ZPCI_SPIN_US: u32 = 200;
+
+/// Whether `qemu -M machine,help` lists `property` (asked once per binary, machine and
+/// property).
+fn machine_has_property(qemu: &Path, machine: &str, property: &str) -> bool {
+    type Seen = Vec<(std::path::PathBuf, String, bool)>;
+    static SEEN: Mutex<Seen> = Mutex::new(Vec::new());
+    let key = format!("{machine}/{property}");
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, has)) = seen.iter().find(|(p, k, _)| p == qemu && *k == key) {
+        return *has;
+    }
+    let has = std::process::Command::new(qemu)
+        .args(["-nodefaults", "-M", &format!("{machine},help")])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{property}=")))
+        });
+    seen.push((qemu.to_path_buf(), key, has));
+    has
+}
+
+/// Whether this process may make a thread SCHED_FIFO (CAP_SYS_NICE, or an RLIMIT_RTPRIO of at
+/// least 1), tried once on a short-lived thread.
+pub fn fifo_permitted() -> bool {
+    static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PERMITTED.get_or_init(|| {
+        // The probe thread ends right after, taking its policy with it.
+        let probe = std::thread::Builder::new()
+            .name("fifo-probe".into())
+            .spawn(|| {
+                set_fifo().map_err(|e| {
+                    log::info!(
+                        "no SCHED_FIFO ({e}): a virtio-iommu's doorbells stay on the socket, \
+                         IOMMU server threads stay SCHED_OTHER"
+                    );
+                })
+            });
+        probe
+            .ok()
+            .and_then(|h| h.join().ok())
+            .is_some_and(|r| r.is_ok())
+    })
+}
+
+/// Makes the calling thread SCHED_FIFO at the lowest real-time priority; without the
+/// privilege it stays as it was (logged) and the answer is false.
+pub(crate) fn raise_to_fifo() -> bool {
+    set_fifo()
+        .map_err(|e| {
+            log::info!(
+                "{} stays SCHED_OTHER: {e}",
+                std::thread::current().name().unwrap_or("a thread")
+            );
+        })
+        .is_ok()
+}
+
+/// The calling thread to SCHED_FIFO, priority 1.
+fn set_fifo() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    match unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_polled_devices_are_absorbed_only_with_a_fifo_thread() {
+        let plan = |kind, io, sched, permitted: bool| plan_from(kind, io, sched, || permitted);
+        let on = |absorb, fifo| DoorbellPlan { absorb, fifo };
+        // defaults
+        assert_eq!(plan("virtio-iommu", None, None, true), on(true, true));
+        assert_eq!(plan("virtio-iommu", None, None, false), on(false, true));
+        assert_eq!(plan("virtio-blk", None, None, false), on(true, false));
+        // a SCHED_OTHER virtio-iommu thread would wait behind the spinning vCPU: socket
+        assert_eq!(
+            plan("virtio-iommu", None, Some("normal"), true),
+            on(false, false)
+        );
+        // the A/B switches
+        assert_eq!(
+            plan("virtio-iommu", Some("all"), Some("normal"), true),
+            on(true, false)
+        );
+        assert_eq!(
+            plan("virtio-iommu", Some("off"), None, true),
+            on(false, true)
+        );
+        assert_eq!(
+            plan("virtio-blk", Some("off"), None, true),
+            on(false, false)
+        );
+        assert_eq!(plan("virtio-blk", None, Some("fifo"), true), on(true, true));
+    }
+
+    /// A stand-in QEMU binary printing `help` as its machine help.
+    fn fake_qemu(dir: &std::path::Path, name: &str, help: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\ncat <<'EOF'\n{help}\nEOF\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn machine_properties_are_read_from_the_binarys_help() {
+        let dir = std::env::temp_dir().join(format!("sluice-sched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let new = fake_qemu(
+            &dir,
+            "new",
+            "s390-ccw-virtio-7.2 options:\n  x-zpci-proxy-fd=<string> - socket\n  \
+             x-zpci-proxy-spin-us=<string> - poll budget",
+        );
+        let old = fake_qemu(&dir, "old", "  x-zpci-proxy-fd=<string> - socket");
+        let prop = "x-zpci-proxy-spin-us";
+        assert!(machine_has_property(&new, "s390-ccw-virtio", prop));
+        assert!(!machine_has_property(&old, "s390-ccw-virtio", prop));
+        // a prefix of a property is not the property
+        assert!(!machine_has_property(
+            &new,
+            "s390-ccw-virtio",
+            "x-zpci-proxy"
+        ));
+        assert!(!machine_has_property(
+            &dir.join("absent"),
+            "s390-ccw-virtio",
+            prop
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
