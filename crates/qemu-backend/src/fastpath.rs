@@ -46,21 +46,32 @@ fn enabled(name: &str) -> bool {
 /// older QEMU, which speaks neither GET_IOEVENTFDS nor SET_MSIX_FDS). Asks the binary once per
 /// path (`-device x-pci-proxy-dev,help`).
 pub fn proxy_protocol(qemu: &Path) -> u32 {
-    static SEEN: Mutex<Vec<(std::path::PathBuf, u32)>> = Mutex::new(Vec::new());
+    parse_protocol(&qemu_help(qemu, &["-device", "x-pci-proxy-dev,help"])).unwrap_or(0)
+}
+
+/// What `qemu -nodefaults ARGS` prints on stdout (empty when it cannot run), asked once per
+/// binary and arguments: the capability probes of the launcher read QEMU's `help` output.
+pub(crate) fn qemu_help(qemu: &Path, args: &[&str]) -> String {
+    type Seen = Vec<(std::path::PathBuf, Vec<String>, String)>;
+    static SEEN: Mutex<Seen> = Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, level)) = seen.iter().find(|(p, _)| p == qemu) {
-        return *level;
+    if let Some((_, _, out)) = seen.iter().find(|(p, a, _)| p == qemu && a == args) {
+        return out.clone();
     }
-    let level = std::process::Command::new(qemu)
-        .args(["-nodefaults", "-device", "x-pci-proxy-dev,help"])
+    let out = std::process::Command::new(qemu)
+        .arg("-nodefaults")
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .output()
-        .ok()
-        .and_then(|o| parse_protocol(&String::from_utf8_lossy(&o.stdout)))
-        .unwrap_or(0);
-    seen.push((qemu.to_path_buf(), level));
-    level
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    seen.push((
+        qemu.to_path_buf(),
+        args.iter().map(|a| a.to_string()).collect(),
+        out.clone(),
+    ));
+    out
 }
 
 /// The default of "x-sluice-protocol" in `-device x-pci-proxy-dev,help` output

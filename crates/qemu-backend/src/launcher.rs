@@ -435,12 +435,9 @@ pub fn run_qemu_with(
         let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone())
             .with_sync_doorbells(proxy.sync_doorbells.contains(&dev.name));
         counters.push((dev.clone(), server.stats(), server.fast_path_stats()));
-        let tx = dev_tx.clone();
-        let _ = std::thread::Builder::new()
-            .name(format!("{}-proxy", dev.name))
-            .spawn(move || {
-                let _ = tx.send(server.run());
-            });
+        spawn_server(format!("{}-proxy", dev.name), &dev_tx, None, move || {
+            server.run()
+        });
     }
     // Whether the platform IOMMU's or the zPCI channel's server thread runs SCHED_FIFO.
     let iommu_fifo = Arc::new(AtomicBool::new(false));
@@ -455,31 +452,20 @@ pub fn run_qemu_with(
             p.irq.clone(),
         );
         platform_counters = Some((server.stats(), p.irq));
-        let tx = dev_tx.clone();
-        let fifo_theirs = iommu_fifo.clone();
-        let _ = std::thread::Builder::new()
-            .name("iommu-proxy".into())
-            .spawn(move || {
-                if crate::sched::iommu_server_fifo() && crate::sched::raise_to_fifo() {
-                    fifo_theirs.store(true, Ordering::Relaxed);
-                }
-                let _ = tx.send(server.run());
-            });
+        spawn_server(
+            "iommu-proxy".into(),
+            &dev_tx,
+            Some(&iommu_fifo),
+            move || server.run(),
+        );
     }
     let mut zpci_counters = None;
     if let Some((sock, model, _)) = zpci {
         let server = ZpciServer::new(sock, model);
         zpci_counters = Some(server.stats());
-        let tx = dev_tx.clone();
-        let fifo_theirs = iommu_fifo.clone();
-        let _ = std::thread::Builder::new()
-            .name("zpci-proxy".into())
-            .spawn(move || {
-                if crate::sched::iommu_server_fifo() && crate::sched::raise_to_fifo() {
-                    fifo_theirs.store(true, Ordering::Relaxed);
-                }
-                let _ = tx.send(server.run());
-            });
+        spawn_server("zpci-proxy".into(), &dev_tx, Some(&iommu_fifo), move || {
+            server.run()
+        });
     }
     drop(dev_tx);
 
@@ -625,6 +611,28 @@ pub fn run_qemu_with(
             })
             .collect(),
     })
+}
+
+/// Runs one channel's server on a thread named `name`, its result sent to `done`. With `fifo`
+/// (an IOMMU's server, whose answers the guest busy-polls for) the thread first tries
+/// SCHED_FIFO ([`crate::sched::iommu_server_fifo`]) and records whether it got it there.
+fn spawn_server(
+    name: String,
+    done: &mpsc::Sender<Result<(), ServeError>>,
+    fifo: Option<&Arc<AtomicBool>>,
+    run: impl FnOnce() -> Result<(), ServeError> + Send + 'static,
+) {
+    let done = done.clone();
+    let fifo = fifo.cloned();
+    let _ = std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(got) = fifo
+            && crate::sched::iommu_server_fifo()
+            && crate::sched::raise_to_fifo()
+        {
+            got.store(true, Ordering::Relaxed);
+        }
+        let _ = done.send(run());
+    });
 }
 
 fn tail(s: &str, n: usize) -> String {

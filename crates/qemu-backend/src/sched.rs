@@ -8,7 +8,6 @@
 //! requests), and the paths that need it fall back where it may not (`docs/backends.md`).
 
 use std::path::Path;
-use std::sync::Mutex;
 
 /// How one device's doorbells are served: absorbed by QEMU as ioeventfds or kept on the socket,
 /// and whether the thread serving the eventfds runs SCHED_FIFO.
@@ -90,28 +89,12 @@ pub fn zpci_spin_us(qemu: &Path) -> Option<u32> {
 /// VMs measured, a budget of 200 µs covers a loaded host's answer too.
 pub const ZPCI_SPIN_US: u32 = 200;
 
-/// Whether `qemu -M machine,help` lists `property` (asked once per binary, machine and
-/// property).
+/// Whether `qemu -M machine,help` lists `property`.
 fn machine_has_property(qemu: &Path, machine: &str, property: &str) -> bool {
-    type Seen = Vec<(std::path::PathBuf, String, bool)>;
-    static SEEN: Mutex<Seen> = Mutex::new(Vec::new());
-    let key = format!("{machine}/{property}");
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, _, has)) = seen.iter().find(|(p, k, _)| p == qemu && *k == key) {
-        return *has;
-    }
-    let has = std::process::Command::new(qemu)
-        .args(["-nodefaults", "-M", &format!("{machine},help")])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.trim_start().starts_with(&format!("{property}=")))
-        });
-    seen.push((qemu.to_path_buf(), key, has));
-    has
+    let prefix = format!("{property}=");
+    crate::fastpath::qemu_help(qemu, &["-M", &format!("{machine},help")])
+        .lines()
+        .any(|l| l.trim_start().starts_with(&prefix))
 }
 
 /// Whether this process may make a thread SCHED_FIFO (CAP_SYS_NICE, or an RLIMIT_RTPRIO of at
