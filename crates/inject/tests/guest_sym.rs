@@ -57,7 +57,7 @@ fn boot(qemu: &Path, kernel: &str, initrd: &str, extra: &[String]) -> Boot {
         ])
         .args([
             "-append",
-            "console=ttyS0 nokaslr panic=-1 tsc=unstable sluice.workload=none sluice.load=none",
+            "console=ttyS0 nokaslr panic=-1 i8042.nokbd i8042.noaux tsc=unstable sluice.workload=none sluice.load=none",
         ])
         .args(extra)
         .stdin(Stdio::null())

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sluice_devapi::{Endpoint, Fanout, Hooks};
 use sluice_host::iommu::FirmwareDescription;
-use sluice_host::machine::Arch;
+use sluice_host::machine::{Arch, BackendKind, MachineSpec};
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, HostOptions, IommuChoice};
 use sluice_inject::{Firing, Injector, Plan};
 use sluice_qemu::launcher::{Accel, QemuConfig};
@@ -63,15 +63,19 @@ fn boot(qemu: &Path, kernel: &Path, initrd: &Path, dir: &Path, plan: Option<&str
     };
     std::fs::write(&viot, table).unwrap();
     let cfg = QemuConfig {
-        machine: sluice_host::machine::MachineSpec::x86_q35(),
+        machine: MachineSpec::x86_q35(),
         qemu: qemu.to_path_buf(),
         accel: Accel::detect(),
         cpus: 2,
         mem_mib: 512,
         kernel: kernel.to_path_buf(),
         initrd: initrd.to_path_buf(),
-        cmdline: "console=ttyS0 panic=-1 nokaslr tsc=unstable sluice.workload=disk sluice.seed=1"
-            .into(),
+        // The platform's own pieces, so this boot is the one `sluice run` makes (no PS/2 ports:
+        // see MachineSpec::x86_q35).
+        cmdline: format!(
+            "{} sluice.workload=disk sluice.seed=1",
+            MachineSpec::x86_q35().base_cmdline(BackendKind::Qemu)
+        ),
         serial_log: dir.join("serial.log"),
         timeout: Duration::from_secs(150),
         acpi_tables: vec![viot],

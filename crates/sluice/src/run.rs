@@ -594,7 +594,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         std::fs::write(&path, table).with_context(|| format!("cannot write {}", path.display()))?;
         acpi_tables.push(path);
     }
-    // The platform's pieces first (x86: `console=ttyS0 panic=-1 nokaslr tsc=unstable`).
+    // The platform's pieces first (x86: `console=ttyS0 panic=-1 nokaslr i8042.nokbd
+    // i8042.noaux tsc=unstable`).
     let cmdline = format!(
         "{} sluice.workload={} sluice.seed={} {}",
         machine.base_cmdline(BackendKind::Qemu),
@@ -1050,8 +1051,8 @@ fn execute_kvm(
     }
     let pvm = status == KvmStatus::Pvm;
     let machine = spec.machine();
-    // x86: `console=ttyS0 panic=-1 nokaslr`; the platform's qemu-only pieces (tsc=unstable)
-    // are left out, as they always were here.
+    // x86: `console=ttyS0 panic=-1 nokaslr i8042.nokbd i8042.noaux`; the platform's qemu-only
+    // pieces (tsc=unstable) are left out, as they always were here.
     let mut cmdline = format!(
         "{} sluice.workload={} sluice.seed={} {}",
         machine.base_cmdline(BackendKind::Kvm),

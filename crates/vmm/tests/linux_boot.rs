@@ -136,8 +136,9 @@ fn boot(b: &Boot<'_>, dir: &Path) -> Booted {
     }
 }
 
-const CMDLINE: &str =
-    "console=ttyS0 panic=-1 nokaslr tsc=unstable sluice.workload=disk sluice.seed=42";
+// The x86 platform's pieces (MachineSpec::x86_q35, both backends) plus tsc=unstable.
+const CMDLINE: &str = "console=ttyS0 panic=-1 nokaslr i8042.nokbd i8042.noaux tsc=unstable \
+                       sluice.workload=disk sluice.seed=42";
 
 #[test]
 fn linux_boots_with_virtio_iommu_and_the_disk_workload() {
