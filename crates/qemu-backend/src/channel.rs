@@ -4,6 +4,9 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -34,6 +37,20 @@ pub enum ChannelError {
 /// One end of a proxy connection.
 pub struct Channel {
     sock: UnixStream,
+    /// How long to poll for the next message after one before blocking (zero: block at once).
+    poll_budget: Duration,
+    poll_counters: Arc<PollCounters>,
+    /// A message came: the next wait starts by polling.
+    busy: bool,
+}
+
+/// What polling for the next message did ([`Channel::set_poll_budget`]).
+#[derive(Debug, Default)]
+pub struct PollCounters {
+    /// Messages that arrived while the thread polled: no wake-up.
+    pub caught: AtomicU64,
+    /// Polls that ended without a message (the thread then blocked).
+    pub expired: AtomicU64,
 }
 
 /// Room for MAX_FDS descriptors plus headers, 8-byte aligned as cmsg requires.
@@ -94,11 +111,54 @@ pub(crate) fn recv_with_fds(
 impl Channel {
     /// Wraps a connected socket.
     pub fn new(sock: UnixStream) -> Self {
-        Channel { sock }
+        Channel {
+            sock,
+            poll_budget: Duration::ZERO,
+            poll_counters: Arc::default(),
+            busy: false,
+        }
+    }
+
+    /// After each message, [`Channel::recv`] polls the socket for up to `budget` before it
+    /// blocks, counting in `counters`: a guest that busy-waits for an answer and then sends the
+    /// next request at once (an SMMUv3 driver's CMD_SYNCs, a zPCI driver's RPCITs) is then
+    /// served without a thread wake-up. Only a SCHED_FIFO thread should poll: at SCHED_OTHER it
+    /// would hold the core the guest's vCPU needs to send that request.
+    pub fn set_poll_budget(&mut self, budget: Duration, counters: Arc<PollCounters>) {
+        self.poll_budget = budget;
+        self.poll_counters = counters;
+    }
+
+    /// Polls (without sleeping) until the socket has something to read or the budget since
+    /// the last message passes.
+    fn poll_for_next(&mut self) {
+        if self.poll_budget.is_zero() || !std::mem::take(&mut self.busy) {
+            return;
+        }
+        let deadline = Instant::now() + self.poll_budget;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd, no timeout.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+                // Readable, or closed or failed: the blocking read sees which.
+                self.poll_counters.caught.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.poll_counters.expired.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Receives one request. `Ok(None)` means the peer closed the connection between messages.
     pub fn recv(&mut self) -> Result<Option<Request>, ChannelError> {
+        self.poll_for_next();
         let mut header = [0u8; HEADER_LEN];
         let mut fds = Vec::new();
         let mut got = 0;
@@ -120,6 +180,7 @@ impl Channel {
                 return Err(ProtocolError::TooManyFds(fds.len()).into());
             }
         }
+        self.busy = true;
         let h: Header = protocol::parse_header(&header)?;
         let mut payload = vec![0u8; h.payload_len];
         let mut have = 0;
@@ -195,6 +256,45 @@ impl Channel {
 mod tests {
     use super::*;
     use crate::protocol::{Command, encode_message};
+
+    /// The first message is waited for by blocking; one sent while the channel polls after
+    /// the previous one is counted as caught; a poll that sees nothing ends at its budget and
+    /// the read then blocks as usual.
+    #[test]
+    fn a_message_sent_within_the_poll_budget_is_caught() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let counters = Arc::new(PollCounters::default());
+        let mut ch = Channel::new(a);
+        ch.set_poll_budget(Duration::from_secs(5), counters.clone());
+        let msg = encode_message(Command::DeviceReset, &[]);
+        b.write_all(&msg).unwrap();
+        assert!(ch.recv().unwrap().is_some());
+        assert_eq!(
+            counters.caught.load(Ordering::Relaxed),
+            0,
+            "nothing to poll after yet"
+        );
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(&msg).unwrap();
+            b
+        });
+        assert!(ch.recv().unwrap().is_some());
+        assert_eq!(counters.caught.load(Ordering::Relaxed), 1);
+        let mut b = sender.join().unwrap();
+        // A short budget runs out before the next message.
+        ch.set_poll_budget(Duration::from_micros(50), counters.clone());
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            b.write_all(&encode_message(Command::DeviceReset, &[]))
+                .unwrap();
+            b
+        });
+        assert!(ch.recv().unwrap().is_some());
+        assert_eq!(counters.expired.load(Ordering::Relaxed), 1);
+        drop(late.join().unwrap());
+        assert!(ch.recv().unwrap().is_none(), "the close is still seen");
+    }
 
     #[test]
     fn clean_close_between_messages_is_none() {

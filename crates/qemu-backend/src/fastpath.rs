@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_pci::{Doorbell, PciFunction, VectorRelay};
 use vmm_sys_util::eventfd::EventFd;
@@ -117,6 +117,10 @@ pub struct FastPathStats {
     pub msix_signals: AtomicU64,
     /// Doorbell threads that run SCHED_FIFO.
     pub fifo_threads: AtomicU64,
+    /// Doorbells a doorbell thread found while it polled after serving one, without a wake-up.
+    pub doorbell_spin_catches: AtomicU64,
+    /// Polls after a doorbell that ended without another one (the thread slept again).
+    pub doorbell_spins_expired: AtomicU64,
 }
 
 /// One doorbell absorbed by QEMU: what to replay, and the eventfd QEMU signals.
@@ -151,15 +155,24 @@ impl DoorbellThread {
         doorbells: Arc<Vec<AbsorbedDoorbell>>,
         stop: Arc<AtomicBool>,
         stats: Arc<FastPathStats>,
-        fifo: bool,
+        plan: crate::sched::DoorbellPlan,
     ) -> std::io::Result<Self> {
         let quit = EventFd::new(libc::EFD_NONBLOCK)?;
         let quit_theirs = quit.try_clone()?;
         let handle = std::thread::Builder::new().name(name).spawn(move || {
-            if fifo && crate::sched::raise_to_fifo() {
+            let fifo = plan.fifo && crate::sched::raise_to_fifo();
+            if fifo {
                 stats.fifo_threads.fetch_add(1, Ordering::Relaxed);
             }
-            serve_doorbells(function.as_ref(), &doorbells, &quit_theirs, &stop, &stats)
+            // Polling at SCHED_OTHER holds the core the spinning vCPU's next request needs
+            // answered on (docs/benchmarks.md): only a SCHED_FIFO thread polls.
+            let spin = if fifo { plan.spin } else { Duration::ZERO };
+            let served = ServedDoorbells {
+                function: function.as_ref(),
+                doorbells: &doorbells,
+                stats: &stats,
+            };
+            served.serve(&quit_theirs, &stop, spin)
         })?;
         Ok(DoorbellThread {
             quit,
@@ -181,44 +194,80 @@ impl Drop for DoorbellThread {
     }
 }
 
-fn serve_doorbells(
-    function: &dyn PciFunction,
-    doorbells: &[AbsorbedDoorbell],
-    quit: &EventFd,
-    stop: &AtomicBool,
-    stats: &FastPathStats,
-) {
-    let mut pfds: Vec<libc::pollfd> = doorbells
-        .iter()
-        .map(|d| d.fd.as_raw_fd())
-        .chain(std::iter::once(quit.as_raw_fd()))
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    while !stop.load(Ordering::Acquire) {
-        // SAFETY: `pfds` is a live array of pollfds of the stated length.
-        let n = unsafe {
-            libc::poll(
-                pfds.as_mut_ptr(),
-                pfds.len() as libc::nfds_t,
-                POLL.as_millis() as i32,
-            )
-        };
-        if n <= 0 {
-            continue; // timeout (look at `stop`) or EINTR
+/// One device's absorbed doorbells, replayed on its function.
+struct ServedDoorbells<'a> {
+    function: &'a dyn PciFunction,
+    doorbells: &'a [AbsorbedDoorbell],
+    stats: &'a FastPathStats,
+}
+
+impl ServedDoorbells<'_> {
+    /// Serves the doorbells until `quit` is signalled or `stop` set. After serving one, the
+    /// thread keeps polling without sleeping for `spin` (zero: it sleeps at once), so a guest
+    /// driver that rings again within that time (Linux's virtio-iommu sends a request per
+    /// mapped buffer, back to back) is answered without a thread wake-up. The loop sleeps again
+    /// once `spin` passes without a doorbell, so an idle guest costs no CPU.
+    fn serve(&self, quit: &EventFd, stop: &AtomicBool, spin: Duration) {
+        let mut pfds: Vec<libc::pollfd> = self
+            .doorbells
+            .iter()
+            .map(|d| d.fd.as_raw_fd())
+            .chain(std::iter::once(quit.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let mut spin_until: Option<Instant> = None;
+        while !stop.load(Ordering::Acquire) {
+            let spinning = match spin_until {
+                Some(t) if Instant::now() < t => true,
+                Some(_) => {
+                    spin_until = None;
+                    self.stats
+                        .doorbell_spins_expired
+                        .fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                None => false,
+            };
+            let timeout = if spinning { 0 } else { POLL.as_millis() as i32 };
+            // SAFETY: `pfds` is a live array of pollfds of the stated length.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            if n <= 0 {
+                if spinning {
+                    std::hint::spin_loop();
+                }
+                continue; // timeout (look at `stop`) or EINTR
+            }
+            if pfds.last().is_some_and(|q| q.revents != 0) {
+                return;
+            }
+            let served = self.replay_ready(&mut pfds);
+            if served > 0 {
+                if spinning {
+                    self.stats
+                        .doorbell_spin_catches
+                        .fetch_add(served, Ordering::Relaxed);
+                }
+                if !spin.is_zero() {
+                    spin_until = Some(Instant::now() + spin);
+                }
+            }
         }
-        if pfds.last().is_some_and(|q| q.revents != 0) {
-            return;
-        }
-        for (p, d) in pfds.iter_mut().zip(doorbells) {
+    }
+
+    /// Replays every doorbell `poll` found signalled; how many.
+    fn replay_ready(&self, pfds: &mut [libc::pollfd]) -> u64 {
+        let mut served = 0;
+        for (p, d) in pfds.iter_mut().zip(self.doorbells) {
             if p.revents & libc::POLLIN != 0 && d.fd.read().is_ok() {
-                stats.doorbell_wakeups.fetch_add(1, Ordering::Relaxed);
+                served += 1;
+                self.stats.doorbell_wakeups.fetch_add(1, Ordering::Relaxed);
                 let value = d.doorbell.value.to_le_bytes();
                 let len = usize::from(d.doorbell.size).min(value.len());
-                function.bar_write(
+                self.function.bar_write(
                     d.doorbell.bar,
                     d.doorbell.offset,
                     value.get(..len).unwrap_or_default(),
@@ -231,6 +280,7 @@ fn serve_doorbells(
             }
             p.revents = 0;
         }
+        served
     }
 }
 
@@ -335,5 +385,78 @@ mod tests {
         assert_eq!(relay.fds.read().unwrap().len(), 3);
         assert_eq!(stats.msix_signals.load(Ordering::Relaxed), 1);
         assert_eq!(stats.msix_fds.load(Ordering::Relaxed), 2);
+    }
+
+    /// Records the BAR writes it gets.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u8, u64, Vec<u8>)>>);
+
+    impl PciFunction for Recorder {
+        fn config_read(&self, _offset: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn config_write(&self, _offset: u16, _data: &[u8]) {}
+        fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((bar, offset, data.to_vec()));
+        }
+        fn decode_bar(&self, _addr: u64, _memory: bool) -> Option<(u8, u64)> {
+            None
+        }
+        fn reset(&self) {}
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A doorbell rung while the thread still polls after the previous one is served without
+    /// a wake-up and counted so; with no poll budget none is; either way each is replayed as
+    /// its queue-notify write, and `quit` ends the thread.
+    #[test]
+    fn a_doorbell_rung_within_the_poll_budget_is_caught_while_polling() {
+        for (spin, caught) in [(Duration::from_secs(5), 1), (Duration::ZERO, 0)] {
+            let function = Recorder::default();
+            let doorbells = vec![AbsorbedDoorbell {
+                doorbell: Doorbell {
+                    bar: 4,
+                    offset: 0x3004,
+                    size: 2,
+                    datamatch: None,
+                    value: 1,
+                },
+                fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            }];
+            let ring = doorbells[0].fd.try_clone().unwrap();
+            let stats = FastPathStats::default();
+            let quit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                let served = ServedDoorbells {
+                    function: &function,
+                    doorbells: &doorbells,
+                    stats: &stats,
+                };
+                let (quit_ref, stop_ref) = (&quit, &stop);
+                let t = scope.spawn(move || served.serve(quit_ref, stop_ref, spin));
+                for n in 1..=2 {
+                    ring.write(1).unwrap();
+                    wait_until("doorbell never served", || {
+                        stats.doorbell_wakeups.load(Ordering::Relaxed) == n
+                    });
+                }
+                quit.write(1).unwrap();
+                t.join().unwrap();
+            });
+            assert_eq!(stats.doorbell_spin_catches.load(Ordering::Relaxed), caught);
+            let writes = function.0.lock().unwrap();
+            assert_eq!(*writes, vec![(4, 0x3004, vec![1, 0]); 2]);
+        }
     }
 }

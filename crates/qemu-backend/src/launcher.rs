@@ -313,8 +313,12 @@ pub struct DeviceTraffic {
     pub resamples: u64,
     /// Doorbells QEMU absorbed as ioeventfds.
     pub ioeventfds: u64,
-    /// Doorbell eventfd wake-ups served (no round trip).
+    /// Doorbell eventfd signals served (no round trip).
     pub doorbell_wakeups: u64,
+    /// Of those, the ones the doorbell thread found while it polled (no wake-up either).
+    pub doorbell_spin_catches: u64,
+    /// Polls after a doorbell that ended without one.
+    pub doorbell_spins_expired: u64,
     /// Whether its doorbell thread runs SCHED_FIFO.
     pub doorbell_fifo: bool,
     /// MSI-X vectors QEMU emulates for it (eventfds received).
@@ -341,6 +345,10 @@ pub struct PlatformTraffic {
     pub msis: u64,
     /// Whether the server thread ran SCHED_FIFO.
     pub server_fifo: bool,
+    /// Messages that arrived while the server thread polled (no wake-up).
+    pub poll_caught: u64,
+    /// Polls that ended without a message.
+    pub polls_expired: u64,
 }
 
 /// Boots the guest with `devices` served by this process, and waits for it to finish.
@@ -435,7 +443,7 @@ pub fn run_qemu_with(
         let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone())
             .with_sync_doorbells(proxy.sync_doorbells.contains(&dev.name));
         counters.push((dev.clone(), server.stats(), server.fast_path_stats()));
-        spawn_server(format!("{}-proxy", dev.name), &dev_tx, None, move || {
+        spawn_server(format!("{}-proxy", dev.name), &dev_tx, None, move |_| {
             server.run()
         });
     }
@@ -455,17 +463,20 @@ pub fn run_qemu_with(
         spawn_server(
             "iommu-proxy".into(),
             &dev_tx,
-            Some(&iommu_fifo),
-            move || server.run(),
+            Some((&iommu_fifo, crate::sched::SMMU_SERVER_SPIN_US)),
+            move |budget| server.with_poll_budget(budget).run(),
         );
     }
     let mut zpci_counters = None;
     if let Some((sock, model, _)) = zpci {
         let server = ZpciServer::new(sock, model);
         zpci_counters = Some(server.stats());
-        spawn_server("zpci-proxy".into(), &dev_tx, Some(&iommu_fifo), move || {
-            server.run()
-        });
+        spawn_server(
+            "zpci-proxy".into(),
+            &dev_tx,
+            Some((&iommu_fifo, crate::sched::ZPCI_SERVER_SPIN_US)),
+            move |budget| server.with_poll_budget(budget).run(),
+        );
     }
     drop(dev_tx);
 
@@ -589,6 +600,8 @@ pub fn run_qemu_with(
             line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
             msis: irq.stats().msi_seen.load(Ordering::Relaxed),
             server_fifo: iommu_fifo.load(Ordering::Relaxed),
+            poll_caught: s.poll.caught.load(Ordering::Relaxed),
+            polls_expired: s.poll.expired.load(Ordering::Relaxed),
         }),
         zpci: zpci_counters.map(|s| ZpciTraffic {
             server_fifo: iommu_fifo.load(Ordering::Relaxed),
@@ -604,6 +617,8 @@ pub fn run_qemu_with(
                 resamples: s.resamples.load(Ordering::Relaxed),
                 ioeventfds: f.ioeventfds.load(Ordering::Relaxed),
                 doorbell_wakeups: f.doorbell_wakeups.load(Ordering::Relaxed),
+                doorbell_spin_catches: f.doorbell_spin_catches.load(Ordering::Relaxed),
+                doorbell_spins_expired: f.doorbell_spins_expired.load(Ordering::Relaxed),
                 doorbell_fifo: f.fifo_threads.load(Ordering::Relaxed) > 0,
                 msix_vectors: f.msix_fds.load(Ordering::Relaxed),
                 msix_signals: f.msix_signals.load(Ordering::Relaxed),
@@ -614,24 +629,28 @@ pub fn run_qemu_with(
 }
 
 /// Runs one channel's server on a thread named `name`, its result sent to `done`. With `fifo`
-/// (an IOMMU's server, whose answers the guest busy-polls for) the thread first tries
-/// SCHED_FIFO ([`crate::sched::iommu_server_fifo`]) and records whether it got it there.
+/// (an IOMMU's server, whose answers the guest busy-polls for: where to record whether it got
+/// SCHED_FIFO, and its default poll budget in µs) the thread first tries SCHED_FIFO
+/// ([`crate::sched::iommu_server_fifo`]); `run` gets the poll budget for the next message,
+/// which only a SCHED_FIFO thread has ([`crate::sched::iommu_server_spin`]).
 fn spawn_server(
     name: String,
     done: &mpsc::Sender<Result<(), ServeError>>,
-    fifo: Option<&Arc<AtomicBool>>,
-    run: impl FnOnce() -> Result<(), ServeError> + Send + 'static,
+    fifo: Option<(&Arc<AtomicBool>, u32)>,
+    run: impl FnOnce(std::time::Duration) -> Result<(), ServeError> + Send + 'static,
 ) {
     let done = done.clone();
-    let fifo = fifo.cloned();
+    let fifo = fifo.map(|(got, poll_us)| (got.clone(), poll_us));
     let _ = std::thread::Builder::new().name(name).spawn(move || {
-        if let Some(got) = fifo
+        let mut budget = std::time::Duration::ZERO;
+        if let Some((got, poll_us)) = fifo
             && crate::sched::iommu_server_fifo()
             && crate::sched::raise_to_fifo()
         {
             got.store(true, Ordering::Relaxed);
+            budget = crate::sched::iommu_server_spin(poll_us);
         }
-        let _ = done.send(run());
+        let _ = done.send(run(budget));
     });
 }
 

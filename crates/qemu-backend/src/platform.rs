@@ -99,6 +99,8 @@ pub struct PlatformStats {
     pub irqfds_ignored: AtomicU64,
     /// DEVICE_RESETs executed.
     pub resets: AtomicU64,
+    /// Polling for the next message ([`PlatformServer::with_poll_budget`]).
+    pub poll: Arc<crate::channel::PollCounters>,
 }
 
 /// Counters of a [`PlatformInterrupts`].
@@ -306,6 +308,15 @@ impl PlatformServer {
     /// Shared counters.
     pub fn stats(&self) -> Arc<PlatformStats> {
         self.stats.clone()
+    }
+
+    /// Polls for the next message for `budget` after each one before blocking
+    /// ([`crate::channel::Channel::set_poll_budget`]).
+    #[must_use]
+    pub fn with_poll_budget(mut self, budget: std::time::Duration) -> Self {
+        self.channel
+            .set_poll_budget(budget, self.stats.poll.clone());
+        self
     }
 
     /// Handles messages until QEMU closes the connection.

@@ -201,7 +201,7 @@ impl DeviceServer {
             list.clone(),
             self.stop.clone(),
             self.fast.clone(),
-            plan.fifo,
+            plan,
         ) {
             Ok(t) => {
                 self.doorbell_thread = Some(t);

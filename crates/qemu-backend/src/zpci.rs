@@ -62,6 +62,8 @@ pub struct ZpciStats {
     pub error_events: AtomicU64,
     /// Error events the model dropped for lack of room.
     pub error_events_dropped: AtomicU64,
+    /// Polling for the next instruction ([`ZpciServer::with_poll_budget`]).
+    pub poll: Arc<crate::channel::PollCounters>,
 }
 
 /// A snapshot of [`ZpciStats`].
@@ -89,6 +91,10 @@ pub struct ZpciTraffic {
     pub server_fifo: bool,
     /// How long QEMU polled for each answer before sleeping, µs (set by the launcher).
     pub answer_poll_us: Option<u32>,
+    /// Instructions that arrived while the server thread polled (no wake-up).
+    pub poll_caught: u64,
+    /// Polls that ended without an instruction.
+    pub polls_expired: u64,
 }
 
 impl ZpciStats {
@@ -107,6 +113,8 @@ impl ZpciStats {
             error_events_dropped: g(&self.error_events_dropped),
             server_fifo: false,
             answer_poll_us: None,
+            poll_caught: g(&self.poll.caught),
+            polls_expired: g(&self.poll.expired),
         }
     }
 }
@@ -149,6 +157,15 @@ impl ZpciServer {
     /// The counters, shared with the caller.
     pub fn stats(&self) -> Arc<ZpciStats> {
         self.stats.clone()
+    }
+
+    /// Polls for the next instruction for `budget` after each one before blocking
+    /// ([`crate::channel::Channel::set_poll_budget`]).
+    #[must_use]
+    pub fn with_poll_budget(mut self, budget: std::time::Duration) -> Self {
+        self.channel
+            .set_poll_budget(budget, self.stats.poll.clone());
+        self
     }
 
     /// Handles messages until QEMU closes the connection.

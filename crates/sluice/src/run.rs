@@ -436,6 +436,16 @@ impl RunSpec {
     }
 }
 
+/// `, N found while polling, M polls expired` for a server thread that polled for its next
+/// message, nothing for one that never did.
+fn polled(caught: u64, expired: u64) -> String {
+    if caught == 0 && expired == 0 {
+        String::new()
+    } else {
+        format!(", {caught} found while polling, {expired} polls expired")
+    }
+}
+
 /// Boots the guest described by `spec`, verifies it, writes the report.
 pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     spec.check()?;
@@ -662,12 +672,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     for t in traffic.iter().filter(|_| !spec.quiet) {
         println!(
             "device proxy:   {}: {} BAR + {} config round trips, {} doorbells as ioeventfds \
-             ({} wake-ups{}), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
+             ({} served, {} of them while polling, {} polls expired{}), {} MSI-X vectors ({} \
+             signalled), {} INTx raised, {} resamples",
             t.name,
             t.bar_accesses,
             t.config_accesses,
             t.ioeventfds,
             t.doorbell_wakeups,
+            t.doorbell_spin_catches,
+            t.doorbell_spins_expired,
             if t.doorbell_fifo { ", SCHED_FIFO" } else { "" },
             t.msix_vectors,
             t.msix_signals,
@@ -678,7 +691,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     if let Some(t) = platform.filter(|_| !spec.quiet) {
         println!(
             "iommu proxy:    {} register accesses over the socket ({} posted, {} refused), {} \
-             wired interrupts, {} MSI writes in guest memory{}",
+             wired interrupts, {} MSI writes in guest memory{}{}",
             t.register_accesses,
             t.posted_writes,
             t.refused_accesses,
@@ -688,14 +701,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
                 ", server SCHED_FIFO"
             } else {
                 ""
-            }
+            },
+            polled(t.poll_caught, t.polls_expired)
         );
     }
     if let Some(t) = zpci.filter(|_| !spec.quiet) {
         println!(
             "zpci proxy:     {} MPCIFC, {} RPCIT ({} busy, resumed), {} refused, {} enable/disable, \
              {} configure/deconfigure ({} the model refused), {} error events to the guest \
-             ({} dropped){}{}",
+             ({} dropped){}{}{}",
             t.mpcifc,
             t.rpcit,
             t.rpcit_busy,
@@ -712,7 +726,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             },
             t.answer_poll_us
                 .map(|us| format!(", QEMU polls {us} µs for each answer"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            polled(t.poll_caught, t.polls_expired)
         );
     }
     if kept.unfinished && !spec.quiet {
@@ -750,6 +765,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "line_interrupts": t.line_interrupts,
             "msis": t.msis,
             "server_fifo": t.server_fifo,
+            "poll_caught": t.poll_caught,
+            "polls_expired": t.polls_expired,
         })),
         "zpci_proxy": zpci.map(|t| serde_json::json!({
             "mpcifc": t.mpcifc,
@@ -763,6 +780,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "error_events_dropped": t.error_events_dropped,
             "server_fifo": t.server_fifo,
             "answer_poll_us": t.answer_poll_us,
+            "poll_caught": t.poll_caught,
+            "polls_expired": t.polls_expired,
         })),
         // What the report's console-derived fields were computed from.
         "console": {
