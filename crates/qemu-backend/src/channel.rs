@@ -5,11 +5,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::poll::{PollCounters, poll_briefly};
 use crate::protocol::{self, HEADER_LEN, Header, MAX_FDS, ProtocolError, Request};
 
 /// Receiving a message failed.
@@ -42,15 +42,6 @@ pub struct Channel {
     poll_counters: Arc<PollCounters>,
     /// A message came: the next wait starts by polling.
     busy: bool,
-}
-
-/// What polling for the next message did ([`Channel::set_poll_budget`]).
-#[derive(Debug, Default)]
-pub struct PollCounters {
-    /// Messages that arrived while the thread polled: no wake-up.
-    pub caught: AtomicU64,
-    /// Polls that ended without a message (the thread then blocked).
-    pub expired: AtomicU64,
 }
 
 /// Room for MAX_FDS descriptors plus headers, 8-byte aligned as cmsg requires.
@@ -129,31 +120,19 @@ impl Channel {
         self.poll_counters = counters;
     }
 
-    /// Polls (without sleeping) until the socket has something to read or the budget since
-    /// the last message passes.
+    /// Polls (without sleeping) until the socket has something to read, or is closed or
+    /// failed (the blocking read then sees which), or the budget since the last message
+    /// passes.
     fn poll_for_next(&mut self) {
         if self.poll_budget.is_zero() || !std::mem::take(&mut self.busy) {
             return;
         }
-        let deadline = Instant::now() + self.poll_budget;
-        loop {
-            let mut pfd = libc::pollfd {
-                fd: self.sock.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one live pollfd, no timeout.
-            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
-                // Readable, or closed or failed: the blocking read sees which.
-                self.poll_counters.caught.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            if Instant::now() >= deadline {
-                self.poll_counters.expired.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            std::hint::spin_loop();
-        }
+        let mut pfd = [libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        poll_briefly(&mut pfd, self.poll_budget, &self.poll_counters);
     }
 
     /// Receives one request. `Ok(None)` means the peer closed the connection between messages.
@@ -256,6 +235,7 @@ impl Channel {
 mod tests {
     use super::*;
     use crate::protocol::{Command, encode_message};
+    use std::sync::atomic::Ordering;
 
     /// The first message is waited for by blocking; one sent while the channel polls after
     /// the previous one is counted as caught; a poll that sees nothing ends at its budget and

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sluice_pci::{Doorbell, PciFunction, VectorRelay};
 use vmm_sys_util::eventfd::EventFd;
@@ -117,10 +117,8 @@ pub struct FastPathStats {
     pub msix_signals: AtomicU64,
     /// Doorbell threads that run SCHED_FIFO.
     pub fifo_threads: AtomicU64,
-    /// Doorbells a doorbell thread found while it polled after serving one, without a wake-up.
-    pub doorbell_spin_catches: AtomicU64,
-    /// Polls after a doorbell that ended without another one (the thread slept again).
-    pub doorbell_spins_expired: AtomicU64,
+    /// The doorbell thread's polls after a doorbell ([`crate::poll`]).
+    pub poll: crate::poll::PollCounters,
 }
 
 /// One doorbell absorbed by QEMU: what to replay, and the eventfd QEMU signals.
@@ -219,42 +217,28 @@ impl ServedDoorbells<'_> {
                 revents: 0,
             })
             .collect();
-        let mut spin_until: Option<Instant> = None;
+        // A doorbell was served: look for the next one by polling before sleeping.
+        let mut polling = false;
         while !stop.load(Ordering::Acquire) {
-            let spinning = match spin_until {
-                Some(t) if Instant::now() < t => true,
-                Some(_) => {
-                    spin_until = None;
-                    self.stats
-                        .doorbell_spins_expired
-                        .fetch_add(1, Ordering::Relaxed);
-                    false
+            let ready = std::mem::take(&mut polling)
+                && crate::poll::poll_briefly(&mut pfds, spin, &self.stats.poll);
+            if !ready {
+                // SAFETY: `pfds` is a live array of pollfds of the stated length.
+                let n = unsafe {
+                    libc::poll(
+                        pfds.as_mut_ptr(),
+                        pfds.len() as libc::nfds_t,
+                        POLL.as_millis() as i32,
+                    )
+                };
+                if n <= 0 {
+                    continue; // timeout (look at `stop`) or EINTR
                 }
-                None => false,
-            };
-            let timeout = if spinning { 0 } else { POLL.as_millis() as i32 };
-            // SAFETY: `pfds` is a live array of pollfds of the stated length.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
-            if n <= 0 {
-                if spinning {
-                    std::hint::spin_loop();
-                }
-                continue; // timeout (look at `stop`) or EINTR
             }
             if pfds.last().is_some_and(|q| q.revents != 0) {
                 return;
             }
-            let served = self.replay_ready(&mut pfds);
-            if served > 0 {
-                if spinning {
-                    self.stats
-                        .doorbell_spin_catches
-                        .fetch_add(served, Ordering::Relaxed);
-                }
-                if !spin.is_zero() {
-                    spin_until = Some(Instant::now() + spin);
-                }
-            }
+            polling = self.replay_ready(&mut pfds) > 0 && !spin.is_zero();
         }
     }
 
@@ -342,6 +326,7 @@ impl VectorRelay for MsixEventfds {
 mod tests {
     use super::*;
     use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::time::Instant;
 
     fn owned(fd: &EventFd) -> OwnedFd {
         let dup = fd.try_clone().unwrap();
@@ -421,7 +406,8 @@ mod tests {
     /// its queue-notify write, and `quit` ends the thread.
     #[test]
     fn a_doorbell_rung_within_the_poll_budget_is_caught_while_polling() {
-        for (spin, caught) in [(Duration::from_secs(5), 1), (Duration::ZERO, 0)] {
+        // With a budget the second doorbell and then the quit are found while polling.
+        for (spin, caught) in [(Duration::from_secs(5), 2), (Duration::ZERO, 0)] {
             let function = Recorder::default();
             let doorbells = vec![AbsorbedDoorbell {
                 doorbell: Doorbell {
@@ -454,7 +440,7 @@ mod tests {
                 quit.write(1).unwrap();
                 t.join().unwrap();
             });
-            assert_eq!(stats.doorbell_spin_catches.load(Ordering::Relaxed), caught);
+            assert_eq!(stats.poll.caught.load(Ordering::Relaxed), caught);
             let writes = function.0.lock().unwrap();
             assert_eq!(*writes, vec![(4, 0x3004, vec![1, 0]); 2]);
         }

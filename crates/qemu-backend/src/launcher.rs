@@ -315,10 +315,10 @@ pub struct DeviceTraffic {
     pub ioeventfds: u64,
     /// Doorbell eventfd signals served (no round trip).
     pub doorbell_wakeups: u64,
-    /// Of those, the ones the doorbell thread found while it polled (no wake-up either).
-    pub doorbell_spin_catches: u64,
-    /// Polls after a doorbell that ended without one.
-    pub doorbell_spins_expired: u64,
+    /// The doorbell thread's polls after a doorbell that found the next one (no wake-up).
+    pub poll_caught: u64,
+    /// Its polls that ended without one.
+    pub polls_expired: u64,
     /// Whether its doorbell thread runs SCHED_FIFO.
     pub doorbell_fifo: bool,
     /// MSI-X vectors QEMU emulates for it (eventfds received).
@@ -617,8 +617,8 @@ pub fn run_qemu_with(
                 resamples: s.resamples.load(Ordering::Relaxed),
                 ioeventfds: f.ioeventfds.load(Ordering::Relaxed),
                 doorbell_wakeups: f.doorbell_wakeups.load(Ordering::Relaxed),
-                doorbell_spin_catches: f.doorbell_spin_catches.load(Ordering::Relaxed),
-                doorbell_spins_expired: f.doorbell_spins_expired.load(Ordering::Relaxed),
+                poll_caught: f.poll.caught.load(Ordering::Relaxed),
+                polls_expired: f.poll.expired.load(Ordering::Relaxed),
                 doorbell_fifo: f.fifo_threads.load(Ordering::Relaxed) > 0,
                 msix_vectors: f.msix_fds.load(Ordering::Relaxed),
                 msix_signals: f.msix_signals.load(Ordering::Relaxed),

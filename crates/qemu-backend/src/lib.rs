@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod launcher;
 pub mod memory;
 pub mod platform;
+pub mod poll;
 pub mod protocol;
 pub mod sched;
 pub mod server;

@@ -100,7 +100,7 @@ pub struct PlatformStats {
     /// DEVICE_RESETs executed.
     pub resets: AtomicU64,
     /// Polling for the next message ([`PlatformServer::with_poll_budget`]).
-    pub poll: Arc<crate::channel::PollCounters>,
+    pub poll: Arc<crate::poll::PollCounters>,
 }
 
 /// Counters of a [`PlatformInterrupts`].

@@ -63,7 +63,7 @@ pub struct ZpciStats {
     /// Error events the model dropped for lack of room.
     pub error_events_dropped: AtomicU64,
     /// Polling for the next instruction ([`ZpciServer::with_poll_budget`]).
-    pub poll: Arc<crate::channel::PollCounters>,
+    pub poll: Arc<crate::poll::PollCounters>,
 }
 
 /// A snapshot of [`ZpciStats`].

@@ -672,15 +672,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     for t in traffic.iter().filter(|_| !spec.quiet) {
         println!(
             "device proxy:   {}: {} BAR + {} config round trips, {} doorbells as ioeventfds \
-             ({} served, {} of them while polling, {} polls expired{}), {} MSI-X vectors ({} \
-             signalled), {} INTx raised, {} resamples",
+             ({} served{}{}), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
             t.name,
             t.bar_accesses,
             t.config_accesses,
             t.ioeventfds,
             t.doorbell_wakeups,
-            t.doorbell_spin_catches,
-            t.doorbell_spins_expired,
+            polled(t.poll_caught, t.polls_expired),
             if t.doorbell_fifo { ", SCHED_FIFO" } else { "" },
             t.msix_vectors,
             t.msix_signals,
