@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_host::machine::{BackendKind, MachineSpec};
 use sluice_inject::{Firing, Injector, Plan, PluginServer, PointRegistry, SymbolMap};
 
 const SYMBOL: &str = "iommu_subsys_init";
@@ -56,8 +57,11 @@ fn boot(qemu: &Path, kernel: &str, initrd: &str, extra: &[String]) -> Boot {
             initrd,
         ])
         .args([
-            "-append",
-            "console=ttyS0 nokaslr panic=-1 i8042.nokbd i8042.noaux tsc=unstable sluice.workload=none sluice.load=none",
+            "-append".to_string(),
+            format!(
+                "{} sluice.workload=none sluice.load=none",
+                MachineSpec::x86_q35().base_cmdline(BackendKind::Qemu)
+            ),
         ])
         .args(extra)
         .stdin(Stdio::null())

@@ -109,8 +109,9 @@ pub fn proxy_msix_vectors(qemu: &Path, msi_untranslated: bool, iommu: bool) -> u
 pub struct FastPathStats {
     /// Doorbells handed to QEMU as ioeventfds.
     pub ioeventfds: AtomicU64,
-    /// Doorbells served from an eventfd (one wake-up may stand for several writes).
-    pub doorbell_wakeups: AtomicU64,
+    /// Doorbell eventfd reads that replayed a queue notify (one read may stand for several
+    /// guest writes).
+    pub doorbells_served: AtomicU64,
     /// MSI-X vector eventfds QEMU handed over.
     pub msix_fds: AtomicU64,
     /// Vectors signalled through them.
@@ -248,7 +249,7 @@ impl ServedDoorbells<'_> {
         for (p, d) in pfds.iter_mut().zip(self.doorbells) {
             if p.revents & libc::POLLIN != 0 && d.fd.read().is_ok() {
                 served += 1;
-                self.stats.doorbell_wakeups.fetch_add(1, Ordering::Relaxed);
+                self.stats.doorbells_served.fetch_add(1, Ordering::Relaxed);
                 let value = d.doorbell.value.to_le_bytes();
                 let len = usize::from(d.doorbell.size).min(value.len());
                 self.function.bar_write(
@@ -434,7 +435,7 @@ mod tests {
                 for n in 1..=2 {
                     ring.write(1).unwrap();
                     wait_until("doorbell never served", || {
-                        stats.doorbell_wakeups.load(Ordering::Relaxed) == n
+                        stats.doorbells_served.load(Ordering::Relaxed) == n
                     });
                 }
                 quit.write(1).unwrap();

@@ -314,7 +314,7 @@ pub struct DeviceTraffic {
     /// Doorbells QEMU absorbed as ioeventfds.
     pub ioeventfds: u64,
     /// Doorbell eventfd signals served (no round trip).
-    pub doorbell_wakeups: u64,
+    pub doorbells_served: u64,
     /// The doorbell thread's polls after a doorbell that found the next one (no wake-up).
     pub poll_caught: u64,
     /// Its polls that ended without one.
@@ -616,7 +616,7 @@ pub fn run_qemu_with(
                 bar_accesses: s.bar_accesses.load(Ordering::Relaxed),
                 resamples: s.resamples.load(Ordering::Relaxed),
                 ioeventfds: f.ioeventfds.load(Ordering::Relaxed),
-                doorbell_wakeups: f.doorbell_wakeups.load(Ordering::Relaxed),
+                doorbells_served: f.doorbells_served.load(Ordering::Relaxed),
                 poll_caught: f.poll.caught.load(Ordering::Relaxed),
                 polls_expired: f.poll.expired.load(Ordering::Relaxed),
                 doorbell_fifo: f.fifo_threads.load(Ordering::Relaxed) > 0,

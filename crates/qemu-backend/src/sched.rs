@@ -29,14 +29,22 @@ pub struct DoorbellPlan {
 /// ~20 µs wake-up each. 100 and 400 µs measured worse (`docs/benchmarks.md`, "Polling after a
 /// doorbell").
 pub const DOORBELL_SPIN_US: u32 = 200;
-/// The most `SLUICE_PROXY_DOORBELL_SPIN_US` may ask for: a thread at SCHED_FIFO that polls
-/// longer holds a core the guest's own vCPU threads need.
-pub const MAX_DOORBELL_SPIN_US: u32 = 1000;
+/// The most `SLUICE_PROXY_DOORBELL_SPIN_US` or `SLUICE_PROXY_IOMMU_SPIN_US` may ask for: a
+/// thread at SCHED_FIFO that polls longer holds a core the guest's own vCPU threads need.
+pub const MAX_POLL_US: u32 = 1000;
+
+/// A poll budget in µs from a switch's `value`: a number, capped at [`MAX_POLL_US`];
+/// `default_us` when the switch is unset or not a number.
+fn poll_us(value: Option<&str>, default_us: u32) -> u32 {
+    value
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(default_us, |us| us.min(MAX_POLL_US))
+}
 
 /// The plan for a device of `kind`, from `SLUICE_PROXY_IOEVENTFD` (`off`: no device's doorbells
 /// are absorbed; `all`: every device's) and `SLUICE_PROXY_DOORBELL_SCHED` (`normal`: no
 /// SCHED_FIFO; `fifo`: every doorbell thread's) and `SLUICE_PROXY_DOORBELL_SPIN_US` (how long
-/// the thread polls after a doorbell, capped at [`MAX_DOORBELL_SPIN_US`]; only an absorbing
+/// the thread polls after a doorbell, capped at [`MAX_POLL_US`]; only an absorbing
 /// SCHED_FIFO thread polls).
 ///
 /// Default: a device whose guest driver busy-polls for the answer (virtio-iommu: Linux spins on
@@ -78,11 +86,7 @@ fn plan_from(
         Some("all") => true,
         _ => !busy_polled || (fifo && permitted()),
     };
-    let spin_us = match spin_us.and_then(|v| v.parse::<u32>().ok()) {
-        Some(us) => us.min(MAX_DOORBELL_SPIN_US),
-        None if busy_polled => DOORBELL_SPIN_US,
-        None => 0,
-    };
+    let spin_us = poll_us(spin_us, if busy_polled { DOORBELL_SPIN_US } else { 0 });
     DoorbellPlan {
         absorb,
         fifo,
@@ -106,12 +110,12 @@ pub fn iommu_server_fifo() -> bool {
 
 /// How long a SCHED_FIFO IOMMU server thread polls for QEMU's next message after one before
 /// it blocks: `default_us`, or `SLUICE_PROXY_IOMMU_SPIN_US` (µs, capped at
-/// [`MAX_DOORBELL_SPIN_US`]; 0: block at once).
+/// [`MAX_POLL_US`]; 0: block at once).
 pub fn iommu_server_spin(default_us: u32) -> std::time::Duration {
-    let us = std::env::var("SLUICE_PROXY_IOMMU_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .map_or(default_us, |us| us.min(MAX_DOORBELL_SPIN_US));
+    let us = poll_us(
+        std::env::var("SLUICE_PROXY_IOMMU_SPIN_US").ok().as_deref(),
+        default_us,
+    );
     std::time::Duration::from_micros(u64::from(us))
 }
 
@@ -250,7 +254,7 @@ mod tests {
         assert_eq!(spin("virtio-iommu", None, Some("0")), us(0));
         assert_eq!(
             spin("virtio-iommu", None, Some("99999")),
-            us(u64::from(MAX_DOORBELL_SPIN_US))
+            us(u64::from(MAX_POLL_US))
         );
         // garbage: the default
         assert_eq!(

@@ -634,7 +634,7 @@ mod tests {
                 assert_eq!(&buf[40..43], &[0, 2, 0]);
                 let fd = into_eventfd(fds.into_iter().next().unwrap());
                 fd.write(1).unwrap();
-                wait_for_count(&fast.doorbell_wakeups, "doorbell never served");
+                wait_for_count(&fast.doorbells_served, "doorbell never served");
             }
             let (_, fds) = ask_doorbells(&mut qemu, u64::MAX);
             assert!(fds.is_empty());

@@ -677,7 +677,7 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             t.bar_accesses,
             t.config_accesses,
             t.ioeventfds,
-            t.doorbell_wakeups,
+            t.doorbells_served,
             polled(t.poll_caught, t.polls_expired),
             if t.doorbell_fifo { ", SCHED_FIFO" } else { "" },
             t.msix_vectors,

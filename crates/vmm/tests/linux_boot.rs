@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_host::machine::MachineSpec;
+use sluice_host::machine::{BackendKind, MachineSpec};
 use sluice_host::{DeviceSet, DiskSpec, GuestExit, IommuChoice};
 use sluice_vmm::{KvmStatus, PVM_CPUID_MASK, Vmm, VmmConfig, kvm_status};
 
@@ -136,9 +136,14 @@ fn boot(b: &Boot<'_>, dir: &Path) -> Booted {
     }
 }
 
-// The x86 platform's pieces (MachineSpec::x86_q35, both backends) plus tsc=unstable.
-const CMDLINE: &str = "console=ttyS0 panic=-1 nokaslr i8042.nokbd i8042.noaux tsc=unstable \
-                       sluice.workload=disk sluice.seed=42";
+/// The x86 platform's pieces with tsc=unstable (MachineSpec::x86_q35 as the qemu backend
+/// boots it), and the disk workload.
+fn cmdline() -> String {
+    format!(
+        "{} sluice.workload=disk sluice.seed=42",
+        MachineSpec::x86_q35().base_cmdline(BackendKind::Qemu)
+    )
+}
 
 #[test]
 fn linux_boots_with_virtio_iommu_and_the_disk_workload() {
@@ -166,7 +171,7 @@ fn linux_boots_with_virtio_iommu_and_the_disk_workload() {
             kernel: &img.bzimage,
             initrd: &img.initrd,
             cpus: 2,
-            cmdline: CMDLINE,
+            cmdline: &cmdline(),
             timeout: Duration::from_secs(240),
             cpuid_mask: &[],
             elf_64bit: false,
@@ -258,7 +263,8 @@ fn pvm_opt_in_linux_progress() {
         .unwrap_or(900);
     // PVM's emulator lacks XRSTOR, CLAC/STAC, POPCNT, ... (guest-baseline README): hide them.
     let cmdline = format!(
-        "{CMDLINE} noxsave clearcpuid=smap,smep,popcnt,xsave,pku,fsgsbase,rdpid earlyprintk=serial,ttyS0,115200"
+        "{} noxsave clearcpuid=smap,smep,popcnt,xsave,pku,fsgsbase,rdpid earlyprintk=serial,ttyS0,115200",
+        cmdline()
     );
     let Booted {
         out,
