@@ -19,6 +19,13 @@
 #        each at the speeds seen here), DD4K (4 KiB blocks per 4k test, default 32768),
 #        CPUS (default 2), SLUICE (path to the sluice binary; built if unset), QEMU (binary),
 #        FORCE=1 (measure even if the machine is busy; see the load check below),
+#        VCPU_SCHED=fifo (the guest's vCPU threads at SCHED_FIFO priority 1 on both sides: Sluice's
+#        through SLUICE_VCPU_SCHED=fifo, with its answering threads one priority above;
+#        QEMU's in-process ones by chrt once they exist. A benchmark setting: with it no vCPU
+#        waits for a core behind a polling thread; docs/benchmarks.md),
+#        SCHED=1 (where the host's cores went: per test and thread, CPU time and run-queue wait,
+#        read at the guest's start and end markers by benches/sched-sampler.py; printed as
+#        "sched" lines per run and summed up per side, mode and test at the end),
 #        VARIANTS (A/B of Sluice configurations in the same run, alternating within each round:
 #        space-separated LABEL or LABEL:VAR=VALUE,VAR=VALUE; VAR is an environment variable for
 #        that sluice run, or PROXY_QEMU (the QEMU binary Sluice's side uses) or SLUICE_BIN (the
@@ -99,6 +106,29 @@ rm -f "$DISK"; truncate -s "${DISK_MIB}M" "$DISK"
 # MODE: none | lazy | strict. lazy is the 6.12 default (DMA-FQ); strict adds iommu.strict=1.
 iommu_cmdline() { [ "$1" = strict ] && echo "iommu.strict=1" || true; }
 
+SCHED_LOG=$WORK/sched.txt
+: > "$SCHED_LOG"
+sample_sched() { # PID CONSOLE "ROUND WHO MODE": with SCHED=1, sample PID's threads in the background
+    [ "${SCHED:-0}" = 1 ] || return 0
+    python3 "$ROOT/benches/sched-sampler.py" "$1" "$2" "$3" | tee -a "$SCHED_LOG" >&3 &
+}
+
+# VCPU_SCHED=fifo: Sluice raises its QEMU's vCPU threads itself; QEMU's own run gets the same
+# from raise_vcpus.
+[ "${VCPU_SCHED:-}" = fifo ] && export SLUICE_VCPU_SCHED=fifo
+raise_vcpus() { # PID "ROUND MODE": QEMU's vCPU threads (below PID) to SCHED_FIFO 1, once they exist
+    local tries=0 raised=0 t
+    while [ $tries -lt 100 ] && [ "$raised" -lt "$CPUS" ]; do
+        sleep 0.1; tries=$((tries + 1)); raised=0
+        for t in /proc/$(pgrep -P "$1" | head -1)/task/*; do
+            case "$(cat "$t/comm" 2>/dev/null)" in
+                "CPU "*/*) chrt -f -p 1 "${t##*/}" && raised=$((raised + 1)) ;;
+            esac
+        done
+    done
+    echo "round ${2%% *} qemu ${2#* } vcpu threads $raised SCHED_FIFO" >&3
+}
+
 VARIANTS=${VARIANTS:-sluice}
 variant_label() { echo "${1%%:*}"; }
 exec 3>&1   # the script's own stdout, for lines printed from inside pipelines
@@ -115,13 +145,18 @@ run_sluice() { # MODE VARIANT ROUND -> console on stdout
             esac
         done
     fi
+    rm -f "$WORK/sluice/serial.log"
     env "${envs[@]}" "$bin" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$qemu" \
         --cpus "$CPUS" "${iommu[@]}" --disk "$DISK" --workload bench \
         --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
-        --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 || true
+        --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 &
+    local pid=$!
+    sample_sched "$pid" "$WORK/sluice/serial.log" "$round $(variant_label "$spec") $mode"
+    wait "$pid" || true
+    wait   # the sampler, which ends with the run
     # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X, SCHED_FIFO threads) of
     # this run: every proxied device's, and the platform IOMMU's or zPCI channel's
-    sed -n "s/^\(device\|iommu\|zpci\) proxy: *\(.*\)/round $round $(variant_label "$spec") $mode \1 proxy \2/p" \
+    sed -n "s/^\(device proxy\|iommu proxy\|zpci proxy\|vcpu threads\): *\(.*\)/round $round $(variant_label "$spec") $mode \1 \2/p" \
         "$WORK/sluice.out" >&3
     cat "$WORK/sluice/serial.log"
 }
@@ -147,13 +182,21 @@ run_qemu() { # MODE
                 -device virtio-blk-pci,drive=d0,disable-legacy=on,iommu_platform=on,addr=0x3)
         fi
     fi
+    local round=$2
+    rm -f "$WORK/qemu.out"
     timeout 900 "$QEMU" -accel tcg,thread=multi -cpu max \
         "${machine[@]}" -smp "$CPUS" -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
-        -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+        -nodefaults -no-user-config -display none -serial stdio -no-reboot -name qemu,debug-threads=on \
         -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE sluice.ddmb=$(ddmb "$mode") $(iommu_cmdline "$mode")" \
         -drive "file=$DISK,if=none,id=d0,format=raw,cache=writeback,aio=threads" \
-        "${dev[@]}" 2>&1 || true
+        "${dev[@]}" > "$WORK/qemu.out" 2>&1 &
+    local pid=$!
+    [ "${VCPU_SCHED:-}" = fifo ] && raise_vcpus "$pid" "$round $mode" &
+    sample_sched "$pid" "$WORK/qemu.out" "$round qemu $mode"
+    wait "$pid" || true
+    wait   # the sampler, which ends with the run
+    cat "$WORK/qemu.out"
 }
 
 if [ "$ARCH" = s390x ]; then MODES=${MODES:-lazy strict}; else MODES=${MODES:-none lazy strict}; fi
@@ -180,7 +223,7 @@ for r in $(seq 1 "$ROUNDS"); do
         fi
         for side in "${sides[@]}"; do
             if [ "$side" = qemu ]; then
-                run_qemu "$mode" | record qemu "$mode" "$r"
+                run_qemu "$mode" "$r" | record qemu "$mode" "$r"
             else
                 run_sluice "$mode" "$side" "$r" | record "$(variant_label "$side")" "$mode" "$r"
             fi
@@ -249,3 +292,7 @@ for who in "${WHO[@]}"; do
         done
     fi
 done
+if [ "${SCHED:-0}" = 1 ]; then
+    echo
+    python3 "$ROOT/benches/sched-sampler.py" --summary "$SCHED_LOG"
+fi

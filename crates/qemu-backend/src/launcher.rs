@@ -232,6 +232,9 @@ fn qemu_args_with(
         "stdio",
         "-no-reboot",
     ]);
+    // QEMU names its threads ("CPU 0/TCG", "worker", ...) so a profile, `ps -L` or
+    // benches/sched-sampler.py can tell the vCPUs from the main loop.
+    push(&["-name", "sluice,debug-threads=on"]);
     push(&[
         "-kernel",
         &cfg.kernel.to_string_lossy(),
@@ -289,6 +292,8 @@ pub struct QemuRun {
     pub zpci: Option<ZpciTraffic>,
     /// What each proxied PCI device cost: socket round trips, and what took the fast paths.
     pub devices: Vec<DeviceTraffic>,
+    /// How many of QEMU's vCPU threads ran SCHED_FIFO (`SLUICE_VCPU_SCHED=fifo`).
+    pub vcpus_fifo: usize,
 }
 
 /// How the launcher serves the proxied devices.
@@ -435,6 +440,8 @@ pub fn run_qemu_with(
         .spawn()
         .map_err(LaunchError::Spawn)?;
     drop(theirs);
+    let mut vcpu_raiser = crate::sched::VcpuRaiser::requested(child.id(), cfg.cpus);
+    let mut vcpus_fifo = 0;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (dev_tx, dev_rx) = mpsc::channel::<Result<(), ServeError>>();
@@ -509,6 +516,11 @@ pub fn run_qemu_with(
             for msg in con_rx.try_iter().take(CONSOLE_QUEUE) {
                 seen.take(msg, &mut serial);
             }
+        }
+        if let Some(n) = vcpu_raiser.as_mut().and_then(|r| r.tick()) {
+            log::info!("{n} of {} vCPU threads SCHED_FIFO", cfg.cpus);
+            vcpus_fifo = n;
+            vcpu_raiser = None;
         }
         while let Ok(r) = dev_rx.try_recv() {
             if let Err(e) = r {
@@ -625,6 +637,7 @@ pub fn run_qemu_with(
                 intx_raised: dev.intx.raised(),
             })
             .collect(),
+        vcpus_fifo,
     })
 }
 
@@ -722,6 +735,8 @@ mod tests {
                 "-serial",
                 "stdio",
                 "-no-reboot",
+                "-name",
+                "sluice,debug-threads=on",
                 "-kernel",
                 "/k",
                 "-initrd",

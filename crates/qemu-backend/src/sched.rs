@@ -4,8 +4,16 @@
 //! every MAP/UNMAP, its SMMUv3 driver on each CMD_SYNC's completion, and a forwarded zPCI RPCIT
 //! holds its vCPU in QEMU. The thread that answers must then get a core while a vCPU thread
 //! spins on one; on a host with no core to spare a SCHED_OTHER thread waits behind the spinner.
-//! These threads run SCHED_FIFO at priority 1 where the process may (they block between
-//! requests), and the paths that need it fall back where it may not (`docs/backends.md`).
+//! These threads run SCHED_FIFO at priority [`SERVER_PRIORITY`] where the process may (they
+//! block between requests), and the paths that need it fall back where it may not
+//! (`docs/backends.md`).
+//!
+//! A real-time thread that polls after an answer holds its core, and a vCPU thread that lands
+//! there waits for it: on a 2-core host the vCPU waited for a core 53–62 % of a 4k disk test
+//! behind the polling virtio-iommu doorbell thread (`benches/guest-io.sh` `SCHED=1`). With
+//! `SLUICE_VCPU_SCHED=fifo` QEMU's vCPU threads run SCHED_FIFO too, one priority below these
+//! threads, so neither waits for the other ([`VcpuRaiser`]; a benchmark setting, off by default:
+//! a guest that spins then holds its core against every ordinary host thread).
 
 use std::path::Path;
 
@@ -15,7 +23,7 @@ use std::path::Path;
 pub struct DoorbellPlan {
     /// QEMU signals an eventfd and the vCPU returns at once.
     pub absorb: bool,
-    /// The doorbell thread runs SCHED_FIFO (lowest real-time priority).
+    /// The doorbell thread runs SCHED_FIFO ([`SERVER_PRIORITY`]).
     pub fifo: bool,
     /// How long a SCHED_FIFO doorbell thread keeps polling after serving a doorbell before it
     /// sleeps again (zero: at once).
@@ -156,7 +164,7 @@ fn machine_has_property(qemu: &Path, machine: &str, property: &str) -> bool {
 }
 
 /// Whether this process may make a thread SCHED_FIFO (CAP_SYS_NICE, or an RLIMIT_RTPRIO of at
-/// least 1), tried once on a short-lived thread.
+/// least [`SERVER_PRIORITY`]), tried once on a short-lived thread.
 pub fn fifo_permitted() -> bool {
     static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PERMITTED.get_or_init(|| {
@@ -178,8 +186,8 @@ pub fn fifo_permitted() -> bool {
     })
 }
 
-/// Makes the calling thread SCHED_FIFO at the lowest real-time priority; without the
-/// privilege it stays as it was (logged) and the answer is false.
+/// Makes the calling thread SCHED_FIFO at [`SERVER_PRIORITY`]; without the privilege it stays
+/// as it was (logged) and the answer is false.
 pub(crate) fn raise_to_fifo() -> bool {
     set_fifo()
         .map_err(|e| {
@@ -191,20 +199,124 @@ pub(crate) fn raise_to_fifo() -> bool {
         .is_ok()
 }
 
-/// The calling thread to SCHED_FIFO, priority 1.
+/// The SCHED_FIFO priority of Sluice's answering threads: above the guest's vCPU threads when
+/// those run SCHED_FIFO ([`VCPU_PRIORITY`]), so a vCPU that spins for an answer never holds the
+/// core its answer needs.
+pub const SERVER_PRIORITY: i32 = 2;
+/// The SCHED_FIFO priority of QEMU's vCPU threads with `SLUICE_VCPU_SCHED=fifo`.
+pub const VCPU_PRIORITY: i32 = 1;
+
+/// The calling thread to SCHED_FIFO at [`SERVER_PRIORITY`].
 fn set_fifo() -> std::io::Result<()> {
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
-    match unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } {
+    set_fifo_of(0, SERVER_PRIORITY)
+}
+
+/// Thread `tid` (0: the calling thread) to SCHED_FIFO at `priority`.
+fn set_fifo_of(tid: libc::pid_t, priority: i32) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param for the call; a stale `tid` only fails (ESRCH).
+    match unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) } {
         0 => Ok(()),
         _ => Err(std::io::Error::last_os_error()),
     }
+}
+
+/// Whether `SLUICE_VCPU_SCHED=fifo` asks for QEMU's vCPU threads at SCHED_FIFO.
+pub fn vcpu_fifo_requested() -> bool {
+    std::env::var("SLUICE_VCPU_SCHED").is_ok_and(|v| v == "fifo")
+}
+
+/// How long the launcher looks for QEMU's vCPU threads before it gives up (they exist before
+/// the guest's first instruction; a QEMU that takes this long has other problems).
+const VCPU_SEARCH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Raises QEMU's vCPU threads (named `CPU n/TCG` or `CPU n/KVM`: the launcher passes
+/// `-name ...,debug-threads=on`) to SCHED_FIFO at [`VCPU_PRIORITY`] once they exist; the
+/// launcher calls [`VcpuRaiser::tick`] from its supervision loop.
+pub(crate) struct VcpuRaiser {
+    pid: u32,
+    want: usize,
+    raised: Vec<libc::pid_t>,
+    give_up: std::time::Instant,
+}
+
+impl VcpuRaiser {
+    /// A raiser for QEMU process `pid` with `cpus` vCPUs, when `SLUICE_VCPU_SCHED=fifo` asks for
+    /// it and this process may use SCHED_FIFO (logged when it may not).
+    pub(crate) fn requested(pid: u32, cpus: u32) -> Option<Self> {
+        if !vcpu_fifo_requested() {
+            return None;
+        }
+        if !fifo_permitted() {
+            log::warn!("SLUICE_VCPU_SCHED=fifo: this process may not use SCHED_FIFO");
+            return None;
+        }
+        Some(VcpuRaiser {
+            pid,
+            want: usize::try_from(cpus).unwrap_or(usize::MAX),
+            raised: Vec::new(),
+            give_up: std::time::Instant::now() + VCPU_SEARCH,
+        })
+    }
+
+    /// Raises the vCPU threads found so far; the number raised once all are (or the search
+    /// gave up), `None` while it goes on.
+    pub(crate) fn tick(&mut self) -> Option<usize> {
+        for tid in vcpu_threads(self.pid) {
+            if self.raised.contains(&tid) {
+                continue;
+            }
+            match set_fifo_of(tid, VCPU_PRIORITY) {
+                Ok(()) => self.raised.push(tid),
+                Err(e) => log::warn!("vCPU thread {tid} stays SCHED_OTHER: {e}"),
+            }
+        }
+        let done = self.raised.len() >= self.want || std::time::Instant::now() > self.give_up;
+        done.then_some(self.raised.len())
+    }
+}
+
+/// The thread IDs of process `pid` whose name is a QEMU vCPU's (`CPU n/...`).
+fn vcpu_threads(pid: u32) -> Vec<libc::pid_t> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| is_vcpu_name(c.trim_end()))
+        })
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Whether a thread name is a QEMU vCPU's: `CPU <index>/<accelerator>`.
+fn is_vcpu_name(name: &str) -> bool {
+    name.strip_prefix("CPU ")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(index, accel)| {
+            !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) && !accel.is_empty()
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn vcpu_threads_are_known_by_qemus_names() {
+        assert!(is_vcpu_name("CPU 0/TCG"));
+        assert!(is_vcpu_name("CPU 12/KVM"));
+        assert!(!is_vcpu_name("CPU /TCG"));
+        assert!(!is_vcpu_name("CPU 0"));
+        assert!(!is_vcpu_name("qemu-system-x86"));
+        assert!(!is_vcpu_name("worker"));
+        // this test's own process has no such thread
+        assert!(vcpu_threads(std::process::id()).is_empty());
+    }
 
     #[test]
     fn busy_polled_devices_are_absorbed_only_with_a_fifo_thread() {

@@ -668,7 +668,11 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         platform,
         zpci,
         devices: traffic,
+        vcpus_fifo,
     } = sluice_qemu::run_qemu_with(&cfg, &devices, &proxy)?;
+    if vcpus_fifo > 0 && !spec.quiet {
+        println!("vcpu threads:   {vcpus_fifo} SCHED_FIFO (SLUICE_VCPU_SCHED=fifo)");
+    }
     for t in traffic.iter().filter(|_| !spec.quiet) {
         println!(
             "device proxy:   {}: {} BAR + {} config round trips, {} doorbells as ioeventfds \
