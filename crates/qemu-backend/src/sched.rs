@@ -239,6 +239,8 @@ pub(crate) struct VcpuRaiser {
     pid: u32,
     want: usize,
     raised: Vec<libc::pid_t>,
+    /// Threads that refused (logged once each).
+    refused: Vec<libc::pid_t>,
     give_up: std::time::Instant,
 }
 
@@ -253,24 +255,32 @@ impl VcpuRaiser {
             log::warn!("SLUICE_VCPU_SCHED=fifo: this process may not use SCHED_FIFO");
             return None;
         }
-        Some(VcpuRaiser {
+        Some(VcpuRaiser::new(pid, cpus))
+    }
+
+    fn new(pid: u32, cpus: u32) -> Self {
+        VcpuRaiser {
             pid,
             want: usize::try_from(cpus).unwrap_or(usize::MAX),
             raised: Vec::new(),
+            refused: Vec::new(),
             give_up: std::time::Instant::now() + VCPU_SEARCH,
-        })
+        }
     }
 
     /// Raises the vCPU threads found so far; the number raised once all are (or the search
     /// gave up), `None` while it goes on.
     pub(crate) fn tick(&mut self) -> Option<usize> {
         for tid in vcpu_threads(self.pid) {
-            if self.raised.contains(&tid) {
+            if self.raised.contains(&tid) || self.refused.contains(&tid) {
                 continue;
             }
             match set_fifo_of(tid, VCPU_PRIORITY) {
                 Ok(()) => self.raised.push(tid),
-                Err(e) => log::warn!("vCPU thread {tid} stays SCHED_OTHER: {e}"),
+                Err(e) => {
+                    log::warn!("vCPU thread {tid} stays SCHED_OTHER: {e}");
+                    self.refused.push(tid);
+                }
             }
         }
         let done = self.raised.len() >= self.want || std::time::Instant::now() > self.give_up;
@@ -314,8 +324,40 @@ mod tests {
         assert!(!is_vcpu_name("CPU 0"));
         assert!(!is_vcpu_name("qemu-system-x86"));
         assert!(!is_vcpu_name("worker"));
-        // this test's own process has no such thread
-        assert!(vcpu_threads(std::process::id()).is_empty());
+    }
+
+    /// A thread of this process named like a QEMU vCPU is found and raised to SCHED_FIFO
+    /// [`VCPU_PRIORITY`] (one test, so no other test's thread of that name can interfere).
+    #[test]
+    fn a_thread_named_like_a_vcpu_is_raised_to_fifo() {
+        let me = std::process::id();
+        assert!(vcpu_threads(me).is_empty());
+        if !fifo_permitted() {
+            println!("SKIPPED: this process may not use SCHED_FIFO");
+            return;
+        }
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+        let vcpu = std::thread::Builder::new()
+            .name("CPU 0/TCG".into())
+            .spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = end_rx.recv();
+            })
+            .unwrap();
+        let tid = tid_rx.recv().unwrap();
+        assert_eq!(vcpu_threads(me), vec![tid]);
+        let mut raiser = VcpuRaiser::new(me, 1);
+        assert_eq!(raiser.tick(), Some(1));
+        // SAFETY: `tid` is a live thread of this process (it waits on `end_rx`).
+        assert_eq!(unsafe { libc::sched_getscheduler(tid) }, libc::SCHED_FIFO);
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above; `param` is a valid out-parameter.
+        assert_eq!(unsafe { libc::sched_getparam(tid, &mut param) }, 0);
+        assert_eq!(param.sched_priority, VCPU_PRIORITY);
+        end_tx.send(()).unwrap();
+        vcpu.join().unwrap();
     }
 
     #[test]
