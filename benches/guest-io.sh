@@ -129,6 +129,12 @@ raise_vcpus() { # PID "ROUND MODE": QEMU's vCPU threads (below PID) to SCHED_FIF
     echo "round ${2%% *} qemu ${2#* } vcpu threads $raised SCHED_FIFO" >&3
 }
 
+await_run() { # PID CONSOLE "ROUND WHO MODE": waits for a backgrounded run, sampled with SCHED=1
+    sample_sched "$1" "$2" "$3"
+    wait "$1" || true
+    wait   # the sampler and raise_vcpus, which end with the run
+}
+
 VARIANTS=${VARIANTS:-sluice}
 variant_label() { echo "${1%%:*}"; }
 exec 3>&1   # the script's own stdout, for lines printed from inside pipelines
@@ -150,10 +156,7 @@ run_sluice() { # MODE VARIANT ROUND -> console on stdout
         --cpus "$CPUS" "${iommu[@]}" --disk "$DISK" --workload bench \
         --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
         --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 &
-    local pid=$!
-    sample_sched "$pid" "$WORK/sluice/serial.log" "$round $(variant_label "$spec") $mode"
-    wait "$pid" || true
-    wait   # the sampler, which ends with the run
+    await_run $! "$WORK/sluice/serial.log" "$round $(variant_label "$spec") $mode"
     # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X, SCHED_FIFO threads) of
     # this run: every proxied device's, and the platform IOMMU's or zPCI channel's
     sed -n "s/^\(device proxy\|iommu proxy\|zpci proxy\|vcpu threads\): *\(.*\)/round $round $(variant_label "$spec") $mode \1 \2/p" \
@@ -193,9 +196,7 @@ run_qemu() { # MODE
         "${dev[@]}" > "$WORK/qemu.out" 2>&1 &
     local pid=$!
     [ "${VCPU_SCHED:-}" = fifo ] && raise_vcpus "$pid" "$round $mode" &
-    sample_sched "$pid" "$WORK/qemu.out" "$round qemu $mode"
-    wait "$pid" || true
-    wait   # the sampler, which ends with the run
+    await_run "$pid" "$WORK/qemu.out" "$round qemu $mode"
     cat "$WORK/qemu.out"
 }
 
