@@ -38,7 +38,7 @@ pub const PROXY_MSIX_VECTORS: u16 = 8;
 const POLL: Duration = Duration::from_millis(100);
 
 /// Whether `SLUICE_PROXY_<name>` leaves the path on (anything but `off`).
-fn enabled(name: &str) -> bool {
+pub(crate) fn enabled(name: &str) -> bool {
     std::env::var(format!("SLUICE_PROXY_{name}")).map_or(true, |v| v != "off")
 }
 
@@ -116,6 +116,8 @@ pub struct FastPathStats {
     pub msix_fds: AtomicU64,
     /// Vectors signalled through them.
     pub msix_signals: AtomicU64,
+    /// Doorbells the device's own worker waits on (no doorbell thread replays them).
+    pub device_doorbells: AtomicU64,
     /// Doorbell threads that run SCHED_FIFO.
     pub fifo_threads: AtomicU64,
     /// The doorbell thread's polls after a doorbell ([`crate::poll`]).

@@ -326,6 +326,8 @@ pub struct DeviceTraffic {
     pub polls_expired: u64,
     /// Whether its doorbell thread runs SCHED_FIFO.
     pub doorbell_fifo: bool,
+    /// Whether the device's worker waits on the doorbell eventfds itself (no doorbell thread).
+    pub doorbells_in_worker: bool,
     /// MSI-X vectors QEMU emulates for it (eventfds received).
     pub msix_vectors: u64,
     /// Interrupts sent as MSI-X vector eventfds.
@@ -632,6 +634,7 @@ pub fn run_qemu_with(
                 poll_caught: f.poll.caught.load(Ordering::Relaxed),
                 polls_expired: f.poll.expired.load(Ordering::Relaxed),
                 doorbell_fifo: f.fifo_threads.load(Ordering::Relaxed) > 0,
+                doorbells_in_worker: f.device_doorbells.load(Ordering::Relaxed) > 0,
                 msix_vectors: f.msix_fds.load(Ordering::Relaxed),
                 msix_signals: f.msix_signals.load(Ordering::Relaxed),
                 intx_raised: dev.intx.raised(),

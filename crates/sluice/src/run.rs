@@ -676,12 +676,17 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     for t in traffic.iter().filter(|_| !spec.quiet) {
         println!(
             "device proxy:   {}: {} BAR + {} config round trips, {} doorbells as ioeventfds \
-             ({} served{}{}), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
+             ({} served{}{}{}), {} MSI-X vectors ({} signalled), {} INTx raised, {} resamples",
             t.name,
             t.bar_accesses,
             t.config_accesses,
             t.ioeventfds,
             t.doorbells_served,
+            if t.doorbells_in_worker {
+                " by the device's worker"
+            } else {
+                ""
+            },
             polled(t.poll_caught, t.polls_expired),
             if t.doorbell_fifo { ", SCHED_FIFO" } else { "" },
             t.msix_vectors,

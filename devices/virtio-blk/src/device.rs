@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use sluice_devapi::{Hooks, NoHooks, PointCtx};
 pub use sluice_virtio_pci::DeferState;
 use sluice_virtio_pci::{
     ActivateError, ActivationContext, DmaMemory, DmaView, RequestHandler, VirtioDevice,
-    VirtioInterrupt, next_messages, serve_requests,
+    VirtioInterrupt, WorkerWait, WorkerWake, serve_requests,
 };
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::Bytes;
@@ -44,13 +43,8 @@ pub struct BlockCounters {
     pub notifies: AtomicU64,
 }
 
-enum WorkerMsg {
-    Notify,
-    Stop,
-}
-
 struct Running {
-    tx: Sender<WorkerMsg>,
+    wake: Arc<WorkerWake>,
     handle: JoinHandle<()>,
 }
 
@@ -105,7 +99,7 @@ impl BlockDevice {
     fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             // The worker finishes the request in hand and exits; after join no DMA is in flight.
-            let _ = r.tx.send(WorkerMsg::Stop);
+            r.wake.stop();
             if r.handle.join().is_err() {
                 log::error!("virtio-blk {}: worker panicked", self.name);
             }
@@ -169,7 +163,9 @@ impl VirtioDevice for BlockDevice {
             .into_iter()
             .find(|(i, _)| *i == 0)
             .ok_or(ActivateError::BadQueue(0))?;
-        let (tx, rx) = mpsc::channel();
+        let wake = WorkerWake::new().map_err(ActivateError::Worker)?;
+        let wait =
+            WorkerWait::new(wake.clone(), ctx.queue_events).map_err(ActivateError::Worker)?;
         let worker = Worker {
             index,
             queue,
@@ -186,9 +182,9 @@ impl VirtioDevice for BlockDevice {
         };
         let handle = std::thread::Builder::new()
             .name(format!("{}-q0", self.name))
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.run(wait))
             .map_err(ActivateError::Worker)?;
-        self.running = Some(Running { tx, handle });
+        self.running = Some(Running { wake, handle });
         Ok(())
     }
 
@@ -198,8 +194,12 @@ impl VirtioDevice for BlockDevice {
             return;
         }
         if let Some(r) = &self.running {
-            let _ = r.tx.send(WorkerMsg::Notify);
+            r.wake.notify();
         }
+    }
+
+    fn waits_on_queue_events(&self) -> bool {
+        true
     }
 
     fn reset(&mut self) {
@@ -236,24 +236,29 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<WorkerMsg>) {
+    fn run(mut self, mut wait: WorkerWait) {
         // A deferred completion is due at `defer.due()`: wake then even without a doorbell.
         // Doorbells that arrived meanwhile are coalesced; one pass drains the ring anyway.
-        while let Some(messages) = next_messages(&rx, self.defer.due(), || WorkerMsg::Notify) {
-            if messages.iter().any(|m| matches!(m, WorkerMsg::Stop)) {
-                return;
+        let mut broken = false;
+        loop {
+            let due = if broken { None } else { self.defer.due() };
+            match wait.wait(due) {
+                Ok(Some(rung)) => {
+                    self.counters.notifies.fetch_add(rung, Ordering::Relaxed);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // Without a way to wait, the queue can only be dropped (reset ends us).
+                    log::error!("virtio-blk {}: cannot wait for doorbells: {e}", self.name);
+                    return;
+                }
             }
-            if !self.process_queue() {
+            if !broken && !self.process_queue() {
                 log::error!(
                     "virtio-blk {}: queue is broken; waiting for reset",
                     self.name
                 );
-                while let Ok(m) = rx.recv() {
-                    if matches!(m, WorkerMsg::Stop) {
-                        return;
-                    }
-                }
-                return;
+                broken = true;
             }
         }
     }

@@ -27,6 +27,7 @@ pub mod notify;
 pub mod request_queue;
 mod status;
 mod transport;
+pub mod worker_wait;
 
 use std::sync::Arc;
 
@@ -39,6 +40,7 @@ pub use notify::driver_wants_interrupt;
 pub use request_queue::{DeferState, RequestHandler, next_messages, serve_requests};
 pub use status::DeviceStatus;
 pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
+pub use worker_wait::{QueueEvent, WorkerWait, WorkerWake};
 
 /// Hook point names the transport announces (see `docs/injection.md`).
 pub mod points {
@@ -91,6 +93,10 @@ pub struct ActivationContext {
     pub interrupt: Arc<VirtioInterrupt>,
     /// The features the driver accepted.
     pub acked_features: u64,
+    /// Queue doorbells as eventfds, for a device that waits on them itself
+    /// ([`VirtioDevice::waits_on_queue_events`]); a doorbell signalled here is not also a
+    /// `queue_notify` call. Empty when the backend delivers every doorbell as `queue_notify`.
+    pub queue_events: Vec<QueueEvent>,
 }
 
 impl ActivationContext {
@@ -111,6 +117,7 @@ impl ActivationContext {
                 1,
             )),
             acked_features,
+            queue_events: Vec::new(),
         }
     }
 }
@@ -148,6 +155,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError>;
     /// The driver notified queue `queue`. Must not block.
     fn queue_notify(&self, queue: u16);
+    /// Whether the device's worker waits on its queues' doorbell eventfds itself
+    /// ([`ActivationContext::queue_events`]), sparing the backend a thread that turns each into
+    /// a `queue_notify` call and the wake-up between the two threads.
+    fn waits_on_queue_events(&self) -> bool {
+        false
+    }
     /// Stops the device and drops its queues; on return no DMA is in flight.
     fn reset(&mut self);
     /// Per-device counters for reports, as (name, value) pairs.

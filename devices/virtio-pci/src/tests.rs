@@ -1,9 +1,9 @@
 //! Transport tests driven the way Linux's virtio_pci_modern drives a device.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sluice_devapi::{Bdf, NoHooks, RecordedInterrupt, RecordingInterrupts};
+use sluice_devapi::{Bdf, Hooks, NoHooks, RecordedInterrupt, RecordingHooks, RecordingInterrupts};
 use sluice_pci::PciFunction;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -16,6 +16,10 @@ struct Probe {
     activated: Mutex<Option<(u64, Vec<u16>)>>,
     notified: AtomicU32,
     resets: AtomicU32,
+    /// Whether the device waits on its doorbell eventfds itself.
+    waits: AtomicBool,
+    /// The doorbell eventfds of the last activation.
+    queue_events: Mutex<Vec<QueueEvent>>,
 }
 
 struct Dummy(Arc<Probe>, Option<Arc<VirtioInterrupt>>);
@@ -45,7 +49,11 @@ impl VirtioDevice for Dummy {
             ctx.queues.iter().map(|(i, _)| *i).collect(),
         ));
         self.1 = Some(ctx.interrupt);
+        *self.0.queue_events.lock().unwrap() = ctx.queue_events;
         Ok(())
+    }
+    fn waits_on_queue_events(&self) -> bool {
+        self.0.waits.load(Ordering::SeqCst)
     }
     fn queue_notify(&self, _queue: u16) {
         self.0.notified.fetch_add(1, Ordering::SeqCst);
@@ -66,6 +74,10 @@ struct Rig {
 }
 
 fn rig(access_platform: bool) -> Rig {
+    rig_with_hooks(access_platform, Arc::new(NoHooks))
+}
+
+fn rig_with_hooks(access_platform: bool, hooks: Arc<dyn Hooks>) -> Rig {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let probe = Arc::new(Probe::default());
     let irq = Arc::new(RecordingInterrupts::default());
@@ -80,7 +92,7 @@ fn rig(access_platform: bool) -> Rig {
         },
         SharedMemory::new(mem),
         irq.clone(),
-        Arc::new(NoHooks),
+        hooks,
     )
     .unwrap();
     f.config_write(0x10, &0xfe00_0000u32.to_le_bytes());
@@ -370,4 +382,59 @@ fn doorbells_name_each_queue_notify_address() {
         }
     }
     assert!(!rg.f.set_vector_relay(Some(Arc::new(Never))));
+}
+
+/// Doorbell eventfds go to a device that waits on them itself, never to one that does not or
+/// one already running; each activation gets copies whose `rung` announces the transport's
+/// doorbell point (as a replayed notify write would) before the backend's own.
+#[test]
+fn doorbell_eventfds_reach_only_a_device_that_waits_on_them() {
+    use vmm_sys_util::eventfd::EventFd;
+    let hooks = Arc::new(RecordingHooks::default());
+    let rg = rig_with_hooks(false, hooks.clone());
+    let backend_rung = Arc::new(AtomicU32::new(0));
+    let events = || {
+        let count = backend_rung.clone();
+        vec![QueueEvent {
+            queue: 1,
+            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            rung: Arc::new(move || {
+                count.fetch_add(1, Ordering::SeqCst);
+            }),
+        }]
+    };
+    assert!(
+        !rg.f.hand_queue_doorbells(events()),
+        "the device does not wait on eventfds"
+    );
+    rg.probe.waits.store(true, Ordering::SeqCst);
+    assert!(rg.f.hand_queue_doorbells(events()));
+    negotiate(&rg.f, 1 << 32);
+    setup_queue(&rg.f, 0, 0x1_0000);
+    w(&rg.f, reg::DEVICE_STATUS, 1, 0xf);
+    assert_eq!(r(&rg.f, reg::DEVICE_STATUS, 1), 0xf);
+    {
+        let got = rg.probe.queue_events.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].queue, 1);
+        (got[0].rung)();
+    }
+    assert_eq!(backend_rung.load(Ordering::SeqCst), 1);
+    let doorbell_points: Vec<_> = hooks
+        .point_values()
+        .into_iter()
+        .filter(|(p, _)| p.ends_with(".notify"))
+        .collect();
+    assert_eq!(
+        doorbell_points,
+        vec![("virtio.dummy0.notify".to_string(), 1)],
+        "the doorbell point, with the queue index"
+    );
+    // Running: refused, and nothing kept for the next activation.
+    assert!(!rg.f.hand_queue_doorbells(events()));
+    w(&rg.f, reg::DEVICE_STATUS, 1, 0);
+    negotiate(&rg.f, 1 << 32);
+    setup_queue(&rg.f, 0, 0x1_0000);
+    w(&rg.f, reg::DEVICE_STATUS, 1, 0xf);
+    assert!(rg.probe.queue_events.lock().unwrap().is_empty());
 }

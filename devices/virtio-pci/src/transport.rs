@@ -15,7 +15,8 @@ use crate::interrupt::VirtioInterrupt;
 use crate::mem::{DmaMemory, DmaView, SharedMemory};
 use crate::status::{DEVICE_NEEDS_RESET, DeviceStatus, StatusWrite};
 use crate::{
-    ActivateError, ActivationContext, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VirtioDevice,
+    ActivateError, ActivationContext, QueueEvent, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VirtioDevice,
 };
 
 /// Size of the BAR holding the virtio structures (32-bit memory BAR 0).
@@ -55,6 +56,9 @@ struct Inner {
     pci_cfg_cap: u8,
     msix_cap: Option<u8>,
     iommu: Option<EndpointIommu>,
+    /// Doorbell eventfds the backend handed over for the device to wait on
+    /// ([`VirtioPciFunction::hand_queue_doorbells`]); each activation gets copies.
+    queue_doorbells: Vec<QueueEvent>,
 }
 
 /// A virtio device on the modern PCI transport.
@@ -132,6 +136,7 @@ impl VirtioPciFunction {
                 pci_cfg_cap,
                 msix_cap,
                 iommu: opts.iommu,
+                queue_doorbells: Vec::new(),
             }),
             interrupt,
             msix,
@@ -169,6 +174,49 @@ impl VirtioPciFunction {
                         value: q,
                     },
                 )
+            })
+            .collect()
+    }
+
+    /// Hands the queue doorbell eventfds of [`Self::doorbells`] (as the backend registered
+    /// them) to the device's worker, which then waits on them itself: no backend thread needs
+    /// to replay them as `bar_write`s. False when the device does not wait on eventfds, or is
+    /// running (it keeps what it was started with until the next activation): the backend
+    /// then replays them itself, and nothing is kept here.
+    pub fn hand_queue_doorbells(&self, events: Vec<QueueEvent>) -> bool {
+        let mut inner = self.lock();
+        inner.queue_doorbells = Vec::new();
+        if !inner.device.waits_on_queue_events() || inner.status == DeviceStatus::Running {
+            return false;
+        }
+        inner.queue_doorbells = events;
+        true
+    }
+
+    /// Copies of the handed-over doorbells for one activation, each announcing the transport's
+    /// doorbell hook point (as a replayed `bar_write` would) before the backend's own `rung`.
+    fn queue_events_for_activation(&self, inner: &Inner) -> Result<Vec<QueueEvent>, ActivateError> {
+        inner
+            .queue_doorbells
+            .iter()
+            .map(|e| {
+                let hooks = self.hooks.clone();
+                let endpoint = self.endpoint;
+                let point = self.notify_point.clone();
+                let (queue, backend) = (e.queue, e.rung.clone());
+                Ok(QueueEvent {
+                    queue,
+                    fd: e.fd.try_clone().map_err(ActivateError::Worker)?,
+                    rung: Arc::new(move || {
+                        hooks.point(&PointCtx {
+                            point: &point,
+                            endpoint: Some(endpoint),
+                            domain: None,
+                            value: u64::from(queue),
+                        });
+                        backend();
+                    }),
+                })
             })
             .collect()
     }
@@ -305,6 +353,7 @@ impl VirtioPciFunction {
             queues,
             interrupt: self.interrupt.clone(),
             acked_features: inner.common.driver_features,
+            queue_events: self.queue_events_for_activation(inner)?,
         };
         inner.device.activate(ctx)
     }

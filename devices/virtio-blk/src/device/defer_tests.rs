@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sluice_devapi::{NullInterrupts, RecordingHooks};
 use sluice_pci::PciInterrupt;
 use sluice_virtio_pci::{
-    ActivationContext, DmaMemory, SharedMemory, VirtioDevice, VirtioInterrupt,
+    ActivationContext, DmaMemory, QueueEvent, SharedMemory, VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -73,6 +73,7 @@ fn deferred_completion_keeps_order_and_never_blocks_the_doorbell() {
         queues: vec![(0, q.create_queue().unwrap())],
         interrupt,
         acked_features: 1 << 32,
+        queue_events: Vec::new(),
     })
     .unwrap();
     let status = |at: u64| m.read_obj::<u8>(GuestAddress(at + 0x2000)).unwrap();
@@ -109,4 +110,70 @@ fn deferred_completion_keeps_order_and_never_blocks_the_doorbell() {
         vec![get_id.clone(), get_id],
         "completion point per request"
     );
+}
+
+/// A doorbell handed over as an eventfd (`ActivationContext::queue_events`, the proxy's
+/// ioeventfd) wakes the worker directly: the request completes with no `queue_notify` call, the
+/// doorbell is announced through `rung` once and counted, and a reset ends the worker.
+#[test]
+fn a_doorbell_eventfd_wakes_the_worker_without_queue_notify() {
+    use std::sync::atomic::AtomicU64;
+    use vmm_sys_util::eventfd::EventFd;
+
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let q = MockSplitQueue::create(&m, GuestAddress(0x1_0000), 16);
+    let at = 0x10_0000u64;
+    m.write_obj(T_GET_ID.to_le(), GuestAddress(at)).unwrap();
+    m.write_obj(0xffu8, GuestAddress(at + 0x2000)).unwrap();
+    q.add_desc_chains(
+        &[
+            RawDescriptor::from(SplitDescriptor::new(at, 16, 1, 1)),
+            RawDescriptor::from(SplitDescriptor::new(at + 0x1000, 20, 3, 2)),
+            RawDescriptor::from(SplitDescriptor::new(at + 0x2000, 1, 2, 0)),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut dev = BlockDevice::new("blk0", Arc::new(NoDisk), false);
+    assert!(dev.waits_on_queue_events());
+    let counters = dev.counters_handle();
+    let doorbell = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let rung = Arc::new(AtomicU64::new(0));
+    let seen = rung.clone();
+    dev.activate(ActivationContext {
+        mem: SharedMemory::new(m.clone()),
+        dma: DmaMemory::Direct(SharedMemory::new(m.clone())),
+        queues: vec![(0, q.create_queue().unwrap())],
+        interrupt: Arc::new(VirtioInterrupt::new(
+            PciInterrupt::new(Arc::new(NullInterrupts), None),
+            1,
+        )),
+        acked_features: 1 << 32,
+        queue_events: vec![QueueEvent {
+            queue: 0,
+            fd: doorbell.try_clone().unwrap(),
+            rung: Arc::new(move || {
+                seen.fetch_add(1, Ordering::Relaxed);
+            }),
+        }],
+    })
+    .unwrap();
+    let status = || m.read_obj::<u8>(GuestAddress(at + 0x2000)).unwrap();
+    assert_eq!(status(), 0xff, "nothing happens before the doorbell");
+    doorbell.write(1).unwrap();
+    let t = Instant::now();
+    while status() != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the doorbell never reached the worker"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(rung.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.notifies.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.requests.load(Ordering::Relaxed), 1);
+    // A reset joins the worker; a doorbell after it reaches nobody.
+    dev.reset();
+    doorbell.write(1).unwrap();
+    assert_eq!(rung.load(Ordering::Relaxed), 1);
 }

@@ -64,6 +64,7 @@ fn run(inline: bool) {
         queues,
         interrupt,
         acked_features: all_features(),
+        queue_events: Vec::new(),
     })
     .unwrap();
     let t = Instant::now();

@@ -74,6 +74,7 @@ fn worker_serves_requests_and_events() {
         queues,
         interrupt,
         acked_features: all_features(),
+        queue_events: Vec::new(),
     })
     .unwrap();
     d.queue_notify(0);
@@ -111,6 +112,7 @@ fn activation_needs_both_queues() {
         queues: vec![(0, rq.create_queue().unwrap())],
         interrupt,
         acked_features: all_features(),
+        queue_events: Vec::new(),
     });
     assert!(matches!(
         r,
