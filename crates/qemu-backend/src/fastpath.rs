@@ -172,6 +172,7 @@ impl DoorbellThread {
                 function: function.as_ref(),
                 doorbells: &doorbells,
                 stats: &stats,
+                rings: enabled("RING_POLL"),
             };
             served.serve(&quit_theirs, &stop, spin)
         })?;
@@ -200,6 +201,9 @@ struct ServedDoorbells<'a> {
     function: &'a dyn PciFunction,
     doorbells: &'a [AbsorbedDoorbell],
     stats: &'a FastPathStats,
+    /// Poll the device's rings rather than the eventfds where the function allows it
+    /// (`SLUICE_PROXY_RING_POLL=off`: never).
+    rings: bool,
 }
 
 impl ServedDoorbells<'_> {
@@ -224,7 +228,10 @@ impl ServedDoorbells<'_> {
         let mut polling = false;
         while !stop.load(Ordering::Acquire) {
             let ready = std::mem::take(&mut polling)
-                && crate::poll::poll_briefly(&mut pfds, spin, &self.stats.poll);
+                && match self.poll_rings(&mut pfds, stop, spin) {
+                    Some(()) => false,
+                    None => crate::poll::poll_briefly(&mut pfds, spin, &self.stats.poll),
+                };
             if !ready {
                 // SAFETY: `pfds` is a live array of pollfds of the stated length.
                 let n = unsafe {
@@ -243,6 +250,67 @@ impl ServedDoorbells<'_> {
             }
             polling = self.replay_ready(&mut pfds) > 0 && !spin.is_zero();
         }
+    }
+
+    /// Polls the device's rings with its doorbells suppressed ([`PciFunction::poll_doorbell`]):
+    /// the guest's driver then skips the notify write (an MMIO exit and an eventfd signal) for
+    /// every request made meanwhile, and each is served within a poll's time. Each find starts
+    /// the budget `spin` again; once it passes with nothing found, doorbells are asked for again
+    /// (which serves what came in between) and the thread may sleep. Every few hundred polls
+    /// the eventfds are looked at too (`pfds`: a doorbell of a queue that cannot be polled, or
+    /// the quit signal), and any of them ends the polling. `None` when no queue of the function
+    /// can be polled this way (the eventfds are polled instead).
+    fn poll_rings(
+        &self,
+        pfds: &mut [libc::pollfd],
+        stop: &AtomicBool,
+        spin: Duration,
+    ) -> Option<()> {
+        /// Polls between two looks at the eventfds (a syscall).
+        const FDS_EVERY: u32 = 256;
+        if !self.rings {
+            return None;
+        }
+        let mut deadline = std::time::Instant::now() + spin;
+        let mut round = 0u32;
+        let mut pollable = false;
+        loop {
+            let mut found = false;
+            for d in self.doorbells {
+                if let Some(f) = self.function.poll_doorbell(&d.doorbell, true) {
+                    pollable = true;
+                    found |= f;
+                }
+            }
+            if !pollable {
+                return None;
+            }
+            let now = std::time::Instant::now();
+            if found {
+                self.stats.poll.caught.fetch_add(1, Ordering::Relaxed);
+                deadline = now + spin;
+            } else if now >= deadline {
+                break;
+            }
+            round = round.wrapping_add(1);
+            if stop.load(Ordering::Acquire)
+                || (round.is_multiple_of(FDS_EVERY)
+                    // SAFETY: `pfds` is a live array of pollfds of the stated length; no
+                    // timeout. Their `revents` are read again by the next poll of the caller.
+                    && unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) } > 0)
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        // Doorbells on again before the thread may sleep; what came meanwhile is served now.
+        for d in self.doorbells {
+            if self.function.poll_doorbell(&d.doorbell, false) == Some(true) {
+                self.stats.poll.caught.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.stats.poll.expired.fetch_add(1, Ordering::Relaxed);
+        Some(())
     }
 
     /// Replays every doorbell `poll` found signalled; how many.
@@ -431,6 +499,8 @@ mod tests {
                     function: &function,
                     doorbells: &doorbells,
                     stats: &stats,
+                    // a function that cannot be polled: its eventfds are
+                    rings: true,
                 };
                 let (quit_ref, stop_ref) = (&quit, &stop);
                 let t = scope.spawn(move || served.serve(quit_ref, stop_ref, spin));
@@ -447,5 +517,106 @@ mod tests {
             let writes = function.0.lock().unwrap();
             assert_eq!(*writes, vec![(4, 0x3004, vec![1, 0]); 2]);
         }
+    }
+
+    /// A function whose ring has `pending` requests; counts the polls by their `quiet` flag.
+    #[derive(Default)]
+    struct Ring {
+        pending: AtomicU64,
+        quiet_polls: AtomicU64,
+        rearms: AtomicU64,
+    }
+
+    impl PciFunction for Ring {
+        fn config_read(&self, _offset: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn config_write(&self, _offset: u16, _data: &[u8]) {}
+        fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
+        fn decode_bar(&self, _addr: u64, _memory: bool) -> Option<(u8, u64)> {
+            None
+        }
+        fn reset(&self) {}
+        fn poll_doorbell(&self, _doorbell: &Doorbell, quiet: bool) -> Option<bool> {
+            if quiet {
+                self.quiet_polls.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.rearms.fetch_add(1, Ordering::Relaxed);
+            }
+            let found = self.pending.load(Ordering::Relaxed) > 0;
+            if found {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            Some(found)
+        }
+    }
+
+    /// A pollable function's ring is polled quietly until the budget passes with nothing new,
+    /// each find counted; the polling always ends by asking for doorbells again; with ring
+    /// polling switched off the eventfds are polled instead; a quit signal ends the polling.
+    #[test]
+    fn rings_are_polled_quietly_and_doorbells_asked_for_again_before_sleeping() {
+        let doorbells = vec![AbsorbedDoorbell {
+            doorbell: Doorbell {
+                bar: 0,
+                offset: 0x3000,
+                size: 2,
+                datamatch: None,
+                value: 0,
+            },
+            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }];
+        let quit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut pfds = [libc::pollfd {
+            fd: quit.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let stop = AtomicBool::new(false);
+        for rings in [true, false] {
+            let function = Ring::default();
+            function.pending.store(3, Ordering::Relaxed);
+            let stats = FastPathStats::default();
+            let served = ServedDoorbells {
+                function: &function,
+                doorbells: &doorbells,
+                stats: &stats,
+                rings,
+            };
+            let polled = served.poll_rings(&mut pfds, &stop, Duration::from_millis(2));
+            if !rings {
+                assert_eq!(polled, None);
+                assert_eq!(function.quiet_polls.load(Ordering::Relaxed), 0);
+                continue;
+            }
+            assert_eq!(polled, Some(()));
+            assert_eq!(stats.poll.caught.load(Ordering::Relaxed), 3);
+            assert_eq!(stats.poll.expired.load(Ordering::Relaxed), 1);
+            assert!(function.quiet_polls.load(Ordering::Relaxed) > 3);
+            assert_eq!(
+                function.rearms.load(Ordering::Relaxed),
+                1,
+                "doorbells on again"
+            );
+        }
+        // A guest that never lets the ring run dry: only the quit signal ends the polling.
+        let function = Ring::default();
+        function.pending.store(u64::MAX, Ordering::Relaxed);
+        let stats = FastPathStats::default();
+        let served = ServedDoorbells {
+            function: &function,
+            doorbells: &doorbells,
+            stats: &stats,
+            rings: true,
+        };
+        quit.write(1).unwrap();
+        assert_eq!(
+            served.poll_rings(&mut pfds, &stop, Duration::from_secs(3600)),
+            Some(())
+        );
+        assert_eq!(function.rearms.load(Ordering::Relaxed), 1);
     }
 }

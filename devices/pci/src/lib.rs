@@ -51,6 +51,15 @@ pub trait PciFunction: Send + Sync {
     fn bar_size(&self, _bar: u8) -> Option<u64> {
         None
     }
+    /// Looks for the work a [`Doorbell`] would announce without the doorbell having rung: a
+    /// backend that polls after a doorbell asks this instead of waiting for the next one.
+    /// `quiet`: the driver is asked not to ring while the caller keeps asking; `!quiet`: asked
+    /// to ring again, and anything it made available meanwhile is served too. The caller ends
+    /// every run of quiet polls with a `!quiet` one before it sleeps. Returns whether work was
+    /// found and served; `None` (the default) when the function cannot be polled.
+    fn poll_doorbell(&self, _doorbell: &Doorbell, _quiet: bool) -> Option<bool> {
+        None
+    }
 }
 
 /// A BAR write that is a pure doorbell: it only tells the device to look at something (a virtio

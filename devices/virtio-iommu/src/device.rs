@@ -12,7 +12,7 @@ use sluice_devapi::{Bdf, Endpoint, EndpointIommu, Hooks, PointCtx, StateEvent, V
 use sluice_virtio_pci::{
     ActivateError, ActivationContext, SharedMemory, VirtioDevice, VirtioInterrupt, next_messages,
 };
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::POINT_CONFIG_WRITE;
@@ -351,13 +351,30 @@ impl VirtioDevice for VirtioIommu {
             // thread, before the doorbell write returns, spares it a cross-thread wake-up
             // while the spinning vCPU competes for the same cores.
             let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
-            if serve(&self.engine, &mut q, true, false).is_some() {
+            if serve(&self.engine, &mut q, true, false, true).is_some() {
                 // A completion was deferred: the worker publishes it when it is due.
                 let _ = r.tx.send(WorkerMsg::Requests);
             }
             return;
         }
         let _ = r.tx.send(msg);
+    }
+
+    /// The request queue, served inline (as on a doorbell) by a backend thread that polls:
+    /// `quiet` keeps the driver from ringing while it does (Linux then skips the notify write
+    /// of each sync, an MMIO exit), `!quiet` asks for doorbells again.
+    fn poll_queue(&self, queue: u16, quiet: bool) -> Option<bool> {
+        if queue != REQUEST_QUEUE || !self.engine.cfg.inline_requests {
+            return None;
+        }
+        let r = self.running.as_ref()?;
+        let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let before = q.req.1.next_avail();
+        if serve(&self.engine, &mut q, true, false, !quiet).is_some() {
+            // A completion was deferred: the worker publishes it when it is due.
+            let _ = r.tx.send(WorkerMsg::Requests);
+        }
+        Some(q.req.1.next_avail() != before)
     }
 
     fn reset(&mut self) {
@@ -423,15 +440,17 @@ struct Queues {
 }
 
 /// Serves the request and/or event queue. A broken queue is logged once and then left alone.
-/// Returns when a deferred request completion is due.
-fn serve(e: &Engine, q: &mut Queues, requests: bool, events: bool) -> Option<Instant> {
+/// Returns when a deferred request completion is due. `rearm` false leaves the driver's request
+/// doorbells suppressed once the queue is drained (a polling caller, see
+/// [`VirtioDevice::poll_queue`]).
+fn serve(e: &Engine, q: &mut Queues, requests: bool, events: bool, rearm: bool) -> Option<Instant> {
     if q.broken {
         return None;
     }
     let mem = q.mem.snapshot();
     let mut run = || -> Result<(), crate::queues::QueueBroken> {
         if requests
-            && e.process_requests_deferring(q.req.0, &mut q.req.1, &mem, Some(&mut q.defer))?
+            && e.process_requests_deferring(q.req.0, &mut q.req.1, &mem, Some(&mut q.defer), rearm)?
         {
             e.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             q.interrupt.signal_queue(q.req.0);
@@ -473,7 +492,7 @@ impl Worker {
                 }
             }
             let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            due = serve(&self.engine, &mut q, requests, events);
+            due = serve(&self.engine, &mut q, requests, events, true);
         }
     }
 }

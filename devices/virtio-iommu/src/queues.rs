@@ -8,7 +8,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sluice_virtio_pci::{RequestHandler, serve_requests};
+use sluice_virtio_pci::{RequestHandler, serve_requests_with};
 
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -100,20 +100,22 @@ impl Engine {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, QueueBroken> {
-        self.process_requests_deferring(index, queue, mem, None)
+        self.process_requests_deferring(index, queue, mem, None, true)
     }
 
     /// [`Engine::process_requests`] with deferral (see [`DeferState`]) when `defer` is given:
-    /// stops at a request whose completion is deferred and not yet due.
+    /// stops at a request whose completion is deferred and not yet due. `rearm` false leaves
+    /// the driver's doorbells suppressed once drained (see [`serve_requests_with`]).
     pub fn process_requests_deferring(
         &self,
         index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         defer: Option<&mut DeferState>,
+        rearm: bool,
     ) -> Result<bool, QueueBroken> {
         let requests = EngineRequests { engine: self, mem };
-        serve_requests(queue, mem, defer, &requests).map_err(|source| QueueBroken {
+        serve_requests_with(queue, mem, defer, &requests, rearm).map_err(|source| QueueBroken {
             queue: index,
             source,
         })

@@ -37,7 +37,9 @@ use virtio_queue::Queue;
 pub use interrupt::VirtioInterrupt;
 pub use mem::{DmaMemory, DmaView, SharedMemory, TranslatedMemory};
 pub use notify::driver_wants_interrupt;
-pub use request_queue::{DeferState, RequestHandler, next_messages, serve_requests};
+pub use request_queue::{
+    DeferState, RequestHandler, next_messages, serve_requests, serve_requests_with,
+};
 pub use status::DeviceStatus;
 pub use transport::{BAR_SIZE, TransportOptions, VirtioPciFunction};
 pub use worker_wait::{QueueEvent, WorkerWait, WorkerWake};
@@ -160,6 +162,12 @@ pub trait VirtioDevice: Send {
     /// a `queue_notify` call and the wake-up between the two threads.
     fn waits_on_queue_events(&self) -> bool {
         false
+    }
+    /// Serves what the driver made available on `queue` without a doorbell, for a backend
+    /// thread that polls after serving a doorbell ([`sluice_pci::PciFunction::poll_doorbell`]
+    /// has the contract). `None` (the default): the device cannot be polled.
+    fn poll_queue(&self, _queue: u16, _quiet: bool) -> Option<bool> {
+        None
     }
     /// Stops the device and drops its queues; on return no DMA is in flight.
     fn reset(&mut self);

@@ -70,8 +70,25 @@ pub trait RequestHandler<'m, M: GuestMemory> {
 pub fn serve_requests<'m, M, H>(
     queue: &mut Queue,
     mem: &'m M,
+    defer: Option<&mut DeferState>,
+    handler: &H,
+) -> Result<bool, virtio_queue::Error>
+where
+    M: GuestMemory,
+    H: RequestHandler<'m, M>,
+{
+    serve_requests_with(queue, mem, defer, handler, true)
+}
+
+/// [`serve_requests`], and with `rearm` false the driver's doorbells stay suppressed when the
+/// ring is drained: for a caller that polls the ring itself and calls again with `rearm` true
+/// before it stops polling (which serves what came meanwhile and asks for doorbells again).
+pub fn serve_requests_with<'m, M, H>(
+    queue: &mut Queue,
+    mem: &'m M,
     mut defer: Option<&mut DeferState>,
     handler: &H,
+    rearm: bool,
 ) -> Result<bool, virtio_queue::Error>
 where
     M: GuestMemory,
@@ -87,6 +104,9 @@ where
             break;
         }
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            if !rearm {
+                break;
+            }
             // Drained: take doorbells again; if the driver added one meanwhile, go on.
             if !rechecked && queue.enable_notification(mem)? {
                 rechecked = true;

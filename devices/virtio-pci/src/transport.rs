@@ -597,6 +597,16 @@ impl PciFunction for VirtioPciFunction {
         self.lock().cfg.bar(bar).map(|b| b.size)
     }
 
+    /// The doorbells of [`Self::doorbells`] replay their queue index: poll that queue.
+    fn poll_doorbell(&self, doorbell: &sluice_pci::Doorbell, quiet: bool) -> Option<bool> {
+        let queue = u16::try_from(doorbell.value).ok()?;
+        let inner = self.lock();
+        if inner.status != DeviceStatus::Running || inner.needs_reset {
+            return None;
+        }
+        inner.device.poll_queue(queue, quiet)
+    }
+
     fn reset(&self) {
         let mut inner = self.lock();
         self.reset_locked(&mut inner);
