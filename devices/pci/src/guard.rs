@@ -162,6 +162,11 @@ impl PciFunction for BarGuard {
     fn bar_size(&self, bar: u8) -> Option<u64> {
         self.inner.bar_size(bar)
     }
+
+    // A doorbell is the backend's own description of a BAR write, not a guest access.
+    fn poll_doorbell(&self, doorbell: &crate::Doorbell, quiet: bool) -> Option<bool> {
+        self.inner.poll_doorbell(doorbell, quiet)
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +331,27 @@ mod tests {
         fn bar_size(&self, bar: u8) -> Option<u64> {
             self.0.cfg.lock().unwrap().bar(bar).map(|b| b.size)
         }
+        fn poll_doorbell(&self, doorbell: &crate::Doorbell, quiet: bool) -> Option<bool> {
+            Some(doorbell.value == 7 && quiet)
+        }
+    }
+
+    /// Polling a doorbell reaches the function behind the guard (a function that cannot be
+    /// polled answers `None` through it too).
+    #[test]
+    fn doorbell_polls_pass_the_guard() {
+        let (f, g) = guarded();
+        let bell = crate::Doorbell {
+            bar: 0,
+            offset: 0x40,
+            size: 2,
+            datamatch: None,
+            value: 7,
+        };
+        assert_eq!(g.poll_doorbell(&bell, true), None);
+        let g = BarGuard::new(Arc::new(Sized(f)));
+        assert_eq!(g.poll_doorbell(&bell, true), Some(true));
+        assert_eq!(g.poll_doorbell(&bell, false), Some(false));
     }
 
     #[test]

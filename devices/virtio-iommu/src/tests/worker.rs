@@ -147,3 +147,61 @@ fn ioerr_when_the_request_cannot_be_read() {
     let used_len: u32 = phys.read_obj(GuestAddress(q.used_ring() + 16)).unwrap();
     assert_eq!(used_len, 0);
 }
+
+/// A backend thread that polls the request ring serves what the driver added without a
+/// doorbell; a quiet poll leaves `avail_event` alone (with VIRTIO_RING_F_EVENT_IDX the driver
+/// then does not ring), the last poll asks for doorbells again, and the event queue cannot be
+/// polled.
+#[test]
+fn a_polled_request_ring_is_served_quietly_and_rearmed() {
+    let phys = ram();
+    let rq = MockSplitQueue::create(&phys, GuestAddress(0x1_0000), 16);
+    phys.write_slice(&encode(&attach(1, EP)), GuestAddress(0x4_0000))
+        .unwrap();
+    phys.write_obj(0xffu8, GuestAddress(0x4_1000)).unwrap();
+    rq.add_desc_chains(
+        &[
+            RawDescriptor::from(SplitDescriptor::new(0x4_0000, 20, 1, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x4_1000, 4, 2, 0)),
+        ],
+        0,
+    )
+    .unwrap();
+    let eq = MockSplitQueue::create(&phys, GuestAddress(0x2_0000), 16);
+    let mut req: Queue = rq.create_queue().unwrap();
+    req.set_event_idx(true);
+    // `avail_event` sits after the used ring's 16 elements.
+    let avail_event = GuestAddress(rq.used_addr().0 + 4 + 8 * 16);
+    phys.write_obj(0u16, avail_event).unwrap();
+    let mut d = device();
+    d.activate(ActivationContext {
+        mem: SharedMemory::new(phys.clone()),
+        dma: DmaMemory::Direct(SharedMemory::new(phys.clone())),
+        queues: vec![(0, req), (1, eq.create_queue().unwrap())],
+        interrupt: Arc::new(VirtioInterrupt::new(
+            PciInterrupt::new(Arc::new(NullInterrupts), None),
+            2,
+        )),
+        acked_features: all_features(),
+        queue_events: Vec::new(),
+    })
+    .unwrap();
+    assert_eq!(d.poll_queue(1, true), None, "the event queue is not polled");
+    assert_eq!(d.poll_queue(0, true), Some(true));
+    assert_eq!(phys.read_obj::<u8>(GuestAddress(0x4_1000)).unwrap(), 0);
+    assert_eq!(d.attached_domain(EP), Some(1));
+    assert_eq!(
+        phys.read_obj::<u16>(avail_event).unwrap(),
+        0,
+        "no doorbell asked for while polling"
+    );
+    assert_eq!(d.poll_queue(0, true), Some(false));
+    assert_eq!(d.poll_queue(0, false), Some(false));
+    assert_eq!(
+        phys.read_obj::<u16>(avail_event).unwrap(),
+        1,
+        "the next request rings again"
+    );
+    d.reset();
+    assert_eq!(d.poll_queue(0, true), None, "nothing runs after a reset");
+}
