@@ -210,8 +210,10 @@ impl ServedDoorbells<'_> {
     /// Serves the doorbells until `quit` is signalled or `stop` set. After serving one, the
     /// thread keeps polling without sleeping for `spin` (zero: it sleeps at once), so a guest
     /// driver that rings again within that time (Linux's virtio-iommu sends a request per
-    /// mapped buffer, back to back) is answered without a thread wake-up. The loop sleeps again
-    /// once `spin` passes without a doorbell, so an idle guest costs no CPU.
+    /// mapped buffer, back to back) is answered without a thread wake-up. It polls the device's
+    /// rings where the function allows it ([`Self::poll_rings`], which also spares the driver
+    /// its doorbells meanwhile), the eventfds otherwise. The loop sleeps again once `spin`
+    /// passes with nothing to do, so an idle guest costs no CPU.
     fn serve(&self, quit: &EventFd, stop: &AtomicBool, spin: Duration) {
         let mut pfds: Vec<libc::pollfd> = self
             .doorbells
