@@ -24,11 +24,10 @@ fn wait_for(mut cond: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn worker_serves_requests_and_events() {
-    let phys = ram();
-    // Request queue at 0x1_0000: one ATTACH (readable at 0x4_0000, tail at 0x4_1000).
-    let rq = MockSplitQueue::create(&phys, GuestAddress(0x1_0000), 16);
+/// A request queue at 0x1_0000 holding one ATTACH of `EP` to domain 1 (readable at 0x4_0000,
+/// its tail at 0x4_1000, status 0xff until answered).
+fn attach_request_queue(phys: &GuestMemoryMmap) -> MockSplitQueue<'_, GuestMemoryMmap> {
+    let rq = MockSplitQueue::create(phys, GuestAddress(0x1_0000), 16);
     phys.write_slice(&encode(&attach(1, EP)), GuestAddress(0x4_0000))
         .unwrap();
     phys.write_obj(0xffu8, GuestAddress(0x4_1000)).unwrap();
@@ -40,6 +39,13 @@ fn worker_serves_requests_and_events() {
         0,
     )
     .unwrap();
+    rq
+}
+
+#[test]
+fn worker_serves_requests_and_events() {
+    let phys = ram();
+    let rq = attach_request_queue(&phys);
     // Event queue at 0x2_0000 with one 24-byte buffer.
     let eq = MockSplitQueue::create(&phys, GuestAddress(0x2_0000), 16);
     eq.add_desc_chains(
@@ -155,18 +161,7 @@ fn ioerr_when_the_request_cannot_be_read() {
 #[test]
 fn a_polled_request_ring_is_served_quietly_and_rearmed() {
     let phys = ram();
-    let rq = MockSplitQueue::create(&phys, GuestAddress(0x1_0000), 16);
-    phys.write_slice(&encode(&attach(1, EP)), GuestAddress(0x4_0000))
-        .unwrap();
-    phys.write_obj(0xffu8, GuestAddress(0x4_1000)).unwrap();
-    rq.add_desc_chains(
-        &[
-            RawDescriptor::from(SplitDescriptor::new(0x4_0000, 20, 1, 1)),
-            RawDescriptor::from(SplitDescriptor::new(0x4_1000, 4, 2, 0)),
-        ],
-        0,
-    )
-    .unwrap();
+    let rq = attach_request_queue(&phys);
     let eq = MockSplitQueue::create(&phys, GuestAddress(0x2_0000), 16);
     let mut req: Queue = rq.create_queue().unwrap();
     req.set_event_idx(true);
