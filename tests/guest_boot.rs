@@ -293,7 +293,11 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
     let proxy = &r["iommu_proxy"];
     let msis = proxy["msis"].as_u64().unwrap();
     let accesses = proxy["register_accesses"].as_u64().unwrap();
-    assert!(msis > 1000, "{proxy}");
+    // How many syncs a run makes depends on the guest: Linux's virtio ring maps and unmaps
+    // every segment of a request on its own, and how many segments dd's buffer has differs
+    // from boot to boot (716 to 2316 seen). Enough that a second access per sync
+    // would break the bound below.
+    assert!(msis > 300, "{proxy}");
     assert!(
         accesses < msis + 200,
         "CONS polled over the socket? {proxy}"
