@@ -295,8 +295,8 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
     let accesses = proxy["register_accesses"].as_u64().unwrap();
     // How many syncs a run makes depends on the guest: Linux's virtio ring maps and unmaps
     // every segment of a request on its own, and how many segments dd's buffer has differs
-    // from boot to boot (716 to 2316 seen). Enough that a second access per sync
-    // would break the bound below.
+    // from boot to boot (716 to 2316 seen). 300 is enough that a second access per sync
+    // would break the bounds below.
     assert!(msis > 300, "{proxy}");
     assert!(
         accesses < msis + 200,
@@ -306,7 +306,7 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
     // The CMDQ_PROD doorbells are posted (the QEMU patch's BAR_WRITE_POSTED): nearly every
     // register access of a strict run is one, so the vCPU rarely waits on the socket.
     let posted = proxy["posted_writes"].as_u64().unwrap();
-    assert!(posted > 1000 && posted + 200 > accesses, "{proxy}");
+    assert!(posted > 300 && posted + 200 > accesses, "{proxy}");
     // The guest spins for each CMD_SYNC: the server thread that answers runs SCHED_FIFO.
     if runs_as_root() {
         assert_eq!(proxy["server_fifo"], true, "{proxy}");
