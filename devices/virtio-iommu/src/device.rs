@@ -350,11 +350,7 @@ impl VirtioDevice for VirtioIommu {
             // Linux busy-polls the used ring for each request; answering on the doorbell's own
             // thread, before the doorbell write returns, spares it a cross-thread wake-up
             // while the spinning vCPU competes for the same cores.
-            let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
-            if serve(&self.engine, &mut q, true, false, true).is_some() {
-                // A completion was deferred: the worker publishes it when it is due.
-                let _ = r.tx.send(WorkerMsg::Requests);
-            }
+            serve_requests_inline(&self.engine, r, true);
             return;
         }
         let _ = r.tx.send(msg);
@@ -368,13 +364,7 @@ impl VirtioDevice for VirtioIommu {
             return None;
         }
         let r = self.running.as_ref()?;
-        let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
-        let before = q.req.1.next_avail();
-        if serve(&self.engine, &mut q, true, false, !quiet).is_some() {
-            // A completion was deferred: the worker publishes it when it is due.
-            let _ = r.tx.send(WorkerMsg::Requests);
-        }
-        Some(q.req.1.next_avail() != before)
+        Some(serve_requests_inline(&self.engine, r, !quiet))
     }
 
     fn reset(&mut self) {
@@ -437,6 +427,18 @@ struct Queues {
     broken: bool,
     /// A request completion deferred by the hooks (`Hooks::defer`).
     defer: DeferState,
+}
+
+/// Serves the request queue on the calling thread (a doorbell's, or a backend thread that
+/// polls); a deferred completion is left to the worker, which publishes it when due. `rearm`
+/// as for [`serve`]. Whether any request was taken off the ring.
+fn serve_requests_inline(e: &Engine, r: &Running, rearm: bool) -> bool {
+    let mut q = r.queues.lock().unwrap_or_else(|p| p.into_inner());
+    let before = q.req.1.next_avail();
+    if serve(e, &mut q, true, false, rearm).is_some() {
+        let _ = r.tx.send(WorkerMsg::Requests);
+    }
+    q.req.1.next_avail() != before
 }
 
 /// Serves the request and/or event queue. A broken queue is logged once and then left alone.
