@@ -273,19 +273,31 @@ impl ServedDoorbells<'_> {
         if !self.rings {
             return None;
         }
+        // Which doorbells answered the first pass: the others (a virtio-iommu's event queue,
+        // say) are not asked again in this run of polls, so they cost no transport lock per
+        // spin. A doorbell that turns pollable meanwhile is picked up by the next run.
+        let mut pollable = PollableDoorbells::default();
+        let mut found = false;
+        for (i, d) in self.doorbells.iter().enumerate() {
+            if let Some(f) = self.function.poll_doorbell(&d.doorbell, true) {
+                pollable.insert(i);
+                found |= f;
+            }
+        }
+        if pollable.is_empty() {
+            return None;
+        }
+        if found {
+            self.stats.poll.caught.fetch_add(1, Ordering::Relaxed);
+        }
         let mut deadline = std::time::Instant::now() + spin;
         let mut round = 0u32;
-        let mut pollable = false;
         loop {
             let mut found = false;
-            for d in self.doorbells {
-                if let Some(f) = self.function.poll_doorbell(&d.doorbell, true) {
-                    pollable = true;
-                    found |= f;
+            for (i, d) in self.doorbells.iter().enumerate() {
+                if pollable.contains(i) {
+                    found |= self.function.poll_doorbell(&d.doorbell, true) == Some(true);
                 }
-            }
-            if !pollable {
-                return None;
             }
             let now = std::time::Instant::now();
             if found {
@@ -306,8 +318,9 @@ impl ServedDoorbells<'_> {
             std::hint::spin_loop();
         }
         // Doorbells on again before the thread may sleep; what came meanwhile is served now.
-        for d in self.doorbells {
-            if self.function.poll_doorbell(&d.doorbell, false) == Some(true) {
+        for (i, d) in self.doorbells.iter().enumerate() {
+            if pollable.contains(i) && self.function.poll_doorbell(&d.doorbell, false) == Some(true)
+            {
                 self.stats.poll.caught.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -338,6 +351,35 @@ impl ServedDoorbells<'_> {
             p.revents = 0;
         }
         served
+    }
+}
+
+/// The doorbells of one function that can be polled, by index. A function has a handful (one
+/// per virtqueue); an index past the mask's width is always taken as pollable, which costs a
+/// `None` answer per spin and nothing else.
+#[derive(Default, Clone, Copy)]
+struct PollableDoorbells {
+    first_64: u64,
+    any_beyond: bool,
+}
+
+impl PollableDoorbells {
+    fn insert(&mut self, i: usize) {
+        match 1u64.checked_shl(u32::try_from(i).unwrap_or(u32::MAX)) {
+            Some(bit) => self.first_64 |= bit,
+            None => self.any_beyond = true,
+        }
+    }
+
+    fn contains(self, i: usize) -> bool {
+        match 1u64.checked_shl(u32::try_from(i).unwrap_or(u32::MAX)) {
+            Some(bit) => self.first_64 & bit != 0,
+            None => true,
+        }
+    }
+
+    fn is_empty(self) -> bool {
+        self.first_64 == 0 && !self.any_beyond
     }
 }
 
@@ -527,6 +569,9 @@ mod tests {
         pending: AtomicU64,
         quiet_polls: AtomicU64,
         rearms: AtomicU64,
+        /// Asks about a doorbell written with value 1, which stands for a queue that cannot be
+        /// polled (answered `None`).
+        unpollable_asks: AtomicU64,
     }
 
     impl PciFunction for Ring {
@@ -542,7 +587,11 @@ mod tests {
             None
         }
         fn reset(&self) {}
-        fn poll_doorbell(&self, _doorbell: &Doorbell, quiet: bool) -> Option<bool> {
+        fn poll_doorbell(&self, doorbell: &Doorbell, quiet: bool) -> Option<bool> {
+            if doorbell.value == 1 {
+                self.unpollable_asks.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
             if quiet {
                 self.quiet_polls.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -620,5 +669,72 @@ mod tests {
             Some(())
         );
         assert_eq!(function.rearms.load(Ordering::Relaxed), 1);
+    }
+
+    /// A doorbell that cannot be polled is asked once per run of polls, not on every spin,
+    /// and is not re-armed; its pollable sibling is polled as before.
+    #[test]
+    fn a_doorbell_that_cannot_be_polled_is_asked_once_per_run() {
+        let bell = |offset, value| AbsorbedDoorbell {
+            doorbell: Doorbell {
+                bar: 0,
+                offset,
+                size: 2,
+                datamatch: None,
+                value,
+            },
+            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let doorbells = vec![bell(0x3000, 0), bell(0x3004, 1)];
+        let quit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut pfds = [libc::pollfd {
+            fd: quit.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let function = Ring::default();
+        function.pending.store(2, Ordering::Relaxed);
+        let stats = FastPathStats::default();
+        let served = ServedDoorbells {
+            function: &function,
+            doorbells: &doorbells,
+            stats: &stats,
+            rings: true,
+        };
+        let stop = AtomicBool::new(false);
+        assert_eq!(
+            served.poll_rings(&mut pfds, &stop, Duration::from_millis(2)),
+            Some(())
+        );
+        assert_eq!(stats.poll.caught.load(Ordering::Relaxed), 2);
+        assert!(function.quiet_polls.load(Ordering::Relaxed) > 2);
+        assert_eq!(function.rearms.load(Ordering::Relaxed), 1);
+        assert_eq!(function.unpollable_asks.load(Ordering::Relaxed), 1);
+        // A function none of whose doorbells can be polled: one ask each, then `None`.
+        let only_unpollable = [bell(0x3004, 1)];
+        let function = Ring::default();
+        let served = ServedDoorbells {
+            function: &function,
+            doorbells: &only_unpollable,
+            stats: &stats,
+            rings: true,
+        };
+        assert_eq!(
+            served.poll_rings(&mut pfds, &stop, Duration::from_millis(2)),
+            None
+        );
+        assert_eq!(function.unpollable_asks.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn pollable_sets_past_sixty_four_doorbells_poll_the_rest_always() {
+        let mut set = PollableDoorbells::default();
+        assert!(set.is_empty());
+        set.insert(3);
+        assert!(set.contains(3) && !set.contains(2) && !set.contains(63));
+        assert!(set.contains(64), "unknown past the mask: polled");
+        let mut beyond = PollableDoorbells::default();
+        beyond.insert(70);
+        assert!(!beyond.is_empty() && !beyond.contains(0));
     }
 }
