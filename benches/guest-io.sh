@@ -17,6 +17,10 @@
 #           mode (default MODES="lazy strict"), and the cost factor printed is strict / lazy.
 # Env:   DDMB (MiB per 1M test, default 4096 without an IOMMU, 2048 with one: at least 2 s
 #        each at the speeds seen here), DD4K (4 KiB blocks per 4k test, default 32768),
+#        LAYOUT (physical layout of the 1M tests' buffer, made by the guest's dma-bench:
+#        scattered (default: every 4 KiB page its own DMA segment, 256 mappings per request),
+#        contiguous (one segment per request) or any (wherever the guest's allocator puts it,
+#        as dd has it: 1 to 256 segments, varying from boot to boot; docs/benchmarks.md)),
 #        CPUS (default 2), SLUICE (path to the sluice binary; built if unset), QEMU (binary),
 #        FORCE=1 (measure even if the machine is busy; see the load check below),
 #        DISK_DIR (where the sparse disk image goes; default /dev/shm when it has room, so no
@@ -36,7 +40,8 @@
 # Prints every single value (per round, and in brackets after each median), the medians, the
 # ratio Sluice / QEMU, both IOMMU cost factors and their ratio, and flags (*) a median whose
 # tests lasted under 2 s (DDMB/DD4K too small for the speed: the 10 ms clock then matters).
-# Figures are guest-side (dd timed with /proc/uptime, 10 ms resolution) under QEMU TCG here.
+# Figures are guest-side under QEMU TCG here: the 4k tests are busybox dd timed with /proc/uptime
+# (10 ms resolution), the 1M tests the guest's dma-bench (clock_gettime).
 set -euo pipefail
 ARCH=x86_64
 if [ "${1:-}" = --arch ]; then
@@ -96,7 +101,8 @@ else
     # The pieces of MachineSpec::x86_q35; no PS/2 ports (docs/findings.md, finding 4).
     CONSOLE=ttyS0 BASE_CMDLINE="panic=-1 nokaslr i8042.nokbd i8042.noaux tsc=unstable" SLUICE_IOMMU=virtio
 fi
-CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.dd4k=$DD4K"
+LAYOUT=${LAYOUT:-scattered}
+CMDLINE="console=$CONSOLE $BASE_CMDLINE quiet sluice.workload=bench sluice.dd4k=$DD4K sluice.layout=$LAYOUT"
 # Sparse; room for the read and the write region of the 1M tests, and for the writes, which
 # start at 512 MiB (the /init bench workload).
 BIGGEST=$((DDMB_NONE > DDMB_IOMMU ? DDMB_NONE : DDMB_IOMMU))
@@ -170,7 +176,7 @@ run_sluice() { # MODE VARIANT ROUND -> console on stdout
     rm -f "$WORK/sluice/serial.log"
     env "${envs[@]}" "$bin" run --arch "$ARCH" --kernel "$KERNEL" --initrd "$INITRD" --qemu "$qemu" \
         --cpus "$CPUS" "${iommu[@]}" --disk "$DISK" --workload bench \
-        --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K $(iommu_cmdline "$mode")" \
+        --cmdline "quiet sluice.ddmb=$(ddmb "$mode") sluice.dd4k=$DD4K sluice.layout=$LAYOUT $(iommu_cmdline "$mode")" \
         --run-dir "$WORK/sluice" --timeout 900 > "$WORK/sluice.out" 2>&1 &
     await_run $! "$WORK/sluice/serial.log" "$round $(variant_label "$spec") $mode"
     # the proxy's traffic (round trips, ioeventfd doorbells, MSI-X, SCHED_FIFO threads) of
@@ -267,7 +273,7 @@ cell() { # WHO MODE TEST -> "median [values]", * when the median run lasted unde
 echo
 echo "guest-io.sh: load average $LOAD_START at the start, $LOAD_END at the end ($(nproc) cores)"
 echo "medians over $ROUNDS alternating rounds ($ARCH guest $VARIANT, $CPUS vCPUs, TCG;" \
-     "ddmb=$DDMB_NONE/$DDMB_IOMMU (none/IOMMU) dd4k=$DD4K), MiB/s, single values in brackets" \
+     "ddmb=$DDMB_NONE/$DDMB_IOMMU (none/IOMMU) dd4k=$DD4K, 1M buffer layout $LAYOUT), MiB/s, single values in brackets" \
      "(run order)"
 for who in "${WHO[@]}"; do
     [ "$who" = qemu ] && continue

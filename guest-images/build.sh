@@ -329,15 +329,15 @@ fi
 
 # ---------------------------------------------------------------------------
 # Guest tools (tools/): the sluice_dma module, built against this kernel's
-# tree, and the static vfio-dma program. A few seconds; cached per kernel key
+# tree, and the static vfio-dma and dma-bench programs. A few seconds; cached per kernel key
 # and tool sources, outside the kernel key so editing a tool never rebuilds a
 # kernel.
-TOOLS_KEY=$(cat "$HERE"/tools/sluice_dma/* "$HERE"/tools/vfio-dma/* | short_hash)
+TOOLS_KEY=$(cat "$HERE"/tools/sluice_dma/* "$HERE"/tools/vfio-dma/* "$HERE"/tools/dma-bench/* | short_hash)
 TOOLS=$IMAGE_DIR/tools-$TOOLS_KEY
-if [ -s "$TOOLS/sluice_dma.ko" ] && [ -s "$TOOLS/vfio-dma" ]; then
+if [ -s "$TOOLS/sluice_dma.ko" ] && [ -s "$TOOLS/vfio-dma" ] && [ -s "$TOOLS/dma-bench" ]; then
     stage 6 $STAGES "guest tools: cached ($TOOLS)"
 else
-    stage 6 $STAGES "guest tools (sluice_dma.ko against $VARIANT, static vfio-dma)"
+    stage 6 $STAGES "guest tools (sluice_dma.ko against $VARIANT, static vfio-dma and dma-bench)"
     [ -s "$OUT/Module.symvers" ] || die "$OUT has no Module.symvers: the kernel tree is gone; remove $IMAGE_DIR/.kernel-complete to rebuild it"
     rm -rf "$TOOLS.tmp"
     mkdir -p "$TOOLS.tmp/sluice_dma"
@@ -348,9 +348,12 @@ else
     "${ARCH_CROSS}gcc" -static -O2 -Wall -Wextra -Werror -o "$TOOLS.tmp/vfio-dma" "$HERE/tools/vfio-dma/vfio_dma.c" \
         >>"$TOOLS.tmp/build.log" 2>&1 \
         || { tail -n 30 "$TOOLS.tmp/build.log" >&2; die "vfio-dma build failed"; }
+    "${ARCH_CROSS}gcc" -static -O2 -Wall -Wextra -Werror -o "$TOOLS.tmp/dma-bench" "$HERE/tools/dma-bench/dma_bench.c" \
+        >>"$TOOLS.tmp/build.log" 2>&1 \
+        || { tail -n 30 "$TOOLS.tmp/build.log" >&2; die "dma-bench build failed"; }
     rm -rf "$TOOLS"
     mv "$TOOLS.tmp" "$TOOLS"
-    log "      sluice_dma.ko and vfio-dma built in $TOOLS"
+    log "      sluice_dma.ko, vfio-dma and dma-bench built in $TOOLS"
 fi
 
 # ---------------------------------------------------------------------------
@@ -389,7 +392,7 @@ fi
 # The initramfs is cheap (~2 s); it is rebuilt every time, reproducibly
 # (fixed mtimes, sorted names, gzip -n), and only replaces the cached file
 # when its bytes differ.
-stage 7 $STAGES "initramfs (busybox $BUSYBOX_VERSION + init/init + ${GUEST_MODULES[*]} + sluice_dma, vfio-dma)"
+stage 7 $STAGES "initramfs (busybox $BUSYBOX_VERSION + init/init + ${GUEST_MODULES[*]} + sluice_dma, vfio-dma, dma-bench)"
 STAGE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sluice-initramfs.XXXXXX")
 trap 'rm -rf "$STAGE_DIR"; if [ -n "${HB_PID:-}" ]; then kill "$HB_PID" 2>/dev/null || true; fi' EXIT
 R=$STAGE_DIR/root
@@ -407,6 +410,7 @@ for m in "${GUEST_MODULES[@]}"; do
 done
 install -m 0644 "$TOOLS/sluice_dma.ko" "$R/lib/modules/sluice_dma.ko"
 install -m 0755 "$TOOLS/vfio-dma" "$R/bin/vfio-dma"
+install -m 0755 "$TOOLS/dma-bench" "$R/bin/dma-bench"
 find "$R" -exec touch -h -d @0 {} +
 ( cd "$R" && find . -mindepth 1 -print0 | sort -z | cpio --null -o -H newc --quiet --reproducible -R 0:0 ) \
     | gzip -9 -n > "$STAGE_DIR/initramfs.cpio.gz"
@@ -432,7 +436,7 @@ stage 8 $STAGES "manifest"
     echo "patches: ${PATCHES[*]:-none}"
     echo "busybox: $BUSYBOX_VERSION"
     echo "modules: ${GUEST_MODULES[*]}"
-    echo "tools: $TOOLS (sluice_dma.ko, vfio-dma)"
+    echo "tools: $TOOLS (sluice_dma.ko, vfio-dma, dma-bench)"
     echo "build_tree: $OUT"
     echo "source_tree: $SRC"
     echo "files:"
