@@ -326,6 +326,9 @@ pub struct DeviceTraffic {
     pub polls_expired: u64,
     /// Whether its doorbell thread runs SCHED_FIFO.
     pub doorbell_fifo: bool,
+    /// Wake-ups of that thread beside a waiting vCPU thread after which it moved to another
+    /// core.
+    pub stepped_aside: u64,
     /// Whether the device's worker waits on the doorbell eventfds itself (no doorbell thread).
     pub doorbells_in_worker: bool,
     /// MSI-X vectors QEMU emulates for it (eventfds received).
@@ -450,7 +453,8 @@ pub fn run_qemu_with(
     let mut counters = Vec::new();
     for (sock, dev) in ours {
         let server = DeviceServer::new(sock, dev.clone(), devices.mem.clone(), stop.clone())
-            .with_sync_doorbells(proxy.sync_doorbells.contains(&dev.name));
+            .with_sync_doorbells(proxy.sync_doorbells.contains(&dev.name))
+            .with_qemu_pid(child.id());
         counters.push((dev.clone(), server.stats(), server.fast_path_stats()));
         spawn_server(format!("{}-proxy", dev.name), &dev_tx, None, move |_| {
             server.run()
@@ -634,6 +638,7 @@ pub fn run_qemu_with(
                 poll_caught: f.poll.caught.load(Ordering::Relaxed),
                 polls_expired: f.poll.expired.load(Ordering::Relaxed),
                 doorbell_fifo: f.fifo_threads.load(Ordering::Relaxed) > 0,
+                stepped_aside: f.stepped_aside.load(Ordering::Relaxed),
                 doorbells_in_worker: f.device_doorbells.load(Ordering::Relaxed) > 0,
                 msix_vectors: f.msix_fds.load(Ordering::Relaxed),
                 msix_signals: f.msix_signals.load(Ordering::Relaxed),

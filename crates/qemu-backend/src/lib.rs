@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod sched;
 pub mod server;
 mod serving;
+mod step_aside;
 pub mod zpci;
 
 pub use console::ConsoleSummary;

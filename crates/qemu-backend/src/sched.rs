@@ -289,7 +289,7 @@ impl VcpuRaiser {
 }
 
 /// The thread IDs of process `pid` whose name is a QEMU vCPU's (`CPU n/...`).
-fn vcpu_threads(pid: u32) -> Vec<libc::pid_t> {
+pub(crate) fn vcpu_threads(pid: u32) -> Vec<libc::pid_t> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };

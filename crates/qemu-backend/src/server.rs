@@ -100,6 +100,8 @@ pub struct DeviceServer {
     doorbells: Arc<Vec<AbsorbedDoorbell>>,
     doorbell_thread: Option<DoorbellThread>,
     msix: Option<Arc<MsixEventfds>>,
+    /// QEMU's process, whose vCPU threads a SCHED_FIFO doorbell thread steps aside for.
+    qemu_pid: Option<u32>,
 }
 
 fn valid_access(size: u32) -> bool {
@@ -126,6 +128,7 @@ impl DeviceServer {
             doorbells: Arc::new(Vec::new()),
             doorbell_thread: None,
             msix: None,
+            qemu_pid: None,
         }
     }
 
@@ -133,6 +136,14 @@ impl DeviceServer {
     #[must_use]
     pub fn with_sync_doorbells(mut self, sync: bool) -> Self {
         self.sync_doorbells = sync;
+        self
+    }
+
+    /// QEMU's process id: a SCHED_FIFO doorbell thread that wakes on the core of one of its
+    /// vCPU threads moves to another core (`crate::step_aside`).
+    #[must_use]
+    pub fn with_qemu_pid(mut self, pid: u32) -> Self {
+        self.qemu_pid = Some(pid);
         self
     }
 
@@ -236,6 +247,7 @@ impl DeviceServer {
             self.stop.clone(),
             self.fast.clone(),
             plan,
+            self.qemu_pid,
         ) {
             Ok(t) => {
                 self.doorbell_thread = Some(t);

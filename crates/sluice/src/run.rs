@@ -688,7 +688,11 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
                 ""
             },
             polled(t.poll_caught, t.polls_expired),
-            if t.doorbell_fifo { ", SCHED_FIFO" } else { "" },
+            match (t.doorbell_fifo, t.stepped_aside) {
+                (false, _) => String::new(),
+                (true, 0) => ", SCHED_FIFO".into(),
+                (true, n) => format!(", SCHED_FIFO, {n} steps off a vCPU's core"),
+            },
             t.msix_vectors,
             t.msix_signals,
             t.intx_raised,
