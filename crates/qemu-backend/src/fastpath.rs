@@ -579,16 +579,7 @@ mod tests {
         // With a budget the second doorbell and then the quit are found while polling.
         for (spin, caught) in [(Duration::from_secs(5), 2), (Duration::ZERO, 0)] {
             let function = Recorder::default();
-            let doorbells = vec![AbsorbedDoorbell {
-                doorbell: Doorbell {
-                    bar: 4,
-                    offset: 0x3004,
-                    size: 2,
-                    datamatch: None,
-                    value: 1,
-                },
-                fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            }];
+            let doorbells = vec![bell(4, 0x3004, 1)];
             let ring = doorbells[0].fd.try_clone().unwrap();
             let stats = FastPathStats::default();
             let quit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -616,6 +607,29 @@ mod tests {
             let writes = function.0.lock().unwrap();
             assert_eq!(*writes, vec![(4, 0x3004, vec![1, 0]); 2]);
         }
+    }
+
+    /// An absorbed doorbell of BAR `bar` at `offset` writing `value`, with a fresh eventfd.
+    fn bell(bar: u8, offset: u64, value: u64) -> AbsorbedDoorbell {
+        AbsorbedDoorbell {
+            doorbell: Doorbell {
+                bar,
+                offset,
+                size: 2,
+                datamatch: None,
+                value,
+            },
+            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    /// The pollfds of a run of ring polls that only a quit signal on `quit` may end.
+    fn quit_only(quit: &EventFd) -> [libc::pollfd; 1] {
+        [libc::pollfd {
+            fd: quit.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }]
     }
 
     /// A function whose ring has `pending` requests; counts the polls by their `quiet` flag.
@@ -665,22 +679,9 @@ mod tests {
     /// polling switched off the eventfds are polled instead; a quit signal ends the polling.
     #[test]
     fn rings_are_polled_quietly_and_doorbells_asked_for_again_before_sleeping() {
-        let doorbells = vec![AbsorbedDoorbell {
-            doorbell: Doorbell {
-                bar: 0,
-                offset: 0x3000,
-                size: 2,
-                datamatch: None,
-                value: 0,
-            },
-            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        }];
+        let doorbells = vec![bell(0, 0x3000, 0)];
         let quit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut pfds = [libc::pollfd {
-            fd: quit.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut pfds = quit_only(&quit);
         let stop = AtomicBool::new(false);
         for rings in [true, false] {
             let function = Ring::default();
@@ -730,23 +731,9 @@ mod tests {
     /// and is not re-armed; its pollable sibling is polled as before.
     #[test]
     fn a_doorbell_that_cannot_be_polled_is_asked_once_per_run() {
-        let bell = |offset, value| AbsorbedDoorbell {
-            doorbell: Doorbell {
-                bar: 0,
-                offset,
-                size: 2,
-                datamatch: None,
-                value,
-            },
-            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        };
-        let doorbells = vec![bell(0x3000, 0), bell(0x3004, 1)];
+        let doorbells = vec![bell(0, 0x3000, 0), bell(0, 0x3004, 1)];
         let quit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut pfds = [libc::pollfd {
-            fd: quit.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut pfds = quit_only(&quit);
         let function = Ring::default();
         function.pending.store(2, Ordering::Relaxed);
         let stats = FastPathStats::default();
@@ -766,7 +753,7 @@ mod tests {
         assert_eq!(function.rearms.load(Ordering::Relaxed), 1);
         assert_eq!(function.unpollable_asks.load(Ordering::Relaxed), 1);
         // A function none of whose doorbells can be polled: one ask each, then `None`.
-        let only_unpollable = [bell(0x3004, 1)];
+        let only_unpollable = [bell(0, 0x3004, 1)];
         let function = Ring::default();
         let served = ServedDoorbells {
             function: &function,
