@@ -280,18 +280,10 @@ impl ServedDoorbells<'_> {
         }
     }
 
-    /// When a vCPU thread waits for this thread's core, moves to a core no
-    /// vCPU thread is busy on, if there is one (else the preempted vCPU would only change).
+    /// Moves off a waiting vCPU thread's core, counted
+    /// ([`crate::step_aside::VcpuCores::leave_if_waited_for`]).
     fn step_aside(&self, vcpus: &mut crate::step_aside::VcpuCores) {
-        let Some(core) = crate::step_aside::current_core() else {
-            return;
-        };
-        let busy = vcpus.busy_cores();
-        if 1u64
-            .checked_shl(u32::try_from(core).unwrap_or(u32::MAX))
-            .is_some_and(|b| busy & b != 0)
-            && crate::step_aside::move_off(core, busy)
-        {
+        if vcpus.leave_if_waited_for() {
             self.stats.stepped_aside.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -356,7 +348,8 @@ impl ServedDoorbells<'_> {
                 deadline = now + spin;
             } else if now >= deadline {
                 break;
-            } else if now >= last_find + STEP_ASIDE_AFTER
+            } else if vcpus.is_some()
+                && now >= last_find + STEP_ASIDE_AFTER
                 && let Some(v) = vcpus.take()
             {
                 self.step_aside(v);
@@ -420,14 +413,14 @@ struct PollableDoorbells {
 
 impl PollableDoorbells {
     fn insert(&mut self, i: usize) {
-        match 1u64.checked_shl(u32::try_from(i).unwrap_or(u32::MAX)) {
+        match crate::mask_bit(i) {
             Some(bit) => self.first_64 |= bit,
             None => self.any_beyond = true,
         }
     }
 
     fn contains(self, i: usize) -> bool {
-        match 1u64.checked_shl(u32::try_from(i).unwrap_or(u32::MAX)) {
+        match crate::mask_bit(i) {
             Some(bit) => self.first_64 & bit != 0,
             None => true,
         }
@@ -623,6 +616,21 @@ mod tests {
         }
     }
 
+    /// `doorbells` of `function` served with `stats`, their rings polled when `rings`.
+    fn served_by<'a>(
+        function: &'a dyn PciFunction,
+        doorbells: &'a [AbsorbedDoorbell],
+        stats: &'a FastPathStats,
+        rings: bool,
+    ) -> ServedDoorbells<'a> {
+        ServedDoorbells {
+            function,
+            doorbells,
+            stats,
+            rings,
+        }
+    }
+
     /// The pollfds of a run of ring polls that only a quit signal on `quit` may end.
     fn quit_only(quit: &EventFd) -> [libc::pollfd; 1] {
         [libc::pollfd {
@@ -687,12 +695,7 @@ mod tests {
             let function = Ring::default();
             function.pending.store(3, Ordering::Relaxed);
             let stats = FastPathStats::default();
-            let served = ServedDoorbells {
-                function: &function,
-                doorbells: &doorbells,
-                stats: &stats,
-                rings,
-            };
+            let served = served_by(&function, &doorbells, &stats, rings);
             let polled = served.poll_rings(&mut pfds, &stop, Duration::from_millis(2), None);
             if !rings {
                 assert_eq!(polled, None);
@@ -713,12 +716,7 @@ mod tests {
         let function = Ring::default();
         function.pending.store(u64::MAX, Ordering::Relaxed);
         let stats = FastPathStats::default();
-        let served = ServedDoorbells {
-            function: &function,
-            doorbells: &doorbells,
-            stats: &stats,
-            rings: true,
-        };
+        let served = served_by(&function, &doorbells, &stats, true);
         quit.write(1).unwrap();
         assert_eq!(
             served.poll_rings(&mut pfds, &stop, Duration::from_secs(3600), None),
@@ -737,12 +735,7 @@ mod tests {
         let function = Ring::default();
         function.pending.store(2, Ordering::Relaxed);
         let stats = FastPathStats::default();
-        let served = ServedDoorbells {
-            function: &function,
-            doorbells: &doorbells,
-            stats: &stats,
-            rings: true,
-        };
+        let served = served_by(&function, &doorbells, &stats, true);
         let stop = AtomicBool::new(false);
         assert_eq!(
             served.poll_rings(&mut pfds, &stop, Duration::from_millis(2), None),
@@ -755,12 +748,7 @@ mod tests {
         // A function none of whose doorbells can be polled: one ask each, then `None`.
         let only_unpollable = [bell(0, 0x3004, 1)];
         let function = Ring::default();
-        let served = ServedDoorbells {
-            function: &function,
-            doorbells: &only_unpollable,
-            stats: &stats,
-            rings: true,
-        };
+        let served = served_by(&function, &only_unpollable, &stats, true);
         assert_eq!(
             served.poll_rings(&mut pfds, &stop, Duration::from_millis(2), None),
             None

@@ -48,3 +48,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The bit of `index` in a 64-bit mask (cores, doorbells); `None` past the mask's width.
+pub(crate) fn mask_bit(index: usize) -> Option<u64> {
+    u32::try_from(index).ok().and_then(|i| 1u64.checked_shl(i))
+}

@@ -42,8 +42,19 @@ impl VcpuCores {
         }
     }
 
+    /// When a vCPU thread waits for the calling thread's core, moves the calling thread to a
+    /// core no vCPU thread is busy on, if there is one (else it would only change which vCPU
+    /// waits); whether it moved.
+    pub(crate) fn leave_if_waited_for(&mut self) -> bool {
+        let Some(core) = current_core() else {
+            return false;
+        };
+        let busy = self.busy_cores();
+        crate::mask_bit(core).is_some_and(|bit| busy & bit != 0) && move_off(core, busy)
+    }
+
     /// The cores (of the first 64) a vCPU thread is runnable on (running, or waiting for it).
-    pub(crate) fn busy_cores(&mut self) -> u64 {
+    fn busy_cores(&mut self) -> u64 {
         if self.stats.is_empty() {
             if self.searches_left == 0 {
                 return 0;
@@ -59,8 +70,7 @@ impl VcpuCores {
             .iter()
             .filter_map(|f| {
                 let n = f.read_at(buf, 0).ok()?;
-                let core = runnable_core(buf.get(..n)?)?;
-                1u64.checked_shl(u32::try_from(core).ok()?)
+                crate::mask_bit(runnable_core(buf.get(..n)?)?)
             })
             .fold(0, |cores, bit| cores | bit)
     }
@@ -79,7 +89,7 @@ fn runnable_core(stat: &[u8]) -> Option<usize> {
 }
 
 /// The core the calling thread runs on.
-pub(crate) fn current_core() -> Option<usize> {
+fn current_core() -> Option<usize> {
     // SAFETY: no arguments; returns the core or -1.
     usize::try_from(unsafe { libc::sched_getcpu() }).ok()
 }
@@ -87,7 +97,7 @@ pub(crate) fn current_core() -> Option<usize> {
 /// Moves the calling thread off core `cpu` to a core it may run on that is not in `busy`
 /// (a mask of the first 64 cores), keeping its affinity as it was; false when there is none
 /// or the kernel refused.
-pub(crate) fn move_off(cpu: usize, busy: u64) -> bool {
+fn move_off(cpu: usize, busy: u64) -> bool {
     exclude(cpu, busy).is_some_and(|allowed| set_affinity(&allowed))
 }
 
