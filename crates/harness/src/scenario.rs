@@ -67,9 +67,6 @@ fn default_disk_mib() -> u64 {
 fn default_rate() -> f64 {
     1.0
 }
-fn default_exit() -> String {
-    "powered-off".into()
-}
 
 /// What the guest does.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -200,8 +197,10 @@ pub struct Expect {
     #[serde(default)]
     pub max_faults: Option<u64>,
     /// How the guest must end (every run): `powered-off`, `timeout`, `guest-panic`, or `any`.
-    #[serde(default = "default_exit")]
-    pub exit: String,
+    /// A block that names none leaves it to the variant's other blocks; when no block of the
+    /// variant names one, the guest must power off (see [`Scenario::exits_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<String>,
     /// Fraction of seeds whose run must meet the reproduction conditions.
     #[serde(default = "default_rate")]
     pub min_rate: f64,
@@ -287,6 +286,21 @@ impl Scenario {
         })
     }
 
+    /// The ways a run of `variant` may end, each of which must hold: the exits its blocks name
+    /// (`any` holds always), or `powered-off` when none names one. A block that only forbids
+    /// console lines must not force "powered-off" on a variant whose own block says `any`.
+    pub fn exits_for<'a>(&'a self, variant: &'a str) -> Vec<&'a str> {
+        let named: Vec<&str> = self
+            .expectations_for(variant)
+            .filter_map(|e| e.exit.as_deref())
+            .collect();
+        if named.is_empty() {
+            vec!["powered-off"]
+        } else {
+            named
+        }
+    }
+
     fn validate(&self, variant_exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
         if self.name.is_empty()
             || !self
@@ -329,6 +343,18 @@ impl Scenario {
         }
         for (i, e) in self.expect.iter().enumerate() {
             validate_expect(i, e, &self.variants)?;
+        }
+        for v in &self.variants {
+            let mut exits = self.exits_for(v);
+            exits.retain(|x| *x != "any");
+            exits.sort_unstable();
+            exits.dedup();
+            if exits.len() > 1 {
+                return Err(format!(
+                    "impossible expectation: variant {v:?} must end both {}",
+                    exits.join(" and ")
+                ));
+            }
         }
         if let Some(sweep) = &self.sweep {
             check_spec_values(sweep).map_err(|e| e.to_string())?;
@@ -382,10 +408,11 @@ fn validate_expect(i: usize, e: &Expect, variants: &[String]) -> Result<(), Stri
     if !(0.0..=1.0).contains(&e.min_rate) {
         return Err(format!("{at}: min_rate {} is outside 0..=1", e.min_rate));
     }
-    if !["powered-off", "timeout", "guest-panic", "any"].contains(&e.exit.as_str()) {
+    if let Some(exit) = &e.exit
+        && !["powered-off", "timeout", "guest-panic", "any"].contains(&exit.as_str())
+    {
         return Err(format!(
-            "{at}: exit {:?}: expected powered-off, timeout, guest-panic or any",
-            e.exit
+            "{at}: exit {exit:?}: expected powered-off, timeout, guest-panic or any"
         ));
     }
     for r in e.console_required.iter().chain(&e.console_forbidden) {
@@ -501,6 +528,12 @@ exit = "any"
         let faults =
             "name = \"x\"\nvariants = [\"6.12\"]\n[[expect]]\nmin_faults = 3\nmax_faults = 1\n";
         assert!(err(faults).contains("min_faults"));
+        let exits = "name = \"x\"\nvariants = [\"6.12\"]\n[[expect]]\nexit = \"timeout\"\n[[expect]]\nexit = \"powered-off\"\n[[expect]]\nexit = \"any\"\n";
+        assert!(
+            err(exits).contains("must end both powered-off and timeout"),
+            "{}",
+            err(exits)
+        );
         let iommu = "name = \"x\"\nvariants = [\"6.12\"]\n[devices]\niommu = \"smmu\"\n";
         let e = err(iommu);
         // toml names the key and the values it accepts

@@ -93,7 +93,14 @@ pub fn judge(case: &RunCase, obs: Observation) -> CaseResult {
         check_invariants(e, &obs, &mut violations);
         check_reproduction(e, &obs, &mut missing);
     }
-    // Several blocks may state the same invariant (every block defaults to exit = powered-off).
+    if obs.error.is_none() {
+        for exit in case.scenario.exits_for(&case.variant) {
+            if exit != "any" && obs.exit != exit {
+                violations.push(format!("exit {} (expected {exit})", obs.exit));
+            }
+        }
+    }
+    // Several blocks may state the same invariant.
     let mut seen = std::collections::BTreeSet::new();
     violations.retain(|v| seen.insert(v.clone()));
     CaseResult {
@@ -133,9 +140,6 @@ pub fn reproduces_something(e: &Expect) -> bool {
 }
 
 fn check_invariants(e: &Expect, obs: &Observation, out: &mut Vec<String>) {
-    if e.exit != "any" && obs.error.is_none() && obs.exit != e.exit {
-        out.push(format!("exit {} (expected {})", obs.exit, e.exit));
-    }
     for c in &e.escapes_forbidden {
         let n: u64 = if c == "*" {
             obs.escapes.values().sum()
@@ -370,6 +374,31 @@ max_faults = 0
         o.error = Some("image build failed".into());
         let r = judge(&case(RACE, "fixed"), o);
         assert!(!r.reproduced && r.violations[0].contains("image build failed"));
+    }
+
+    #[test]
+    fn a_variant_block_that_allows_any_exit_is_not_overruled_by_a_common_block() {
+        // The common block names no exit; the unfixed kernel's block allows any; the fixed
+        // kernel's names none, so it must power off. (race1-probe-phases failed CI on this.)
+        let text = RACE.replace("min_rate = 0.3", "min_rate = 0.3\nexit = \"any\"");
+        let timed_out = || {
+            let mut o = obs(&[("bypass-after-takeover", 1)], 0, &[]);
+            o.exit = "timeout".into();
+            o
+        };
+        let r = judge(&case(&text, "unfixed"), timed_out());
+        assert!(
+            r.reproduced && r.violations.is_empty(),
+            "{:?}",
+            r.violations
+        );
+        let r = judge(&case(&text, "fixed"), timed_out());
+        assert!(
+            r.violations
+                .contains(&"exit timeout (expected powered-off)".to_string()),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]

@@ -649,7 +649,7 @@ pub fn finding_scenario(base: &Scenario, f: &Finding, index: usize) -> Option<Sc
         console_forbidden: Vec::new(),
         min_faults: None,
         max_faults: None,
-        exit: "any".into(),
+        exit: Some("any".into()),
         min_rate: (m.rate() * 10.0).floor() / 10.0,
     };
     match f.kind {
@@ -665,10 +665,10 @@ pub fn finding_scenario(base: &Scenario, f: &Finding, index: usize) -> Option<Sc
             let head: String = head.chars().take(60).collect();
             expect.console_required.push(regex::escape(head.trim()));
         }
-        AnomalyKind::Hang => expect.exit = "timeout".into(),
+        AnomalyKind::Hang => expect.exit = Some("timeout".into()),
         AnomalyKind::Workload => expect.console_required.push("RESULT FAIL".into()),
         AnomalyKind::Exit => {
-            expect.exit = f.signature.strip_prefix("exit ")?.to_string();
+            expect.exit = Some(f.signature.strip_prefix("exit ")?.to_string());
         }
     }
     let mut s = base.clone();
