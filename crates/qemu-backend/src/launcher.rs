@@ -476,7 +476,7 @@ pub fn run_qemu_with(
         spawn_server(
             "iommu-proxy".into(),
             &dev_tx,
-            Some((&iommu_fifo, crate::sched::SMMU_SERVER_SPIN_US)),
+            Some((&iommu_fifo, crate::sched::smmu_server_spin_us(cfg.cpus))),
             move |budget| server.with_poll_budget(budget).run(),
         );
     }

@@ -131,10 +131,17 @@ pub fn iommu_server_spin(default_us: u32) -> std::time::Duration {
 /// (one per unmap in strict mode, per flush in lazy); with 200 µs most are found while polling
 /// and strict 4k throughput rose 62–74 % (`docs/benchmarks.md`, "Polling after a doorbell").
 pub const ZPCI_SERVER_SPIN_US: u32 = 200;
-/// The SMMUv3 server thread's: none. Polling made strict 4k reads slower in every round
-/// measured (10.0 to 7.2 MiB/s), though 72–80 % of the register writes were found while
-/// polling (same section).
-pub const SMMU_SERVER_SPIN_US: u32 = 0;
+/// The SMMUv3 server thread's, for a guest of `vcpus` vCPUs: 200 µs when the host has a core
+/// beyond one per vCPU, else none. Linux waits for each CMD_SYNC with its vCPU spinning, and
+/// the CMDQ_PROD write before it is posted, so the vCPU that made it runs on while the thread
+/// serves and polls: with a core to spare polling saves a thread wake-up per CMD_SYNC (1 vCPU
+/// on 2 cores: strict scattered 1M +62–100 %, strict 4k +9–18 %), without one the poller
+/// takes the core the spinning vCPUs need (2 vCPUs: strict read4k slower in every round
+/// measured, 10.0 to 7.2 MiB/s). `docs/benchmarks.md`, "what bounds the IOMMU rows".
+pub fn smmu_server_spin_us(vcpus: u32) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > vcpus as usize { 200 } else { 0 }
+}
 
 /// How long (µs) a zPCI instruction QEMU forwards polls for the answer before its vCPU thread
 /// sleeps: [`ZPCI_SPIN_US`] when the zPCI server thread runs SCHED_FIFO (a polling vCPU holds a
@@ -315,6 +322,21 @@ fn is_vcpu_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// The SMMUv3 server polls only while the host keeps a core beyond one per vCPU.
+    #[test]
+    fn the_smmu_server_polls_only_with_a_core_to_spare() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        assert_eq!(
+            smmu_server_spin_us(cores),
+            0,
+            "one core per vCPU: none to spare"
+        );
+        assert_eq!(smmu_server_spin_us(cores + 7), 0);
+        if cores > 1 {
+            assert_eq!(smmu_server_spin_us(cores - 1), 200, "a core to spare");
+        }
+    }
 
     #[test]
     fn vcpu_threads_are_known_by_qemus_names() {
