@@ -279,6 +279,14 @@ echo "guest-io.sh: load average $LOAD_START at the start, $LOAD_END at the end (
 echo "medians over $ROUNDS alternating rounds ($ARCH guest $VARIANT, $CPUS vCPUs, TCG;" \
      "ddmb=$DDMB_NONE/$DDMB_IOMMU (none/IOMMU) dd4k=$DD4K, 1M buffer layout $LAYOUT), MiB/s, single values in brackets" \
      "(run order)"
+if [ "$ARCH" = x86_64 ] && [ "$(nproc)" -gt 1 ] && [ "$CPUS" -ge "$(nproc)" ] && [ "$MODES" != none ]; then
+    # Measured on x86 (virtio-iommu): with a core per vCPU and none left, the IOMMU rows
+    # measure this host's cores more than translation (docs/benchmarks.md, "what bounds the
+    # IOMMU rows"; on arm64 the cores were not the whole gap).
+    echo "note: $CPUS vCPUs on $(nproc) cores: the IOMMU's answering thread has no core of its own," \
+         "so Sluice's IOMMU rows wait for cores that QEMU's in-process IOMMU does not need" \
+         "(CPUS=$(( $(nproc) - 1 )) leaves it one; docs/benchmarks.md, \"what bounds the IOMMU rows\")"
+fi
 for who in "${WHO[@]}"; do
     [ "$who" = qemu ] && continue
     echo
