@@ -119,10 +119,23 @@ fn two_disks_each_verified() {
     assert_ne!(disks[0]["guest_name"], disks[1]["guest_name"]);
 }
 
+/// `sluice run` of the 6.12 guest behind Sluice's virtio-iommu with `extra` arguments (disks,
+/// workload) and kernel command line `cmdline`, in `dir`.
+fn run_behind_viommu(
+    dir: &std::path::Path,
+    extra: &[&str],
+    cmdline: &str,
+) -> (std::process::Output, Option<serde_json::Value>) {
+    let (kernel, initrd) = guest("6.12");
+    let mut args = vec!["--iommu", "virtio"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--cmdline", cmdline, "--timeout", "240"]);
+    run_guest(&kernel, &initrd, &qemu(), dir, &args)
+}
+
 /// virtio-iommu with two disks, one behind it: the endpoint lands in an IOMMU group, the other
 /// disk does not, both round-trip their data, and every DMA of the endpoint was translated.
 fn virtio_iommu_two_disks(extra_cmdline: &str) -> serde_json::Value {
-    let (kernel, initrd) = guest("6.12");
     let dir = scratch(&format!(
         "viommu{}",
         extra_cmdline.replace(['.', '=', ' '], "-")
@@ -135,23 +148,10 @@ fn virtio_iommu_two_disks(extra_cmdline: &str) -> serde_json::Value {
     }
     let behind = dir.join("behind.img");
     let direct = format!("{},iommu=off", dir.join("direct.img").display());
-    let (out, report) = run_guest(
-        &kernel,
-        &initrd,
-        &qemu(),
+    let (out, report) = run_behind_viommu(
         &dir,
-        &[
-            "--iommu",
-            "virtio",
-            "--disk",
-            behind.to_str().unwrap(),
-            "--disk",
-            &direct,
-            "--cmdline",
-            extra_cmdline,
-            "--timeout",
-            "240",
-        ],
+        &["--disk", behind.to_str().unwrap(), "--disk", &direct],
+        extra_cmdline,
     );
     let log = text(&out);
     assert!(out.status.success(), "{log}");
@@ -426,7 +426,6 @@ fn arm64_smmuv3_identity_domain_bypasses_without_escapes() {
 /// One strict virtio-iommu boot running the bench workload with small tests and the 1M tests'
 /// buffer in `layout`: its BENCH lines and the virtio-iommu's MAP request count.
 fn bench_with_layout(layout: &str) -> (Vec<String>, u64) {
-    let (kernel, initrd) = guest("6.12");
     let dir = scratch(&format!("bench-{layout}"));
     let disk = dir.join("disk.img");
     // the bench workload writes from 512 MiB on
@@ -435,23 +434,10 @@ fn bench_with_layout(layout: &str) -> (Vec<String>, u64) {
         .set_len(1 << 30)
         .unwrap();
     let cmdline = format!("iommu.strict=1 sluice.ddmb=4 sluice.dd4k=64 sluice.layout={layout}");
-    let (out, report) = run_guest(
-        &kernel,
-        &initrd,
-        &qemu(),
+    let (out, report) = run_behind_viommu(
         &dir,
-        &[
-            "--iommu",
-            "virtio",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--workload",
-            "bench",
-            "--cmdline",
-            &cmdline,
-            "--timeout",
-            "240",
-        ],
+        &["--disk", disk.to_str().unwrap(), "--workload", "bench"],
+        &cmdline,
     );
     let log = text(&out);
     assert!(out.status.success(), "{log}");

@@ -140,8 +140,15 @@ pub const ZPCI_SERVER_SPIN_US: u32 = 200;
 /// measured, 10.0 to 7.2 MiB/s). `docs/benchmarks.md`, "what bounds the IOMMU rows".
 pub fn smmu_server_spin_us(vcpus: u32) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores > vcpus as usize { 200 } else { 0 }
+    if cores > vcpus as usize {
+        SMMU_SERVER_SPARE_CORE_SPIN_US
+    } else {
+        0
+    }
 }
+/// The SMMUv3 server thread's poll budget when the host has a core to spare
+/// ([`smmu_server_spin_us`]): the zPCI thread's, which was measured first.
+const SMMU_SERVER_SPARE_CORE_SPIN_US: u32 = ZPCI_SERVER_SPIN_US;
 
 /// How long (µs) a zPCI instruction QEMU forwards polls for the answer before its vCPU thread
 /// sleeps: [`ZPCI_SPIN_US`] when the zPCI server thread runs SCHED_FIFO (a polling vCPU holds a
