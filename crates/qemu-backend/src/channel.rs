@@ -34,6 +34,24 @@ pub enum ChannelError {
     FdsTruncated,
 }
 
+impl ChannelError {
+    /// The peer went away (the socket reset or a message cut short), as when QEMU exits or is
+    /// killed, rather than sending something wrong.
+    pub fn peer_gone(&self) -> bool {
+        match self {
+            ChannelError::Truncated { .. } => true,
+            ChannelError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            ChannelError::Protocol(_) | ChannelError::FdsTruncated => false,
+        }
+    }
+}
+
 /// One end of a proxy connection.
 pub struct Channel {
     sock: UnixStream,
@@ -236,6 +254,18 @@ mod tests {
     use super::*;
     use crate::protocol::{Command, encode_message};
     use std::sync::atomic::Ordering;
+
+    /// A reset, a broken pipe or a message cut short means QEMU's side went away; a malformed
+    /// message or other I/O failure does not.
+    #[test]
+    fn only_a_vanished_peer_counts_as_gone() {
+        let io_err = |k| ChannelError::Io(io::Error::from(k));
+        assert!(io_err(io::ErrorKind::ConnectionReset).peer_gone());
+        assert!(io_err(io::ErrorKind::BrokenPipe).peer_gone());
+        assert!(ChannelError::Truncated { got: 3, want: 8 }.peer_gone());
+        assert!(!io_err(io::ErrorKind::PermissionDenied).peer_gone());
+        assert!(!ChannelError::FdsTruncated.peer_gone());
+    }
 
     /// The first message is waited for by blocking; one sent while the channel polls after
     /// the previous one is counted as caught; a poll that sees nothing ends at its budget and

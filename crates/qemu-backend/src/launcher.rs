@@ -17,7 +17,6 @@ use sluice_host::supervisor::{self, Ending, Observed};
 use sluice_host::{DeviceSet, RunOutcome};
 use thiserror::Error;
 
-use crate::channel::ChannelError;
 use crate::console::{self, ConsoleState, ConsoleSummary};
 use crate::error_chain;
 use crate::platform::{PlatformInterrupts, PlatformServer};
@@ -277,6 +276,9 @@ fn qemu_args_with(
 const CONSOLE_QUEUE: usize = 4096;
 /// How long the console may stay open after QEMU exited before the run ends without its end.
 const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+/// How long QEMU may take to exit after a device's socket reports it gone before that counts
+/// as a device error (a socket QEMU dropped while it runs on).
+const PEER_GONE_GRACE: Duration = Duration::from_secs(2);
 
 /// A finished QEMU run: the outcome every backend reports, and how much of the console was
 /// kept in memory.
@@ -511,6 +513,9 @@ pub fn run_qemu_with(
 
     let mut seen = ConsoleState::default();
     let mut device_error = None;
+    // A device socket QEMU's side closed, and when: QEMU's exit explains it (the reset often
+    // arrives before QEMU is reaped), unless QEMU runs on past PEER_GONE_GRACE.
+    let mut peer_gone: Option<(Instant, String)> = None;
     let mut timed_out = false;
     let mut exited_at: Option<Instant> = None;
     let status = loop {
@@ -530,10 +535,23 @@ pub fn run_qemu_with(
         }
         while let Ok(r) = dev_rx.try_recv() {
             if let Err(e) = r {
-                let e = error_chain(&e);
-                log::error!("{e}");
-                device_error.get_or_insert(e);
+                let text = error_chain(&e);
+                if e.peer_gone() {
+                    log::warn!("{text}");
+                    peer_gone.get_or_insert((Instant::now(), text));
+                } else {
+                    log::error!("{text}");
+                    device_error.get_or_insert(text);
+                }
             }
+        }
+        if device_error.is_none()
+            && exited_at.is_none()
+            && peer_gone
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() > PEER_GONE_GRACE)
+        {
+            device_error = peer_gone.take().map(|(_, text)| text);
         }
         if device_error.is_some() || start.elapsed() > cfg.timeout {
             timed_out = device_error.is_none();
@@ -565,18 +583,12 @@ pub fn run_qemu_with(
     };
     let wall = start.elapsed();
     stop.store(true, Ordering::Release);
-    // Servers end when QEMU closes their sockets. A message cut short by QEMU's exit is not a
+    // Servers end when QEMU closes their sockets. A socket gone with QEMU's exit is not a
     // device error; anything else (a malformed message) still is.
     while let Ok(r) = dev_rx.recv_timeout(Duration::from_millis(200)) {
         if let Err(e) = r
             && device_error.is_none()
-            && !matches!(
-                e,
-                ServeError::Channel {
-                    source: ChannelError::Truncated { .. },
-                    ..
-                }
-            )
+            && !e.peer_gone()
         {
             device_error = Some(error_chain(&e));
         }

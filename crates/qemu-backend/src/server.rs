@@ -44,6 +44,14 @@ pub enum ServeError {
     },
 }
 
+impl ServeError {
+    /// QEMU's end of the connection went away ([`ChannelError::peer_gone`]): a device error
+    /// only if QEMU keeps running without it; when QEMU has exited, its exit explains it.
+    pub fn peer_gone(&self) -> bool {
+        matches!(self, ServeError::Channel { source, .. } if source.peer_gone())
+    }
+}
+
 /// Counters of one connection.
 #[derive(Debug, Default)]
 pub struct ServeStats {
