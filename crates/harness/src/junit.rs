@@ -85,6 +85,7 @@ mod tests {
                 ..Default::default()
             },
             min_rate: 1.0,
+            retried_after: None,
         };
         let s = summarize(std::slice::from_ref(&r));
         let x = render(&s, &[r]);

@@ -2,6 +2,8 @@
 //!
 //! - [`scenario`]: the scenario file format (TOML) with strict validation;
 //! - [`plan`]: scenarios × variants × seeds → run cases, and deterministic sharding;
+//! - [`artifact`]: guest failures the guest kernel attributes to its timer not firing (host
+//!   starvation under TCG), which earn a run a second attempt;
 //! - [`verdict`]: what one run observed against what the scenario expects, and reproduction
 //!   rates over seeds;
 //! - [`junit`]: JUnit XML that any CI reads;
@@ -13,6 +15,7 @@
 //! The CLI implements [`Runner`] (boot the guest, inject, run the oracle).
 #![forbid(unsafe_code)]
 
+pub mod artifact;
 pub mod explore;
 pub mod junit;
 pub mod plan;

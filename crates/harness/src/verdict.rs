@@ -66,6 +66,10 @@ pub struct CaseResult {
     pub observation: Observation,
     /// The rate this group must reach.
     pub min_rate: f64,
+    /// This is a second attempt: the first broke an invariant with a host artifact on its
+    /// console (`crate::artifact`). What the first attempt showed, and where its artifacts are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_after: Option<String>,
 }
 
 pub(crate) fn matches_any(lines: &[String], pattern: &str) -> bool {
@@ -113,12 +117,21 @@ pub fn judge(case: &RunCase, obs: Observation) -> CaseResult {
         missing,
         observation: obs,
         min_rate,
+        retried_after: None,
     }
 }
 
 impl CaseResult {
     /// One phrase for a progress line: what this run means against its expectations.
     pub fn label(&self) -> String {
+        match &self.retried_after {
+            Some(first) => format!("{} (second attempt; the first: {first})", self.verdict()),
+            None => self.verdict(),
+        }
+    }
+
+    /// What this attempt means, without the retry note.
+    fn verdict(&self) -> String {
         if let Some(e) = &self.observation.error {
             return format!("ERROR: run failed: {e}");
         }
@@ -197,6 +210,9 @@ pub struct GroupSummary {
     pub violating: usize,
     /// Runs that could not be performed (image build failed, host error).
     pub errors: usize,
+    /// Runs judged on a second attempt after a host artifact (`crate::artifact`).
+    #[serde(default)]
+    pub retried: usize,
     /// Some run of the group had reproduction conditions to meet.
     pub expects_reproduction: bool,
     /// The group met its expectations.
@@ -208,6 +224,17 @@ pub struct GroupSummary {
 impl GroupSummary {
     /// "reproduced as expected", "clean as expected", or "UNEXPECTED: ..." / "ERROR: ...".
     pub fn label(&self) -> String {
+        match self.retried {
+            0 => self.outcome(),
+            n => format!(
+                "{}; {n} run(s) judged on a second attempt after a host artifact",
+                self.outcome()
+            ),
+        }
+    }
+
+    /// The group's outcome, without the retry count.
+    fn outcome(&self) -> String {
         let pct = |r: f64| format!("{:.0} %", r * 100.0);
         let mut problems = Vec::new();
         if self.errors > 0 {
@@ -272,6 +299,7 @@ pub fn summarize(results: &[CaseResult]) -> SuiteSummary {
             let reproduced = rs.iter().filter(|r| r.reproduced).count();
             let violating = rs.iter().filter(|r| !r.violations.is_empty()).count();
             let errors = rs.iter().filter(|r| r.observation.error.is_some()).count();
+            let retried = rs.iter().filter(|r| r.retried_after.is_some()).count();
             let expects_reproduction = rs.iter().any(|r| r.expects_reproduction);
             let min_rate = rs.iter().map(|r| r.min_rate).fold(0.0, f64::max);
             let rate = if runs == 0 {
@@ -288,6 +316,7 @@ pub fn summarize(results: &[CaseResult]) -> SuiteSummary {
                 min_rate,
                 violating,
                 errors,
+                retried,
                 expects_reproduction,
                 pass,
                 label: String::new(),
@@ -479,8 +508,28 @@ max_faults = 0
                 .starts_with("ERROR: run failed: image build failed")
         );
         assert_eq!(
-            group(vec![clean, failed]),
+            group(vec![clean.clone(), failed]),
             "ERROR: 1 run(s) could not be performed"
+        );
+
+        // A second attempt says so, on the run and on its group, whatever it showed.
+        let mut again = clean.clone();
+        again.retried_after = Some("RCU: timer did not fire; UNEXPECTED: exit timeout".into());
+        assert_eq!(
+            again.label(),
+            "clean as expected (second attempt; the first: RCU: timer did not fire; \
+             UNEXPECTED: exit timeout)"
+        );
+        assert_eq!(
+            group(vec![clean.clone(), again.clone()]),
+            "clean as expected (2/2 clean); 1 run(s) judged on a second attempt after a host \
+             artifact"
+        );
+        let mut again_leak = judge(&case(RACE, "fixed"), obs(&[("wrong-domain", 1)], 0, &[]));
+        again_leak.retried_after = again.retried_after.clone();
+        assert!(
+            group(vec![clean, again_leak])
+                .starts_with("UNEXPECTED: 1 run(s) broke an invariant; 1 run(s) judged")
         );
     }
 }
