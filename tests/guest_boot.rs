@@ -217,7 +217,7 @@ fn boot_behind_iommu(
     iommu: &str,
     cmdline: &str,
     inject: &str,
-) -> (serde_json::Value, std::path::PathBuf) {
+) -> (serde_json::Value, std::path::PathBuf, String) {
     let (kernel, initrd) = guest(variant);
     let dir = scratch(&format!(
         "{variant}-{}",
@@ -245,14 +245,27 @@ fn boot_behind_iommu(
     assert!(out.status.success(), "{log}");
     let r = report.expect("report written");
     assert_eq!(r["exit_reason"], "powered-off", "{log}");
-    (r, dir)
+    (r, dir, log)
 }
 
 /// arm64 under Sluice's SMMUv3: the real arm-smmu-v3 driver programs the model through the
 /// proxied register window, the disk's every DMA is translated by the model (StreamID = RID
 /// 00:03.0 = 0x18), the disk round-trips, and the model's points fire on the guest's commands.
+///
+/// The disk's completions are MSI-X through the GIC ITS: QEMU writes each message at the IOVA
+/// Linux mapped the ITS doorbell at, and asks Sluice's model to translate it (SMMU_TRANSLATE).
+/// So the model translated every MSI, refused none, and the disk raised no INTx.
 fn arm64_smmuv3(cmdline: &str, inject: &str) -> serde_json::Value {
-    let (r, dir) = boot_behind_iommu("arm64-6.12", "aarch64", "smmuv3", cmdline, inject);
+    let (r, dir, log) = boot_behind_iommu("arm64-6.12", "aarch64", "smmuv3", cmdline, inject);
+    let proxy = &r["iommu_proxy"];
+    assert!(proxy["translations"].as_u64().unwrap() > 100, "{proxy}");
+    assert_eq!(proxy["translation_faults"], 0, "{proxy}");
+    let blk = log
+        .lines()
+        .find(|l| l.starts_with("device proxy:") && l.contains("blk0:"))
+        .unwrap_or_else(|| panic!("no device proxy line for blk0: {log}"));
+    assert!(blk.contains(", 0 INTx raised"), "{blk}");
+    assert!(!blk.contains(" 0 MSI-X vectors"), "{blk}");
     assert_eq!(r["iommu"]["kind"], "SMMUv3");
     let disk = &r["disks"][0];
     assert_eq!(disk["host_check"], "Match", "{disk}");
@@ -318,7 +331,7 @@ fn arm64_smmuv3_strict_translates_every_dma_and_fires_its_points() {
 /// function, UID 1: 0001:00:00.0 in the guest); the disk round-trips and the model's points
 /// (and a guest-code point, through the TCG plugin) fire.
 fn s390x_zpci(variant: &str, cmdline: &str, inject: &str) -> serde_json::Value {
-    let (r, _) = boot_behind_iommu(variant, "s390x", "zpci", cmdline, inject);
+    let (r, _, _) = boot_behind_iommu(variant, "s390x", "zpci", cmdline, inject);
     let disk = &r["disks"][0];
     assert_eq!(disk["host_check"], "Match", "{disk}");
     assert_eq!(disk["guest_name"], "vda", "{disk}");

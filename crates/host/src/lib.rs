@@ -158,6 +158,11 @@ pub struct DeviceSet {
     pub iommu_mmio: Option<Arc<dyn sluice_pci::MmioDevice>>,
     /// Its model, when the CPU backend forwards the guest's zPCI instructions to it.
     pub iommu_zpci: Option<iommu::ZpciHandle>,
+    /// A platform IOMMU's translation of the writes the CPU backend makes on a translated
+    /// device's behalf (its MSIs, which QEMU's MSI-X emulation writes), by requester ID
+    /// (StreamID = RID on `virt`). Empty without a platform IOMMU: a virtio-iommu does not
+    /// translate MSIs on x86 (they target the reserved MSI window).
+    pub iommu_msi: std::collections::BTreeMap<u16, EndpointIommu>,
 }
 
 /// Where a disk goes.
@@ -336,6 +341,14 @@ impl DeviceSet {
             dev.points.extend(m.point_model().points().points);
             devices.insert(0, dev);
         }
+        let iommu_msi = match iommu.as_ref().filter(|i| i.mmio().is_some()) {
+            Some(i) => devices
+                .iter()
+                .filter(|d| d.behind_iommu)
+                .filter_map(|d| i.translator(d.bdf).map(|seam| (d.bdf.0, seam)))
+                .collect(),
+            None => Default::default(),
+        };
         Ok(DeviceSet {
             mem,
             devices,
@@ -344,6 +357,7 @@ impl DeviceSet {
                 .and_then(|i| i.mmio())
                 .map(|w| sluice_pci::MmioGuard::wrap(w) as Arc<dyn sluice_pci::MmioDevice>),
             iommu_zpci: iommu.as_ref().and_then(|i| i.zpci()),
+            iommu_msi,
             iommu: opts.iommu.clone(),
         })
     }

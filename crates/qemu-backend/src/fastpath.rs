@@ -49,6 +49,16 @@ pub fn proxy_protocol(qemu: &Path) -> u32 {
     parse_protocol(&qemu_help(qemu, &["-device", "x-pci-proxy-dev,help"])).unwrap_or(0)
 }
 
+/// Whether `qemu`'s `x-smmuv3-proxy` makes the PCI functions' address spaces go through the
+/// remote SMMUv3 and so asks Sluice to translate the MSIs it writes
+/// (`guest-images/qemu/aarch64/40-smmuv3-proxy-msi-translate.patch`,
+/// [`crate::protocol::Command::SmmuTranslate`]): its `x-sluice-msi-translate` property.
+pub fn smmu_proxy_translates_msi(qemu: &Path) -> bool {
+    qemu_help(qemu, &["-device", "x-smmuv3-proxy,help"])
+        .lines()
+        .any(|l| l.contains("x-sluice-msi-translate") && !l.contains("default: false"))
+}
+
 /// What `qemu -nodefaults ARGS` prints on stdout (empty when it cannot run), asked once per
 /// binary and arguments: the capability probes of the launcher read QEMU's `help` output.
 pub(crate) fn qemu_help(qemu: &Path, args: &[&str]) -> String {
@@ -89,15 +99,15 @@ fn parse_protocol(help: &str) -> Option<u32> {
 
 /// MSI-X vectors to give each proxied function: [`PROXY_MSIX_VECTORS`] when `qemu`'s proxy
 /// emulates MSI-X and QEMU's own message write reaches the interrupt controller, else 0 (INTx).
-/// The latter fails when an IOMMU translates MSIs (arm64: the ITS doorbell is an IOVA the
-/// guest maps through Sluice's SMMUv3 or virtio-iommu, and QEMU's `msix_notify` would write the
-/// untranslated address), so such runs with an IOMMU stay on INTx. `msi_untranslated` says the
-/// platform's MSIs bypass translation: x86 (the interrupt range is not remapped by
-/// virtio-iommu) and s390 (the MSI region of a zPCI function's address space is QEMU's own,
-/// and a zPCI function without MSI-X is refused anyway). `SLUICE_PROXY_MSIX=off` forces INTx.
-pub fn proxy_msix_vectors(qemu: &Path, msi_untranslated: bool, iommu: bool) -> u16 {
-    if !enabled("MSIX") || (!msi_untranslated && iommu) || proxy_protocol(qemu) < PROTOCOL_FASTPATH
-    {
+/// With an IOMMU that translates MSIs (arm64: the ITS doorbell is an IOVA the guest maps into
+/// the function's domain), QEMU's `msix_notify` write must itself be translated: so
+/// `msi_delivered` says either that the platform's MSIs bypass translation (x86: virtio-iommu
+/// does not remap the interrupt range; s390: the MSI region of a zPCI function's address space
+/// is QEMU's own, and a zPCI function without MSI-X is refused anyway), or that QEMU asks
+/// Sluice's SMMUv3 to translate it ([`smmu_proxy_translates_msi`]). Otherwise runs with an
+/// IOMMU stay on INTx. `SLUICE_PROXY_MSIX=off` forces INTx.
+pub fn proxy_msix_vectors(qemu: &Path, msi_delivered: bool, iommu: bool) -> u16 {
+    if !enabled("MSIX") || (!msi_delivered && iommu) || proxy_protocol(qemu) < PROTOCOL_FASTPATH {
         0
     } else {
         PROXY_MSIX_VECTORS

@@ -355,6 +355,10 @@ pub struct PlatformTraffic {
     pub line_interrupts: u64,
     /// MSIs the model wrote into guest memory itself (CMD_SYNC completions), or refused.
     pub msis: u64,
+    /// Translations QEMU asked for (a translated PCI function's MSI-X writes) and got.
+    pub translations: u64,
+    /// Of QEMU's translation requests, those refused (the model's fault, or no such stream).
+    pub translation_faults: u64,
     /// Whether the server thread ran SCHED_FIFO.
     pub server_fifo: bool,
     /// Messages that arrived while the server thread polled (no wake-up).
@@ -473,7 +477,8 @@ pub fn run_qemu_with(
             window,
             devices.mem.clone(),
             p.irq.clone(),
-        );
+        )
+        .with_msi_translation(devices.iommu_msi.clone());
         platform_counters = Some((server.stats(), p.irq));
         spawn_server(
             "iommu-proxy".into(),
@@ -629,6 +634,8 @@ pub fn run_qemu_with(
             refused_accesses: s.refused_accesses.load(Ordering::Relaxed),
             line_interrupts: irq.stats().signalled.load(Ordering::Relaxed),
             msis: irq.stats().msi_seen.load(Ordering::Relaxed),
+            translations: s.translations.load(Ordering::Relaxed),
+            translation_faults: s.translation_faults.load(Ordering::Relaxed),
             server_fifo: iommu_fifo.load(Ordering::Relaxed),
             poll_caught: s.poll.caught.load(Ordering::Relaxed),
             polls_expired: s.poll.expired.load(Ordering::Relaxed),
@@ -877,6 +884,7 @@ mod tests {
             iommu: None,
             iommu_mmio: None,
             iommu_zpci: None,
+            iommu_msi: Default::default(),
         };
         let err = run(&cfg(), &set).unwrap_err();
         assert_eq!(
@@ -928,6 +936,7 @@ mod tests {
             iommu: None,
             iommu_mmio: None,
             iommu_zpci: None,
+            iommu_msi: Default::default(),
         }
     }
 

@@ -27,7 +27,7 @@ mod step_aside;
 pub mod zpci;
 
 pub use console::ConsoleSummary;
-pub use fastpath::{proxy_msix_vectors, proxy_protocol};
+pub use fastpath::{proxy_msix_vectors, proxy_protocol, smmu_proxy_translates_msi};
 pub use launcher::{
     Accel, ConsoleSink, DeviceTraffic, PlatformTraffic, ProxyOptions, QemuConfig, QemuRun, run,
     run_qemu, run_qemu_with,

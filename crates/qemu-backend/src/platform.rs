@@ -26,6 +26,12 @@
 //!   eventfd bindings stay (QEMU sends SET_IRQFD only at realize). `x-smmuv3-proxy`
 //!   (`guest-images/qemu/aarch64/20-smmuv3-proxy.patch`) sends it on every system reset, the
 //!   first one before the guest starts.
+//! - `SMMU_TRANSLATE {iova, sid, flags}` (reply RET): QEMU writes a translated PCI function's
+//!   MSI itself (`msix_notify()`), through an address space `x-smmuv3-proxy` hands the function
+//!   (`guest-images/qemu/aarch64/40-smmuv3-proxy-msi-translate.patch`). Answered through that
+//!   function's seam ([`PlatformServer::with_msi_translation`]): the page's output address and
+//!   the permissions checked, or 0 when the model refused (and recorded its event) or no
+//!   translated function has the stream ID.
 //! - `PCI_CONFIG_READ` / `PCI_CONFIG_WRITE`: a platform device has no configuration space, and
 //!   the only peer that sends them is an `x-pci-proxy-dev` wired to the wrong socket. Protocol
 //!   error, like an unknown command on the PCI server's channel: the connection ends with
@@ -67,17 +73,22 @@
 //! # }
 //! ```
 
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sluice_devapi::InterruptSink;
+use sluice_devapi::{EndpointIommu, InterruptSink};
 use sluice_pci::MmioDevice;
 use sluice_virtio_pci::SharedMemory;
+use vm_memory::{GuestAddress, Iommu, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, ChannelError};
-use crate::protocol::{FAILED, ProtocolError, Request};
+use crate::protocol::{
+    FAILED, ProtocolError, Request, SmmuTranslate, TRANSLATE_PAGE, TRANSLATE_READ, TRANSLATE_WRITE,
+    translate_answer,
+};
 use crate::server::ServeError;
 use crate::serving::{self, Handler, Reply, into_eventfd};
 
@@ -99,6 +110,11 @@ pub struct PlatformStats {
     pub irqfds_ignored: AtomicU64,
     /// DEVICE_RESETs executed.
     pub resets: AtomicU64,
+    /// SMMU_TRANSLATEs answered with a translation (QEMU's MSI writes through the IOMMU).
+    pub translations: AtomicU64,
+    /// SMMU_TRANSLATEs refused: the model faulted (it reported the fault itself, as for any
+    /// DMA), or no translated device has the stream ID.
+    pub translation_faults: AtomicU64,
     /// Polling for the next message ([`PlatformServer::with_poll_budget`]).
     pub poll: Arc<crate::poll::PollCounters>,
 }
@@ -279,6 +295,8 @@ pub struct PlatformServer {
     /// SET_IRQFD pairs received so far: the next one is for this line.
     irqfds_received: usize,
     stats: Arc<PlatformStats>,
+    /// Translation seams by stream ID, for SMMU_TRANSLATE.
+    msi: BTreeMap<u16, EndpointIommu>,
 }
 
 impl PlatformServer {
@@ -302,7 +320,67 @@ impl PlatformServer {
             irq,
             irqfds_received: 0,
             stats: Arc::new(PlatformStats::default()),
+            msi: BTreeMap::new(),
         }
+    }
+
+    /// Answers SMMU_TRANSLATE for these stream IDs through their seams (a device's MSIs, which
+    /// QEMU writes, translated by the same model and reported to the same hooks as its DMA).
+    /// Any other stream ID is refused.
+    #[must_use]
+    pub fn with_msi_translation(mut self, seams: BTreeMap<u16, EndpointIommu>) -> Self {
+        self.msi = seams;
+        self
+    }
+
+    /// One SMMU_TRANSLATE: the output page of `t.iova` and the permissions checked, or a fault
+    /// (0). The access checked is the MSI's 4 bytes (fewer at the end of the page): the answer
+    /// covers the page, and the SMMU maps nothing smaller.
+    fn translate(&self, t: SmmuTranslate) -> u64 {
+        let answer = u16::try_from(t.sid)
+            .ok()
+            .and_then(|sid| self.msi.get(&sid))
+            .and_then(|seam| {
+                let access = match (
+                    t.flags & TRANSLATE_READ != 0,
+                    t.flags & TRANSLATE_WRITE != 0,
+                ) {
+                    (true, true) => Permissions::ReadWrite,
+                    (false, true) => Permissions::Write,
+                    _ => Permissions::Read,
+                };
+                let to_page_end = TRANSLATE_PAGE - (t.iova & (TRANSLATE_PAGE - 1));
+                let len = to_page_end.min(4) as usize;
+                let mapped = seam
+                    .translate(GuestAddress(t.iova), len, access)
+                    .ok()?
+                    .next()?;
+                let perm = if access == Permissions::Read {
+                    TRANSLATE_READ
+                } else {
+                    t.flags & (TRANSLATE_READ | TRANSLATE_WRITE)
+                };
+                Some((mapped.base.0, perm))
+            });
+        if answer.is_some() {
+            self.stats.translations.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let n = self
+                .stats
+                .translation_faults
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if !self.msi.keys().any(|&sid| u32::from(sid) == t.sid) {
+                log::warn!(
+                    "{}: translation for stream {:#x} at {:#x}: no translated device has that \
+                     stream ID; refused ({n} refused so far)",
+                    self.name,
+                    t.sid,
+                    t.iova
+                );
+            }
+        }
+        translate_answer(answer)
     }
 
     /// Shared counters.
@@ -419,6 +497,7 @@ impl PlatformServer {
                 self.stats.resets.fetch_add(1, Ordering::Relaxed);
                 0
             }
+            Request::SmmuTranslate(t) => self.translate(t),
             Request::ConfigRead { .. }
             | Request::ConfigWrite { .. }
             | Request::GetIoeventfds { .. }
@@ -768,6 +847,95 @@ mod tests {
         t.join().unwrap().unwrap();
         assert_eq!(irq.stats().dropped_unbound.load(Ordering::Relaxed), 0);
         assert_eq!(fired(&lines), vec![0; 5]);
+    }
+
+    /// SMMU_TRANSLATE: QEMU's MSI writes for a translated device go through the model. A
+    /// bypassing STE gives the identity page with the permission asked for; an invalid STE a
+    /// fault that the model records in its event queue (C_BAD_STE) as it would for the
+    /// device's own DMA; a stream ID no translated device has, a refusal.
+    #[test]
+    fn translates_msi_writes_through_the_model() {
+        let mem = SharedMemory::default();
+        let irq = PlatformInterrupts::new("smmuv3", 4);
+        let disk = Bdf::new(0, 1, 0);
+        let smmu = IommuChoice::with_boot_bypass(sluice_host::IommuKind::Smmuv3, false)
+            .model(vec![disk])
+            .build(&IommuBuild {
+                hooks: Arc::new(NoHooks),
+                mem: mem.clone(),
+                irq: irq.clone(),
+            })
+            .unwrap();
+        let seams = BTreeMap::from([(disk.0, smmu.translator(disk).unwrap())]);
+        let (ours, qemu) = UnixStream::pair().unwrap();
+        let server = PlatformServer::new(ours, "smmuv3", BASE, smmu.mmio().unwrap(), mem, irq)
+            .with_msi_translation(seams);
+        let stats = server.stats();
+        let t = std::thread::spawn(move || server.run());
+        let ram = memfd(RAM_SIZE);
+        sync_sysmem(&qemu, &ram);
+        let mut g = Guest(qemu);
+        let translate = |g: &mut Guest, sid: u32, iova: u64| {
+            let mut p = [0u8; crate::protocol::SMMU_TRANSLATE_PAYLOAD];
+            p[0..8].copy_from_slice(&iova.to_ne_bytes());
+            p[8..12].copy_from_slice(&sid.to_ne_bytes());
+            p[12..16].copy_from_slice(&TRANSLATE_WRITE.to_ne_bytes());
+            ask(&mut g.0, &encode_message(Command::SmmuTranslate, &p))
+        };
+        let ste = STRTAB - RAM_BASE + u64::from(disk.0) * 64;
+
+        // Before the driver enables the SMMU, GBPA aborts (boot bypass off): a fault.
+        assert_eq!(translate(&mut g, disk.0.into(), 0x0809_0040), 0);
+
+        // Linear stream table of 16 STEs, event queue, then SMMUEN; the disk's STE bypasses.
+        ram.write_all_at(&(1u64 | 0b100 << 1).to_le_bytes(), ste)
+            .unwrap();
+        g.write(off::STRTAB_BASE, 8, STRTAB);
+        g.write(off::STRTAB_BASE_CFG, 4, 4);
+        g.write(off::EVENTQ_BASE, 8, EVTQ | EVTQ_LOG2);
+        g.write(0x1_0000 + off::EVENTQ_PROD, 4, 0);
+        g.write(0x1_0000 + off::EVENTQ_CONS, 4, 0);
+        g.write(off::CMDQ_BASE, 8, CMDQ | CMDQ_LOG2);
+        g.write(off::CMDQ_PROD, 4, 0);
+        g.write(off::CMDQ_CONS, 4, 0);
+        let on = u64::from(cr0::SMMUEN | cr0::EVTQEN | cr0::CMDQEN);
+        g.write_sync(off::CR0, off::CR0ACK, on);
+        assert_eq!(
+            translate(&mut g, disk.0.into(), 0x0809_0040),
+            0x0809_0000 | u64::from(TRANSLATE_WRITE),
+            "bypass: the identity page, writable"
+        );
+
+        // An invalid STE (V=0), made visible by CFGI_STE + CMD_SYNC as the driver does:
+        // refused, and the model reports C_BAD_STE in its event queue.
+        ram.write_all_at(&0u64.to_le_bytes(), ste).unwrap();
+        let cfgi_ste = 0x03u64 | u64::from(disk.0) << 32;
+        ram.write_all_at(&cfgi_ste.to_le_bytes(), CMDQ - RAM_BASE)
+            .unwrap();
+        ram.write_all_at(&0x46u64.to_le_bytes(), CMDQ - RAM_BASE + 16)
+            .unwrap();
+        g.write(off::CMDQ_PROD, 4, 2);
+        assert_eq!(
+            g.read(off::CMDQ_CONS, 4),
+            2,
+            "CFGI_STE and CMD_SYNC consumed"
+        );
+        let events = g.read(0x1_0000 + off::EVENTQ_PROD, 4);
+        assert_eq!(translate(&mut g, disk.0.into(), 0x0809_0040), 0);
+        assert_eq!(g.read(0x1_0000 + off::EVENTQ_PROD, 4), events + 1);
+        let mut record = [0u8; 8];
+        ram.read_exact_at(&mut record, EVTQ - RAM_BASE + events * 32)
+            .unwrap();
+        assert_eq!(record[0], 0x04, "C_BAD_STE");
+
+        // A stream ID that is not a translated device's: refused without reaching the model.
+        assert_eq!(translate(&mut g, 0x10, 0x0809_0040), 0);
+        assert_eq!(translate(&mut g, 0x1_0008, 0x0809_0040), 0);
+        assert_eq!(g.read(0x1_0000 + off::EVENTQ_PROD, 4), events + 1);
+        assert_eq!(stats.translations.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.translation_faults.load(Ordering::Relaxed), 4);
+        drop(g);
+        t.join().unwrap().unwrap();
     }
 
     /// A 16-byte register file that counts the accesses reaching it.

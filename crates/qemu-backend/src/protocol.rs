@@ -61,6 +61,11 @@ pub enum Command {
     /// s390x: QEMU fetches pending error events; answered with a message of the same command
     /// ([`encode_zpci_events`]).
     ZpciFetchEvents = 13,
+    /// arm64, the SMMUv3 channel: QEMU asks for the translation of one device write through
+    /// the SMMU (Sluice's QEMU patch: x-smmuv3-proxy is the PCI bus's IOMMU, so an MSI that
+    /// `msix_notify()` writes is translated by Sluice's model). [`SmmuTranslate`]; answered
+    /// with a RET ([`translate_answer`]).
+    SmmuTranslate = 14,
 }
 
 impl Command {
@@ -80,6 +85,7 @@ impl Command {
             11 => Command::ZpciSetEventfd,
             12 => Command::ZpciInsn,
             13 => Command::ZpciFetchEvents,
+            14 => Command::SmmuTranslate,
             _ => return None,
         })
     }
@@ -96,6 +102,7 @@ impl Command {
                 | Command::GetIoeventfds
                 | Command::ZpciInsn
                 | Command::ZpciFetchEvents
+                | Command::SmmuTranslate
         )
     }
 }
@@ -229,6 +236,38 @@ pub fn encode_zpci_events(events: &[ZpciEventEntry], more: bool) -> Vec<u8> {
     encode_message(Command::ZpciFetchEvents, &p)
 }
 
+/// Size of an SMMU_TRANSLATE payload (`SmmuTranslateMsg`): IOVA, stream ID, flags.
+pub const SMMU_TRANSLATE_PAYLOAD: usize = 16;
+/// SMMU_TRANSLATE `flags`: the access reads.
+pub const TRANSLATE_READ: u32 = 1;
+/// SMMU_TRANSLATE `flags`: the access writes.
+pub const TRANSLATE_WRITE: u32 = 2;
+/// The granule an SMMU_TRANSLATE answer covers: the 4 KiB page around the IOVA (the SMMU's
+/// smallest granule, so a translation holds for the whole page).
+pub const TRANSLATE_PAGE: u64 = 0x1000;
+
+/// One access QEMU needs translated: a device write it performs itself (an MSI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmmuTranslate {
+    /// Input address.
+    pub iova: u64,
+    /// Stream ID (the PCI requester ID on `virt`: bus << 8 | devfn).
+    pub sid: u32,
+    /// [`TRANSLATE_READ`] | [`TRANSLATE_WRITE`]; other bits are ignored.
+    pub flags: u32,
+}
+
+/// The RET value of an SMMU_TRANSLATE: the output address of the IOVA's 4 KiB page, with the
+/// granted permissions in bits 0-1 ([`TRANSLATE_READ`], [`TRANSLATE_WRITE`]); 0 is a fault.
+pub fn translate_answer(page: Option<(u64, u32)>) -> u64 {
+    match page {
+        Some((pa, perm)) => {
+            (pa & !(TRANSLATE_PAGE - 1)) | u64::from(perm & (TRANSLATE_READ | TRANSLATE_WRITE))
+        }
+        None => 0,
+    }
+}
+
 /// A parsed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -321,6 +360,8 @@ pub enum Request {
     ZpciInsn(Box<ZpciInsn>),
     /// Send the pending error events.
     ZpciFetchEvents,
+    /// Translate one access through the SMMU.
+    SmmuTranslate(SmmuTranslate),
 }
 
 impl Request {
@@ -340,6 +381,7 @@ impl Request {
             Request::ZpciSetEventfd(_) => Command::ZpciSetEventfd,
             Request::ZpciInsn(_) => Command::ZpciInsn,
             Request::ZpciFetchEvents => Command::ZpciFetchEvents,
+            Request::SmmuTranslate(_) => Command::SmmuTranslate,
         }
     }
 
@@ -570,6 +612,15 @@ pub fn parse_request(
             expect_len(command, payload, 8)?;
             expect_fds(command, &fds, |n| n == 0)?;
             Ok(Request::ZpciFetchEvents)
+        }
+        Command::SmmuTranslate => {
+            expect_len(command, payload, SMMU_TRANSLATE_PAYLOAD)?;
+            expect_fds(command, &fds, |n| n == 0)?;
+            Ok(Request::SmmuTranslate(SmmuTranslate {
+                iova: u64_at(payload, 0),
+                sid: u32_at(payload, 8),
+                flags: u32_at(payload, 12),
+            }))
         }
         Command::Ret => Err(ProtocolError::UnexpectedReply),
     }
@@ -869,5 +920,43 @@ mod tests {
         assert_eq!(u32_at(&m, HEADER_LEN + 4), 1);
         assert_eq!(u32_at(&m, HEADER_LEN + 8), 0x20);
         assert_eq!(u64_at(&m, HEADER_LEN + 16), 0x1_0100_0000);
+    }
+
+    #[test]
+    fn smmu_translate_parses_and_answers_a_page_and_its_permissions() {
+        let mut p = [0u8; SMMU_TRANSLATE_PAYLOAD];
+        p[0..8].copy_from_slice(&0x0800_0040u64.to_ne_bytes());
+        p[8..12].copy_from_slice(&0x0008u32.to_ne_bytes());
+        p[12..16].copy_from_slice(&TRANSLATE_WRITE.to_ne_bytes());
+        let h = Header {
+            command: Command::SmmuTranslate,
+            payload_len: p.len(),
+        };
+        match parse_request(h, &p, vec![]).unwrap() {
+            Request::SmmuTranslate(t) => assert_eq!(
+                t,
+                SmmuTranslate {
+                    iova: 0x0800_0040,
+                    sid: 8,
+                    flags: TRANSLATE_WRITE
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(Command::SmmuTranslate.expects_reply());
+        assert!(matches!(
+            parse_request(h, &p[..8], vec![]),
+            Err(ProtocolError::BadPayload { .. })
+        ));
+        // The page of the output address, the permissions below it; a fault is 0.
+        assert_eq!(
+            translate_answer(Some((0x0809_0040, TRANSLATE_WRITE))),
+            0x0809_0002
+        );
+        assert_eq!(
+            translate_answer(Some((0x4000_1fff, TRANSLATE_READ | TRANSLATE_WRITE | 0x10))),
+            0x4000_1003
+        );
+        assert_eq!(translate_answer(None), 0);
     }
 }

@@ -301,8 +301,12 @@ impl DeviceServer {
         let f = self.device.function.as_ref();
         Ok(Some(Reply::Value(match request {
             Request::GetIoeventfds { first } => return Ok(Some(self.ioeventfds(first))),
-            Request::ZpciSetEventfd(_) | Request::ZpciInsn(_) | Request::ZpciFetchEvents => {
-                // zPCI instructions travel on the machine's own channel, never a device's.
+            Request::ZpciSetEventfd(_)
+            | Request::ZpciInsn(_)
+            | Request::ZpciFetchEvents
+            | Request::SmmuTranslate(_) => {
+                // zPCI instructions and SMMU translations travel on the machine's own channel,
+                // never a device's.
                 let command = request.command();
                 if request.expects_reply() {
                     let _ = self.channel.reply(FAILED);

@@ -66,8 +66,8 @@ pub struct RunArgs {
     /// CPU backend (default: qemu where /dev/kvm is absent or nested PVM).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
-    /// Guest architecture: x86_64 (q35). aarch64 (virt) and s390x (s390-ccw-virtio) are
-    /// described but refused until their devices and images exist.
+    /// Guest architecture: x86_64 (q35), aarch64 (virt; the qemu backend, IOMMU smmuv3 or
+    /// none) or s390x (s390-ccw-virtio; the qemu backend, IOMMU zpci or none).
     #[arg(long, default_value = "x86_64", value_parser = parse_arch)]
     arch: Arch,
     /// Guest variant to build or find (guest-images/variants/<name>).
@@ -562,9 +562,13 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
         _ => None,
     };
     let host_opts = HostOptions {
-        // MSI-X through the proxy when this QEMU emulates it (the kvm backend sets its own).
+        // MSI-X through the proxy when this QEMU emulates it and its message write reaches the
+        // GIC: arm64 behind the SMMUv3 only when QEMU asks Sluice to translate that write (the
+        // kvm backend sets its own).
         msix_vectors: if spec.backend == Backend::Qemu {
-            sluice_qemu::proxy_msix_vectors(&qemu, spec.arch != Arch::Aarch64, iommu.is_some())
+            let msi_delivered = spec.arch != Arch::Aarch64
+                || (platform_iommu.is_some() && sluice_qemu::smmu_proxy_translates_msi(&qemu));
+            sluice_qemu::proxy_msix_vectors(&qemu, msi_delivered, iommu.is_some())
         } else {
             0
         },
@@ -702,12 +706,15 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
     if let Some(t) = platform.filter(|_| !spec.quiet) {
         println!(
             "iommu proxy:    {} register accesses over the socket ({} posted, {} refused), {} \
-             wired interrupts, {} MSI writes in guest memory{}{}",
+             wired interrupts, {} MSI writes in guest memory, {} device MSIs translated ({} \
+             refused){}{}",
             t.register_accesses,
             t.posted_writes,
             t.refused_accesses,
             t.line_interrupts,
             t.msis,
+            t.translations,
+            t.translation_faults,
             if t.server_fifo {
                 ", server SCHED_FIFO"
             } else {
@@ -775,6 +782,8 @@ pub fn execute(spec: &RunSpec) -> Result<RunRecord> {
             "refused_accesses": t.refused_accesses,
             "line_interrupts": t.line_interrupts,
             "msis": t.msis,
+            "translations": t.translations,
+            "translation_faults": t.translation_faults,
             "server_fifo": t.server_fifo,
             "poll_caught": t.poll_caught,
             "polls_expired": t.polls_expired,
