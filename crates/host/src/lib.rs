@@ -158,10 +158,11 @@ pub struct DeviceSet {
     pub iommu_mmio: Option<Arc<dyn sluice_pci::MmioDevice>>,
     /// Its model, when the CPU backend forwards the guest's zPCI instructions to it.
     pub iommu_zpci: Option<iommu::ZpciHandle>,
-    /// A platform IOMMU's translation of the writes the CPU backend makes on a translated
-    /// device's behalf (its MSIs, which QEMU's MSI-X emulation writes), by requester ID
-    /// (StreamID = RID on `virt`). Empty without a platform IOMMU: a virtio-iommu does not
-    /// translate MSIs on x86 (they target the reserved MSI window).
+    /// A platform IOMMU's translation of the writes the CPU backend makes on a device's behalf
+    /// (its MSIs, which QEMU's MSI-X emulation writes), by requester ID (StreamID = RID on
+    /// `virt`), for every device: see [`iommu::IommuInstance::msi_translator`]. Empty without
+    /// a platform IOMMU: a virtio-iommu does not translate MSIs on x86 (they target the
+    /// reserved MSI window).
     pub iommu_msi: std::collections::BTreeMap<u16, EndpointIommu>,
 }
 
@@ -344,8 +345,7 @@ impl DeviceSet {
         let iommu_msi = match iommu.as_ref().filter(|i| i.mmio().is_some()) {
             Some(i) => devices
                 .iter()
-                .filter(|d| d.behind_iommu)
-                .filter_map(|d| i.translator(d.bdf).map(|seam| (d.bdf.0, seam)))
+                .filter_map(|d| i.msi_translator(d.bdf).map(|seam| (d.bdf.0, seam)))
                 .collect(),
             None => Default::default(),
         };

@@ -26,12 +26,12 @@
 //!   eventfd bindings stay (QEMU sends SET_IRQFD only at realize). `x-smmuv3-proxy`
 //!   (`guest-images/qemu/aarch64/20-smmuv3-proxy.patch`) sends it on every system reset, the
 //!   first one before the guest starts.
-//! - `SMMU_TRANSLATE {iova, sid, flags}` (reply RET): QEMU writes a translated PCI function's
+//! - `SMMU_TRANSLATE {iova, sid, flags}` (reply RET): QEMU writes a proxied PCI function's
 //!   MSI itself (`msix_notify()`), through an address space `x-smmuv3-proxy` hands the function
 //!   (`guest-images/qemu/aarch64/40-smmuv3-proxy-msi-translate.patch`). Answered through that
 //!   function's seam ([`PlatformServer::with_msi_translation`]): the page's output address and
 //!   the permissions checked, or 0 when the model refused (and recorded its event) or no
-//!   translated function has the stream ID.
+//!   function of the run has the stream ID.
 //! - `PCI_CONFIG_READ` / `PCI_CONFIG_WRITE`: a platform device has no configuration space, and
 //!   the only peer that sends them is an `x-pci-proxy-dev` wired to the wrong socket. Protocol
 //!   error, like an unknown command on the PCI server's channel: the connection ends with
@@ -113,7 +113,7 @@ pub struct PlatformStats {
     /// SMMU_TRANSLATEs answered with a translation (QEMU's MSI writes through the IOMMU).
     pub translations: AtomicU64,
     /// SMMU_TRANSLATEs refused: the model faulted (it reported the fault itself, as for any
-    /// DMA), or no translated device has the stream ID.
+    /// DMA), or no device of the run has the stream ID.
     pub translation_faults: AtomicU64,
     /// Polling for the next message ([`PlatformServer::with_poll_budget`]).
     pub poll: Arc<crate::poll::PollCounters>,
@@ -372,7 +372,7 @@ impl PlatformServer {
                 + 1;
             if !self.msi.keys().any(|&sid| u32::from(sid) == t.sid) {
                 log::warn!(
-                    "{}: translation for stream {:#x} at {:#x}: no translated device has that \
+                    "{}: translation for stream {:#x} at {:#x}: no device of the run has that \
                      stream ID; refused ({n} refused so far)",
                     self.name,
                     t.sid,
@@ -852,7 +852,7 @@ mod tests {
     /// SMMU_TRANSLATE: QEMU's MSI writes for a translated device go through the model. A
     /// bypassing STE gives the identity page with the permission asked for; an invalid STE a
     /// fault that the model records in its event queue (C_BAD_STE) as it would for the
-    /// device's own DMA; a stream ID no translated device has, a refusal.
+    /// device's own DMA; a stream ID no device of the run has, a refusal.
     #[test]
     fn translates_msi_writes_through_the_model() {
         let mem = SharedMemory::default();
@@ -928,7 +928,7 @@ mod tests {
             .unwrap();
         assert_eq!(record[0], 0x04, "C_BAD_STE");
 
-        // A stream ID that is not a translated device's: refused without reaching the model.
+        // A stream ID no device of the run has: refused without reaching the model.
         assert_eq!(translate(&mut g, 0x10, 0x0809_0040), 0);
         assert_eq!(translate(&mut g, 0x1_0008, 0x0809_0040), 0);
         assert_eq!(g.read(0x1_0000 + off::EVENTQ_PROD, 4), events + 1);

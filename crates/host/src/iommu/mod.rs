@@ -270,6 +270,16 @@ pub trait IommuModel: Send + Sync + fmt::Debug {
 pub trait IommuInstance: Send {
     /// The translation seam of the device at `endpoint` (`None`: not behind this IOMMU).
     fn translator(&self, endpoint: Bdf) -> Option<EndpointIommu>;
+    /// The translation of the writes the CPU backend makes on behalf of the PCI function at
+    /// `endpoint` (its MSIs, which QEMU's MSI-X emulation writes). A platform IOMMU that sees
+    /// every requester on its bus (an SMMU under virt's `iommu-map`) translates them whether or
+    /// not Sluice sends the function's own DMA through the model: a function that is "not
+    /// behind the IOMMU" there offers no VIRTIO_F_ACCESS_PLATFORM, so the guest gives it
+    /// physical addresses, but the guest still attaches it to a domain and maps its MSI
+    /// doorbell there. Default: [`IommuInstance::translator`].
+    fn msi_translator(&self, endpoint: Bdf) -> Option<EndpointIommu> {
+        self.translator(endpoint)
+    }
     /// The PCI function the IOMMU presents itself as (virtio-iommu), handed out once, to be
     /// placed at [`IommuModel::pci_address`].
     fn take_pci_device(&mut self) -> Option<Box<dyn VirtioDevice>>;

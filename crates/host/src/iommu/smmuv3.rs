@@ -108,6 +108,11 @@ impl IommuInstance for SmmuInstance {
         if !self.endpoints.contains(&endpoint) {
             return None;
         }
+        self.msi_translator(endpoint)
+    }
+
+    /// Any requester: virt's `iommu-map` puts every RID of the root bus behind the SMMU.
+    fn msi_translator(&self, endpoint: Bdf) -> Option<EndpointIommu> {
         let stream = StreamTranslator::new(
             self.smmu.clone(),
             self.tables.clone(),
