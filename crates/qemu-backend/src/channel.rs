@@ -153,6 +153,13 @@ impl Channel {
         poll_briefly(&mut pfd, self.poll_budget, &self.poll_counters);
     }
 
+    /// The next [`Channel::recv`] blocks at once instead of polling: the message just handled
+    /// is not one that another soon follows, and its sender needs a core more than this
+    /// thread needs to catch the next message early.
+    pub fn skip_next_poll(&mut self) {
+        self.busy = false;
+    }
+
     /// Receives one request. `Ok(None)` means the peer closed the connection between messages.
     pub fn recv(&mut self) -> Result<Option<Request>, ChannelError> {
         self.poll_for_next();

@@ -53,10 +53,13 @@ pub fn proxy_protocol(qemu: &Path) -> u32 {
 /// remote SMMUv3 and so asks Sluice to translate the MSIs it writes
 /// (`guest-images/qemu/aarch64/40-smmuv3-proxy-msi-translate.patch`,
 /// [`crate::protocol::Command::SmmuTranslate`]): its `x-sluice-msi-translate` property.
+/// `SLUICE_PROXY_MSI_TRANSLATE=off` answers no (arm64 behind the SMMUv3 then stays on INTx,
+/// while runs without an IOMMU keep MSI-X: the A/B of docs/benchmarks.md).
 pub fn smmu_proxy_translates_msi(qemu: &Path) -> bool {
-    qemu_help(qemu, &["-device", "x-smmuv3-proxy,help"])
-        .lines()
-        .any(|l| l.contains("x-sluice-msi-translate") && !l.contains("default: false"))
+    enabled("MSI_TRANSLATE")
+        && qemu_help(qemu, &["-device", "x-smmuv3-proxy,help"])
+            .lines()
+            .any(|l| l.contains("x-sluice-msi-translate") && !l.contains("default: false"))
 }
 
 /// What `qemu -nodefaults ARGS` prints on stdout (empty when it cannot run), asked once per
