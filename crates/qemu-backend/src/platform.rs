@@ -370,7 +370,9 @@ impl PlatformServer {
                 .translation_faults
                 .fetch_add(1, Ordering::Relaxed)
                 + 1;
-            if !self.msi.keys().any(|&sid| u32::from(sid) == t.sid) {
+            // Logged at the 1st, 2nd, 4th, 8th... refusal: a guest can make QEMU ask for
+            // translations as fast as it likes.
+            if n.is_power_of_two() && !self.msi.keys().any(|&sid| u32::from(sid) == t.sid) {
                 log::warn!(
                     "{}: translation for stream {:#x} at {:#x}: no device of the run has that \
                      stream ID; refused ({n} refused so far)",
