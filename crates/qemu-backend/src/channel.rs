@@ -313,6 +313,29 @@ mod tests {
         assert!(ch.recv().unwrap().is_none(), "the close is still seen");
     }
 
+    /// After `skip_next_poll` the next wait blocks at once: a message that comes later is
+    /// received, but not counted as caught by a poll, and no poll expires either.
+    #[test]
+    fn a_skipped_poll_blocks_at_once() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let counters = Arc::new(PollCounters::default());
+        let mut ch = Channel::new(a);
+        ch.set_poll_budget(Duration::from_secs(5), counters.clone());
+        let msg = encode_message(Command::DeviceReset, &[]);
+        b.write_all(&msg).unwrap();
+        assert!(ch.recv().unwrap().is_some());
+        ch.skip_next_poll();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(&msg).unwrap();
+            b
+        });
+        assert!(ch.recv().unwrap().is_some());
+        assert_eq!(counters.caught.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.expired.load(Ordering::Relaxed), 0);
+        drop(sender.join().unwrap());
+    }
+
     #[test]
     fn clean_close_between_messages_is_none() {
         let (a, b) = UnixStream::pair().unwrap();

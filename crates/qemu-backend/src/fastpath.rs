@@ -57,9 +57,14 @@ pub fn proxy_protocol(qemu: &Path) -> u32 {
 /// while runs without an IOMMU keep MSI-X: the A/B of docs/benchmarks.md).
 pub fn smmu_proxy_translates_msi(qemu: &Path) -> bool {
     enabled("MSI_TRANSLATE")
-        && qemu_help(qemu, &["-device", "x-smmuv3-proxy,help"])
-            .lines()
-            .any(|l| l.contains("x-sluice-msi-translate") && !l.contains("default: false"))
+        && lists_msi_translate(&qemu_help(qemu, &["-device", "x-smmuv3-proxy,help"]))
+}
+
+/// Whether `-device x-smmuv3-proxy,help` output has `x-sluice-msi-translate` on by default
+/// (`  x-sluice-msi-translate=<bool> -  (default: true)`).
+fn lists_msi_translate(help: &str) -> bool {
+    help.lines()
+        .any(|l| l.contains("x-sluice-msi-translate") && !l.contains("default: false"))
 }
 
 /// What `qemu -nodefaults ARGS` prints on stdout (empty when it cannot run), asked once per
@@ -524,6 +529,22 @@ mod tests {
             None
         );
         assert_eq!(proxy_protocol(Path::new("/nonexistent/qemu")), 0);
+    }
+
+    /// As qemu-system-aarch64 with patch 40 prints it; without the patch the property is
+    /// absent, and a build that turned it off says so.
+    #[test]
+    fn msi_translation_from_smmu_proxy_help() {
+        let patched = "x-smmuv3-proxy options:\n  fd=<str>\n  primary-bus=<link<PCI>>\n  \
+                       x-sluice-msi-translate=<bool> -  (default: true)\n";
+        assert!(lists_msi_translate(patched));
+        assert!(!lists_msi_translate(
+            "x-smmuv3-proxy options:\n  fd=<str>\n  sysbus-irq[0]=<link<irq>>\n"
+        ));
+        assert!(!lists_msi_translate(
+            "  x-sluice-msi-translate=<bool> -  (default: false)\n"
+        ));
+        assert!(!smmu_proxy_translates_msi(Path::new("/nonexistent/qemu")));
     }
 
     #[test]
