@@ -277,25 +277,38 @@ mod tests {
     /// The first message is waited for by blocking; one sent while the channel polls after
     /// the previous one is counted as caught; a poll that sees nothing ends at its budget and
     /// the read then blocks as usual.
-    #[test]
-    fn a_message_sent_within_the_poll_budget_is_caught() {
+    /// A channel that polls 5 s after each message, having received a first one; QEMU's end
+    /// of it and the poll counters.
+    fn polling_after_one_message() -> (Channel, UnixStream, Arc<PollCounters>) {
         let (a, mut b) = UnixStream::pair().unwrap();
         let counters = Arc::new(PollCounters::default());
         let mut ch = Channel::new(a);
         ch.set_poll_budget(Duration::from_secs(5), counters.clone());
-        let msg = encode_message(Command::DeviceReset, &[]);
-        b.write_all(&msg).unwrap();
+        b.write_all(&encode_message(Command::DeviceReset, &[]))
+            .unwrap();
         assert!(ch.recv().unwrap().is_some());
+        (ch, b, counters)
+    }
+
+    /// Sends one message on `b` after 20 ms, from another thread.
+    fn send_soon(mut b: UnixStream) -> std::thread::JoinHandle<UnixStream> {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(&encode_message(Command::DeviceReset, &[]))
+                .unwrap();
+            b
+        })
+    }
+
+    #[test]
+    fn a_message_sent_within_the_poll_budget_is_caught() {
+        let (mut ch, b, counters) = polling_after_one_message();
         assert_eq!(
             counters.caught.load(Ordering::Relaxed),
             0,
             "nothing to poll after yet"
         );
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            b.write_all(&msg).unwrap();
-            b
-        });
+        let sender = send_soon(b);
         assert!(ch.recv().unwrap().is_some());
         assert_eq!(counters.caught.load(Ordering::Relaxed), 1);
         let mut b = sender.join().unwrap();
@@ -317,19 +330,9 @@ mod tests {
     /// received, but not counted as caught by a poll, and no poll expires either.
     #[test]
     fn a_skipped_poll_blocks_at_once() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let counters = Arc::new(PollCounters::default());
-        let mut ch = Channel::new(a);
-        ch.set_poll_budget(Duration::from_secs(5), counters.clone());
-        let msg = encode_message(Command::DeviceReset, &[]);
-        b.write_all(&msg).unwrap();
-        assert!(ch.recv().unwrap().is_some());
+        let (mut ch, b, counters) = polling_after_one_message();
         ch.skip_next_poll();
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            b.write_all(&msg).unwrap();
-            b
-        });
+        let sender = send_soon(b);
         assert!(ch.recv().unwrap().is_some());
         assert_eq!(counters.caught.load(Ordering::Relaxed), 0);
         assert_eq!(counters.expired.load(Ordering::Relaxed), 0);

@@ -337,31 +337,26 @@ impl PlatformServer {
     /// (0). The access checked is the MSI's 4 bytes (fewer at the end of the page): the answer
     /// covers the page, and the SMMU maps nothing smaller.
     fn translate(&self, t: SmmuTranslate) -> u64 {
-        let answer = u16::try_from(t.sid)
-            .ok()
-            .and_then(|sid| self.msi.get(&sid))
-            .and_then(|seam| {
-                let access = match (
-                    t.flags & TRANSLATE_READ != 0,
-                    t.flags & TRANSLATE_WRITE != 0,
-                ) {
-                    (true, true) => Permissions::ReadWrite,
-                    (false, true) => Permissions::Write,
-                    _ => Permissions::Read,
-                };
-                let to_page_end = TRANSLATE_PAGE - (t.iova & (TRANSLATE_PAGE - 1));
-                let len = to_page_end.min(4) as usize;
-                let mapped = seam
-                    .translate(GuestAddress(t.iova), len, access)
-                    .ok()?
-                    .next()?;
-                let perm = if access == Permissions::Read {
-                    TRANSLATE_READ
-                } else {
-                    t.flags & (TRANSLATE_READ | TRANSLATE_WRITE)
-                };
-                Some((mapped.base.0, perm))
-            });
+        let seam = u16::try_from(t.sid).ok().and_then(|sid| self.msi.get(&sid));
+        // The permissions asked for are the ones checked and granted; none asked is a read.
+        let perm = match t.flags & (TRANSLATE_READ | TRANSLATE_WRITE) {
+            0 => TRANSLATE_READ,
+            p => p,
+        };
+        let access = match perm {
+            TRANSLATE_WRITE => Permissions::Write,
+            TRANSLATE_READ => Permissions::Read,
+            _ => Permissions::ReadWrite,
+        };
+        let to_page_end = TRANSLATE_PAGE - (t.iova & (TRANSLATE_PAGE - 1));
+        let len = to_page_end.min(4) as usize;
+        let answer = seam.and_then(|seam| {
+            let mapped = seam
+                .translate(GuestAddress(t.iova), len, access)
+                .ok()?
+                .next()?;
+            Some((mapped.base.0, perm))
+        });
         if answer.is_some() {
             self.stats.translations.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -371,8 +366,8 @@ impl PlatformServer {
                 .fetch_add(1, Ordering::Relaxed)
                 + 1;
             // Logged at the 1st, 2nd, 4th, 8th... refusal: a guest can make QEMU ask for
-            // translations as fast as it likes.
-            if n.is_power_of_two() && !self.msi.keys().any(|&sid| u32::from(sid) == t.sid) {
+            // translations as fast as it likes. A fault of the model is its own event.
+            if n.is_power_of_two() && seam.is_none() {
                 log::warn!(
                     "{}: translation for stream {:#x} at {:#x}: no device of the run has that \
                      stream ID; refused ({n} refused so far)",
